@@ -1,0 +1,47 @@
+# xrayfm — developer commands. Everything installs itself into .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# The local wheels of torch/torchvision are the pinned ones; other versions would download several GB.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help install test test-fast lint format demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) shared/pyproject.toml
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e 'shared[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the library, services and dev tools
+
+test: $(STAMP)  ## run the whole test suite (real-data tests skip when ../shared/data is absent)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## the suite without tests marked slow
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)  ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)  ## the main job end to end on SYNTHETIC phantoms; prints where the report is
+	$(VENV)/bin/xrayfm demo --out runs/demo
+
+bench: $(STAMP)  ## data benchmark (ratios measured side by side)
+	$(PY) bench/bench_data.py
+
+clean:  ## remove the virtual environment and run outputs
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+"""xrayfm: X-ray foundation models — data, training, adaptation, evaluation, explanations."""
+
+__version__ = "0.1.0"

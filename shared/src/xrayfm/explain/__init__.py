@@ -1,0 +1,120 @@
+"""Explanations: where did the model look? Attention rollout, gradient rollout, Grad-CAM, overlays and
+faithfulness metrics. :func:`explain` is the single entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrayfm.errors import XrayfmError
+from xrayfm.explain.faithfulness import (
+    deletion_insertion,
+    pointing_game,
+    randomization_check,
+    reinitialize,
+    topk_iou,
+)
+from xrayfm.explain.gradients import Target, gradcam, gradient_rollout, resolve_targets
+from xrayfm.explain.overlay import (
+    Overlay,
+    make_overlay,
+    render_overlay,
+    to_base64_png,
+    to_png_bytes,
+    upsample_heatmap,
+)
+from xrayfm.explain.rollout import (
+    attention_rollout,
+    capture_attention,
+    find_vit,
+    normalize_maps,
+    predict_with_rollout,
+    rollout_matrix,
+)
+
+METHODS = ("rollout", "grad_rollout", "gradcam")
+CLASS_SPECIFIC_METHODS = frozenset({"grad_rollout", "gradcam"})
+_ALIASES = {
+    "attention_rollout": "rollout",
+    "grad-rollout": "grad_rollout",
+    "gradient_rollout": "grad_rollout",
+    "chefer": "grad_rollout",
+    "grad-cam": "gradcam",
+    "grad_cam": "gradcam",
+}
+_OPTIONS = {
+    "rollout": {"head_fusion", "discard_ratio"},
+    "grad_rollout": set(),
+    "gradcam": {"target_layer"},
+}
+
+
+def canonical_method(method: str) -> str:
+    """Normalise a method name ('grad-cam' -> 'gradcam'); raise for unknown ones."""
+    name = _ALIASES.get(method.lower(), method.lower())
+    if name not in METHODS:
+        raise XrayfmError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str = "rollout",
+    target: Target = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Explanation maps [B, H', W'] in [0, 1] (patch grid for ViTs, last-stage grid for CNNs).
+
+    method: 'rollout' (class-agnostic; kwargs head_fusion='mean'|'max'|'min', discard_ratio),
+    'grad_rollout' (ViT, class-specific) or 'gradcam' (CNN, class-specific; kwarg target_layer).
+    `target` is the output index to explain, one for all images or one per image (default: each
+    image's top class); rollout takes none.
+    """
+    name = canonical_method(method)
+    unknown = set(kwargs) - _OPTIONS[name]
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
+        raise XrayfmError(
+            f"unexpected option(s) for {name}: {', '.join(sorted(unknown))} (allowed: {allowed})"
+        )
+    if name == "rollout":
+        if target is not None:
+            raise XrayfmError("attention rollout is class-agnostic; use method='grad_rollout' for a target")
+        maps = attention_rollout(model, images, **kwargs)
+    elif name == "grad_rollout":
+        maps = gradient_rollout(model, images, target)
+    else:
+        maps = gradcam(model, images, target, **kwargs)
+    return maps.detach().cpu().numpy().astype(np.float32)
+
+
+__all__ = [
+    "CLASS_SPECIFIC_METHODS",
+    "METHODS",
+    "Overlay",
+    "attention_rollout",
+    "canonical_method",
+    "capture_attention",
+    "deletion_insertion",
+    "explain",
+    "find_vit",
+    "gradcam",
+    "gradient_rollout",
+    "make_overlay",
+    "normalize_maps",
+    "pointing_game",
+    "predict_with_rollout",
+    "randomization_check",
+    "reinitialize",
+    "render_overlay",
+    "resolve_targets",
+    "rollout_matrix",
+    "to_base64_png",
+    "to_png_bytes",
+    "topk_iou",
+    "upsample_heatmap",
+]
