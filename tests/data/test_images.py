@@ -13,7 +13,6 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
-
 from xrayfm.data.images import (
     SUPPORTED_SUFFIXES,
     fit_square,
@@ -56,7 +55,9 @@ def png_with_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height (8-bit grey) followed by a tiny IDAT: a bomb's header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def make_dicom(
@@ -334,7 +335,9 @@ def test_dicom_voi_lut_sequence_is_applied():
     stored = (np.arange(16 * 16).reshape(16, 16) % 256).astype(np.uint16)
     item = Dataset()
     item.LUTDescriptor = [256, 0, 8]
-    item.add_new("LUTData", "US", list(range(255, -1, -1)))  # inverting LUT: the picture must come out inverted
+    item.add_new(
+        "LUTData", "US", list(range(255, -1, -1))
+    )  # inverting LUT: the picture must come out inverted
     data = make_dicom(stored, bits_stored=8, VOILUTSequence=pydicom.Sequence([item]))
     np.testing.assert_array_equal(read_image(data).astype(int), 255 - stored.astype(int))
 
@@ -458,7 +461,7 @@ def test_dicom_bomb_header_is_refused_before_decoding():
 
 
 def test_zero_size_png():
-    assert_decode_error(png_with_header(0, 10), "<upload>", "")
+    assert_decode_error(png_with_header(0, 10), "<upload>", "header")
 
 
 # -- real data -------------------------------------------------------------------------------------------

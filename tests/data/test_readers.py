@@ -238,7 +238,6 @@ def test_patient_split_never_shares_a_patient(mura_root, chexpert_root):
     # whole studies only: every image of a kept study is kept
     kept_studies = set(mura.csv["study_id"][kept])
     assert len(kept) == mura.csv["study_id"].isin(kept_studies).sum()
-    assert not np.array_equal(kept, subsample_groups(mura, fraction=0.5, seed=2)) or True
 
 
 def test_cli_inspect_json(chexpert_root, capsys):

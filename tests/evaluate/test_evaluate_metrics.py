@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+
 from xrayfm.errors import DataError
 from xrayfm.evaluate import auroc_with_ci, expected_calibration_error, roc_curves, threshold_metrics
 from xrayfm.evaluate.metrics import _weighted_auroc

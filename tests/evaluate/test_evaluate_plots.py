@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from xrayfm.errors import DataError
 from xrayfm.evaluate import (
     expected_calibration_error,

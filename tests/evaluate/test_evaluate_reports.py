@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+
 from xrayfm.data.labels import CHEXPERT_LABELS, COMPETITION_TASKS
 from xrayfm.errors import DataError
 from xrayfm.evaluate import binary_report, multilabel_report, roc_curves, study_level, write_report

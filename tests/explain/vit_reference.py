@@ -39,7 +39,8 @@ def manual_forward(vit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tenso
 
 def _readout(relevance: np.ndarray, prefix: int, use_cls: bool, grid: tuple[int, int]) -> np.ndarray:
     row = relevance[0, prefix:] if use_cls else relevance[prefix:, prefix:].mean(axis=0)
-    row = (row - row.min()) / (row.max() - row.min())
+    span = row.max() - row.min()
+    row = (row - row.min()) / span if span > 0 else np.zeros_like(row)  # constant map -> zeros
     return row.reshape(grid)
 
 

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
 
 from xrayfm.errors import ImageDecodeError
@@ -166,7 +166,7 @@ def _opened(source: Source) -> Iterator[tuple[str, IO[bytes]]]:
         raise TypeError(f"image source must be a path or bytes, got {type(source).__name__}")
     name = str(source)
     try:
-        fp = open(Path(source), "rb")  # noqa: SIM115 - closed below, after the decoder is done
+        fp = open(Path(source), "rb")  # closed by the `with fp` below
     except FileNotFoundError:
         raise ImageDecodeError(f"{name}: file not found") from None
     except IsADirectoryError:
@@ -194,7 +194,9 @@ def _sniff(fp: IO[bytes], name: str) -> str:
         or int.from_bytes(head[:2], "big") in _RAW_DICOM_GROUPS
     ):
         return "DICOM"
-    raise ImageDecodeError(f"{name}: unsupported format (not a JPEG, PNG or DICOM file; starts with {head[:8]!r})")
+    raise ImageDecodeError(
+        f"{name}: unsupported format (not a JPEG, PNG or DICOM file; starts with {head[:8]!r})"
+    )
 
 
 def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
@@ -223,6 +225,10 @@ def _pil_open(fp: IO[bytes], name: str, kind: str) -> Iterator[Image.Image]:
         im = Image.open(fp, formats=[kind])
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: image too large, refusing to decode ({exc})") from None
+    except UnidentifiedImageError:  # its message names a BytesIO object; say what it means instead
+        raise ImageDecodeError(
+            f"{name}: invalid {kind} header (zero-size, corrupt or unsupported variant)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{name}: cannot read {kind} header ({exc})") from None
     with im:
@@ -241,7 +247,9 @@ def _decode_pil(fp: IO[bytes], name: str, kind: str, max_pixels: int, draft_size
             im = ImageOps.exif_transpose(im)
             return _pil_to_grey(im)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageDecodeError(f"{name}: cannot decode {kind} pixels (truncated or corrupt?): {exc}") from None
+            raise ImageDecodeError(
+                f"{name}: cannot decode {kind} pixels (truncated or corrupt?): {exc}"
+            ) from None
 
 
 def _pil_to_grey(im: Image.Image) -> np.ndarray:

@@ -54,17 +54,20 @@ def _check_label_values(y: np.ndarray, allow_masked: bool) -> None:
 
 
 def _weighted_auroc(pos: np.ndarray, groups: np.ndarray, n_groups: int, weights: np.ndarray) -> np.ndarray:
-    """AUROC of each row of sample weights [B, n] (Mann-Whitney with ties counted 1/2), NaN if one class.
+    """AUROC of each row of sample weights [B, n] (Mann-Whitney, ties count 1/2); NaN where one class.
 
+    ``pos`` marks positives; ``groups`` index each sample's score among the sorted unique scores.
     Hand-written because calling sklearn's roc_auc_score once per resample is ~100x slower; with
     integer weights (bootstrap counts) it equals roc_auc_score on the resampled data (tested).
-    ``groups`` are the indices of the samples' scores among the sorted unique scores (tie groups).
     """
     b = weights.shape[0]
-    flat = (np.arange(b)[:, None] * n_groups + groups[None, :]).ravel()
-    size = b * n_groups
-    w_pos = np.bincount(flat, weights=np.where(pos, weights, 0.0).ravel(), minlength=size).reshape(b, -1)
-    w_neg = np.bincount(flat, weights=np.where(pos, 0.0, weights).ravel(), minlength=size).reshape(b, -1)
+    rows = np.arange(b)[:, None] * n_groups
+
+    def per_group(cols: np.ndarray) -> np.ndarray:  # summed weight of each tie group, per resample
+        flat = (rows + groups[cols][None, :]).ravel()
+        return np.bincount(flat, weights=weights[:, cols].ravel(), minlength=b * n_groups).reshape(b, -1)
+
+    w_pos, w_neg = per_group(pos), per_group(~pos)
     neg_below = np.cumsum(w_neg, axis=1) - w_neg
     wins = (w_pos * (neg_below + 0.5 * w_neg)).sum(axis=1)
     pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)
@@ -100,19 +103,19 @@ def bootstrap_aurocs(
         return out
     prepared = []
     for j in range(n_labels):
-        keep = ~np.isnan(y[:, j])
-        _, groups = np.unique(s[keep, j], return_inverse=True)
-        prepared.append((keep, y[keep, j] == 1, groups.ravel(), int(groups.max()) + 1 if keep.any() else 0))
+        rows = np.flatnonzero(~np.isnan(y[:, j]))
+        _, groups = np.unique(s[rows, j], return_inverse=True)
+        n_groups = int(groups.max()) + 1 if rows.size else 0
+        prepared.append((unit[rows], y[rows, j] == 1, groups.ravel(), n_groups))
     rng = np.random.default_rng(seed)
     chunk = max(1, _CHUNK_ELEMENTS // max(n, n_units))
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
+    for first in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - first)
         draws = rng.integers(0, n_units, size=(b, n_units)) + np.arange(b)[:, None] * n_units
         counts = np.bincount(draws.ravel(), minlength=b * n_units).reshape(b, n_units).astype(np.float64)
-        weights = counts[:, unit]
-        for j, (keep, pos, groups, n_groups) in enumerate(prepared):
+        for j, (units, pos, groups, n_groups) in enumerate(prepared):
             if n_groups:
-                out[start : start + b, j] = _weighted_auroc(pos, groups, n_groups, weights[:, keep])
+                out[first : first + b, j] = _weighted_auroc(pos, groups, n_groups, counts[:, units])
     return out
 
 

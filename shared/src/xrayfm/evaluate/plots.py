@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -36,10 +37,12 @@ def plot_roc(curves: Mapping[str, Mapping[str, Any]], path: str | Path, title: s
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    for name, c in curves.items():
+    # Up to 20 distinct colours (the default cycle repeats after 10, and CheXpert has 14 labels).
+    colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
+    for i, (name, c) in enumerate(curves.items()):
         auc = c.get("auroc")
         label = f"{name} ({auc:.3f})" if auc is not None else name
-        ax.plot(c["fpr"], c["tpr"], lw=1.5, label=label)
+        ax.plot(c["fpr"], c["tpr"], lw=1.5, label=label, color=colours[i % len(colours)])
     if not curves:
         ax.text(0.5, 0.5, "no label with both classes", ha="center", va="center")
     ax.set(

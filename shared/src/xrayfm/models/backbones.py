@@ -70,12 +70,14 @@ def model_info(model: nn.Module) -> dict[str, Any]:
 
 def new_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace the classifier by a freshly initialised one with `num_classes` outputs (0 = no head)."""
-    _unwrap(model).reset_classifier(num_classes)
+    if _unwrap(model) is not model:  # replacing the head would silently drop PEFT's trainable head wrapper
+        raise XrayfmError("new_head must be called before apply_lora, not on a PEFT model")
+    model.reset_classifier(num_classes)
     return model
 
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """Module names of the classifier head(s) of a timm model, e.g. ('head',) for a ViT, ('fc',) for a ResNet."""
+    """Module names of a timm model's classifier head(s): ('head',) for a ViT, ('fc',) for a ResNet."""
     names = (getattr(_unwrap(model), "pretrained_cfg", None) or {}).get("classifier")
     if not names:
         raise XrayfmError(f"cannot tell which module is the classifier of {type(model).__name__}")
@@ -118,7 +120,9 @@ def _create_from_timm_weights(name: str, model_kwargs: dict[str, Any]) -> nn.Mod
         try:
             return _timm_create(name, pretrained=True, **model_kwargs)
         except (OSError, RuntimeError, ValueError, HfHubHTTPError) as exc:
-            mode = "offline mode (HF_HUB_OFFLINE=1), not in the local HF cache" if offline else "download failed"
+            mode = (
+                "offline mode (HF_HUB_OFFLINE=1), not in the local HF cache" if offline else "download failed"
+            )
             raise XrayfmError(
                 f"cannot get timm's pretrained weights for {name!r}: {mode} ({type(exc).__name__}: {exc}). "
                 "Pass pretrained='/path/to/weights.safetensors' or pre-fill the HF cache."
@@ -131,7 +135,9 @@ def _create_from_file(name: str, path: Path, model_kwargs: dict[str, Any]) -> nn
         raise XrayfmError(f"pretrained weight file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in (*_STATE_DICT_SUFFIXES, _NPZ_SUFFIX):
-        raise XrayfmError(f"unsupported weight file {path.name}: use one of {_STATE_DICT_SUFFIXES + (_NPZ_SUFFIX,)}")
+        raise XrayfmError(
+            f"unsupported weight file {path.name}: use one of {_STATE_DICT_SUFFIXES + (_NPZ_SUFFIX,)}"
+        )
     # Probe the architecture on the meta device (no memory, no init cost) to learn its keys and head names.
     with torch.device("meta"):
         probe = _timm_create(name, pretrained=False, **model_kwargs)
@@ -146,12 +152,16 @@ def _create_from_file(name: str, path: Path, model_kwargs: dict[str, Any]) -> nn
         overlay["num_classes"] = head_weight[0] if head_weight else 0
         stem = cfg.get("first_conv")
         stem_weight = shapes.get(f"{stem}.weight") if isinstance(stem, str) else None
-        if stem_weight is not None and len(stem_weight) == 4:  # the file's input channels, for stem adaptation
+        if (
+            stem_weight is not None and len(stem_weight) == 4
+        ):  # the file's input channels, for stem adaptation
             overlay["input_size"] = (stem_weight[1], *cfg.get("input_size", (3, 224, 224))[1:])
     try:
         return _timm_create(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise XrayfmError(f"weights in {path} do not fit model {name!r} {model_kwargs}: {exc}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = list_offenders([line for line in lines if "size mismatch" in line] or lines[:1], 3)
+        raise XrayfmError(f"weights in {path} do not fit model {name!r} {model_kwargs}: {detail}") from exc
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -165,7 +175,10 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         from timm.models import load_state_dict
 
         try:  # weights_only=True: plain tensors only, never arbitrary pickled objects
-            raw = {key: tuple(value.shape) for key, value in load_state_dict(str(path), weights_only=True).items()}
+            raw = {
+                key: tuple(value.shape)
+                for key, value in load_state_dict(str(path), weights_only=True).items()
+            }
         except Exception as exc:  # torch raises several types for files that are not weights-only
             raise XrayfmError(f"cannot read {path} as a weights-only state dict: {exc}") from exc
     return {key.removeprefix("module."): shape for key, shape in raw.items()}

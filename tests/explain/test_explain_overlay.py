@@ -1,0 +1,71 @@
+"""Overlay rendering: shapes, opacity extremes, PNG / base64 encodings, input checks."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from xrayfm.errors import XrayfmError
+from xrayfm.explain import make_overlay, render_overlay, to_base64_png, to_png_bytes, upsample_heatmap
+
+
+def _radiograph(h: int = 40, w: int = 56) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(h, w), dtype=np.uint8)
+
+
+def _heat() -> np.ndarray:
+    return np.random.default_rng(1).random((4, 7)).astype(np.float32)
+
+
+def test_overlay_shape_dtype_and_opacity_extremes() -> None:
+    img, heat = _radiograph(), _heat()
+    out = render_overlay(img, heat, alpha=0.5, cmap="inferno")
+    assert out.shape == (40, 56, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(render_overlay(img, heat, alpha=0.0), np.repeat(img[:, :, None], 3, 2))
+    colour = matplotlib.colormaps["jet"](upsample_heatmap(heat, (40, 56)))[..., :3] * 255
+    np.testing.assert_allclose(render_overlay(img, heat, alpha=1.0), colour, atol=0.51)
+    # the blend lies between the radiograph and the colour map
+    mid = render_overlay(img, heat, alpha=0.5).astype(float)
+    np.testing.assert_allclose(mid, 0.5 * img[:, :, None] + 0.5 * colour, atol=0.51)
+
+
+def test_upsample_is_bilinear_and_stays_in_range() -> None:
+    heat = np.array([[0.0, 1.0]], dtype=np.float32)
+    up = upsample_heatmap(heat, (3, 8))
+    assert up.shape == (3, 8) and up.dtype == np.float32
+    assert up.min() >= 0 and up.max() <= 1
+    assert np.all(np.diff(up[0]) >= 0) and 0 < up[0, 3] < 1  # a smooth ramp, not nearest-neighbour
+    np.testing.assert_allclose(upsample_heatmap(np.full((2, 2), 0.3), (9, 9)), 0.3, atol=1e-6)
+
+
+def test_png_and_base64_decode_to_the_same_image() -> None:
+    out = render_overlay(_radiograph(), _heat())
+    png = to_png_bytes(out)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(to_base64_png(out)))))
+    np.testing.assert_array_equal(decoded, out)
+    bundle = make_overlay(_radiograph(), _heat(), alpha=0.3)
+    assert bundle.png == to_png_bytes(bundle.rgb)
+    assert base64.b64decode(bundle.base64_png) == bundle.png
+    assert bundle.heatmap.shape == (40, 56) and bundle.heatmap.dtype == np.float32
+
+
+def test_overlay_rejects_bad_inputs() -> None:
+    img = _radiograph()
+    with pytest.raises(XrayfmError, match="uint8"):
+        render_overlay(img.astype(np.float32), _heat())
+    with pytest.raises(XrayfmError, match=r"\[0, 1\]"):
+        render_overlay(img, _heat() * 5)
+    with pytest.raises(XrayfmError, match="NaN"):
+        render_overlay(img, np.full((2, 2), np.nan))
+    with pytest.raises(XrayfmError, match="alpha"):
+        render_overlay(img, _heat(), alpha=1.5)
+    with pytest.raises(XrayfmError, match="colour map"):
+        render_overlay(img, _heat(), cmap="not-a-cmap")
+    with pytest.raises(XrayfmError, match="2-D"):
+        render_overlay(img, np.zeros((1, 2, 2)))
