@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
 from xrayfm.data.images import (
     SUPPORTED_SUFFIXES,
     fit_square,

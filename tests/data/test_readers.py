@@ -137,7 +137,9 @@ def mura_root(tmp_path):
         images += [f"MURA-v1.1/{study}image{k + 1}.png" for k in range(n)]
     (root).mkdir()
     (root / "train_image_paths.csv").write_text("\n".join(images) + "\n")
-    (root / "train_labeled_studies.csv").write_text("".join(f"MURA-v1.1/{s},{y}\n" for s, y in studies.items()))
+    (root / "train_labeled_studies.csv").write_text(
+        "".join(f"MURA-v1.1/{s},{y}\n" for s, y in studies.items())
+    )
     return root
 
 
@@ -203,8 +205,12 @@ def test_nih_maps_onto_chexpert_and_masks_the_rest(tmp_path):
 
 
 def test_folder_per_class_with_split_folders(tmp_path):
-    for split, cls, name in [("train", "normal", "a.png"), ("train", "pneumonia", "b.jpg"),
-                             ("train", "pneumonia", "c.dcm"), ("train", "pneumonia", "notes.txt")]:  # fmt: skip
+    for split, cls, name in [
+        ("train", "normal", "a.png"),
+        ("train", "pneumonia", "b.jpg"),
+        ("train", "pneumonia", "c.dcm"),
+        ("train", "pneumonia", "notes.txt"),
+    ]:
         (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
         (tmp_path / split / cls / name).write_bytes(b"x")
     ds = open_dataset("folder", tmp_path, split="train")
@@ -256,10 +262,21 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
 # -- real data ------------------------------------------------------------------------------------------
 VALID_POSITIVES = {
-    "No Finding": 38, "Enlarged Cardiomediastinum": 109, "Cardiomegaly": 68, "Lung Opacity": 126, "Lung Lesion": 1,
-    "Edema": 45, "Consolidation": 33, "Pneumonia": 8, "Atelectasis": 80, "Pneumothorax": 8, "Pleural Effusion": 67,
-    "Pleural Other": 1, "Fracture": 0, "Support Devices": 107,
-}  # fmt: skip
+    "No Finding": 38,
+    "Enlarged Cardiomediastinum": 109,
+    "Cardiomegaly": 68,
+    "Lung Opacity": 126,
+    "Lung Lesion": 1,
+    "Edema": 45,
+    "Consolidation": 33,
+    "Pneumonia": 8,
+    "Atelectasis": 80,
+    "Pneumothorax": 8,
+    "Pleural Effusion": 67,
+    "Pleural Other": 1,
+    "Fracture": 0,
+    "Support Devices": 107,
+}
 
 
 @pytest.mark.real_data
@@ -280,11 +297,24 @@ def test_real_chexpert_train_csv(shared_data, capsys):
     assert main(["inspect", "chexpert", str(csv), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images"] == 223_414 and out["patients"] == 64_540
-    assert out["labels"]["Atelectasis"] == {"positive": 33376, "negative": 1328, "uncertain": 33739, "blank": 154971}
-    assert out["labels"]["Edema"] == {"positive": 52246, "negative": 20726, "uncertain": 12984, "blank": 137458}
+    assert out["labels"]["Atelectasis"] == {
+        "positive": 33376,
+        "negative": 1328,
+        "uncertain": 33739,
+        "blank": 154971,
+    }
+    assert out["labels"]["Edema"] == {
+        "positive": 52246,
+        "negative": 20726,
+        "uncertain": 12984,
+        "blank": 137458,
+    }
     a = CHEXPERT_LABELS.index("Atelectasis")
-    expected = {"u-ones": (33376 + 33739, 1328 + 154971), "u-zeros": (33376, 1328 + 33739 + 154971),
-                "u-ignore": (33376, 1328 + 154971)}  # fmt: skip
+    expected = {
+        "u-ones": (33376 + 33739, 1328 + 154971),
+        "u-zeros": (33376, 1328 + 33739 + 154971),
+        "u-ignore": (33376, 1328 + 154971),
+    }
     ds = open_dataset("chexpert", csv)
     for policy, (pos, neg) in expected.items():
         ds._policy_spec = policy

@@ -14,6 +14,7 @@ import sys
 # Each registered parser sets `func=callable(args) -> int` via `set_defaults`.
 COMMAND_MODULES = (
     "xrayfm.data.commands",
+    "xrayfm.train.commands",
 )
 
 

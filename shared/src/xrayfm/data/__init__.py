@@ -1,7 +1,7 @@
 """Datasets in their official layouts, decoding, the preprocessing cache and synthetic phantoms.
 
-    from xrayfm.data import open_dataset
-    ds = open_dataset("chexpert", "CheXpert-v1.0-small", split="valid", policy="u-ones")
+from xrayfm.data import open_dataset
+ds = open_dataset("chexpert", "CheXpert-v1.0-small", split="valid", policy="u-ones")
 """
 
 from __future__ import annotations

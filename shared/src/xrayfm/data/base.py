@@ -91,7 +91,9 @@ class XrayDataset:
         """Checks every reader runs at the end of ``__init__``."""
         self.synthetic = (self.root / SYNTHETIC_MARKER).exists()
         if len(self.csv) == 0:
-            raise DataError(f"{self.kind} split {self.split!r} under {self.root} has no images after filtering")
+            raise DataError(
+                f"{self.kind} split {self.split!r} under {self.root} has no images after filtering"
+            )
         self.csv = self.csv.reset_index(drop=True)
         self.raw_labels = np.ascontiguousarray(self.raw_labels, dtype=np.float32)
         if self.raw_labels.shape != (len(self.csv), len(self.pathologies)):
@@ -130,8 +132,13 @@ class XrayDataset:
             "unlabelled": list(self.unlabelled),
             "skipped": self.skipped.as_dict(),
         }
-        groups = {"view": "views", "projection": "projections", "body_part": "body_parts", "sex": "sexes",
-                  "class": "classes"}
+        groups = {
+            "view": "views",
+            "projection": "projections",
+            "body_part": "body_parts",
+            "sex": "sexes",
+            "class": "classes",
+        }
         for column, key in groups.items():
             if column in csv:
                 out[key] = {

@@ -1,7 +1,8 @@
 """Preprocessing cache: decode every radiograph once, then train from a memory-mapped uint8 array.
 
-``prepare_cache(dataset, out)`` decodes each source image once (``read_image_resized``: aspect ratio kept,
-``pad`` or ``crop`` to a square), on all cores, and writes a folder that epochs read without any JPEG work.
+``prepare_cache(dataset, out)`` decodes each source image once (``read_image_resized``: ``pad`` keeps the
+whole image and its aspect ratio, ``crop`` / ``stretch`` also exist), on all cores, into a folder that
+epochs read without any JPEG work.
 
 Cache folder layout (plain, readable formats only; nothing is ever pickled)::
 
@@ -16,6 +17,7 @@ Cache folder layout (plain, readable formats only; nothing is ever pickled)::
                      ``src_mtime_ns`` (-1 when missing) and ``status`` in {ok, missing, unreadable, pending}
     done.npy         bool [N]: rows already handled (written or skipped); a killed run resumes from it
     unreadable.json  {row: {"path", "status", "error"}} for the rows that could not be decoded
+    .lock            taken while a prepare run writes the folder (two runs never write at once)
 
 Labels are stored raw, so the uncertainty policy is chosen when loading (``CachedDataset(policy=...)``).
 A rerun with the same settings on unchanged sources is a no-op; changed sources or settings raise
@@ -30,6 +32,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -170,12 +173,7 @@ def read_index(cache_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     dtypes: dict[str, Any] = {c: str for c in ID_COLUMNS if c in manifest["csv_columns"]}
     dtypes.update({p: np.float32 for p in manifest["pathologies"]})
     dtypes.update({"src_size": np.int64, "src_mtime_ns": np.int64, "status": str})
-    index = pd.read_csv(
-        cache_dir / FILES["index"],
-        dtype=dtypes,
-        keep_default_na=False,
-        na_values={p: [""] for p in manifest["pathologies"]},
-    )
+    index = pd.read_csv(cache_dir / FILES["index"], dtype=dtypes)
     if len(index) != manifest["images"]:
         raise CacheMismatchError(
             f"{cache_dir / FILES['index']} has {len(index)} rows, manifest says "
@@ -263,10 +261,19 @@ def _init_worker(images_path: str, shape: tuple[int, int, int], size: int, mode:
     _WORKER["size"], _WORKER["mode"] = size, mode
 
 
-def _init_pool_worker(*args: Any) -> None:
-    """Pool workers leave Ctrl-C to the parent, which records progress and shuts the pool down."""
+def _init_pool_worker(parent: int, *args: Any) -> None:
+    """Pool workers leave Ctrl-C to the parent, which records progress and shuts the pool down,
+    and exit on their own if the parent (pid ``parent``) is killed outright (kill -9, OOM killer)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _init_worker(*args)
+
+
+def _exit_with_parent(parent: int) -> None:
+    # ProcessPoolExecutor workers would otherwise wait forever on a queue whose writer died.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _process_chunk(rows: list[int], paths: list[str]) -> tuple[list[int], dict[int, dict[str, str]]]:
@@ -302,7 +309,7 @@ def _run_chunks(chunks: list[tuple[list[int], list[str]]], init_args: tuple, wor
     # spawn: workers start clean (no inherited threads or locks from torch in the parent).
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_pool_worker, initargs=init_args
+        workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(), *init_args)
     ) as pool:
         pending = {pool.submit(_process_chunk, rows, paths) for rows, paths in chunks}
         try:
@@ -561,6 +568,8 @@ def _read_errors(out: Path, done: np.ndarray) -> dict[int, dict[str, str]]:
 
 def _fill(out, paths, todo, done, errors, sizes, mtimes, init_args, workers, chunk, progress) -> int:
     """Decode the rows in ``todo``; persist progress in done.npy regularly. Returns rows handled."""
+    if workers > 1:  # small jobs get smaller chunks, so that every worker has several to balance
+        chunk = max(1, min(chunk, -(-len(todo) // (4 * workers))))
     chunks = [
         (todo[i : i + chunk].tolist(), [paths[r] for r in todo[i : i + chunk]])
         for i in range(0, len(todo), chunk)

@@ -65,7 +65,9 @@ class CheXpert(XrayDataset):
         bad = ids["patient_id"].isna()
         if bad.any():
             rows = [f"row {i + 2}: {df['Path'].iat[i]!r}" for i in np.flatnonzero(bad.to_numpy())]
-            raise DataError(f"{csv_path}: paths not in the patientN/studyN/view layout: {list_offenders(rows)}")
+            raise DataError(
+                f"{csv_path}: paths not in the patientN/studyN/view layout: {list_offenders(rows)}"
+            )
 
         csv = pd.DataFrame(
             {

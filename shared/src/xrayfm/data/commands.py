@@ -26,9 +26,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--frontal-only", action="store_true", help="chexpert: keep frontal views only")
     parser.add_argument(
-        "--body-part", action="append", dest="body_parts", metavar="PART",
+        "--body-part",
+        action="append",
+        dest="body_parts",
+        metavar="PART",
         help="mura: keep this body part (XR_HUMERUS or HUMERUS); repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument("--path-column", help="csv: column with image paths (default: path)")
     parser.add_argument("--label-columns", help="csv: comma-separated label columns (default: all others)")
     parser.add_argument("--patient-column", help="csv: column with patient ids (for patient-level splits)")
@@ -93,9 +96,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     dataset = dataset_from_args(args)
     summary = prepare_cache(
-        dataset, args.out, size=args.size, mode=args.mode, workers=args.workers, strict=args.strict,
-        force=args.force, progress=not args.json,
-    )  # fmt: skip
+        dataset,
+        args.out,
+        size=args.size,
+        mode=args.mode,
+        workers=args.workers,
+        strict=args.strict,
+        force=args.force,
+        progress=not args.json,
+    )
     if args.json:
         print_json(summary)
     else:
@@ -121,35 +130,46 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the data sub-commands to the `xrayfm` parser."""
     p = subparsers.add_parser(
-        "inspect", help="count labels, images, patients, studies, views and body parts of a dataset",
+        "inspect",
+        help="count labels, images, patients, studies, views and body parts of a dataset",
         description="Read a dataset in its official layout and print per-label counts "
         "(positive / negative / uncertain / blank, and targets after the policy) and group sizes.",
-    )  # fmt: skip
+    )
     add_dataset_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (labels: name -> counts)")
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser(
-        "prepare", help="decode and resize every image once into a memory-mapped cache",
+        "prepare",
+        help="decode and resize every image once into a memory-mapped cache",
         description="Build (or resume, or check) the preprocessing cache: a uint8 memmap of SIZE x SIZE images, "
         "raw labels and a manifest. A second run on an unchanged source is a no-op; a changed source is refused.",
-    )  # fmt: skip
+    )
     add_dataset_arguments(p)
     p.add_argument("--out", required=True, help="cache folder to create or resume")
     p.add_argument("--size", type=int, default=224, help="square side in pixels (default 224)")
-    p.add_argument("--mode", choices=("pad", "crop", "stretch"), default="pad",
-                   help="fit to a square: pad keeps the whole image (default), crop cuts the long side")  # fmt: skip
+    p.add_argument(
+        "--mode",
+        choices=("pad", "crop", "stretch"),
+        default="pad",
+        help="fit to a square: pad keeps the whole image (default), crop cuts the long side",
+    )
     p.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
-    p.add_argument("--strict", action="store_true", help="fail on any missing/unreadable image instead of skipping")
+    p.add_argument(
+        "--strict", action="store_true", help="fail on any missing/unreadable image instead of skipping"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if an existing cache does not match")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, no progress bar")
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object, no progress bar"
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = subparsers.add_parser(
-        "synth", help="generate SYNTHETIC phantom radiographs with ground-truth masks",
+        "synth",
+        help="generate SYNTHETIC phantom radiographs with ground-truth masks",
         description="Seeded procedural chest (CheXpert layout) or bone (MURA layout) phantoms with findings "
         "and a mask per finding. They are synthetic, not medical data.",
-    )  # fmt: skip
+    )
     p.add_argument("kind", choices=("chest", "bone"), help="chest: CheXpert layout; bone: MURA layout")
     p.add_argument("--out", required=True, help="dataset root to write")
     p.add_argument("--n", type=int, default=400, help="number of images (default 400)")

@@ -12,7 +12,9 @@ import pandas as pd
 from xrayfm.errors import DataError, list_offenders
 
 
-def read_csv_strict(path: Path, *, header: bool = True, names: Sequence[str] | None = None, **kwargs) -> pd.DataFrame:
+def read_csv_strict(
+    path: Path, *, header: bool = True, names: Sequence[str] | None = None, **kwargs
+) -> pd.DataFrame:
     """Read a CSV (as strings unless ``dtype`` says otherwise); bad rows raise DataError listing the lines.
 
     Uses pandas' fast C parser; only when it fails do we rescan with the csv module to list every bad line

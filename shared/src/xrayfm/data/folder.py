@@ -41,7 +41,9 @@ class ImageFolder(XrayDataset):
                     ignored.append(str(path.relative_to(self.root)))
                     continue
                 rel = str(path.relative_to(self.root))
-                rows.append({"path": str(path), "relpath": rel, "patient_id": rel, "study_id": rel, "class": name})
+                rows.append(
+                    {"path": str(path), "relpath": rel, "patient_id": rel, "study_id": rel, "class": name}
+                )
                 labels.append(np.eye(len(classes), dtype=np.float32)[k])
         self.skipped.add("not an image file (by suffix)", ignored)
         self.csv = pd.DataFrame(rows, columns=["path", "relpath", "patient_id", "study_id", "class"])
@@ -83,14 +85,18 @@ class CsvDataset(XrayDataset):
         rel = df[path_column].str.strip()
         empty = rel == ""
         if empty.any():
-            raise DataError(f"{csv_file}: empty {path_column!r} on lines {list_offenders((np.flatnonzero(empty) + 2).tolist())}")
+            raise DataError(
+                f"{csv_file}: empty {path_column!r} on lines {list_offenders((np.flatnonzero(empty) + 2).tolist())}"
+            )
         absolute = rel.map(lambda p: str(p if Path(p).is_absolute() else csv_file.parent / p))
         self.csv = pd.DataFrame(
             {
                 "path": absolute,
                 "relpath": rel,
                 "patient_id": df[patient_column] if patient_column else rel,
-                "study_id": df[study_column] if study_column else (df[patient_column] if patient_column else rel),
+                "study_id": df[study_column]
+                if study_column
+                else (df[patient_column] if patient_column else rel),
             }
         )
         self.raw_labels = raw

@@ -56,7 +56,9 @@ class LabelPolicy:
     def __post_init__(self) -> None:
         for rule in (self.uncertain, *self.per_label.values()):
             if rule not in UNCERTAIN_RULES:
-                raise DataError(f"unknown uncertainty policy {rule!r}; choose from {', '.join(UNCERTAIN_RULES)}")
+                raise DataError(
+                    f"unknown uncertainty policy {rule!r}; choose from {', '.join(UNCERTAIN_RULES)}"
+                )
         if self.blank not in BLANK_RULES:
             raise DataError(f"unknown blank policy {self.blank!r}; choose from {', '.join(BLANK_RULES)}")
 
@@ -76,7 +78,11 @@ class LabelPolicy:
 
     def describe(self) -> str:
         """Round-trippable text form, e.g. ``u-zeros;Atelectasis=u-ones;blank=zero``."""
-        parts = [self.uncertain, *(f"{k}={v}" for k, v in sorted(self.per_label.items())), f"blank={self.blank}"]
+        parts = [
+            self.uncertain,
+            *(f"{k}={v}" for k, v in sorted(self.per_label.items())),
+            f"blank={self.blank}",
+        ]
         return ";".join(parts)
 
 
@@ -107,7 +113,9 @@ def parse_policy(spec: str | LabelPolicy | None, known_labels: Sequence[str] | N
     if known_labels is not None:
         unknown = sorted(set(per_label) - set(known_labels))
         if unknown:
-            raise DataError(f"policy names unknown labels: {', '.join(unknown)}; known: {', '.join(known_labels)}")
+            raise DataError(
+                f"policy names unknown labels: {', '.join(unknown)}; known: {', '.join(known_labels)}"
+            )
     return LabelPolicy(uncertain=default, blank=blank, per_label=per_label)
 
 

@@ -33,7 +33,9 @@ class MURA(XrayDataset):
     kind = "mura"
     pathologies = ["Abnormal"]
 
-    def __init__(self, root: str | Path, split: str = "train", body_parts: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, root: str | Path, split: str = "train", body_parts: Iterable[str] | None = None
+    ) -> None:
         super().__init__(root, split, policy="u-ones")
         images_csv = self.root / f"{split}_image_paths.csv"
         studies_csv = self.root / f"{split}_labeled_studies.csv"
@@ -79,7 +81,9 @@ class MURA(XrayDataset):
             wanted = {b.upper() if b.upper().startswith("XR_") else "XR_" + b.upper() for b in body_parts}
             unknown = wanted - set(csv["body_part"])
             if unknown:
-                raise DataError(f"no images of body part(s) {sorted(unknown)}; present: {sorted(set(csv['body_part']))}")
+                raise DataError(
+                    f"no images of body part(s) {sorted(unknown)}; present: {sorted(set(csv['body_part']))}"
+                )
             keep = csv["body_part"].isin(wanted).to_numpy()
             self.skipped.add("other body part (body_parts filter)", csv.loc[~keep, "relpath"].tolist())
             csv, raw = csv[keep], raw[keep]

@@ -51,8 +51,15 @@ class NIHChestXray14(XrayDataset):
             raise DataError(f"no Data_Entry_2017*.csv under {self.root}")
         self.csv_path = entries[-1]
         df = read_csv_strict(self.csv_path)
-        required = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-                    "View Position"]  # fmt: skip
+        required = [
+            "Image Index",
+            "Finding Labels",
+            "Follow-up #",
+            "Patient ID",
+            "Patient Age",
+            "Patient Gender",
+            "View Position",
+        ]
         require_columns(df, required, self.csv_path)
 
         if split != "all":
@@ -71,7 +78,9 @@ class NIHChestXray14(XrayDataset):
             raise DataError(f"{self.csv_path}: unknown findings {list_offenders(unknown)}")
         raw = np.full((len(df), len(CHEXPERT_LABELS)), np.nan, dtype=np.float32)
         for nih, chexpert in NIH_TO_CHEXPERT.items():
-            raw[:, CHEXPERT_LABELS.index(chexpert)] = findings.map(lambda fs, n=nih: n in fs).to_numpy(np.float32)
+            raw[:, CHEXPERT_LABELS.index(chexpert)] = findings.map(lambda fs, n=nih: n in fs).to_numpy(
+                np.float32
+            )
         self.unlabelled = [name for name in CHEXPERT_LABELS if name not in NIH_TO_CHEXPERT.values()]
 
         patient = "nih" + df["Patient ID"].str.zfill(5)

@@ -9,7 +9,9 @@ from xrayfm.data.base import XrayDataset
 from xrayfm.errors import DataError
 
 
-def split_by_patient(dataset: XrayDataset, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_by_patient(
+    dataset: XrayDataset, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, validation) with each patient wholly on one side; ``val_fraction`` of patients."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -21,8 +23,13 @@ def split_by_patient(dataset: XrayDataset, val_fraction: float = 0.1, seed: int 
     return np.sort(train), np.sort(val)
 
 
-def subsample_groups(dataset: XrayDataset, fraction: float | None = None, max_groups: int | None = None,
-                     by: str = "study_id", seed: int = 0) -> np.ndarray:
+def subsample_groups(
+    dataset: XrayDataset,
+    fraction: float | None = None,
+    max_groups: int | None = None,
+    by: str = "study_id",
+    seed: int = 0,
+) -> np.ndarray:
     """Row indices keeping a random ``fraction`` (or at most ``max_groups``) of studies/patients, seeded.
 
     Whole groups are kept, so every image of a kept study stays (labels are per study in MURA).

@@ -74,7 +74,8 @@ class CachedDataset(Dataset):
                 f"indices must be cache rows in 0..{len(index) - 1}, got {rows.min()}..{rows.max()}"
             )
         usable = (index["status"] == "ok").to_numpy()
-        self.excluded: dict[str, int] = index["status"].iloc[rows[~usable[rows]]].value_counts().to_dict()
+        excluded = index["status"].iloc[rows[~usable[rows]]].value_counts()
+        self.excluded: dict[str, int] = {str(k): int(v) for k, v in excluded.items()}
         rows = rows[usable[rows]]
         if len(rows) == 0:
             raise DataError(
@@ -115,7 +116,13 @@ class CachedDataset(Dataset):
         i = int(i) % len(self)
         image = torch.from_numpy(np.array(self.images[self._rows[i]]))[None]  # copy out of the memmap
         image = self.transform(image) if self.transform is not None else image.float().div_(255.0)
-        return {"image": image, "labels": self._targets[i], "mask": self._masks[i], "index": i}
+        # clone: a view would keep the whole [N, L] label storage alive in every batch sent between processes
+        return {
+            "image": image,
+            "labels": self._targets[i].clone(),
+            "mask": self._masks[i].clone(),
+            "index": i,
+        }
 
     def __repr__(self) -> str:
         return (

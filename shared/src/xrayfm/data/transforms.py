@@ -4,7 +4,8 @@ Augmentation is deliberately mild and radiograph-aware: a near-square RandomResi
 a few degrees of rotation and a few percent of translation, brightness/contrast jitter. There is NO
 horizontal flip by default: left and right matter on a radiograph (heart side, L/R markers, situs);
 ``hflip=True`` is offered for tasks where they do not (e.g. bone studies). The grey channel is repeated
-to ``channels`` (3 for ImageNet-style backbones) and normalised with the backbone's mean/std.
+to ``channels`` (3 for ImageNet-style backbones) and normalised with the backbone's mean/std, in one
+fused step (:class:`GreyToNormalized`). Geometry and jitter use v2's PIL backend (faster for grey).
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def build_transform(
     channels: int = 3,
     hflip: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Transform a uint8 tensor [1, H, W] into a normalised float32 tensor [channels, size, size].
+    """Transform a grey uint8 tensor [1, H, W] into a normalised float32 tensor [channels, size, size].
 
-    ``train=False`` is deterministic: resize only if the input is not already ``size`` (cached images
-    are), scale to [0, 1] and normalise. ``train=True`` adds the mild augmentation described above.
+    ``train=False`` is deterministic: scale to [0, 1], repeat to ``channels`` and normalise (the input
+    must already be ``size`` x ``size``, as cached images are). ``train=True`` adds the mild
+    augmentation described in the module docstring; seed it with ``torch.manual_seed``.
+    ``mean``/``std`` take one value per output channel (see :func:`normalization_for`), or one value.
     """
     if int(size) < 1 or int(channels) < 1:
         raise XrayfmError(f"size and channels must be positive (got size={size}, channels={channels})")
@@ -73,35 +76,51 @@ def build_transform(
     if any(s <= 0 for s in std_c):
         raise XrayfmError(f"std must be positive, got {std_c}")
     if train:
+        # The geometry and jitter run on PIL's backend of the same v2 transforms (one PIL "L" image in,
+        # parameters still drawn from torch's RNG, so torch.manual_seed makes them repeatable): for a
+        # grey uint8 image it is about 2x faster than the tensor backend (RandomAffine's grid_sample).
         steps: list[Callable] = [
+            v2.ToPILImage(),
             v2.RandomResizedCrop((size, size), scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
             v2.RandomAffine(degrees=ROTATION_DEGREES, translate=TRANSLATE),
             v2.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST),
         ]
         if hflip:
             steps.append(v2.RandomHorizontalFlip())
-    else:
-        steps = [v2.Resize((size, size), antialias=True)]  # no-op on images already size x size
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        # Grayscale on a 1-channel image with 3 outputs repeats the grey channel (no colour mixing).
-        v2.Grayscale(num_output_channels=channels) if channels in (1, 3) else _Repeat(channels),
-        v2.Normalize(mean=mean_c, std=std_c),
-    ]
-    return v2.Compose(steps)
+        steps.append(v2.PILToTensor())
+        steps.append(GreyToNormalized(mean_c, std_c))
+        return v2.Compose(steps)
+    # Eval: no resampling at all. Cached images already have the model's size; a stretch-resize here
+    # would silently distort a padded image, so another size is an error.
+    return GreyToNormalized(mean_c, std_c, size=size)
 
 
-class _Repeat(torch.nn.Module):
-    """Repeat a grey channel to any channel count (v2.Grayscale only offers 1 or 3)."""
+class GreyToNormalized(torch.nn.Module):
+    """Grey [..., 1, H, W] (uint8 0..255 or float 0..1) -> float32 [..., C, H, W], normalised per channel.
 
-    def __init__(self, channels: int) -> None:
+    Hand-written because it fuses three v2 steps (ToDtype, Grayscale(3), Normalize) into one
+    multiply-add: ``out[c] = x * scale / std[c] - mean[c] / std[c]``, about 4x faster, which matters
+    at thousands of images per second per node. Results equal the v2 chain up to float rounding.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int | None = None) -> None:
         super().__init__()
-        self.channels = channels
+        self.size = size
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.register_buffer("gain", 1.0 / std_t, persistent=False)
+        self.register_buffer("offset", -mean_t / std_t, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-3] != 1:
-            raise XrayfmError(f"expected a grey image [1, H, W], got {tuple(image.shape)}")
-        return image.expand(*image.shape[:-3], self.channels, *image.shape[-2:]).contiguous()
+        if image.ndim < 3 or image.shape[-3] != 1:
+            raise XrayfmError(f"expected a grey image [..., 1, H, W], got {tuple(image.shape)}")
+        if self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
+            raise XrayfmError(
+                f"expected {self.size} x {self.size} images (the cache size), got {tuple(image.shape[-2:])}; "
+                "prepare a cache of the model's input size"
+            )
+        gain = self.gain / 255.0 if image.dtype == torch.uint8 else self.gain
+        return image.to(torch.float32).mul(gain).add_(self.offset)
 
 
-__all__ = ["build_transform", "normalization_for"]
+__all__ = ["GreyToNormalized", "build_transform", "normalization_for"]
