@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The local wheels of torch/torchvision are the pinned ones; other versions would download several GB.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install test test-fast lint format demo bench clean
+.PHONY: help install test test-fast lint format demo bench up down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -15,10 +15,11 @@ help:  ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) shared/pyproject.toml
+$(STAMP): $(PY) shared/pyproject.toml services/inference/pyproject.toml services/gateway/pyproject.toml services/frontend/pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
 	$(PIP) install -e 'shared[dev]'
+	$(PIP) install -e services/inference -e services/gateway -e services/frontend
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the library, services and dev tools
@@ -42,6 +43,12 @@ demo: $(STAMP)  ## the main job end to end on SYNTHETIC phantoms; prints where t
 
 bench: $(STAMP)  ## data benchmark (ratios measured side by side)
 	$(PY) bench/bench_data.py
+
+up: $(STAMP)  ## start the inference stack as local processes (Redis from the system); logs in runs/stack/logs
+	$(PY) scripts/stack.py up
+
+down:  ## stop what `make up` started
+	$(PY) scripts/stack.py down
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

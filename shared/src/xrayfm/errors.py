@@ -15,6 +15,14 @@ class ImageDecodeError(XrayfmError, ValueError):
     """An image could not be read or decoded (missing, truncated, unsupported, too large)."""
 
 
+class UnsupportedFormatError(ImageDecodeError):
+    """The bytes are not a JPEG, PNG or DICOM image (a wrong file type, not a damaged image)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The header announces more pixels than allowed (decompression-bomb guard), checked before decoding."""
+
+
 class CacheMismatchError(XrayfmError):
     """A preprocessing cache no longer matches its source (files changed, other settings)."""
 

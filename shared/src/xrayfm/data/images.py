@@ -21,6 +21,7 @@ Grey-level choices (documented here once):
 from __future__ import annotations
 
 import io
+import struct
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
 
-from xrayfm.errors import ImageDecodeError
+from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop", "stretch")
@@ -140,7 +141,11 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
         else:
             with _pil_open(fp, name, kind) as im:
                 width, height = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                try:
+                    orientation = im.getexif().get(0x0112, 1)
+                except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+                    raise ImageDecodeError(f"{name}: corrupt {kind} metadata ({exc})") from None
+                if orientation in (5, 6, 7, 8):  # EXIF orientations that swap the axes
                     width, height = height, width
                 info = {
                     "format": kind,
@@ -194,7 +199,7 @@ def _sniff(fp: IO[bytes], name: str) -> str:
         or int.from_bytes(head[:2], "big") in _RAW_DICOM_GROUPS
     ):
         return "DICOM"
-    raise ImageDecodeError(
+    raise UnsupportedFormatError(
         f"{name}: unsupported format (not a JPEG, PNG or DICOM file; starts with {head[:8]!r})"
     )
 
@@ -203,7 +208,7 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"{name}: zero-size image ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"{name}: image too large ({width}x{height} = {width * height:,} pixels > max_pixels "
             f"{max_pixels:,}); refusing to decode (possible decompression bomb)"
         )
@@ -224,12 +229,12 @@ def _pil_open(fp: IO[bytes], name: str, kind: str) -> Iterator[Image.Image]:
     try:
         im = Image.open(fp, formats=[kind])
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: image too large, refusing to decode ({exc})") from None
+        raise ImageTooLargeError(f"{name}: image too large, refusing to decode ({exc})") from None
     except UnidentifiedImageError:  # its message names a BytesIO object; say what it means instead
         raise ImageDecodeError(
             f"{name}: invalid {kind} header (zero-size, corrupt or unsupported variant)"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: cannot read {kind} header ({exc})") from None
     with im:
         yield im
@@ -246,7 +251,7 @@ def _decode_pil(fp: IO[bytes], name: str, kind: str, max_pixels: int, draft_size
             im.load()
             im = ImageOps.exif_transpose(im)
             return _pil_to_grey(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ImageDecodeError(
                 f"{name}: cannot decode {kind} pixels (truncated or corrupt?): {exc}"
             ) from None
@@ -302,7 +307,7 @@ def _read_dicom_header(fp: IO[bytes], name: str) -> pydicom.Dataset:
     except Exception as exc:  # pydicom raises many types on bad input (InvalidDicomError, struct, EOF...)
         raise ImageDecodeError(f"{name}: cannot read DICOM header ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
-        raise ImageDecodeError(f"{name}: unsupported format (not an image: no DICOM pixel data found)")
+        raise UnsupportedFormatError(f"{name}: unsupported format (not an image: no DICOM pixel data found)")
     return ds
 
 

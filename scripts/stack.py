@@ -1,0 +1,350 @@
+"""Run the xrayfm stack as local processes: Redis, inference worker(s), gateway, frontend.
+
+    python scripts/stack.py up      # start what is not running; wait until /ready; print the URLs
+    python scripts/stack.py down    # stop everything started by `up`
+    python scripts/stack.py status
+
+`make up` / `make down` call this. Logs go to runs/stack/logs/, pid files to runs/stack/pids/.
+Redis comes from the system: a server already answering on XRAYFM_REDIS_URL is used as is; otherwise
+`redis-server` is started (install it with `apt-get install redis-server`, `brew install redis`, or run
+`docker run -p 6379:6379 redis:7`). The same `Stack` class starts the stacks of the integration tests
+and the benchmark (each on its own ports, Redis and queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PYTHONPATH = os.pathsep.join(
+    str(REPO / p) for p in ("shared/src", "services/inference", "services/gateway", "services/frontend")
+)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    """True when a Redis server answers PING at `url`."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict]:
+    """GET `url`: (status, JSON body); (0, {}) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+@dataclass
+class Proc:
+    """A process started by the stack, with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    """One stack's processes and settings; every process gets `env` (XRAYFM_* variables)."""
+
+    home: Path  # logs/ and pids/ live here
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    def _start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Proc:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{name}.log"
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        env["PYTHONPATH"] = PYTHONPATH + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: `down` and tests stop it and its children
+            )  # fmt: skip
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        pids = self.home / "pids"
+        pids.mkdir(parents=True, exist_ok=True)
+        (pids / f"{name}.pid").write_text(str(popen.pid))
+        return proc
+
+    def start_redis(self, port: int) -> Proc:
+        """A private redis-server on 127.0.0.1:`port` that never writes to disk."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server not found: apt-get install redis-server (or brew install redis)")
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = self._start(f"redis-{port}", argv)
+        wait_until(lambda: port_open("127.0.0.1", port), 10, f"redis on port {port}", proc)
+        return proc
+
+    def start_worker(
+        self, name: str = "worker", concurrency: int = 8, extra_env: dict[str, str] | None = None
+    ) -> Proc:
+        """A Celery inference worker (thread pool: requests wait in threads, the batcher runs the model)."""
+        argv = [
+            str(VENV_BIN / "celery"), "-A", "xrayfm_inference.worker", "worker", "--pool=threads",
+            f"--concurrency={concurrency}", "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip",
+            "--without-mingle",
+        ]  # fmt: skip
+        return self._start(name, argv, extra_env)
+
+    def start_gateway(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        name: str = "gateway",
+        extra_env: dict[str, str] | None = None,
+    ) -> Proc:
+        """The FastAPI gateway under uvicorn."""
+        argv = [
+            str(VENV_BIN / "python"), "-m", "uvicorn", "xrayfm_gateway.app:create_app", "--factory",
+            "--host", host, "--port", str(port), "--no-access-log",
+        ]  # fmt: skip
+        proc = self._start(name, argv, extra_env)
+        wait_until(
+            lambda: http_json(f"http://127.0.0.1:{port}/health")[0] == 200, 30, "gateway /health", proc
+        )
+        return proc
+
+    def start_frontend(self, port: int, gateway_url: str, host: str = "127.0.0.1") -> Proc:
+        """The Streamlit UI, talking to `gateway_url`."""
+        argv = [
+            str(VENV_BIN / "streamlit"), "run", str(REPO / "services/frontend/xrayfm_frontend/app.py"),
+            "--server.port", str(port), "--server.address", host, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false",
+        ]  # fmt: skip
+        proc = self._start("frontend", argv, {"XRAYFM_GATEWAY_URL": gateway_url})
+        wait_until(lambda: port_open("127.0.0.1", port), 60, f"frontend on port {port}", proc)
+        return proc
+
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Signal one process's group and wait for it (SIGKILL after `timeout`)."""
+        stop_group(proc.pid, sig, timeout)
+        proc.popen.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        """Stop every process this object started, the last started first."""
+        for proc in reversed(self.procs):
+            if proc.alive():
+                self.stop(proc)
+
+
+def stop_group(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Send `sig` to the process group led by `pid`; SIGKILL the group if still there after `timeout`."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        if _is_zombie(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_until(check, timeout: float, what: str, proc: Proc | None = None, interval: float = 0.2) -> None:
+    """Poll `check()` until true; raise with the process's log tail if it died or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited ({proc.popen.returncode}) before {what}:\n{proc.log_tail()}"
+            )
+        time.sleep(interval)
+    tail = f":\n{proc.log_tail()}" if proc is not None else ""
+    raise TimeoutError(f"{what} not up within {timeout:g} s{tail}")
+
+
+# -- make up / make down ----------------------------------------------------------------------------------
+STACK_HOME = REPO / "runs" / "stack"
+DEFAULT_STORE = REPO / "runs" / "model-store"
+
+
+def ensure_model(store: Path) -> str:
+    """Make sure something can be served; with an empty store, write an UNTRAINED placeholder model.
+
+    The placeholder (random weights, labelled synthetic and untrained in its metadata and so in every
+    answer) only lets the stack and the UI run end to end; train a real one with `make demo`.
+    """
+    sys.path[:0] = [p for p in PYTHONPATH.split(os.pathsep) if p not in sys.path]
+    from xrayfm_inference.store import SERVING_FILE, promote, version_dir
+
+    if os.environ.get("XRAYFM_MODEL_PATH") or (store / SERVING_FILE).is_file():
+        return "configured"
+    from xrayfm.models.backbones import create_model
+    from xrayfm.models.checkpoint import save_checkpoint
+
+    spec = {"name": "vit_tiny_patch16_224", "num_classes": 1, "img_size": 224}
+    folder = version_dir(store, "untrained-placeholder", "1")
+    meta = {
+        "model": spec,
+        "labels": ["Abnormal"],
+        "preprocessing": {"size": 224, "mean": [0.5], "std": [0.5], "channels": 3, "mode": "pad"},
+        "synthetic": True,
+        "untrained": True,
+        "description": "random weights: a placeholder so the stack runs; its answers mean nothing",
+    }
+    save_checkpoint(folder, create_model(**spec), meta)
+    promote(store, "untrained-placeholder", "1")
+    return "placeholder"
+
+
+def up() -> int:
+    """Start Redis (if needed), one worker, the gateway and the frontend; wait for /ready."""
+    if (STACK_HOME / "pids").is_dir() and any(_pid_alive(p) for p in (STACK_HOME / "pids").glob("*.pid")):
+        print("the stack is already running (make down first)")
+        return 1
+    redis_url = os.environ.get("XRAYFM_REDIS_URL", "redis://127.0.0.1:6379/0")
+    gateway_port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
+    frontend_port = int(os.environ.get("XRAYFM_FRONTEND_PORT", "8501"))
+    store = Path(os.environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))
+    stack = Stack(STACK_HOME, env={"XRAYFM_REDIS_URL": redis_url, "XRAYFM_MODEL_STORE": str(store)})
+    if not redis_answers(redis_url):
+        parsed = urlparse(redis_url)
+        if parsed.hostname not in ("127.0.0.1", "localhost"):
+            print(f"Redis at {redis_url} does not answer")
+            return 1
+        print(f"no Redis at {redis_url}: starting redis-server (logs in {STACK_HOME / 'logs'})")
+        stack.start_redis(parsed.port or 6379)
+    if ensure_model(store) == "placeholder":
+        print(f"WARNING: empty model store {store}: serving an UNTRAINED placeholder model (random weights)")
+    worker = stack.start_worker()
+    gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
+    stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
+    try:
+        wait_until(
+            lambda: http_json(f"http://127.0.0.1:{gateway_port}/ready")[0] == 200, 120, "/ready", worker
+        )
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"the stack started but is not ready: {exc}\nsee {STACK_HOME / 'logs'}")
+        return 1
+    del gateway
+    print(f"gateway   http://127.0.0.1:{gateway_port}  (docs: /docs, metrics: /metrics)")
+    print(f"frontend  http://127.0.0.1:{frontend_port}")
+    print(f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@sample_xray.png"')
+    print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
+    return 0
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def down() -> int:
+    """Stop every process whose pid file `up` wrote (their whole process groups)."""
+    pids = STACK_HOME / "pids"
+    files = sorted(pids.glob("*.pid")) if pids.is_dir() else []
+    order = {"frontend": 0, "gateway": 1, "worker": 2}
+    for pidfile in sorted(files, key=lambda p: order.get(p.stem, 3)):
+        try:
+            pid = int(pidfile.read_text())
+        except ValueError:
+            pid = 0
+        if pid and _pid_alive(pidfile):
+            print(f"stopping {pidfile.stem} (pid {pid})")
+            stop_group(pid)
+        pidfile.unlink()
+    if not files:
+        print("nothing to stop")
+    return 0
+
+
+def status() -> int:
+    """Print which stack processes are alive and what /ready says."""
+    pids = STACK_HOME / "pids"
+    for pidfile in sorted(pids.glob("*.pid")) if pids.is_dir() else []:
+        print(f"{pidfile.stem:10s} {'running' if _pid_alive(pidfile) else 'dead'}")
+    port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
+    print("ready:", http_json(f"http://127.0.0.1:{port}/ready"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    return {"up": up, "down": down, "status": status}[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The FastAPI application: ``uvicorn xrayfm_gateway.app:create_app --factory --port 8000``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from xrayfm_gateway import __version__
+from xrayfm_gateway.errors import APIError, api_error_handler
+from xrayfm_gateway.metrics import MetricsMiddleware
+from xrayfm_gateway.queue import QueueClient
+from xrayfm_gateway.routers import health, jobs, predict
+from xrayfm_gateway.settings import GatewaySettings
+
+DESCRIPTION = """Predictions and attention heatmaps for radiographs (PNG, JPEG, DICOM).
+
+`curl -X POST "http://127.0.0.1:8000/predict" -F "file=@sample_xray.png"`
+
+Uploads are checked and decoded here; only grey pixels travel to the inference workers.
+"""
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """Build the gateway (settings default to the environment)."""
+    settings = GatewaySettings.from_env() if settings is None else settings
+    log = logging.getLogger("xrayfm.gateway")
+    log.setLevel(logging.INFO)
+    if not log.handlers:  # uvicorn configures only its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.queue = QueueClient(settings.queue)
+        app.state.decode_slots = anyio.CapacityLimiter(settings.decode_concurrency)
+        try:
+            yield
+        finally:
+            await app.state.queue.close()
+
+    app = FastAPI(title="xrayfm gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_middleware(MetricsMiddleware)
+    for router in (health.router, predict.router, jobs.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,56 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from xrayfm_gateway.metrics import QUEUE_ERRORS
+from xrayfm_gateway.queue import QueueUnavailable
+from xrayfm_gateway.schemas import Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="The gateway process is alive")
+async def health() -> dict[str, str]:
+    """Always 200 while the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Ready to predict"
+)
+async def ready(request: Request) -> JSONResponse:
+    """200 when Redis answers and a worker with a loaded model sends heartbeats; otherwise 503 with why."""
+    body = await readiness(request)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+async def readiness(request: Request) -> Readiness:
+    """The readiness report (shared with /predict, which refuses work while not ready)."""
+    try:
+        workers = await request.app.state.queue.workers()
+    except QueueUnavailable as exc:
+        QUEUE_ERRORS.labels("ready").inc()
+        return Readiness(ready=False, broker="unreachable", detail=str(exc))
+    answering = [w for w in workers if w.get("ready")]
+    if answering:
+        return Readiness(
+            ready=True, broker="ok", workers=workers, detail=f"{len(answering)} worker(s) answering"
+        )
+    if not workers:
+        detail = "no inference worker is running"
+    else:
+        reasons = sorted(
+            {w.get("error") or ("loading the model" if w.get("loading") else "not ready") for w in workers}
+        )
+        detail = "no worker has a model answering: " + "; ".join(reasons)
+    return Readiness(ready=False, broker="ok", workers=workers, detail=detail)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    """The gateway's metrics in Prometheus' text format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

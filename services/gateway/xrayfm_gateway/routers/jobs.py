@@ -1,0 +1,66 @@
+"""The asynchronous form: ``POST /jobs`` (202 + job id), ``GET /jobs/{job_id}`` to poll."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from xrayfm_gateway.errors import APIError
+from xrayfm_gateway.queue import QueueUnavailable
+from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, Method, prediction_from, queue_upload
+from xrayfm_gateway.schemas import ErrorBody, JobStatus, JobSubmitted
+from xrayfm_gateway.security import get_settings, require_api_key
+from xrayfm_gateway.settings import GatewaySettings
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobSubmitted,
+    responses={k: v for k, v in ERRORS.items() if k != 504},
+    openapi_extra=UPLOAD_BODY,
+    summary="Submit a radiograph; answers 202 with a job id at once",
+)
+async def submit_job(
+    request: Request,
+    explain: bool = Query(True, description="false skips the heatmap"),
+    method: Method | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
+    settings: GatewaySettings = Depends(get_settings),
+) -> JSONResponse:
+    """Same input as ``POST /predict``; the result waits in Redis until ``XRAYFM_RESULT_EXPIRES``."""
+    job_id, _ = await queue_upload(request, settings, explain, method)
+    url = f"/jobs/{job_id}"
+    body = JobSubmitted(job_id=job_id, status_url=url)
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobStatus,
+    responses={404: {"model": ErrorBody, "description": "unknown or expired job"}, 503: {"model": ErrorBody}},
+    summary="A job's state and, when done, its result",
+)
+async def job_status(job_id: str, request: Request) -> JobStatus:
+    """``queued`` | ``running`` | ``done`` (with ``result``) | ``failed`` (with ``error``)."""
+    try:
+        job_id = str(uuid.UUID(job_id))
+    except ValueError:
+        raise APIError(404, "unknown_job", "job ids are UUIDs; this one is not") from None
+    queue = request.app.state.queue
+    try:
+        record = await queue.record(job_id)
+        if record is None:
+            raise APIError(404, "unknown_job", f"no job {job_id} (unknown, or expired)")
+        job = await queue.state(job_id)
+    except QueueUnavailable as exc:
+        raise APIError(503, "queue_unavailable", str(exc)) from None
+    if job.status not in ("done", "failed"):
+        return JobStatus(job_id=job_id, status=job.status)
+    try:
+        return JobStatus(job_id=job_id, status="done", result=prediction_from(job_id, job, record))
+    except APIError as exc:
+        return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")

@@ -1,0 +1,240 @@
+"""Receive and check an upload at the gateway: multipart parsed in memory (nothing is written to disk),
+size limits enforced while streaming, the image decoded to grey pixels, bad input refused clearly.
+
+Status codes: 415 = not a JPEG/PNG/DICOM (by its name, its content type or its content), or not a
+multipart upload; 413 = over ``XRAYFM_MAX_UPLOAD_MB``; 400 = empty, corrupt or truncated; 422 = absurd
+dimensions or too many pixels (decompression bombs are refused from the header, before decoding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import PurePath
+
+import numpy as np
+from fastapi import Request
+from PIL import Image
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image
+from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from xrayfm_gateway.errors import APIError
+from xrayfm_gateway.metrics import REJECTED
+from xrayfm_gateway.settings import GatewaySettings
+
+log = logging.getLogger("xrayfm.gateway")
+FILE_FIELD = "file"
+_MULTIPART_SLACK = 64 * 1024  # headers, boundaries and small form fields around the file
+_TYPES_BY_MIME = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/jpg": ".jpg",
+    "application/dicom": ".dcm",
+    "application/dicom+dcm": ".dcm",
+}
+_NEUTRAL_MIMES = {"", "application/octet-stream", "binary/octet-stream"}
+
+
+@dataclass
+class Upload:
+    """The uploaded file's bytes and what the client said about it (the name is never logged)."""
+
+    data: bytes
+    filename: str | None
+    content_type: str | None
+
+
+@dataclass
+class DecodedImage:
+    """Grey uint8 pixels, at most ``transport_side`` on the long side, plus technical header facts."""
+
+    pixels: np.ndarray
+    format: str
+    width: int  # of the original image
+    height: int
+
+
+def reject(status: int, code: str, detail: str) -> APIError:
+    """An APIError for a refused upload, counted by reason."""
+    REJECTED.labels(code).inc()
+    return APIError(status, code, detail)
+
+
+class _FilePart:
+    """python-multipart callbacks that keep the `file` field in memory, within a size limit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.found = 0
+        self.filename: str | None = None
+        self.content_type: str | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._field = self._value = b""
+        self._is_file = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._extend("_field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._extend("_value", data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+        }
+
+    def _extend(self, attr: str, data: bytes) -> None:
+        setattr(self, attr, getattr(self, attr) + data)
+
+    def _part_begin(self) -> None:
+        self._headers, self._is_file = {}, False
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if params.get(b"name", b"").decode("latin-1") != FILE_FIELD:
+            return
+        self.found += 1
+        self._is_file = self.found == 1
+        if self._is_file:
+            filename = params.get(b"filename")
+            self.filename = filename.decode("utf-8", "replace") if filename is not None else None
+            mime = self._headers.get(b"content-type")
+            self.content_type = mime.decode("latin-1").split(";")[0].strip().lower() if mime else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._is_file:
+            return
+        self.size += end - start
+        if self.size > self.max_bytes:
+            raise reject(
+                413, "file_too_large", f"the file exceeds the upload limit of {self.max_bytes:,} bytes"
+            )
+        self.chunks.append(bytes(data[start:end]))
+
+
+async def receive_upload(request: Request, max_bytes: int) -> Upload:
+    """Read the multipart body's ``file`` field into memory, refusing oversize bodies while streaming."""
+    mime, params = parse_options_header(request.headers.get("content-type", ""))
+    if mime != b"multipart/form-data":
+        raise reject(
+            415,
+            "not_multipart",
+            "send the image as multipart/form-data in a field named 'file' (curl -F \"file=@image.png\")",
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise reject(400, "bad_multipart", "multipart/form-data without a boundary")
+    limit = max_bytes + _MULTIPART_SLACK
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise reject(
+            413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {max_bytes:,}"
+        )
+    part = _FilePart(max_bytes)
+    parser = MultipartParser(boundary, part.callbacks())
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise reject(413, "file_too_large", f"the upload exceeds the limit of {max_bytes:,} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise reject(400, "bad_multipart", f"malformed multipart body: {exc}") from None
+    if part.found == 0:
+        raise reject(422, "missing_file", "no field named 'file' in the form (curl -F \"file=@image.png\")")
+    if part.found > 1:
+        raise reject(422, "several_files", "send exactly one field named 'file'")
+    return Upload(data=b"".join(part.chunks), filename=part.filename, content_type=part.content_type)
+
+
+def _declared_suffix(upload: Upload) -> str | None:
+    """The type the client claims: the file name's suffix, else a known content type, else None."""
+    suffix = PurePath(upload.filename or "").suffix.lower()
+    if suffix:
+        return suffix
+    mime = upload.content_type or ""
+    if mime in _NEUTRAL_MIMES:
+        return None
+    return _TYPES_BY_MIME.get(mime, mime)
+
+
+def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
+    """Check and decode an upload to grey pixels sized for transport (runs in a worker thread)."""
+    if not upload.data:
+        raise reject(400, "empty_file", "the uploaded file is empty (0 bytes)")
+    declared = _declared_suffix(upload)
+    if declared is not None and declared not in SUPPORTED_SUFFIXES:
+        raise reject(415, "unsupported_type", f"unsupported file type {declared!r}: send PNG, JPEG or DICOM")
+    try:  # the header only: dimensions are checked before a single pixel is decoded
+        info = image_info(upload.data)
+    except ImageDecodeError as exc:
+        raise _header_error(exc) from None
+    except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
+        log.warning("header reader raised %s", type(exc).__name__)
+        raise reject(400, "corrupt_image", "cannot read the image header (truncated or corrupt?)") from None
+    width, height = int(info["width"]), int(info["height"])
+    _check_dimensions(width, height, settings)
+    try:
+        pixels = read_image(upload.data, max_pixels=settings.max_pixels)
+    except ImageDecodeError as exc:
+        raise reject(400, "corrupt_image", _public_message(exc)) from None
+    except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
+        log.warning("decoder raised %s on a %s upload", type(exc).__name__, info["format"])
+        raise reject(
+            400, "corrupt_image", f"cannot decode the {info['format']} pixels (truncated or corrupt?)"
+        ) from None
+    return DecodedImage(
+        pixels=fit_within(pixels, settings.transport_side),
+        format=str(info["format"]),
+        width=width,
+        height=height,
+    )
+
+
+def _public_message(exc: ImageDecodeError) -> str:
+    return str(exc).replace("<upload>: ", "")
+
+
+def _header_error(exc: ImageDecodeError) -> APIError:
+    message = _public_message(exc)
+    if isinstance(exc, UnsupportedFormatError):
+        return reject(415, "unsupported_type", f"not a PNG, JPEG or DICOM file ({message})")
+    if isinstance(exc, ImageTooLargeError):
+        return reject(422, "image_too_large", message)
+    return reject(400, "corrupt_image", message)
+
+
+def _check_dimensions(width: int, height: int, settings: GatewaySettings) -> None:
+    if width * height > settings.max_pixels:
+        raise reject(
+            422,
+            "image_too_large",
+            f"image of {width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{settings.max_pixels:,} (refused before decoding)",
+        )
+    if max(width, height) > settings.max_image_side or min(width, height) < settings.min_image_side:
+        raise reject(
+            422,
+            "bad_dimensions",
+            f"image of {width}x{height}: each side must be {settings.min_image_side}.."
+            f"{settings.max_image_side} pixels",
+        )
+
+
+def fit_within(pixels: np.ndarray, side: int) -> np.ndarray:
+    """Downscale (aspect kept) so that the long side is at most `side`; smaller images are unchanged."""
+    height, width = pixels.shape
+    if max(height, width) <= side:
+        return np.ascontiguousarray(pixels)
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))

@@ -1,0 +1,272 @@
+"""Inference with a trained checkpoint: load it once, preprocess grey images as its metadata says, predict,
+explain (one forward pass for rollout) and turn outputs into answers — probabilities, the decision and a
+heatmap PNG. Shared by `xrayfm explain` and the inference worker service.
+
+Checkpoints are read with ``xrayfm.models.checkpoint`` (safetensors + JSON, never unpickled): a full model
+or a LoRA adapter over its foundation. From ``meta.json`` inference reads ``labels``, ``preprocessing``
+{size, mean, std, channels, mode} and, optionally, ``threshold`` (0.5), ``negative_label`` ("Normal"),
+``activation`` ("sigmoid" | "softmax"), ``name``/``version``, ``synthetic`` (true for models trained on
+phantoms).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrayfm.data.images import RESIZE_MODES, fit_square
+from xrayfm.data.transforms import build_transform
+from xrayfm.errors import XrayfmError
+from xrayfm.explain import canonical_method, explain, predict_with_rollout, to_png_bytes, upsample_heatmap
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become the model's input tensor (from the checkpoint's metadata)."""
+
+    size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels: int = 3
+    mode: str = "pad"
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Preprocessing:
+        """Read ``meta['preprocessing']`` (missing keys take the defaults above)."""
+        pre = dict(meta.get("preprocessing") or {})
+        out = cls(
+            size=int(pre.get("size", cls.size)),
+            mean=tuple(float(v) for v in pre.get("mean", cls.mean)),
+            std=tuple(float(v) for v in pre.get("std", cls.std)),
+            channels=int(pre.get("channels", cls.channels)),
+            mode=str(pre.get("mode", cls.mode)),
+        )
+        if out.mode not in RESIZE_MODES:
+            raise XrayfmError(f"checkpoint preprocessing mode {out.mode!r} is not one of {RESIZE_MODES}")
+        return out
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with its labels, preprocessing, decision threshold and identity."""
+
+    model: nn.Module
+    labels: list[str]
+    preprocessing: Preprocessing
+    device: torch.device
+    name: str
+    version: str
+    sha256: str
+    threshold: float = 0.5
+    negative_label: str = "Normal"
+    multiclass: bool = False  # softmax over labels instead of one sigmoid per label
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """The model's identity as reported in every answer and in the worker heartbeat."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "labels": list(self.labels),
+            "input_size": self.preprocessing.size,
+            "device": str(self.device),
+            "synthetic": bool(self.meta.get("synthetic", False)),
+            "untrained": bool(self.meta.get("untrained", False)),
+        }
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when present, else the CPU; otherwise the named device."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise XrayfmError(f"XRAYFM_DEVICE={requested} but no CUDA device is available")
+    return device
+
+
+def folder_sha256(path: Path) -> str:
+    """SHA-256 over a checkpoint's files (names and bytes, sorted), identifying exactly what is served."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_served_model(
+    path: str | Path, device: str = "auto", *, name: str | None = None, version: str | None = None
+) -> ServedModel:
+    """Load a checkpoint folder (full or LoRA-adapted) for inference: on `device`, eval mode, frozen.
+
+    `name`/`version` (e.g. from a model store) are used when the metadata does not carry its own.
+    """
+    path = Path(path)
+    model, meta = _load_checkpoint(path)
+    labels = [str(label) for label in meta.get("labels") or []]
+    if not labels:
+        raise XrayfmError(f"checkpoint {path} has no label names in its metadata")
+    target = pick_device(device)
+    model = model.to(target).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    served = ServedModel(
+        model=model,
+        labels=labels,
+        preprocessing=Preprocessing.from_meta(meta),
+        device=target,
+        name=str(meta.get("name") or name or path.name),
+        version=str(meta.get("version") or version or "local"),
+        sha256=folder_sha256(path),
+        threshold=float(meta.get("threshold", 0.5)),
+        negative_label=str(meta.get("negative_label", "Normal")),
+        multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
+        meta=meta,
+    )
+    _check_outputs(served)
+    return served
+
+
+def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A full checkpoint or a LoRA-adapted one (its ``meta.json`` says which), via the library."""
+    from xrayfm.models.checkpoint import META, load_adapted, load_checkpoint
+
+    meta_file = Path(path) / META if Path(path).is_dir() else Path(path)
+    try:
+        kind = json.loads(meta_file.read_text()).get("format")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise XrayfmError(f"{path} is not a checkpoint folder (cannot read {meta_file}: {exc})") from None
+    model, meta = load_adapted(path) if kind == "xrayfm.adapted" else load_checkpoint(path)
+    return model, dict(meta)
+
+
+def _check_outputs(served: ServedModel) -> None:
+    """One dummy forward: the head must have one output per label (caught at start, not per request)."""
+    pre = served.preprocessing
+    dummy = torch.zeros(1, pre.channels, pre.size, pre.size, device=served.device)
+    with torch.no_grad():
+        out = served.model(dummy)
+    if out.ndim != 2 or out.shape[1] != len(served.labels):
+        raise XrayfmError(
+            f"model {served.name} outputs {tuple(out.shape)}, "
+            f"but its metadata lists {len(served.labels)} labels"
+        )
+
+
+class Predictor:
+    """Runs the served model on batches; thread-compatible (one batch at a time, from the batcher)."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+        pre = served.preprocessing
+        self.transform = build_transform(
+            train=False, size=pre.size, mean=pre.mean, std=pre.std, channels=pre.channels
+        )
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 H x W images -> a normalised float batch [B, C, S, S] on the model's device."""
+        pre = self.served.preprocessing
+        tensors = [self.transform(torch.tensor(fit_square(img, pre.size, pre.mode))[None]) for img in images]
+        return torch.stack(tensors).to(self.served.device)
+
+    def forward(
+        self, batch: torch.Tensor, explain_maps: bool, method: str
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits [B, L] and, when asked, explanation maps [B, h, w] in [0, 1]."""
+        model = self.served.model
+        if not explain_maps:
+            with torch.inference_mode():
+                return model(batch), None
+        if canonical_method(method) == "rollout":
+            logits, maps = predict_with_rollout(model, batch)  # one pass gives both
+            return logits, maps.detach().cpu().numpy()
+        with torch.no_grad():
+            logits = model(batch)
+        return logits, explain(model, batch, method=method)  # class-specific: each image's top class
+
+    def predict(
+        self, images: list[np.ndarray], explain_maps: bool = True, method: str = "rollout"
+    ) -> list[dict[str, Any]]:
+        """Answers for a batch of grey images (see xrayfm_inference.protocol for the result shape)."""
+        t0 = time.perf_counter()
+        batch = self.preprocess(images)
+        t1 = time.perf_counter()
+        logits, maps = self.forward(batch, explain_maps, method)
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        t2 = time.perf_counter()
+        logits = logits.float().cpu()
+        probs = (torch.softmax(logits, dim=1) if self.served.multiclass else torch.sigmoid(logits)).numpy()
+        results = []
+        for i, image in enumerate(images):
+            result = self.decide(probs[i])
+            heat = (
+                heatmap_on_image(maps[i], image.shape, self.served.preprocessing)
+                if maps is not None
+                else None
+            )
+            result["attention_map"] = (
+                base64.b64encode(to_png_bytes(heat)).decode("ascii") if heat is not None else None
+            )
+            result["explain_method"] = canonical_method(method) if maps is not None else None
+            results.append(result)
+        t3 = time.perf_counter()
+        per_item = {
+            "preprocess_ms": 1000 * (t1 - t0),
+            "inference_ms": 1000 * (t2 - t1),
+            "postprocess_ms": 1000 * (t3 - t2),
+        }
+        for result in results:
+            result["timings"] = dict(per_item)
+            result["batch_size"] = len(images)
+        return results
+
+    def decide(self, probs: np.ndarray) -> dict[str, Any]:
+        """Probabilities per label, and the decision: one label -> label vs. negative at the threshold;
+        several labels -> the most probable one."""
+        labels = self.served.labels
+        probabilities = {label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)}
+        if len(labels) == 1:
+            p = float(probs[0])
+            prediction = labels[0] if p >= self.served.threshold else self.served.negative_label
+        else:
+            top = int(np.argmax(probs))
+            prediction, p = labels[top], float(probs[top])
+        return {"prediction": prediction, "probability": round(p, 6), "probabilities": probabilities}
+
+
+def heatmap_on_image(heat: np.ndarray, image_shape: tuple[int, ...], pre: Preprocessing) -> np.ndarray:
+    """Map an explanation over the model's square input back onto the image's own geometry: uint8 H x W.
+
+    Hand-written because it inverts ``fit_square`` (pad: cut the letterbox off; crop: the map covers the
+    central square, the cropped sides get 0; stretch: resize), which the library does not offer.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    size = pre.size
+    if pre.mode == "stretch":
+        out = upsample_heatmap(heat, (height, width))
+    elif pre.mode == "pad":
+        square = upsample_heatmap(heat, (size, size))
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        out = upsample_heatmap(square[top : top + new_h, left : left + new_w], (height, width))
+    else:  # crop
+        side = min(height, width)
+        out = np.zeros((height, width), dtype=np.float32)
+        top, left = (height - side) // 2, (width - side) // 2
+        out[top : top + side, left : left + side] = upsample_heatmap(heat, (side, side))
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,0 +1,104 @@
+"""The Streamlit UI: with Streamlit's AppTest against the real gateway, and end to end in headless
+Chromium (Selenium + chromium-driver) with a real radiograph; skipped with a reason without a browser."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from svc_helpers import free_port, phantom, png_bytes
+
+pytestmark = pytest.mark.slow
+
+APP = Path(__file__).resolve().parents[2] / "services/frontend/xrayfm_frontend/app.py"
+
+
+def run_app(monkeypatch, gateway_url: str) -> AppTest:
+    monkeypatch.setenv("XRAYFM_GATEWAY_URL", gateway_url)
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    return at.run()
+
+
+def test_not_ready_message_when_no_gateway(monkeypatch):
+    at = run_app(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    assert any("not ready" in w.value for w in at.sidebar.warning)
+    at.file_uploader[0].upload("x.png", png_bytes(phantom()), "image/png")
+    at.run()
+    assert any("not ready" in e.value for e in at.error)
+
+
+def test_upload_shows_prediction_heatmap_and_slider(monkeypatch, live_stack):
+    at = run_app(monkeypatch, live_stack.gateway_url)
+    assert any("ready" in s.value for s in at.sidebar.success)
+    at.file_uploader[0].upload("chest.png", png_bytes(phantom(200, 160)), "image/png")
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Prediction"] in ("Abnormal", "Normal")
+    assert 0.0 <= float(metrics["Probability"]) <= 1.0
+    captions = [c for img in at.image for c in img.captions]
+    assert len(captions) == 2 and captions[0] == "Original"  # the original and the heatmap over it
+    assert "opacity 0.45" in captions[1]
+    job = at.session_state["answer"]["job_id"]
+    at.sidebar.slider[0].set_value(0.9).run()  # moving the opacity does not predict again
+    assert at.session_state["answer"]["job_id"] == job
+    assert "opacity 0.90" in [c for img in at.image for c in img.captions][1]
+
+
+def test_gateway_errors_are_shown(monkeypatch, live_stack):
+    at = run_app(monkeypatch, live_stack.gateway_url)
+    data = png_bytes(phantom(200, 160))
+    at.file_uploader[0].upload("cut.png", data[: len(data) // 2], "image/png")
+    at.run()
+    assert any("HTTP 400" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("no headless browser: apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.real_data
+def test_browser_end_to_end_with_a_real_xray(live_stack, shared_data, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    xray = sorted(
+        shared_data.glob("chexpert-small-valid/CheXpert-v1.0-small/valid/*/study1/view1_frontal.jpg")
+    )[0]
+    port = free_port()
+    frontend = live_stack.stack.start_frontend(port, live_stack.gateway_url)
+    browser = _browser()
+    try:
+        browser.get(f"http://127.0.0.1:{port}")
+        wait = WebDriverWait(browser, 90)
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        upload.send_keys(str(xray))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=stMetricValue]")))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")) >= 2)
+        time.sleep(1.0)  # let the images paint before the screenshot
+        values = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "[data-testid=stMetricValue]")]
+        assert values[0] in ("Abnormal", "Normal") and 0.0 <= float(values[1]) <= 1.0
+        images = browser.find_elements(By.CSS_SELECTOR, "[data-testid=stImage] img")
+        assert all(img.get_attribute("naturalWidth") not in (None, "0") for img in images)
+        shot = tmp_path / "frontend.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
+    finally:
+        browser.quit()
+        live_stack.stack.stop(frontend)

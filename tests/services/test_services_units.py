@@ -1,0 +1,188 @@
+"""Unit tests of the stack's pieces without processes: settings, the queue protocol, the model store,
+the heatmap geometry, the micro-batcher and the decision rule."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from svc_helpers import phantom
+
+from xrayfm.errors import XrayfmError
+from xrayfm.inference import Preprocessing
+from xrayfm_gateway.settings import GatewaySettings
+from xrayfm_gateway.uploads import fit_within
+from xrayfm_inference.batcher import MicroBatcher
+from xrayfm_inference.config import QueueSettings, WorkerSettings
+from xrayfm_inference.protocol import ProtocolError, decode_request, describe_request, encode_request
+from xrayfm_inference.store import promote, resolve_model, version_dir
+
+
+def test_settings_from_env_and_clear_errors():
+    env = {"XRAYFM_QUEUE": "q1", "XRAYFM_TASK_TIME_LIMIT": "2.5", "XRAYFM_VISIBILITY_TIMEOUT": "9"}
+    settings = QueueSettings.from_env(env)
+    assert (settings.queue, settings.task_time_limit_s, settings.visibility_timeout_s) == ("q1", 2.5, 9)
+    with pytest.raises(XrayfmError, match="XRAYFM_TASK_TIME_LIMIT must be a float"):
+        QueueSettings.from_env({"XRAYFM_TASK_TIME_LIMIT": "soon"})
+    with pytest.raises(XrayfmError, match="must exceed"):
+        QueueSettings.from_env({"XRAYFM_TASK_TIME_LIMIT": "30", "XRAYFM_VISIBILITY_TIMEOUT": "10"})
+    gateway = GatewaySettings.from_env({"XRAYFM_API_KEYS": " a , b,,", "XRAYFM_MAX_UPLOAD_MB": "2"})
+    assert gateway.api_keys == {"a", "b"} and gateway.auth_enabled and gateway.max_upload_bytes == 2 * 2**20
+    assert not GatewaySettings.from_env({}).auth_enabled
+    with pytest.raises(XrayfmError, match="XRAYFM_EXPLAIN_METHOD"):
+        GatewaySettings.from_env({"XRAYFM_EXPLAIN_METHOD": "lime"})
+    worker = WorkerSettings.from_env({"XRAYFM_BATCH_MAX": "4", "XRAYFM_MODEL_PATH": "/m"})
+    assert worker.batch_max == 4 and str(worker.model_path) == "/m"
+    with pytest.raises(XrayfmError, match="XRAYFM_BATCH_MAX must be >= 1"):
+        WorkerSettings.from_env({"XRAYFM_BATCH_MAX": "0"})
+
+
+def test_protocol_round_trip_is_json_and_pixel_exact():
+    image = phantom(37, 53)
+    payload = encode_request(image, explain=False, method="grad_rollout", submitted_at=12.5)
+    back, options = decode_request(json.loads(json.dumps(payload)))
+    np.testing.assert_array_equal(back, image)
+    assert options == {"explain": False, "method": "grad_rollout", "submitted_at": 12.5}
+    assert describe_request(payload) == "<grey 53x37 explain=False>"
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p.pop("pixels"),
+        lambda p: p.update(height=p["height"] + 1),
+        lambda p: p.update(pixels="not base64!"),
+        lambda p: p.update(width=10**6),
+    ],
+)
+def test_protocol_rejects_malformed_requests(mutate):
+    payload = encode_request(phantom(8, 8))
+    mutate(payload)
+    with pytest.raises(ProtocolError):
+        decode_request(payload)
+
+
+def test_protocol_refuses_non_grey_images():
+    with pytest.raises(ProtocolError):
+        encode_request(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_model_store_resolution_and_promotion(tmp_path):
+    with pytest.raises(XrayfmError, match="no model to serve"):
+        resolve_model(None, tmp_path)
+    for version in ("1", "2"):
+        version_dir(tmp_path, "chest", version).mkdir(parents=True)
+    promote(tmp_path, "chest", "1")
+    assert resolve_model(None, tmp_path).version == "1"
+    promote(tmp_path, "chest", "2")
+    ref = resolve_model(None, tmp_path)
+    assert (ref.name, ref.version, ref.path) == ("chest", "2", version_dir(tmp_path, "chest", "2"))
+    with pytest.raises(XrayfmError, match="not in the store"):
+        promote(tmp_path, "chest", "3")
+    with pytest.raises(XrayfmError, match="invalid model name"):
+        version_dir(tmp_path, "../etc", "1")
+    assert resolve_model(tmp_path / "models", tmp_path / "elsewhere").version == "local"  # explicit path wins
+    (tmp_path / "serving.json").write_text("{}")
+    with pytest.raises(XrayfmError, match="must be JSON like"):
+        resolve_model(None, tmp_path)
+
+
+def test_heatmap_geometry_inverts_the_letterbox():
+    from xrayfm.inference import heatmap_on_image
+
+    pre = Preprocessing(size=64, mode="pad")
+    heat = np.zeros((4, 4), np.float32)
+    heat[:, :2] = 1.0  # the left half of the model's square input is hot
+    # A tall image (100 x 50) fills the middle half of the square (columns 16..48 of 64): its left
+    # edge lies in hot patch column 1, its right edge in cold column 2 (bilinear between their centres).
+    out = heatmap_on_image(heat, (100, 50), pre)
+    assert out.shape == (100, 50) and out.dtype == np.uint8
+    assert out[:, :10].min() > 200 and out[:, 40:].max() < 55
+    stretched = heatmap_on_image(heat, (100, 50), Preprocessing(size=64, mode="stretch"))
+    assert stretched[:, :10].min() > 200 and stretched[:, 40:].max() < 55
+    cropped = heatmap_on_image(np.ones((4, 4), np.float32), (100, 50), Preprocessing(size=64, mode="crop"))
+    assert cropped[:25].max() == 0 and cropped[40:60].min() == 255  # only the central square is covered
+
+
+def test_batcher_groups_concurrent_requests_and_keeps_order():
+    seen = []
+
+    def run(images, explain, method):
+        seen.append((len(images), explain, method))
+        time.sleep(0.05)
+        return [{"value": int(img[0, 0])} for img in images]
+
+    batcher = MicroBatcher(run, max_batch=4, wait_s=0.05)
+    futures = [batcher.submit(np.full((2, 2), i, np.uint8)) for i in range(6)]
+    assert [f.result(timeout=5)["value"] for f in futures] == list(range(6))
+    assert max(size for size, _, _ in seen) == 4 and sum(size for size, _, _ in seen) == 6
+    mixed = [batcher.submit(np.zeros((2, 2), np.uint8), explain=bool(i % 2)) for i in range(4)]
+    for f in mixed:
+        f.result(timeout=5)
+    assert all(size <= 2 for size, _, _ in seen[-2:])  # options never mix within a batch
+    batcher.close()
+
+
+def test_batcher_passes_errors_to_every_waiter_and_goes_on():
+    calls = threading.Event()
+
+    def run(images, explain, method):
+        if not calls.is_set():
+            calls.set()
+            raise XrayfmError("model exploded")
+        return [{"ok": True} for _ in images]
+
+    batcher = MicroBatcher(run, max_batch=8, wait_s=0.02)
+    first = [batcher.submit(np.zeros((2, 2), np.uint8)) for _ in range(3)]
+    for f in first:
+        with pytest.raises(XrayfmError, match="exploded"):
+            f.result(timeout=5)
+    assert batcher.submit(np.zeros((2, 2), np.uint8)).result(timeout=5) == {"ok": True}
+    batcher.close()
+
+
+def test_fit_within_keeps_aspect_and_small_images():
+    small = phantom(30, 20)
+    assert fit_within(small, 512) is not None and fit_within(small, 512).shape == (30, 20)
+    assert fit_within(phantom(1000, 250), 512).shape == (512, 128)
+
+
+def test_decision_rule(tiny_model_factory):
+    from xrayfm.inference import Predictor
+
+    binary = Predictor(tiny_model_factory(["Abnormal"], threshold=0.7))
+    assert binary.decide(np.array([0.69]))["prediction"] == "Normal"
+    assert binary.decide(np.array([0.7]))["prediction"] == "Abnormal"
+    multi = Predictor(tiny_model_factory(["Edema", "Effusion", "Cardiomegaly"]))
+    decided = multi.decide(np.array([0.2, 0.9, 0.4]))
+    assert decided["prediction"] == "Effusion" and decided["probability"] == pytest.approx(0.9)
+    assert list(decided["probabilities"]) == ["Edema", "Effusion", "Cardiomegaly"]
+
+
+def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
+    from xrayfm.inference import Predictor
+
+    predictor = Predictor(tiny_model_factory(["A", "B"]))
+    images = [phantom(80, 60, seed=1), phantom(40, 90, seed=2)]
+    together = predictor.predict(images)
+    alone = [predictor.predict([img])[0] for img in images]
+    for batch_result, single in zip(together, alone, strict=True):
+        assert batch_result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+        assert batch_result["attention_map"] == single["attention_map"]
+    assert together[0]["batch_size"] == 2
+
+
+def test_label_count_mismatch_is_refused_at_load(tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    from xrayfm.inference import load_served_model
+
+    folder = make_tiny_checkpoint(tmp_path / "m", labels=["A", "B"])
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["labels"] = ["A", "B", "C"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(XrayfmError, match="3 labels"):
+        load_served_model(folder, name="m", version="1")
