@@ -24,6 +24,7 @@ for _path in (
     if str(REPO / _path) not in sys.path:
         sys.path.insert(0, str(REPO / _path))
 
+import helpers  # noqa: E402  (tests/helpers.py)
 import stack as stack_lib  # noqa: E402  (scripts/stack.py: the launcher `make up` uses too)
 from svc_helpers import stack_env  # noqa: E402
 
@@ -34,18 +35,8 @@ LABELS = ["Abnormal"]
 def make_tiny_checkpoint(
     folder: Path, labels: list[str] = LABELS, size: int = MODEL_SIZE, **meta_extra
 ) -> Path:
-    """A random-init 2-block ViT-Tiny checkpoint (the library's format), fast enough for CPU tests."""
-    from xrayfm.models.backbones import create_model
-    from xrayfm.models.checkpoint import save_checkpoint
-
-    spec = {"name": "vit_tiny_patch16_224", "num_classes": len(labels), "img_size": size, "depth": 2}
-    meta = {
-        "model": spec,
-        "labels": labels,
-        "preprocessing": {"size": size, "mean": [0.5], "std": [0.25], "channels": 3, "mode": "pad"},
-        **meta_extra,
-    }
-    return save_checkpoint(folder, create_model(**spec), meta)
+    """The shared tiny checkpoint (tests/helpers.py) with this folder's default label and size."""
+    return helpers.make_tiny_checkpoint(folder, labels, size, **meta_extra)
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
 
 
 def test_label_count_mismatch_is_refused_at_load(tmp_path):
-    from conftest import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     from xrayfm.inference import load_served_model
 

@@ -15,6 +15,8 @@ import sys
 COMMAND_MODULES = (
     "xrayfm.data.commands",
     "xrayfm.train.commands",
+    "xrayfm.explain.commands",
+    "xrayfm.demo",
 )
 
 
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -71,6 +71,11 @@ class ServedModel:
     multiclass: bool = False  # softmax over labels instead of one sigmoid per label
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Logits [B, L] -> probabilities [B, L] (softmax for multi-class heads, else per-label sigmoid)."""
+        logits = logits.detach().float().cpu()
+        return (torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)).numpy()
+
     def info(self) -> dict[str, Any]:
         """The model's identity as reported in every answer and in the worker heartbeat."""
         return {
@@ -208,8 +213,7 @@ class Predictor:
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
         t2 = time.perf_counter()
-        logits = logits.float().cpu()
-        probs = (torch.softmax(logits, dim=1) if self.served.multiclass else torch.sigmoid(logits)).numpy()
+        probs = self.served.probabilities(logits)
         results = []
         for i, image in enumerate(images):
             result = self.decide(probs[i])

@@ -21,8 +21,8 @@ Grey-level choices (documented here once):
 from __future__ import annotations
 
 import io
-import struct
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

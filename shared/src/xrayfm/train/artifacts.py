@@ -1,0 +1,79 @@
+"""What runs record and read back: model specs, preprocessing metadata, any kind of checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xrayfm.errors import XrayfmError
+from xrayfm.models.checkpoint import META, load_adapted, load_checkpoint
+from xrayfm.train.config import TrainConfig
+
+
+def model_spec(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """The ``create_model`` arguments of the configured model (what ``meta.json["model"]`` stores)."""
+    spec: dict[str, Any] = {
+        "name": config.model,
+        "num_classes": int(num_classes),
+        "img_size": int(config.size),
+        "in_chans": int(config.channels),
+        "drop_path_rate": float(config.drop_path_rate),
+    }
+    clash = sorted(set(spec) & set(config.model_kwargs))
+    if clash:
+        raise XrayfmError(f"model_kwargs must not repeat {clash}: use the dedicated settings")
+    spec = {**spec, **config.model_kwargs}
+    if not _builds(spec):  # CNNs (ResNet, ConvNeXt) take any input size and have no img_size argument
+        spec.pop("img_size")
+    return spec
+
+
+def _builds(spec: dict[str, Any]) -> bool:
+    """Whether ``create_model(**spec)`` accepts these arguments (checked on the meta device: no memory)."""
+    from xrayfm.models.backbones import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(**spec)
+    except XrayfmError:
+        return False
+    return True
+
+
+def preprocessing(config: TrainConfig, mean, std) -> dict[str, Any]:
+    """How images must be prepared for the model (stored in checkpoint metadata)."""
+    from xrayfm.data.labels import parse_policy
+
+    return {
+        "size": int(config.size),
+        "mode": config.resize_mode,
+        "channels": int(config.channels),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "policy": parse_policy(config.policy).describe(),
+    }
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """``xrayfm.checkpoint`` (a full model) or ``xrayfm.adapted`` (foundation + adapter)."""
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise XrayfmError(f"not a checkpoint folder: {meta_path} is missing")
+    try:
+        return str(json.loads(meta_path.read_text()).get("format"))
+    except json.JSONDecodeError as exc:
+        raise XrayfmError(f"cannot read {meta_path}: {exc}") from exc
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a full checkpoint or an adapted one (rebuilding its foundation + adapter), in eval mode."""
+    if checkpoint_format(path) == "xrayfm.adapted":
+        return load_adapted(path, device)
+    return load_checkpoint(path, device)
+
+
+__all__ = ["checkpoint_format", "load_any", "model_spec", "preprocessing"]

@@ -1,0 +1,308 @@
+"""`xrayfm pretrain`, `adapt`, `evaluate` and `experiment label-efficiency`: thin layers over xrayfm.train.
+
+Training options are generated from the config dataclasses (:mod:`xrayfm.train.config`), so every
+setting of a JSON job spec is also a documented command-line option, with the same name and default.
+``--config FILE.json`` loads settings; options given on the command line override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any
+
+from xrayfm.errors import XrayfmError
+from xrayfm.train.config import METHODS, AdaptConfig, PretrainConfig, TrainConfig, field_type
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"depth\": 4}'")
+    return value
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type[TrainConfig], skip: tuple[str, ...] = ()
+) -> None:
+    """One ``--option`` per config field (help and default from the dataclass); unset options stay unset."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="JSON file of settings (options given here override it)"
+    )
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {json.dumps(default)})"
+        kind = field_type(cls, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if "choices" in f.metadata:
+            common["choices"] = f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, type=_parse_list, metavar="A,B", **common)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, type=_parse_json_object, metavar="JSON", **common)
+        elif kind in (int, float, str):
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **common)
+        else:
+            raise TypeError(f"no CLI parser for {cls.__name__}.{f.name}: {kind}")
+
+
+def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
+    """Settings of ``--config`` (if any), overridden by the options given on the command line."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = json.loads(cls.from_json(args.config).to_json())
+    names = {f.name for f in dataclasses.fields(cls)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    if getattr(args, "json", False):
+        data["progress_bar"] = False
+    return cls.from_dict(data)
+
+
+def print_json(obj: Any) -> None:
+    """One strict JSON object on stdout (what `--json` promises)."""
+    from xrayfm.evaluate.reports import to_jsonable
+
+    json.dump(to_jsonable(obj), sys.stdout, indent=2, allow_nan=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _print_summary(summary: dict[str, Any], args: argparse.Namespace, what: str) -> int:
+    if args.json:
+        print_json({k: v for k, v in summary.items() if k != "history"})
+        return 0
+    print(f"{what}: {summary['status']} after {summary['step']}/{summary['total_steps']} steps")
+    print(f"best {summary['metric']}: {summary['best_metric']} (epoch {summary['best_epoch']})")
+    print(f"run folder: {summary['out']}  (best/: checkpoint, last/: resumable state)")
+    if "report" in summary:
+        print(
+            f"report: {summary['report']['report_dir']}/report.md  "
+            f"({summary['report']['metric']} = {summary['report']['value']})"
+        )
+    return 0 if summary["status"] != "cancelled" else 3
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from xrayfm.train.pretraining import pretrain
+
+    config = config_from_args(PretrainConfig, args)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
+    summary = pretrain(config)
+    return _print_summary(summary, args, "pre-training") if _is_rank0() else 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from xrayfm.train.adaptation import adapt
+
+    config = config_from_args(AdaptConfig, args)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
+    summary = adapt(config)
+    if not _is_rank0():
+        return 0
+    if not args.json:
+        t = summary["trainable"]
+        print(
+            f"method {summary['method']}: {t['trainable']:,} of {t['total']:,} parameters trainable "
+            f"({100 * t['fraction']:.3f}%)"
+        )
+    return _print_summary(summary, args, "adaptation")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from xrayfm.train.evaluation import evaluate
+
+    result = evaluate(
+        args.checkpoint,
+        args.out,
+        kind=args.kind,
+        root=args.root,
+        split=args.split,
+        cache=args.cache,
+        body_parts=args.body_parts,
+        frontal_only=args.frontal_only,
+        policy=args.policy,
+        batch_size=args.batch_size,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        device=args.device,
+        verify=args.verify,
+        num_workers=args.num_workers,
+        progress_bar=not args.json,
+    )
+    if not _is_rank0():
+        return 0
+    if args.json:
+        print_json({k: v for k, v in result.items() if k != "report"} | {"report": result["report"]})
+    else:
+        print(f"{result['metric']} = {result['value']}")
+        print(f"report: {result['report_dir']}/report.md")
+    return 0
+
+
+def cmd_label_efficiency(args: argparse.Namespace) -> int:
+    from xrayfm.train.experiment import label_efficiency
+
+    base = config_from_args(AdaptConfig, args)
+    lrs = {m: args.lr for m in METHODS} if "lr" in vars(args) else {}  # an explicit --lr applies to all
+    for item in args.method_lr or []:
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value:
+            raise XrayfmError(
+                f"--method-lr expects METHOD=LR with METHOD in {', '.join(METHODS)}, got {item!r}"
+            )
+        lrs[method] = float(value)
+    result = label_efficiency(
+        base,
+        methods=args.methods,
+        fractions=[float(f) for f in args.fractions],
+        seeds=[int(s) for s in args.seeds],
+        lrs=lrs,
+        report_on=args.report_weights,
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(open(result["files"]["markdown"]).read())
+        print(f"table: {result['files']['csv']}   plot: {result['files']['plot']}")
+    return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -- registration -----------------------------------------------------------------------------------------
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", action="store_true", help="print a machine-readable JSON summary, no progress bars"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the training sub-commands to the `xrayfm` parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pre-train a foundation model (multi-label) on a dataset or a cache",
+        description="Pre-train a timm model on radiographs: masked multi-label BCE (or focal), AdamW, "
+        "warm-up + "
+        "cosine, validation AUROC each epoch, best/ checkpoint and an exactly resumable last/ state. "
+        "Multi-GPU/multi-node: launch with torchrun "
+        "(e.g. torchrun --nproc_per_node=4 -m xrayfm.cli pretrain ...).",
+    )
+    add_config_arguments(p, PretrainConfig)
+    _common_flags(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = subparsers.add_parser(
+        "adapt",
+        help="adapt a foundation checkpoint to a new task (lora, full, linear, scratch)",
+        description="Adapt a foundation checkpoint: LoRA (PEFT), full fine-tuning, a linear probe or "
+        "the same "
+        "architecture from scratch, with the same loop and budget; then report on the validation split "
+        "(study-level AUROC for MURA-style data).",
+    )
+    add_config_arguments(p, AdaptConfig)
+    _common_flags(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint on a dataset split: report.json/.md, ROC and reliability PNGs",
+        description="Evaluate a full or adapted checkpoint. Binary tasks get image- and study-level AUROC "
+        "with CIs, kappa, sensitivity/specificity and ECE (per body part when known); multi-label tasks get "
+        "per-label AUROC with CIs.",
+        formatter_class=fmt,
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (a run's best/ or merged/)")
+    p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--kind", help="dataset layout (chexpert, mura, nih, folder, csv); omit with --cache")
+    p.add_argument("--root", help="dataset root")
+    p.add_argument("--split", default="valid", help="split to evaluate")
+    p.add_argument("--cache", help="a prepared cache folder (or where to prepare one)")
+    p.add_argument("--body-parts", type=_parse_list, help="mura: body parts to keep (comma-separated)")
+    p.add_argument("--frontal-only", action="store_true", help="chexpert: frontal views only")
+    p.add_argument("--policy", help="uncertainty policy (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--verify", default="stat", help="cache staleness check: stat, size, exists or none")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON, no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "experiment",
+        help="experiments over many runs (label-efficiency)",
+        description="Experiments made of many training runs.",
+    )
+    sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    e = sub.add_parser(
+        "label-efficiency",
+        help="methods x label fractions x seeds: table, Markdown summary and plot",
+        description="Adapt a foundation checkpoint with each method at several label fractions and seeds "
+        "(same budget for all), then write results.csv/.json, summary.md and label_efficiency.png "
+        "under --out. "
+        "Finished runs are reused.",
+    )
+    add_config_arguments(e, AdaptConfig, skip=("method", "label_fraction", "resume", "report_on"))
+    e.add_argument(
+        "--methods",
+        type=_parse_list,
+        default=list(METHODS),
+        metavar="A,B",
+        help=f"methods to compare (default: {','.join(METHODS)})",
+    )
+    e.add_argument(
+        "--fractions",
+        type=_parse_list,
+        default=["0.01", "0.1", "1"],
+        metavar="F,G",
+        help="shares of training studies to keep (default: 0.01,0.1,1)",
+    )
+    e.add_argument(
+        "--seeds",
+        type=_parse_list,
+        default=["0", "1", "2"],
+        metavar="S,T",
+        help="seeds per cell (default: 0,1,2)",
+    )
+    e.add_argument(
+        "--method-lr",
+        action="append",
+        metavar="METHOD=LR",
+        help="learning rate of one method (repeatable); defaults: lora 1e-3, linear 1e-3, full 1e-4, "
+        "scratch 3e-4",
+    )
+    e.add_argument(
+        "--report-weights",
+        choices=("last", "best"),
+        default="last",
+        help="weights each run reports: last (default: no checkpoint picked on the reported split) or best",
+    )
+    e.add_argument("--json", action="store_true", help="print the results as JSON, no progress bars")
+    e.set_defaults(func=cmd_label_efficiency)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,228 @@
+"""Training configurations: plain dataclasses that round-trip through JSON (a worker's job spec is JSON).
+
+Every field carries its help text in ``metadata["help"]``; the CLI builds its options from them, so the
+library, the CLI and a JSON job spec always agree on names, defaults and meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xrayfm.errors import XrayfmError, list_offenders
+
+METRICS = ("mean_auroc", "val_loss")
+LOSSES = ("bce", "focal")
+PRECISIONS = ("auto", "fp32", "bf16")
+METHODS = ("lora", "full", "linear", "scratch")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (mutable defaults are copied per instance)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by pre-training and adaptation: data, model, optimisation, system."""
+
+    out: str = _f("runs/run", "run folder: best/, last/, log.csv, metrics.csv, tensorboard/, summary.json")
+    # -- data
+    kind: str | None = _f(
+        None,
+        "dataset layout; omit to train from a prepared --cache",
+        choices=("chexpert", "mura", "nih", "folder", "csv"),
+    )
+    root: str | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
+    split: str = _f("train", "training split of the dataset")
+    val_split: str | None = _f(
+        None, "separate validation split (e.g. valid); default: a patient-level split of the training data"
+    )
+    cache: str | None = _f(
+        None,
+        "training cache folder: used as is, or prepared there from --kind/--root (default OUT/cache/SPLIT)",
+    )
+    val_cache: str | None = _f(None, "validation cache folder (same rules as --cache)")
+    size: int | None = _f(224, "image side in pixels of the cache and the model input")
+    resize_mode: str = _f(
+        "pad", "how images are fitted to a square when caching", choices=("pad", "crop", "stretch")
+    )
+    policy: str | None = _f(
+        None, "uncertainty/blank policy, e.g. u-ones or 'u-zeros;Edema=u-ones;blank=mask'"
+    )
+    labels: list[str] | None = _f(None, "train on these labels only (comma-separated); default all")
+    body_parts: list[str] | None = _f(None, "mura: keep these body parts (comma-separated, e.g. XR_HUMERUS)")
+    frontal_only: bool = _f(False, "chexpert: frontal views only")
+    val_fraction: float = _f(
+        0.1, "share of patients held out for validation when there is no validation split"
+    )
+    split_seed: int = _f(0, "seed of that patient-level validation split (kept apart from --seed)")
+    verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
+    # -- model
+    model: str = _f("vit_base_patch16_224", "timm model name")
+    model_kwargs: dict[str, Any] = _f({}, "extra timm model arguments as JSON, e.g. '{\"depth\": 4}'")
+    drop_path_rate: float = _f(0.1, "stochastic depth rate")
+    channels: int = _f(3, "input channels (the grey image is repeated)")
+    # -- optimisation
+    epochs: int = _f(10, "number of epochs")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps in total (a budget)")
+    batch_size: int = _f(32, "images per process and step (global batch = this x processes)")
+    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.01, "final learning rate as a fraction of the peak (cosine decay)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms, embeddings)")
+    warmup_fraction: float = _f(0.05, "share of the total steps spent in linear warm-up")
+    grad_clip: float | None = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    loss: str = _f("bce", "bce (with per-label pos_weight) or focal", choices=LOSSES)
+    focal_gamma: float = _f(2.0, "focal loss gamma")
+    pos_weight: bool = _f(True, "weight positives by negatives/positives per label (from training labels)")
+    augment: bool = _f(True, "mild radiograph augmentation (crop, rotation, brightness/contrast)")
+    hflip: bool = _f(False, "also flip left-right (off by default: sides matter on radiographs)")
+    # -- validation, checkpoints
+    metric: str = _f("mean_auroc", "validation metric that picks the best checkpoint", choices=METRICS)
+    early_stopping: int | None = _f(None, "stop after this many epochs without improvement of --metric")
+    save_every: int = _f(0, "also save the resumable training state every N steps (0: at epoch ends only)")
+    resume: bool = _f(False, "continue from OUT/last/ (exactly where the last saved state left off)")
+    eval_batch_size: int | None = _f(None, "validation batch size (default: 2 x batch size)")
+    # -- system
+    seed: int = _f(0, "seed of the model init, data order, augmentation and the validation split")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
+    compile: bool = _f(False, "torch.compile the model")
+    num_workers: int = _f(0, "DataLoader worker processes")
+    log_every: int = _f(10, "write a log row every N steps")
+    tensorboard: bool = _f(True, "write TensorBoard events under OUT/tensorboard")
+    progress_bar: bool = _f(True, "show tqdm progress bars")
+
+    # -- (de)serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text of the config; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. a JSON job spec); unknown keys are an error, not silently ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> TrainConfig:
+        """Build from a JSON file path or JSON text."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise XrayfmError(f"config is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise XrayfmError("config JSON must be an object")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Raise XrayfmError for settings that cannot work (before any data is read)."""
+        problems = []
+        if self.metric not in METRICS:
+            problems.append(f"metric {self.metric!r} (choose {', '.join(METRICS)})")
+        if self.loss not in LOSSES:
+            problems.append(f"loss {self.loss!r} (choose {', '.join(LOSSES)})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} (choose {', '.join(PRECISIONS)})")
+        if self.epochs < 1 or self.batch_size < 1:
+            problems.append(f"epochs={self.epochs}, batch_size={self.batch_size} (must be >= 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps={self.max_steps} (must be >= 1)")
+        if self.lr <= 0 or not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_ratio <= 1:
+            problems.append(
+                f"lr={self.lr}, warmup_fraction={self.warmup_fraction}, min_lr_ratio={self.min_lr_ratio}"
+            )
+        if self.save_every < 0 or self.log_every < 1:
+            problems.append(f"save_every={self.save_every}, log_every={self.log_every}")
+        if self.kind is None and self.cache is None:
+            problems.append("no data: give --kind and --root, or a prepared --cache")
+        if self.kind is not None and self.root is None:
+            problems.append(f"--kind {self.kind} needs --root")
+        if problems:
+            raise XrayfmError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pre-training a foundation model on multi-label chest radiographs."""
+
+    pretrained: str | None = _f(
+        None, "initial weights: a local .safetensors/.pth file, or 'timm' for timm's own (no download here)"
+    )
+
+
+@dataclass
+class AdaptConfig(TrainConfig):
+    """Adapting a foundation checkpoint to a new task (LoRA, full fine-tuning, linear probe or scratch)."""
+
+    foundation: str | None = _f(None, "foundation checkpoint folder (e.g. a pre-training run's best/)")
+    method: str = _f(
+        "lora", "lora, full (all weights), linear (head only, frozen backbone) or scratch", choices=METHODS
+    )
+    lora_rank: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / rank)")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA branch")
+    lora_targets: list[str] = _f(["qkv"], "layers that get LoRA: qkv, proj, fc1, fc2 (comma-separated)")
+    label_fraction: float | None = _f(None, "keep this share of training studies (seeded), e.g. 0.1")
+    max_studies: int | None = _f(None, "keep at most this many training studies (seeded)")
+    subsample_by: str = _f(
+        "study_id", "group that label subsampling keeps whole", choices=("study_id", "patient_id")
+    )
+    merge: bool = _f(False, "lora: also save a merged full model under OUT/merged/")
+    report_on: str = _f(
+        "best", "weights the final report evaluates: best (by --metric) or last", choices=("best", "last")
+    )
+    n_bootstrap: int = _f(1000, "bootstrap resamples for the confidence intervals of the final report")
+    # Different defaults for adaptation: size/model come from the foundation, shorter schedule.
+    size: int | None = _f(None, "image side (default: the foundation's)")
+    epochs: int = _f(5, "number of epochs")
+    lr: float = _f(1e-3, "peak learning rate (AdamW); lower it (e.g. 1e-4) for --method full")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate")
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} (choose {', '.join(METHODS)})")
+        if self.foundation is None:
+            problems.append(
+                "--foundation checkpoint is required (also for scratch: it fixes the architecture)"
+            )
+        if self.report_on not in ("best", "last"):
+            problems.append(f"report_on {self.report_on!r} (choose best or last)")
+        if problems:
+            raise XrayfmError("invalid AdaptConfig: " + "; ".join(problems))
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The resolved annotation of a config field, without ``None`` (for CLI parsing)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+__all__ = ["AdaptConfig", "LOSSES", "METHODS", "METRICS", "PretrainConfig", "TrainConfig", "field_type"]

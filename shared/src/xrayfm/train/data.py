@@ -1,0 +1,191 @@
+"""From a training config to train/validation views over preprocessing caches.
+
+A config names either a raw dataset (``kind``/``root``/``split``: its cache is prepared, or reused when
+current) or a prepared ``cache``. Validation comes from a separate split/cache, or from a seeded
+patient-level split of the training cache (no patient on both sides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrayfm.data.base import SYNTHETIC_MARKER
+from xrayfm.data.cache import prepare_cache, read_manifest
+from xrayfm.data.splits import split_by_patient, subsample_groups
+from xrayfm.data.torch_dataset import CachedDataset
+from xrayfm.data.transforms import build_transform
+from xrayfm.errors import DataError, list_offenders
+from xrayfm.train.config import TrainConfig
+from xrayfm.train.distributed import DistEnv, barrier
+from xrayfm.train.sampler import RawImage, SeededView
+
+
+@dataclass
+class TaskData:
+    """Train/validation views, label names and where they came from (for checkpoint metadata)."""
+
+    train: SeededView
+    val: SeededView
+    names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def reader_options(config: TrainConfig) -> dict[str, Any]:
+    """Options of ``open_dataset`` for ``config.kind`` (labels stay raw: the policy is applied later)."""
+    options: dict[str, Any] = {}
+    if config.kind == "mura" and config.body_parts:
+        options["body_parts"] = list(config.body_parts)
+    if config.kind == "chexpert" and config.frontal_only:
+        options["frontal_only"] = True
+    return options
+
+
+def ensure_cache(config: TrainConfig, split: str, cache_dir: str | Path | None, env: DistEnv) -> Path:
+    """The cache folder for ``split``: prepared from the raw dataset by rank 0 when ``config.kind`` is set."""
+    from xrayfm.data import open_dataset
+
+    if config.kind is None:
+        if cache_dir is None:
+            raise DataError(
+                f"no cache for split {split!r}: give the dataset (--kind/--root) or a cache folder"
+            )
+        return Path(cache_dir).expanduser().resolve()
+    out = Path(cache_dir) if cache_dir else Path(config.out) / "cache" / split
+    out = out.expanduser().resolve()
+    if env.is_main:
+        dataset = open_dataset(config.kind, config.root, split=split, **reader_options(config))
+        prepare_cache(
+            dataset, out, size=int(config.size), mode=config.resize_mode, progress=config.progress_bar
+        )
+    barrier(env)
+    return out
+
+
+def open_cache(path: Path, config: TrainConfig) -> CachedDataset:
+    """A CachedDataset of uint8 images after checking its size matches the config."""
+    manifest = read_manifest(path)
+    if config.size is not None and int(manifest["size"]) != int(config.size):
+        raise DataError(
+            f"cache {path} holds {manifest['size']} px images but the model expects {config.size} px; "
+            "prepare a cache of that size"
+        )
+    return CachedDataset(path, policy=config.policy, transform=RawImage(), verify=config.verify)
+
+
+def label_columns(pathologies: list[str], wanted: list[str] | None) -> list[int] | None:
+    """Column indices of ``wanted`` labels (None: all); unknown names are an error."""
+    if not wanted:
+        return None
+    unknown = [w for w in wanted if w not in pathologies]
+    if unknown:
+        raise DataError(
+            f"unknown labels {list_offenders(unknown)}; this dataset has {', '.join(pathologies)}"
+        )
+    return [pathologies.index(w) for w in wanted]
+
+
+def is_synthetic(manifest: dict[str, Any]) -> bool:
+    """Whether a cache was built from xrayfm's synthetic phantoms (their root holds SYNTHETIC.md)."""
+    root = manifest.get("root")
+    return bool(root) and (Path(root) / SYNTHETIC_MARKER).exists()
+
+
+def cache_fingerprint(dataset: CachedDataset) -> dict[str, Any]:
+    """What identifies a cache's content: path, manifest fingerprint and label-table hash."""
+    m = dataset.manifest
+    return {
+        "cache": str(dataset.cache_dir),
+        "kind": m.get("kind"),
+        "split": m.get("split"),
+        "synthetic": is_synthetic(m),
+        "fingerprint": m.get("fingerprint"),
+        "table_sha256": m.get("table_sha256"),
+    }
+
+
+def load_task_data(config: TrainConfig, env: DistEnv, mean, std) -> TaskData:
+    """Prepare/open the caches named by ``config`` and build the train and validation views."""
+    train_dir = ensure_cache(config, config.split, config.cache, env)
+    train_base = open_cache(train_dir, config)
+    pathologies = list(train_base.pathologies)
+    columns = label_columns(pathologies, config.labels)
+    names = pathologies if columns is None else [pathologies[c] for c in columns]
+
+    if config.val_split is not None or config.val_cache is not None:
+        val_dir = ensure_cache(config, config.val_split or "valid", config.val_cache, env)
+        val_base = open_cache(val_dir, config)
+        if list(val_base.pathologies) != pathologies:
+            raise DataError(
+                f"validation cache {val_dir} has labels {val_base.pathologies}, training has {pathologies}"
+            )
+        train_rows, val_rows = np.arange(len(train_base)), np.arange(len(val_base))
+        split_info = {"validation": "separate", "val_cache": cache_fingerprint(val_base)}
+    else:
+        val_base = train_base
+        train_rows, val_rows = split_by_patient(train_base, config.val_fraction, seed=config.split_seed)
+        split_info = {
+            "validation": "patient split",
+            "val_fraction": config.val_fraction,
+            "seed": config.split_seed,
+        }
+
+    size, channels = int(train_base.size), config.channels
+    train_tf = build_transform(config.augment, size, mean, std, channels, hflip=config.hflip)
+    val_tf = build_transform(False, size, mean, std, channels)
+    train = SeededView(train_base, train_tf, config.seed, train_rows, columns)
+    val = SeededView(val_base, val_tf, config.seed, val_rows, columns)
+    info = {"train_cache": cache_fingerprint(train_base), **split_info}
+    return TaskData(train, val, names, info)
+
+
+def subsample(
+    view: SeededView, fraction: float | None, max_groups: int | None, by: str, seed: int
+) -> SeededView:
+    """A view keeping a seeded ``fraction`` (or at most ``max_groups``) of the groups (studies/patients)."""
+    if fraction is None and max_groups is None:
+        return view
+    if by not in view.csv:
+        raise DataError(f"cannot subsample by {by!r}: the cache has no such column")
+    kept = subsample_groups(view, fraction=fraction, max_groups=max_groups, by=by, seed=seed)
+    return SeededView(view.base, view.transform, view.seed, view.rows[kept], view.columns)
+
+
+def describe_views(data: TaskData) -> dict[str, Any]:
+    """Counts of images/patients/studies per side, plus the manifest hash of the training data."""
+    sides = {}
+    for side, view in (("train", data.train), ("val", data.val)):
+        csv = view.csv
+        sides[side] = {
+            "images": len(view),
+            "patients": int(csv["patient_id"].nunique()) if "patient_id" in csv else None,
+            "studies": int(csv["study_id"].nunique()) if "study_id" in csv else None,
+        }
+    payload = {
+        **data.info,
+        "train_rows_sha256": _rows_sha(data.train.rows),
+        "val_rows_sha256": _rows_sha(data.val.rows),
+    }
+    manifest_sha = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    synthetic = bool(data.info["train_cache"]["synthetic"])
+    return {**payload, **sides, "synthetic": synthetic, "manifest_sha256": manifest_sha}
+
+
+def _rows_sha(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()
+
+
+__all__ = [
+    "TaskData",
+    "describe_views",
+    "ensure_cache",
+    "is_synthetic",
+    "label_columns",
+    "load_task_data",
+    "subsample",
+]
