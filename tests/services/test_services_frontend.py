@@ -4,6 +4,7 @@ Chromium (Selenium + chromium-driver) with a real radiograph; skipped with a rea
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,9 @@ APP = Path(__file__).resolve().parents[2] / "services/frontend/xrayfm_frontend/a
 
 def run_app(monkeypatch, gateway_url: str) -> AppTest:
     monkeypatch.setenv("XRAYFM_GATEWAY_URL", gateway_url)
+    # AppTest installs the script as sys.modules["__main__"] and never puts the real one back; spawned
+    # worker processes (the preprocessing cache's pool) would then re-run the app: restore it after the test.
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     at = AppTest.from_file(str(APP), default_timeout=60)
     return at.run()
 
