@@ -69,6 +69,13 @@ def test_config_file_with_command_line_overrides(tmp_path, capsys):
     assert PretrainConfig.from_dict(resolved).to_dict() == resolved
 
 
+def test_config_file_may_leave_settings_to_the_command_line(tmp_path, capsys):
+    (tmp_path / "job.json").write_text(json.dumps({"epochs": 2, "model": "vit_small_patch16_224"}))
+    assert main(["pretrain", "--config", str(tmp_path / "job.json"), "--cache", "c", "--print-config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["epochs"], resolved["model"], resolved["cache"]) == (2, "vit_small_patch16_224", "c")
+
+
 def test_bad_config_files_and_values_are_clear_errors(tmp_path, capsys):
     (tmp_path / "job.json").write_text(json.dumps({"out": "x", "cache": "c", "learning_rate": 1}))
     assert main(["pretrain", "--config", str(tmp_path / "job.json")]) == 1

@@ -95,3 +95,19 @@ def test_bad_settings_fail_before_training(chest_cache, tmp_path):
         pretrain(_config(tmp_path / "run", chest_cache, size=64))
     with pytest.raises(XrayfmError, match="metric"):
         _config(tmp_path / "run", chest_cache, metric="accuracy").validate()
+
+
+def test_early_stopping_and_focal_loss(chest_cache, tmp_path):
+    # A learning rate so small that the validation ranking cannot improve after the first epoch.
+    config = _config(tmp_path / "run", chest_cache, epochs=4, lr=1e-12, early_stopping=1, loss="focal")
+    summary = pretrain(config)
+    assert summary["status"] == "early_stopped"
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    assert summary["step"] == 2 * summary["steps_per_epoch"] < summary["total_steps"]
+    # Resuming a stopped run does not train on.
+    again = pretrain(
+        _config(
+            tmp_path / "run", chest_cache, epochs=4, lr=1e-12, early_stopping=1, loss="focal", resume=True
+        )
+    )
+    assert again["status"] == "early_stopped" and again["step"] == summary["step"]

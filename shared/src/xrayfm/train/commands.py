@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
@@ -65,7 +66,12 @@ def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainC
     """Settings of ``--config`` (if any), overridden by the options given on the command line."""
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
-        data = json.loads(cls.from_json(args.config).to_json())
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise XrayfmError(f"cannot read config {args.config}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise XrayfmError(f"config {args.config} must hold one JSON object")
     names = {f.name for f in dataclasses.fields(cls)}
     data.update({k: v for k, v in vars(args).items() if k in names})
     if getattr(args, "json", False):

@@ -172,6 +172,11 @@ class PretrainConfig(TrainConfig):
         None, "initial weights: a local .safetensors/.pth file, or 'timm' for timm's own (no download here)"
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if self.size is None or self.size < 1:
+            raise XrayfmError(f"invalid PretrainConfig: size={self.size} (an image side in pixels is needed)")
+
 
 @dataclass
 class AdaptConfig(TrainConfig):

@@ -227,6 +227,24 @@ def fit(
     if config.compile:
         forward = torch.compile(forward)
 
+    def report(epoch: int, loss_value: float | None) -> None:
+        """Tell the caller (e.g. a worker updating its job) where training stands."""
+        if progress is None or not env.is_main:
+            return
+        eta = (time.perf_counter() - started) / max(step - resumed_from, 1) * (total_steps - step)
+        lr = scheduler.get_last_lr()[0]
+        progress(
+            {
+                "epoch": epoch,
+                "step": step,
+                "total_steps": total_steps,
+                "loss": loss_value,
+                "lr": lr,
+                "metrics": metrics,
+                "eta_s": eta,
+            }
+        )
+
     log = RunLog(out, env.is_main, data.names, resume_step=resumed_from, tensorboard=config.tensorboard)
     bar = tqdm(
         total=total_steps,
@@ -303,19 +321,7 @@ def fit(
                     window_start, window_steps = now, 0
                     log.step(row)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}")
-                    if progress is not None and env.is_main:
-                        rate = (now - started) / max(step - resumed_from, 1)
-                        progress(
-                            {
-                                "epoch": epoch,
-                                "step": step,
-                                "total_steps": total_steps,
-                                "loss": loss_value,
-                                "lr": row["lr"],
-                                "metrics": metrics,
-                                "eta_s": rate * (total_steps - step),
-                            }
-                        )
+                    report(epoch, loss_value)
                 if config.save_every and step % config.save_every == 0 and step % steps_per_epoch != 0:
                     save_state()
 
@@ -342,20 +348,7 @@ def fit(
                 bad_epochs += 1
             history.append(metrics)
             log.epoch({**metrics, "improved": improved, "seconds": time.perf_counter() - epoch_started})
-            if progress is not None and env.is_main:
-                progress(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "total_steps": total_steps,
-                        "loss": None,
-                        "lr": scheduler.get_last_lr()[0],
-                        "metrics": metrics,
-                        "eta_s": (time.perf_counter() - started)
-                        / max(step - resumed_from, 1)
-                        * (total_steps - step),
-                    }
-                )
+            report(epoch, None)
             if config.early_stopping and bad_epochs >= config.early_stopping and step < total_steps:
                 status, stopped = "early_stopped", True
             save_state()

@@ -114,7 +114,9 @@ class SeededView(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         item = self.base[int(self.rows[index])]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            # The CPU generator only: torch.manual_seed would also queue seeds for every accelerator
+            # backend (milliseconds per call, i.e. per image).
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             image = self.transform(item["image"])
         labels, mask = item["labels"], item["mask"]
         if self.columns is not None:
