@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from xrayfm.data.images import RESIZE_MODES, fit_square
 from xrayfm.data.transforms import build_transform
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import canonical_method, explain, predict_with_rollout, to_png_bytes, upsample_heatmap
+from xrayfm.models.checkpoint import load_any
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ def load_served_model(
     `name`/`version` (e.g. from a model store) are used when the metadata does not carry its own.
     """
     path = Path(path)
-    model, meta = _load_checkpoint(path)
+    model, meta = load_any(path)
+    meta = dict(meta)
     labels = [str(label) for label in meta.get("labels") or []]
     if not labels:
         raise XrayfmError(f"checkpoint {path} has no label names in its metadata")
@@ -143,19 +144,6 @@ def load_served_model(
     )
     _check_outputs(served)
     return served
-
-
-def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A full checkpoint or a LoRA-adapted one (its ``meta.json`` says which), via the library."""
-    from xrayfm.models.checkpoint import META, load_adapted, load_checkpoint
-
-    meta_file = Path(path) / META if Path(path).is_dir() else Path(path)
-    try:
-        kind = json.loads(meta_file.read_text()).get("format")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise XrayfmError(f"{path} is not a checkpoint folder (cannot read {meta_file}: {exc})") from None
-    model, meta = load_adapted(path) if kind == "xrayfm.adapted" else load_checkpoint(path)
-    return model, dict(meta)
 
 
 def _check_outputs(served: ServedModel) -> None:

@@ -198,6 +198,24 @@ def load_adapted(
     return (model if is_trainable else model.eval()), meta
 
 
+def checkpoint_format(path: str | Path) -> str:
+    """``xrayfm.checkpoint`` (a full model) or ``xrayfm.adapted`` (foundation + adapter)."""
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise XrayfmError(f"not a checkpoint folder: {meta_path} is missing")
+    try:
+        return str(json.loads(meta_path.read_text()).get("format"))
+    except json.JSONDecodeError as exc:
+        raise XrayfmError(f"cannot read {meta_path}: {exc}") from exc
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a full checkpoint or an adapted one (rebuilding its foundation + adapter), in eval mode."""
+    if checkpoint_format(path) == "xrayfm.adapted":
+        return load_adapted(path, device)
+    return load_checkpoint(path, device)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     try:

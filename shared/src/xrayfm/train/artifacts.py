@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from xrayfm.errors import XrayfmError
-from xrayfm.models.checkpoint import META, load_adapted, load_checkpoint
+from xrayfm.models.checkpoint import checkpoint_format, load_any  # re-exported for the train API
 from xrayfm.train.config import TrainConfig
 
 
@@ -56,24 +53,6 @@ def preprocessing(config: TrainConfig, mean, std) -> dict[str, Any]:
         "std": [float(s) for s in std],
         "policy": parse_policy(config.policy).describe(),
     }
-
-
-def checkpoint_format(path: str | Path) -> str:
-    """``xrayfm.checkpoint`` (a full model) or ``xrayfm.adapted`` (foundation + adapter)."""
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
-        raise XrayfmError(f"not a checkpoint folder: {meta_path} is missing")
-    try:
-        return str(json.loads(meta_path.read_text()).get("format"))
-    except json.JSONDecodeError as exc:
-        raise XrayfmError(f"cannot read {meta_path}: {exc}") from exc
-
-
-def load_any(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a full checkpoint or an adapted one (rebuilding its foundation + adapter), in eval mode."""
-    if checkpoint_format(path) == "xrayfm.adapted":
-        return load_adapted(path, device)
-    return load_checkpoint(path, device)
 
 
 __all__ = ["checkpoint_format", "load_any", "model_spec", "preprocessing"]
