@@ -85,7 +85,8 @@ class ServedModel:
             "labels": list(self.labels),
             "input_size": self.preprocessing.size,
             "device": str(self.device),
-            "synthetic": bool(self.meta.get("synthetic", False)),
+            # Training writes meta["data"]["synthetic"]; a hand-made checkpoint may say it at the top level.
+            "synthetic": bool(self.meta.get("synthetic") or (self.meta.get("data") or {}).get("synthetic")),
             "untrained": bool(self.meta.get("untrained", False)),
         }
 

@@ -52,7 +52,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         for a in answers:
             print(f"{a['image']}: {a['prediction']} (p={a['probability']:.3f}) -> {a['overlay']}")
-        if served.meta.get("synthetic"):
+        if served.info()["synthetic"]:
             print("note: this model was trained on SYNTHETIC phantoms, not medical data")
         print(f"predictions: {out / 'predictions.json'}")
     return 0

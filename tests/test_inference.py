@@ -1,0 +1,24 @@
+"""xrayfm.inference: loading a checkpoint for serving and what it says about itself."""
+
+from __future__ import annotations
+
+import numpy as np
+from helpers import make_tiny_checkpoint
+
+from xrayfm.inference import Predictor, load_served_model
+
+
+def test_models_trained_on_phantoms_say_so(tmp_path):
+    trained_on_phantoms = make_tiny_checkpoint(tmp_path / "a", ["Abnormal"], data={"synthetic": True})
+    plain = make_tiny_checkpoint(tmp_path / "b", ["Abnormal"], data={"synthetic": False})
+    assert load_served_model(trained_on_phantoms, device="cpu").info()["synthetic"] is True
+    assert load_served_model(plain, device="cpu").info()["synthetic"] is False
+
+
+def test_binary_answer_shape(tmp_path):
+    served = load_served_model(make_tiny_checkpoint(tmp_path / "m", ["Abnormal"]), device="cpu")
+    image = (np.random.default_rng(0).random((80, 50)) * 255).astype(np.uint8)
+    (answer,) = Predictor(served).predict([image])
+    assert answer["prediction"] in ("Abnormal", "Normal")
+    assert 0 <= answer["probability"] <= 1 and set(answer["probabilities"]) == {"Abnormal"}
+    assert isinstance(answer["attention_map"], str) and len(answer["attention_map"]) > 100
