@@ -15,11 +15,11 @@ help:  ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) shared/pyproject.toml services/inference/pyproject.toml services/gateway/pyproject.toml services/frontend/pyproject.toml
+$(STAMP): $(PY) shared/pyproject.toml services/inference/pyproject.toml services/training/pyproject.toml services/gateway/pyproject.toml services/frontend/pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
 	$(PIP) install -e 'shared[dev]'
-	$(PIP) install -e services/inference -e services/gateway -e services/frontend
+	$(PIP) install -e services/inference -e services/training -e services/gateway -e services/frontend
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the library, services and dev tools

@@ -10,12 +10,12 @@ X=${XRAYFM:-.venv/bin/xrayfm}
 MODEL=(--model vit_tiny_patch16_224 --model-kwargs '{"patch_size": 8, "depth": 4, "embed_dim": 192, "num_heads": 3, "global_pool": "avg"}' --size 64)
 COMMON=(--no-progress-bar --json --seed 0)
 
-# 1. Foundation: PneumoniaMNIST (real paediatric chest X-rays, normal vs pneumonia), 2,428 training images.
+# 1. Foundation (skipped when OUT/foundation/best exists, so an interrupted run can go on): PneumoniaMNIST (real paediatric chest X-rays, normal vs pneumonia), 2,428 training images.
+[ -f "$OUT/foundation/best/meta.json" ] || $X pretrain --kind folder --root "$DATA/pneumoniamnist/png" \
+  --split train --val-split val "${MODEL[@]}" --epochs 10 --batch-size 32 --lr 5e-4 --out "$OUT/foundation" "${COMMON[@]}" > "$OUT.foundation.json"
+# 2. The same architecture, untrained (one step at lr 1e-12, as the config refuses lr 0): "random init".
 $X pretrain --kind folder --root "$DATA/pneumoniamnist/png" --split train --val-split val "${MODEL[@]}" \
-  --epochs 10 --batch-size 32 --lr 5e-4 --out "$OUT/foundation" "${COMMON[@]}" > "$OUT.foundation.json"
-# 2. The same architecture, not trained (lr 0 for one step): the "random init" foundation.
-$X pretrain --kind folder --root "$DATA/pneumoniamnist/png" --split train --val-split val "${MODEL[@]}" \
-  --max-steps 1 --lr 0 --out "$OUT/random" "${COMMON[@]}" > "$OUT.random.json"
+  --max-steps 1 --lr 1e-12 --out "$OUT/random" "${COMMON[@]}" > "$OUT.random.json"
 # 3. Adapt to MURA humerus (1,133 training images, 558 studies), evaluate on its valid split (125 studies).
 for run in "lora foundation" "lora random" "scratch foundation"; do
   set -- $run

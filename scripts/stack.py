@@ -31,7 +31,14 @@ from urllib.parse import urlparse
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PYTHONPATH = os.pathsep.join(
-    str(REPO / p) for p in ("shared/src", "services/inference", "services/gateway", "services/frontend")
+    str(REPO / p)
+    for p in (
+        "shared/src",
+        "services/inference",
+        "services/training",
+        "services/gateway",
+        "services/frontend",
+    )
 )
 
 
@@ -142,6 +149,15 @@ class Stack:
             str(VENV_BIN / "celery"), "-A", "xrayfm_inference.worker", "worker", "--pool=threads",
             f"--concurrency={concurrency}", "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip",
             "--without-mingle",
+        ]  # fmt: skip
+        return self._start(name, argv, extra_env)
+
+    def start_training_worker(self, name: str = "trainer", extra_env: dict[str, str] | None = None) -> Proc:
+        """A Celery training worker: one job at a time (solo pool), on the training queue."""
+        queue = {**self.env, **(extra_env or {})}.get("XRAYFM_TRAINING_QUEUE", "xrayfm-training")
+        argv = [
+            str(VENV_BIN / "celery"), "-A", "xrayfm_training.worker", "worker", "--pool=solo", "-Q", queue,
+            "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         return self._start(name, argv, extra_env)
 
@@ -283,6 +299,7 @@ def up() -> int:
     if ensure_model(store) == "placeholder":
         print(f"WARNING: empty model store {store}: serving an UNTRAINED placeholder model (random weights)")
     worker = stack.start_worker()
+    stack.start_training_worker()
     gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
     stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
     try:
@@ -312,7 +329,7 @@ def down() -> int:
     """Stop every process whose pid file `up` wrote (their whole process groups)."""
     pids = STACK_HOME / "pids"
     files = sorted(pids.glob("*.pid")) if pids.is_dir() else []
-    order = {"frontend": 0, "gateway": 1, "worker": 2}
+    order = {"frontend": 0, "gateway": 1, "worker": 2, "trainer": 3}
     for pidfile in sorted(files, key=lambda p: order.get(p.stem, 3)):
         try:
             pid = int(pidfile.read_text())

@@ -18,6 +18,7 @@ for _path in (
     "scripts",
     "shared/src",
     "services/inference",
+    "services/training",
     "services/gateway",
     "services/frontend",
 ):

@@ -45,8 +45,8 @@ def env_vars_read_by_the_code() -> set[str]:
     return names
 
 
-def test_compose_files_parse_and_build_the_three_services():
-    assert set(BUILT) == {"gateway", "inference", "frontend"}
+def test_compose_files_parse_and_build_the_four_services():
+    assert set(BUILT) == {"gateway", "inference", "training", "frontend"}
     assert {"redis", "prometheus"} <= set(SERVICES)
     assert set(GPU["services"]) <= set(SERVICES)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from xrayfm.errors import XrayfmError
 from xrayfm_inference.config import QueueSettings, env_number, env_str
@@ -25,6 +26,8 @@ class GatewaySettings:
     predict_timeout_s: float = 60.0  # XRAYFM_PREDICT_TIMEOUT: /predict waits this long, then 504 + job id
     explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: the default heatmap method
     decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time
+    admin_keys: frozenset[str] = frozenset()  # XRAYFM_ADMIN_KEYS: training and model-store endpoints
+    model_store: Path = Path("runs/model-store")  # XRAYFM_MODEL_STORE: listed, promoted, rolled back
 
     @property
     def auth_enabled(self) -> bool:
@@ -36,6 +39,7 @@ class GatewaySettings:
         """Read the gateway's variables (plus the queue settings shared with the workers)."""
         env = os.environ if env is None else env
         keys = frozenset(k.strip() for k in env.get("XRAYFM_API_KEYS", "").split(",") if k.strip())
+        admin = frozenset(k.strip() for k in env.get("XRAYFM_ADMIN_KEYS", "").split(",") if k.strip())
         method = env_str(env, "XRAYFM_EXPLAIN_METHOD", cls.explain_method)
         if method not in EXPLAIN_METHODS:
             raise XrayfmError(f"XRAYFM_EXPLAIN_METHOD must be one of {EXPLAIN_METHODS}, got {method!r}")
@@ -52,6 +56,8 @@ class GatewaySettings:
             decode_concurrency=int(
                 env_number(env, "XRAYFM_DECODE_CONCURRENCY", cls.decode_concurrency, int, 1)
             ),
+            admin_keys=admin,
+            model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
         )
         if settings.transport_side > MAX_SIDE:
             raise XrayfmError(f"XRAYFM_TRANSPORT_SIDE must be <= {MAX_SIDE}, got {settings.transport_side}")

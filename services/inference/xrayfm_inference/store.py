@@ -5,23 +5,36 @@ Layout (documented in services/README.md; the training worker of a later issue a
     <store>/serving.json                  {"name": "chest-demo", "version": "3"}
     <store>/models/<name>/<version>/      one checkpoint folder (safetensors weights + JSON metadata)
 
+    <store>/models/<name>/<version>/version.json   store facts: job, kind, metrics, lineage (training worker)
+    <store>/serving-history.json          the promoted versions, oldest first (for :func:`rollback`)
+
 ``XRAYFM_MODEL_PATH`` (a checkpoint folder) wins over the store when set. Promotion = rewriting
-``serving.json`` atomically (:func:`promote`).
+``serving.json`` atomically (:func:`promote`); :func:`add_version` publishes a new version atomically
+(a folder renamed into place), :func:`list_versions` describes them, :func:`rollback` re-serves the
+previously promoted one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from xrayfm.errors import XrayfmError
 
 SERVING_FILE = "serving.json"
 MODELS_DIR = "models"
+HISTORY_FILE = "serving-history.json"
+VERSION_FILE = "version.json"  # the store's own facts about a version (next to the checkpoint's meta.json)
+LOCK_FILE = ".store.lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -69,13 +82,133 @@ def resolve_model(model_path: Path | None, store: Path) -> ModelRef:
     return ModelRef(path=path, name=name, version=version)
 
 
-def promote(store: Path, name: str, version: str) -> Path:
-    """Point ``serving.json`` at an existing version (atomic replace); returns the pointer file."""
+@contextmanager
+def _locked(store: Path) -> Iterator[None]:
+    """An exclusive lock on the store (promotions and new versions from several processes)."""
+    Path(store).mkdir(parents=True, exist_ok=True)
+    with open(Path(store) / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except ValueError as exc:
+        raise XrayfmError(f"{path} is not valid JSON: {exc}") from None
+
+
+def serving(store: Path) -> dict[str, str] | None:
+    """The served ``{"name", "version"}``, or None when nothing is promoted."""
+    spec = _read_json(Path(store) / SERVING_FILE, None)
+    return None if spec is None else {"name": str(spec["name"]), "version": str(spec["version"])}
+
+
+def _promote_unlocked(store: Path, name: str, version: str, record: bool) -> Path:
     if not version_dir(store, name, version).exists():
         raise XrayfmError(f"cannot promote {name}/{version}: not in the store {store}")
     pointer = Path(store) / SERVING_FILE
-    fd, tmp = tempfile.mkstemp(dir=store, prefix=".serving-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"name": name, "version": version}, handle)
-    os.replace(tmp, pointer)
+    _write_json_atomic(pointer, {"name": name, "version": version})
+    if record:
+        history = _read_json(Path(store) / HISTORY_FILE, [])
+        history.append({"name": name, "version": version})
+        _write_json_atomic(Path(store) / HISTORY_FILE, history)
     return pointer
+
+
+def promote(store: Path, name: str, version: str) -> Path:
+    """Point ``serving.json`` at an existing version (atomic replace) and record it in the history;
+    returns the pointer file."""
+    with _locked(store):
+        return _promote_unlocked(store, name, version, record=True)
+
+
+def rollback(store: Path) -> dict[str, str]:
+    """Serve the version promoted before the current one again; returns it.
+
+    The current version leaves the history, so repeated rollbacks walk further back."""
+    with _locked(store):
+        history = _read_json(Path(store) / HISTORY_FILE, [])
+        current = serving(store)
+        if current is not None and history and history[-1] == current:
+            history.pop()
+        while history and not version_dir(store, history[-1]["name"], history[-1]["version"]).exists():
+            history.pop()  # a version deleted by hand cannot be served again
+        if not history:
+            raise XrayfmError("nothing to roll back to: no earlier promoted version in the store")
+        previous = history[-1]
+        _promote_unlocked(store, previous["name"], previous["version"], record=False)
+        _write_json_atomic(Path(store) / HISTORY_FILE, history)
+        return {"name": previous["name"], "version": previous["version"]}
+
+
+def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | None = None) -> str:
+    """Copy the checkpoint folder `source` into the store as the next version of `name` (1, 2, ...).
+
+    The copy is made beside the target and renamed into place, so a version is complete or absent.
+    `info` (job, kind, metrics, lineage...) is written to the version's ``version.json``."""
+    _check_name("name", name)
+    source = Path(source)
+    if not (source / "meta.json").is_file():
+        raise XrayfmError(f"{source} is not a checkpoint folder (no meta.json)")
+    models = Path(store) / MODELS_DIR / name
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=models, prefix=".incoming-"))
+    try:
+        payload = tmp / "v"
+        shutil.copytree(source, payload)
+        with _locked(store):
+            numbers = [int(p.name) for p in models.iterdir() if p.name.isdigit()]
+            version = str(max(numbers, default=0) + 1)
+            _write_json_atomic(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
+            os.rename(payload, models / version)
+        return version
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_versions(store: Path) -> list[dict[str, Any]]:
+    """Every version in the store: name, version, serving flag, and what ``version.json`` and the
+    checkpoint's ``meta.json`` say (kind, metrics, lineage, labels, synthetic, created)."""
+    current = serving(store)
+    rows = []
+    for folder in sorted((Path(store) / MODELS_DIR).glob("*/*")):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        meta = _read_json(folder / "meta.json", {})
+        info = _read_json(folder / VERSION_FILE, {})
+        name, version = folder.parent.name, folder.name
+        lineage = info.get("lineage") or (
+            {"foundation": meta["foundation"]} if isinstance(meta.get("foundation"), dict) else {}
+        )
+        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        rows.append(
+            {
+                "name": name,
+                "version": version,
+                "serving": current == {"name": name, "version": version},
+                "format": meta.get("format"),
+                "kind": meta.get("kind"),
+                "method": meta.get("method"),
+                "labels": meta.get("labels"),
+                "metrics": meta.get("metrics") or info.get("metrics"),
+                "synthetic": bool(meta.get("synthetic") or data.get("synthetic")),
+                "created": meta.get("created"),
+                "job_id": info.get("job_id"),
+                "lineage": lineage,
+            }
+        )
+    rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))
+    return rows

@@ -1,0 +1,106 @@
+"""Training job records in Redis: status, spec, progress, result, error, cancel flag, and the run lock.
+
+One hash per job (``<queue>:tjob:<id>``, JSON values per field, so the worker's progress updates and the
+gateway's cancel never overwrite each other) and a sorted set of job ids by submission time. Synchronous
+redis-py: the worker calls it directly, the gateway from a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+TERMINAL = ("done", "failed", "cancelled")
+STATES = ("queued", "running", "cancelling", *TERMINAL)
+FIELDS = ("status", "kind", "name", "spec", "progress", "result", "model", "error", "created", "updated",
+          "started", "finished", "attempts", "worker")  # fmt: skip
+
+
+class JobRecords:
+    """Read and write training job records under the queue's key prefix."""
+
+    def __init__(self, redis_url: str, queue: str) -> None:
+        self.queue = queue
+        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
+
+    def key(self, job_id: str) -> str:
+        return f"{self.queue}:tjob:{job_id}"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.queue}:tjobs"
+
+    def cancel_key(self, job_id: str) -> str:
+        return f"{self.queue}:tjob:{job_id}:cancel"
+
+    def lock_key(self, job_id: str) -> str:
+        return f"{self.queue}:tjob:{job_id}:lock"
+
+    # -- records ---------------------------------------------------------------------------------------
+    def create(self, spec: dict[str, Any]) -> str:
+        """Record a new queued job for a validated spec; returns its id."""
+        job_id = str(uuid.uuid4())
+        now = time.time()
+        fields = {"status": "queued", "kind": spec["kind"], "name": spec["name"], "spec": spec,
+                  "created": now, "updated": now, "attempts": 0}  # fmt: skip
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+        pipe.zadd(self.index_key, {job_id: now})
+        pipe.execute()
+        return job_id
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set some fields of a job (and its ``updated`` time)."""
+        fields["updated"] = time.time()
+        self.redis.hset(self.key(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's record with the id, or None if unknown."""
+        raw = self.redis.hgetall(self.key(job_id))
+        if not raw:
+            return None
+        return {"job_id": job_id, **{k.decode(): json.loads(v) for k, v in raw.items()}}
+
+    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest `limit` jobs, newest first (without their full spec)."""
+        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+        jobs = [self.get(job_id) for job_id in ids]
+        return [{k: v for k, v in job.items() if k != "spec"} for job in jobs if job is not None]
+
+    # -- cancel ----------------------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> str:
+        """Ask a job to stop; returns its new status (queued -> cancelled at once, running -> cancelling)."""
+        self.redis.set(self.cancel_key(job_id), "1")
+        job = self.get(job_id) or {}
+        if job.get("status") == "queued":
+            self.update(job_id, status="cancelled", finished=time.time(), error=None)
+            return "cancelled"
+        if job.get("status") == "running":
+            self.update(job_id, status="cancelling")
+            return "cancelling"
+        return str(job.get("status"))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True once someone asked this job to stop."""
+        return bool(self.redis.exists(self.cancel_key(job_id)))
+
+    # -- the run lock: one worker runs a job at a time -------------------------------------------------
+    def acquire(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Take the job's lock for `ttl_s` seconds (renew with :meth:`renew`); False if someone holds it."""
+        return bool(self.redis.set(self.lock_key(job_id), owner, nx=True, px=int(ttl_s * 1000)))
+
+    def renew(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend our lock; False if it lapsed or is someone else's."""
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+        return bool(self.redis.eval(script, 1, self.lock_key(job_id), owner, int(ttl_s * 1000)))
+
+    def release(self, job_id: str, owner: str) -> None:
+        """Drop our lock (only ours)."""
+        script = (
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+        )
+        self.redis.eval(script, 1, self.lock_key(job_id), owner)

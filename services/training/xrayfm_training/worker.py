@@ -1,0 +1,148 @@
+"""The training worker: ``celery -A xrayfm_training.worker worker --pool=solo -Q xrayfm-training``.
+
+One job at a time per worker process. A job: take its Redis lock (renewed while it runs), resume from
+its run folder's ``last/`` when an earlier attempt left one, train with the library while recording
+progress and honouring cancel, then publish ``best/`` as a new store version. A job that fails records
+why; a redelivered job that already finished, or is still running elsewhere, is not run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery.utils.log import get_task_logger
+
+from xrayfm_training.celery_app import TRAIN_TASK, make_celery
+from xrayfm_training.jobs import TERMINAL, JobRecords
+from xrayfm_training.publish import plain, publish_run
+from xrayfm_training.settings import TrainingSettings
+from xrayfm_training.spec import CONFIGS, resolve_foundation
+
+settings = TrainingSettings.from_env()
+app = make_celery(settings)
+log = get_task_logger("xrayfm.training")
+log.setLevel(logging.INFO)
+
+
+class _LockKeeper(threading.Thread):
+    """Renews the job's lock while it runs; `lost` is set if it lapsed (another worker may take over)."""
+
+    def __init__(self, records: JobRecords, job_id: str, owner: str, ttl_s: float) -> None:
+        super().__init__(daemon=True, name=f"lock-{job_id[:8]}")
+        self.records, self.job_id, self.owner, self.ttl_s = records, job_id, owner, ttl_s
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.ttl_s / 3):
+            try:
+                if not self.records.renew(self.job_id, self.owner, self.ttl_s):
+                    self.lost.set()
+                    return
+            except Exception:  # Redis blip: try again at the next beat; the TTL leaves room for two misses
+                log.warning("job %s: could not renew its lock", self.job_id)
+
+
+def _wait_for_lock(records: JobRecords, job_id: str, owner: str, ttl_s: float) -> bool:
+    """Take the lock, waiting up to a little over its TTL (a dead holder's lock lapses in that time)."""
+    deadline = time.monotonic() + ttl_s * 1.5
+    while time.monotonic() < deadline:
+        if records.acquire(job_id, owner, ttl_s):
+            return True
+        if (records.get(job_id) or {}).get("status") in TERMINAL:
+            return False
+        time.sleep(min(1.0, ttl_s / 4))
+    return False
+
+
+def run_job(job_id: str, settings: TrainingSettings, records: JobRecords) -> dict[str, Any]:
+    """Run one training job to its end (done, failed or cancelled); returns its final status."""
+    job = records.get(job_id)
+    if job is None:
+        log.warning("job %s: no record (expired or never submitted); dropped", job_id)
+        return {"status": "unknown"}
+    if job["status"] in TERMINAL:
+        log.info("job %s: already %s; redelivered message dropped", job_id, job["status"])
+        return {"status": job["status"]}
+    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not _wait_for_lock(records, job_id, owner, settings.lock_ttl_s):
+        log.info("job %s: running elsewhere (its lock is held); redelivered message dropped", job_id)
+        return {"status": "running-elsewhere"}
+    keeper = _LockKeeper(records, job_id, owner, settings.lock_ttl_s)
+    keeper.start()
+    try:
+        return _train(job, settings, records, keeper)
+    finally:
+        keeper.stop.set()
+        records.release(job_id, owner)
+
+
+def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords, keeper: _LockKeeper) -> dict:
+    job_id, spec = job["job_id"], job["spec"]
+    if records.cancel_requested(job_id):
+        records.update(job_id, status="cancelled", finished=time.time())
+        return {"status": "cancelled"}
+    run_dir = (settings.runs_dir / job_id).resolve()
+    resume = (run_dir / "last").is_dir()
+    records.update(job_id, status="running", started=time.time(), attempts=int(job.get("attempts") or 0) + 1,
+                   worker=os.uname().nodename, resumed=resume, error=None)  # fmt: skip
+    log.info("job %s: %s %s (run folder %s, resume=%s)", job_id, spec["kind"], spec["name"], run_dir, resume)
+
+    def progress(info: dict[str, Any]) -> None:
+        try:
+            records.update(job_id, progress=plain(info))
+        except Exception:  # progress is best effort: never let a Redis blip kill hours of training
+            log.warning("job %s: could not record progress", job_id)
+
+    def should_cancel() -> bool:
+        return keeper.lost.is_set() or records.cancel_requested(job_id)
+
+    try:
+        config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
+        if spec["kind"] == "adapt":
+            config_dict["foundation"] = resolve_foundation(config_dict["foundation"], settings.model_store)
+        config = CONFIGS[spec["kind"]].from_dict(config_dict)
+        from xrayfm.train import adapt, pretrain  # torch is imported here, not when the worker module loads
+
+        runner = pretrain if spec["kind"] == "pretrain" else adapt
+        summary = runner(config, progress=progress, should_cancel=should_cancel)
+        if summary["status"] == "cancelled":
+            if keeper.lost.is_set():
+                log.warning("job %s: lost its lock; stopped (another worker resumes it)", job_id)
+                return {"status": "lock-lost"}
+            records.update(job_id, status="cancelled", finished=time.time())
+            return {"status": "cancelled"}
+        version, info = publish_run(
+            settings.model_store, spec["name"], run_dir / "best", job_id, spec["kind"]
+        )
+        result = plain({"status": summary["status"], "best_metric": summary.get("best_metric"),
+                        "metric": summary.get("metric"), "best_epoch": summary.get("best_epoch"),
+                        "steps": summary.get("step"), "seconds": summary.get("seconds"),
+                        "resumed_from_step": summary.get("resumed_from_step"),
+                        "metrics": info.get("metrics"), "report": summary.get("report")})  # fmt: skip
+        model = {"name": spec["name"], "version": version}
+        records.update(job_id, status="done", finished=time.time(), result=result, model=model)
+        log.info("job %s: done; stored as %s/%s", job_id, spec["name"], version)
+        return {"status": "done", "model": model}
+    except Exception as exc:
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        records.update(job_id, status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}")
+        return {"status": "failed"}
+
+
+@app.task(name=TRAIN_TASK)
+def train_job(job_id: str) -> dict[str, Any]:
+    """The queued training job `job_id` (its spec is in its Redis record)."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
+    return run_job(job_id, settings, JobRecords(settings.redis_url, settings.queue))
