@@ -14,13 +14,14 @@ COMMON=(--no-progress-bar --json --seed 0)
 [ -f "$OUT/foundation/best/meta.json" ] || $X pretrain --kind folder --root "$DATA/pneumoniamnist/png" \
   --split train --val-split val "${MODEL[@]}" --epochs 10 --batch-size 32 --lr 5e-4 --out "$OUT/foundation" "${COMMON[@]}" > "$OUT.foundation.json"
 # 2. The same architecture, untrained (one step at lr 1e-12, as the config refuses lr 0): "random init".
-$X pretrain --kind folder --root "$DATA/pneumoniamnist/png" --split train --val-split val "${MODEL[@]}" \
-  --max-steps 1 --lr 1e-12 --out "$OUT/random" "${COMMON[@]}" > "$OUT.random.json"
-# 3. Adapt to MURA humerus (1,133 training images, 558 studies), evaluate on its valid split (125 studies).
+[ -f "$OUT/random/best/meta.json" ] || $X pretrain --kind folder --root "$DATA/pneumoniamnist/png" \
+  --split train --val-split val "${MODEL[@]}" --max-steps 1 --lr 1e-12 --out "$OUT/random" "${COMMON[@]}" > "$OUT.random.json"
+# 3. Adapt to MURA humerus (1,133 training images, 558 studies), evaluate on its valid split (125 studies)
+#    with the weights at the end of the budget (--report-on last: no checkpoint is picked on that split).
 for run in "lora foundation" "lora random" "scratch foundation"; do
   set -- $run
   $X adapt --foundation "$OUT/$2/best" --method "$1" --kind mura --root "$DATA/mura-humerus-64/MURA-v1.1" \
-    --split train --val-split valid --epochs 10 --batch-size 32 --lr 2e-3 --hflip \
+    --split train --val-split valid --epochs 10 --batch-size 32 --lr 2e-3 --hflip --report-on last \
     --out "$OUT/adapt-$1-$2" "${COMMON[@]}" > "$OUT.adapt-$1-$2.json"
 done
 echo "reports: $OUT/adapt-*/report/report.md"

@@ -250,33 +250,51 @@ STACK_HOME = REPO / "runs" / "stack"
 DEFAULT_STORE = REPO / "runs" / "model-store"
 
 
-def ensure_model(store: Path) -> str:
-    """Make sure something can be served; with an empty store, write an UNTRAINED placeholder model.
-
-    The placeholder (random weights, labelled synthetic and untrained in its metadata and so in every
-    answer) only lets the stack and the UI run end to end; train a real one with `make demo`.
-    """
+def model_configured(store: Path) -> bool:
+    """True when something is set to be served: XRAYFM_MODEL_PATH, or a promoted version in `store`."""
     sys.path[:0] = [p for p in PYTHONPATH.split(os.pathsep) if p not in sys.path]
-    from xrayfm_inference.store import SERVING_FILE, promote, version_dir
+    from xrayfm_inference.store import SERVING_FILE
 
-    if os.environ.get("XRAYFM_MODEL_PATH") or (store / SERVING_FILE).is_file():
-        return "configured"
-    from xrayfm.models.backbones import create_model
-    from xrayfm.models.checkpoint import save_checkpoint
+    return bool(os.environ.get("XRAYFM_MODEL_PATH")) or (store / SERVING_FILE).is_file()
 
-    spec = {"name": "vit_tiny_patch16_224", "num_classes": 1, "img_size": 224}
-    folder = version_dir(store, "untrained-placeholder", "1")
-    meta = {
-        "model": spec,
-        "labels": ["Abnormal"],
-        "preprocessing": {"size": 224, "mean": [0.5], "std": [0.5], "channels": 3, "mode": "pad"},
-        "synthetic": True,
-        "untrained": True,
-        "description": "random weights: a placeholder so the stack runs; its answers mean nothing",
-    }
-    save_checkpoint(folder, create_model(**spec), meta)
-    promote(store, "untrained-placeholder", "1")
-    return "placeholder"
+
+def await_first_model(
+    stack: Stack,
+    gateway_url: str,
+    store: Path,
+    worker: Proc,
+    timeout: float = 1800.0,
+    say=print,
+    restart_after: float = 20.0,
+) -> Proc:
+    """Wait for the first-start bootstrap (the training worker trains and promotes the demo model).
+
+    Reports /ready's reason as it changes; once the store serves a version, gives the inference worker
+    `restart_after` seconds to load it by itself (hot swap) and restarts it otherwise. Returns the
+    (possibly new) inference worker; raises TimeoutError / RuntimeError with the reason."""
+    from xrayfm_inference.store import SERVING_FILE
+
+    deadline, last, promoted_at = time.monotonic() + timeout, None, None
+    while time.monotonic() < deadline:
+        code, body = http_json(f"{gateway_url}/ready")
+        if code == 200:
+            return worker
+        detail = body.get("detail", "gateway not answering")
+        if detail != last:
+            say(f"  /ready: {detail}")
+            last = detail
+        if detail.startswith("bootstrap failed"):
+            raise RuntimeError(detail)
+        if (store / SERVING_FILE).is_file():
+            promoted_at = promoted_at or time.monotonic()
+            if time.monotonic() - promoted_at > restart_after:
+                say("  the demo model is promoted: restarting the inference worker to load it")
+                stack.stop(worker)
+                stack.procs.remove(worker)
+                worker = stack.start_worker(worker.name)
+                promoted_at = time.monotonic() + 60  # leave the new worker time to load
+        time.sleep(1.0)
+    raise TimeoutError(f"no model served within {timeout:g} s: {last}")
 
 
 def up() -> int:
@@ -296,16 +314,21 @@ def up() -> int:
             return 1
         print(f"no Redis at {redis_url}: starting redis-server (logs in {STACK_HOME / 'logs'})")
         stack.start_redis(parsed.port or 6379)
-    if ensure_model(store) == "placeholder":
-        print(f"WARNING: empty model store {store}: serving an UNTRAINED placeholder model (random weights)")
+    first_start = not model_configured(store)
+    stack.start_training_worker()  # with an empty store it queues the demo bootstrap job by itself
     worker = stack.start_worker()
-    stack.start_training_worker()
     gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
     stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
     try:
-        wait_until(
-            lambda: http_json(f"http://127.0.0.1:{gateway_port}/ready")[0] == 200, 120, "/ready", worker
-        )
+        if first_start:
+            print(f"empty model store {store}: training the demo model on SYNTHETIC phantoms (a few minutes)")
+            print(f"  (watch it at {gateway_url}/ready or in the UI; XRAYFM_BOOTSTRAP=off to skip)")
+            if os.environ.get("XRAYFM_BOOTSTRAP", "demo").strip().lower() == "off":
+                print("XRAYFM_BOOTSTRAP=off: nothing to serve until you promote a model")
+                return 1
+            worker = await_first_model(stack, gateway_url, store, worker)
+        wait_until(lambda: http_json(f"{gateway_url}/ready")[0] == 200, 120, "/ready", worker)
     except (TimeoutError, RuntimeError) as exc:
         print(f"the stack started but is not ready: {exc}\nsee {STACK_HOME / 'logs'}")
         return 1

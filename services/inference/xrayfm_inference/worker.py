@@ -26,6 +26,7 @@ from xrayfm_inference.celery_app import make_celery
 from xrayfm_inference.config import WorkerSettings
 from xrayfm_inference.heartbeat import Heartbeat
 from xrayfm_inference.protocol import EXPLAIN_METHODS, PREDICT_TASK, decode_request
+from xrayfm_inference.swap import ServingWatcher, poll_seconds
 
 log = logging.getLogger("xrayfm.worker")
 
@@ -43,13 +44,23 @@ class WorkerNotReady(XrayfmError):
 
 @dataclass
 class Runtime:
-    """What a running worker holds: the model (behind its predictor and batcher) or the load error."""
+    """What a running worker holds: the model (behind its predictor and batcher) or the load error.
 
-    served: Any = None
+    The predictor is replaced as a whole (one attribute) when a promoted version loads; each batch reads
+    it once, so a batch in flight finishes on the model it started with."""
+
+    predictor: Any = None
     batcher: MicroBatcher | None = None
     heartbeat: Heartbeat | None = None
+    watcher: ServingWatcher | None = None
     error: str | None = None
     loading: bool = True
+
+    @property
+    def served(self) -> Any:
+        """The served model (``xrayfm.inference.ServedModel``), or None."""
+        predictor = self.predictor
+        return None if predictor is None else predictor.served
 
     def describe(self) -> dict[str, Any]:
         """The heartbeat's content."""
@@ -59,6 +70,7 @@ class Runtime:
             "loading": self.loading,
             "error": self.error or ("a batch has run longer than the time limit" if stuck else None),
             "model": self.served.info() if self.served is not None else None,
+            "swap_error": self.watcher.error if self.watcher is not None else None,
             "batch_max": SETTINGS.batch_max,
             "pid": os.getpid(),
         }
@@ -83,40 +95,62 @@ def start_runtime(hostname: str) -> Runtime:
                     "no metrics endpoint on %s:%s: %s", SETTINGS.metrics_addr, SETTINGS.metrics_port, exc
                 )
         RUNTIME.heartbeat = Heartbeat(SETTINGS.queue, hostname, RUNTIME.describe).start()
+        ref = None
         try:
-            _load_model()
+            from xrayfm_inference.store import resolve_model
+
+            ref = resolve_model(SETTINGS.model_path, SETTINGS.model_store)
+            _load_model(ref)
         except Exception as exc:  # the worker stays up and says why in its heartbeat (/ready shows it)
             RUNTIME.error = f"model failed to load: {exc}"
             log.error(RUNTIME.error)
         finally:
             RUNTIME.loading = False
+        poll_s = poll_seconds()
+        if SETTINGS.model_path is None and poll_s > 0:  # serving from the store: follow promotions
+            served_ref = ref if RUNTIME.predictor is not None else None
+            RUNTIME.watcher = ServingWatcher(SETTINGS.model_store, poll_s, _load_model, served_ref).start()
         RUNTIME.heartbeat.beat()
         return RUNTIME
 
 
-def _load_model() -> None:
+def _run_batch(images: list, explain_maps: bool, method: str) -> list[dict[str, Any]]:
+    """One batch on the predictor current at this batch boundary; each answer names that model."""
+    predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
+    results = predictor.predict(images, explain_maps=explain_maps, method=method)
+    info = predictor.served.info()
+    for result in results:
+        result["model"] = info
+    return results
+
+
+def _load_model(ref) -> None:
+    """Load `ref` (a ``store.ModelRef``), warm it up, then serve it: at start, or to replace the model
+    served now (the swap happens only once the new model answered its warm-up)."""
     import torch
 
     from xrayfm.inference import Predictor, load_served_model
-    from xrayfm_inference.store import resolve_model
 
     if SETTINGS.torch_threads:
         torch.set_num_threads(SETTINGS.torch_threads)
-    ref = resolve_model(SETTINGS.model_path, SETTINGS.model_store)
     t0 = time.perf_counter()
     served = load_served_model(ref.path, SETTINGS.device, name=ref.name, version=ref.version)
     predictor = Predictor(served)
     predictor.predict([_warmup_image()], explain_maps=True, method=SETTINGS.explain_method)
-    RUNTIME.batcher = MicroBatcher(
-        predictor.predict, SETTINGS.batch_max, SETTINGS.batch_wait_ms / 1000.0, on_batch=metrics.observe_batch
-    )
-    RUNTIME.served = served
+    previous = RUNTIME.served
+    RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
+    if RUNTIME.batcher is None:
+        RUNTIME.batcher = MicroBatcher(
+            _run_batch, SETTINGS.batch_max, SETTINGS.batch_wait_ms / 1000.0, on_batch=metrics.observe_batch
+        )
+    RUNTIME.error = None
     info = served.info()
     metrics.MODEL.info({k: str(info[k]) for k in ("name", "version", "sha256", "device")})
     metrics.MODEL_LOADED.set(1)
     log.info(
-        "serving %s/%s (sha256 %s) on %s, loaded in %.1f s",
+        "serving %s/%s (sha256 %s) on %s, loaded in %.1f s%s",
         served.name, served.version, served.sha256[:12], served.device, time.perf_counter() - t0,
+        f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
 
 
@@ -133,6 +167,8 @@ def _on_worker_init(sender=None, **_kwargs: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(**_kwargs: Any) -> None:
+    if RUNTIME.watcher is not None:
+        RUNTIME.watcher.stop()
     if RUNTIME.heartbeat is not None:
         RUNTIME.heartbeat.stop()
     if RUNTIME.batcher is not None:
@@ -144,7 +180,7 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     """One request: grey pixels in, the answer out. Expected failures are returned as ``{"error": ...}``;
     a timeout or a missing model raises (the task fails with that message)."""
     picked_up = time.time()
-    if RUNTIME.batcher is None or RUNTIME.served is None:
+    if RUNTIME.batcher is None or RUNTIME.predictor is None:
         # No model here (it failed to load): give the message back for a worker that has one. The
         # gateway sends nothing while no worker is ready, and its own timeout bounds the caller's wait.
         metrics.REQUESTS.labels("not_ready").inc()
@@ -175,7 +211,6 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
         metrics.REQUESTS.labels("bad_request").inc()
         return {"error": {"type": "bad_request", "message": str(exc)}}
     metrics.REQUESTS.labels("ok").inc()
-    result["model"] = RUNTIME.served.info()
     result["worker"] = self.request.hostname
     result["timings"]["queue_wait_ms"] = 1000 * queue_wait
     result["timings"]["worker_ms"] = 1000 * (time.time() - picked_up)

@@ -13,6 +13,7 @@ from celery import Celery
 from xrayfm_training.settings import TrainingSettings
 
 TRAIN_TASK = "xrayfm.train_job"
+BOOTSTRAP_TASK = "xrayfm.bootstrap_demo"
 
 
 def make_celery(settings: TrainingSettings | None = None) -> Celery:
@@ -24,7 +25,7 @@ def make_celery(settings: TrainingSettings | None = None) -> Celery:
         result_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue,
-        task_routes={TRAIN_TASK: {"queue": settings.queue}},
+        task_routes={TRAIN_TASK: {"queue": settings.queue}, BOOTSTRAP_TASK: {"queue": settings.queue}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,

@@ -17,9 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
-from xrayfm_training.celery_app import TRAIN_TASK, make_celery
+from xrayfm_training import bootstrap
+from xrayfm_training.celery_app import BOOTSTRAP_TASK, TRAIN_TASK, make_celery
 from xrayfm_training.jobs import TERMINAL, JobRecords
 from xrayfm_training.publish import plain, publish_run
 from xrayfm_training.settings import TrainingSettings
@@ -146,3 +148,35 @@ def train_job(job_id: str) -> dict[str, Any]:
         torch.set_num_threads(settings.torch_threads)
     Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
     return run_job(job_id, settings, JobRecords(settings.redis_url, settings.queue))
+
+
+@app.task(name=BOOTSTRAP_TASK)
+def bootstrap_job() -> dict[str, Any]:
+    """First start: train, publish and promote the demo model on synthetic phantoms (xrayfm_training.bootstrap)."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
+    records = JobRecords(settings.redis_url, settings.queue)
+    try:
+        return bootstrap.run_bootstrap(settings, records, run_job)
+    except Exception:  # recorded in the bootstrap state (and so in /ready); the message is done with
+        log.error("bootstrap failed:\n%s", traceback.format_exc())
+        return {"stage": "failed"}
+
+
+@worker_ready.connect
+def _queue_bootstrap(sender=None, **_kwargs: Any) -> None:
+    """With an empty model store and no bootstrap recorded yet, queue the first-start demo job (once)."""
+    try:
+        mode = bootstrap.bootstrap_mode()
+        if mode == "off" or not bootstrap.store_is_empty(Path(settings.model_store)):
+            return
+        if bootstrap.BootstrapState(settings.redis_url, settings.queue).claim(mode):
+            log.warning(
+                "empty model store %s: queueing the demo bootstrap job (%s)", settings.model_store, mode
+            )
+            app.send_task(BOOTSTRAP_TASK, queue=settings.queue)
+    except Exception:  # a worker that cannot bootstrap still runs the jobs it is sent
+        log.error("could not queue the bootstrap job:\n%s", traceback.format_exc())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from xrayfm_gateway.metrics import QUEUE_ERRORS
 from xrayfm_gateway.queue import QueueUnavailable
@@ -47,7 +49,32 @@ async def readiness(request: Request) -> Readiness:
             {w.get("error") or ("loading the model" if w.get("loading") else "not ready") for w in workers}
         )
         detail = "no worker has a model answering: " + "; ".join(reasons)
+    first_start = await _bootstrap_detail(request)
+    if first_start:
+        detail = f"{first_start} ({detail})"
     return Readiness(ready=False, broker="ok", workers=workers, detail=detail)
+
+
+async def _bootstrap_detail(request: Request) -> str | None:
+    """What the first-start bootstrap is doing (xrayfm_training.bootstrap), or None when it is not running."""
+    from xrayfm_training.bootstrap import BootstrapState, describe
+    from xrayfm_training.jobs import JobRecords
+    from xrayfm_training.settings import TrainingSettings
+
+    def read() -> str | None:
+        if getattr(request.app.state, "bootstrap", None) is None:
+            t = TrainingSettings.from_env()
+            request.app.state.bootstrap = (
+                BootstrapState(t.redis_url, t.queue),
+                JobRecords(t.redis_url, t.queue),
+            )
+        state, records = request.app.state.bootstrap
+        return describe(state.get(), records)
+
+    try:
+        return await anyio.to_thread.run_sync(read)
+    except (RedisError, OSError):
+        return None
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -1,0 +1,96 @@
+"""Switch the served model without a restart: watch the store's ``serving.json`` and load what it names.
+
+A daemon thread looks at the pointer at most every ``XRAYFM_MODEL_POLL_S`` seconds (default 2; 0 = off).
+When it names another version than the one served, ``load(ref)`` runs in that thread; the worker's load
+function swaps the model only after it loaded and answered a warm-up, so a failed load keeps the old
+model (the error stays in :attr:`ServingWatcher.error` for the heartbeat until a later pointer loads).
+Used only when serving from the store (``XRAYFM_MODEL_PATH`` unset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from xrayfm_inference.config import env_number
+from xrayfm_inference.store import SERVING_FILE, ModelRef, resolve_model
+
+log = logging.getLogger("xrayfm.swap")
+
+DEFAULT_POLL_S = 2.0
+
+
+def poll_seconds(env: Mapping[str, str] | None = None) -> float:
+    """``XRAYFM_MODEL_POLL_S``: seconds between looks at ``serving.json`` (0 turns the watcher off)."""
+    return float(
+        env_number(os.environ if env is None else env, "XRAYFM_MODEL_POLL_S", DEFAULT_POLL_S, float, 0)
+    )
+
+
+class ServingWatcher:
+    """Calls `load(ref)` whenever the store's serving pointer names a version other than `served`."""
+
+    def __init__(
+        self, store: Path, poll_s: float, load: Callable[[ModelRef], None], served: ModelRef | None = None
+    ) -> None:
+        self.store = Path(store)
+        self.poll_s = poll_s
+        self._load = load
+        self.served = (served.name, served.version) if served is not None else None
+        self.error: str | None = None
+        self._seen: tuple[int, int, int] | None = None  # the pointer file's (inode, mtime, size) last read
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xrayfm-model-watcher", daemon=True)
+
+    def start(self) -> ServingWatcher:
+        """Start polling in a daemon thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop polling (a load in progress finishes first)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def check(self) -> bool:
+        """One look at the pointer; loads a newly promoted version. True when the served model changed."""
+        pointer = self.store / SERVING_FILE
+        try:
+            stat = pointer.stat()
+        except FileNotFoundError:
+            return False
+        # promote() replaces the file atomically (new inode), so an unchanged stat means nothing new
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if seen == self._seen:
+            return False
+        self._seen = seen  # a failed load is not retried until the pointer is written again
+        try:
+            ref = resolve_model(None, self.store)
+        except Exception as exc:  # a broken pointer keeps the current model
+            self.error = f"cannot switch model: {exc}"
+            log.error(self.error)
+            return False
+        if (ref.name, ref.version) == self.served:
+            self.error = None  # e.g. a promotion that failed to load was rolled back
+            return False
+        log.info("serving.json now names %s/%s: loading it", ref.name, ref.version)
+        try:
+            self._load(ref)
+        except Exception as exc:
+            self.error = (
+                f"model {ref.name}/{ref.version} failed to load, still serving the previous one: {exc}"
+            )
+            log.error(self.error)
+            return False
+        self.served, self.error = (ref.name, ref.version), None
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # never let the watcher die: the next poll tries again
+                log.exception("model watcher failed")

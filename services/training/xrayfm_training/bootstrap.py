@@ -1,0 +1,151 @@
+"""First start: with an empty model store, train, publish and promote the demo model on synthetic phantoms.
+
+The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOTSTRAP``: ``demo``, the
+default; ``quick``, tiny sizes for tests; ``off``). The task draws synthetic chest and bone phantoms
+(:mod:`xrayfm.data.synth`), pre-trains a small ViT on the chest ones, LoRA-adapts it to the bone ones (both
+as ordinary training jobs, visible in ``/training/jobs``), and promotes the adapter. Its state lives in
+one Redis hash (``<queue>:bootstrap``) that the gateway's ``/ready`` reads to say what is happening.
+Everything it serves is built from synthetic data and says so (``meta["data"]["synthetic"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from xrayfm.errors import XrayfmError
+from xrayfm_inference import store as model_store
+from xrayfm_training.jobs import JobRecords
+from xrayfm_training.settings import TrainingSettings
+from xrayfm_training.spec import validate_spec
+
+MODES = ("demo", "quick", "off")
+CHEST_LABELS = ["Cardiomegaly", "Pleural Effusion", "Lung Opacity"]
+FOUNDATION_NAME, ADAPTED_NAME = "demo-chest-fm", "demo-bone-lora"
+
+
+def bootstrap_mode(env: Mapping[str, str] | None = None) -> str:
+    """``XRAYFM_BOOTSTRAP`` checked: demo (default), quick or off."""
+    mode = (os.environ if env is None else env).get("XRAYFM_BOOTSTRAP", "demo").strip().lower() or "demo"
+    if mode not in MODES:
+        raise XrayfmError(f"XRAYFM_BOOTSTRAP={mode!r}: choose one of {list(MODES)}")
+    return mode
+
+
+def demo_sizes(mode: str) -> dict[str, Any]:
+    """Image count, size, model and epochs of the bootstrap job (the demo's sizes, or tiny ones)."""
+    from xrayfm.demo import DemoSettings
+
+    s = DemoSettings.quick() if mode == "quick" else DemoSettings(pretrain_epochs=8, adapt_epochs=5)
+    images = 40 if mode == "quick" else 400
+    return {"size": s.size, "images": images, "model": s.model, "model_kwargs": s.model_kwargs,
+            "pretrain_epochs": s.pretrain_epochs, "adapt_epochs": s.adapt_epochs, "batch_size": s.batch_size,
+            "pretrain_lr": s.pretrain_lr, "adapt_lr": s.adapt_lr, "seed": s.seed}  # fmt: skip
+
+
+def store_is_empty(store: Path) -> bool:
+    """True when nothing is promoted and no version is stored."""
+    return model_store.serving(store) is None and not model_store.list_versions(store)
+
+
+class BootstrapState:
+    """The first-start record in Redis: ``stage`` (queued, synthesising, pretraining, adapting, promoting,
+    done, failed), the current ``job_id``, ``error``, and the served ``model``."""
+
+    def __init__(self, redis_url: str, queue: str) -> None:
+        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
+        self.key = f"{queue}:bootstrap"
+
+    def claim(self, mode: str) -> bool:
+        """Record a queued bootstrap unless one is already recorded (only the first worker wins)."""
+        if not self.redis.hsetnx(self.key, "stage", json.dumps("queued")):
+            return False
+        self.set(mode=mode)
+        return True
+
+    def set(self, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        self.redis.hset(self.key, mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def get(self) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(self.key)
+        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
+
+
+def describe(state: dict[str, Any] | None, records: JobRecords | None = None) -> str | None:
+    """A one-line account of a bootstrap in progress (or failed) for /ready; None when none or done."""
+    if not state or state.get("stage") == "done":
+        return None
+    stage = state.get("stage")
+    if stage == "failed":
+        return f"bootstrap failed: {state.get('error')} (see the training worker's log)"
+    what = {"queued": "queued", "synthesising": "drawing the synthetic phantoms",
+            "pretraining": "pre-training the demo foundation on synthetic chest images",
+            "adapting": "LoRA-adapting it to synthetic bone images",
+            "promoting": "promoting the demo model"}.get(stage, str(stage))  # fmt: skip
+    progress = ""
+    if records is not None and state.get("job_id"):
+        job = records.get(state["job_id"]) or {}
+        p = job.get("progress") or {}
+        if p.get("total_steps"):
+            progress = f", step {p.get('step', 0)}/{p['total_steps']}"
+    return f"bootstrapping: training the demo model on SYNTHETIC data: {what}{progress}"
+
+
+def _job_spec(kind: str, name: str, root: Path, sizes: dict[str, Any], foundation: str | None) -> dict:
+    common = {"size": sizes["size"], "batch_size": sizes["batch_size"], "seed": sizes["seed"],
+              "progress_bar": False, "tensorboard": False, "log_every": 5}  # fmt: skip
+    if kind == "pretrain":
+        config = {"kind": "chexpert", "root": str(root), "labels": CHEST_LABELS, "model": sizes["model"],
+                  "model_kwargs": sizes["model_kwargs"], "epochs": sizes["pretrain_epochs"],
+                  "lr": sizes["pretrain_lr"], "val_fraction": 0.25, **common}  # fmt: skip
+    else:
+        config = {"kind": "mura", "root": str(root), "foundation": foundation, "method": "lora",
+                  "epochs": sizes["adapt_epochs"], "lr": sizes["adapt_lr"], "augment": False,
+                  "n_bootstrap": 50, "val_fraction": 0.25, **common}  # fmt: skip
+    return {"kind": kind, "name": name, "config": config}
+
+
+def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> dict[str, Any]:
+    """Synthesise, pre-train, adapt, promote (each job through `run_job`); returns the final state."""
+    from xrayfm.data.synth import synth_bone, synth_chest
+
+    state = BootstrapState(settings.redis_url, settings.queue)
+    mode = (state.get() or {}).get("mode") or bootstrap_mode()
+    store = Path(settings.model_store)
+    if model_store.serving(store) is not None:
+        state.set(stage="done", model=model_store.serving(store))
+        return state.get() or {}
+    sizes = demo_sizes(mode)
+    data = (Path(settings.runs_dir) / "bootstrap-data").resolve()
+    try:
+        state.set(stage="synthesising", error=None)
+        chest, bone = data / "CheXpert-synthetic", data / "MURA-synthetic"
+        for root, make in ((chest, synth_chest), (bone, synth_bone)):
+            if not (root / "SYNTHETIC.md").exists():
+                make(root, n=sizes["images"], seed=sizes["seed"], size=sizes["size"], progress=False)
+        ref = None
+        for stage, kind, name, root in (("pretraining", "pretrain", FOUNDATION_NAME, chest),
+                                        ("adapting", "adapt", ADAPTED_NAME, bone)):  # fmt: skip
+            foundation = f"store:{ref['name']}/{ref['version']}" if ref else None
+            spec = validate_spec(_job_spec(kind, name, root, sizes, foundation), store)
+            job_id = records.create(spec)
+            state.set(stage=stage, job_id=job_id)
+            outcome = run_job(job_id, settings, records)
+            if outcome.get("status") != "done":
+                job = records.get(job_id) or {}
+                raise XrayfmError(f"{kind} job {job_id} ended {outcome.get('status')}: {job.get('error')}")
+            ref = outcome["model"]
+        state.set(stage="promoting")
+        model_store.promote(store, ref["name"], ref["version"])
+        state.set(stage="done", model=ref, job_id=None)
+    except Exception as exc:
+        state.set(stage="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return state.get() or {}

@@ -1,0 +1,84 @@
+"""First start from an empty model store: the training worker trains, publishes and promotes the demo model
+on synthetic phantoms, /ready says what is happening meanwhile, then /predict answers with it (synthetic).
+
+Real Redis, a real Celery training worker, a real inference worker, real uvicorn; tiny sizes
+(XRAYFM_BOOTSTRAP=quick: 32 px, 40 images, one epoch)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import stack as stack_lib  # scripts/stack.py (on sys.path through tests/services/conftest.py)
+from svc_helpers import free_port, phantom, png_bytes, stack_env
+
+from xrayfm_training.bootstrap import BootstrapState, describe, store_is_empty
+
+
+def test_describe_says_what_the_bootstrap_does() -> None:
+    assert describe(None) is None and describe({"stage": "done"}) is None
+    assert describe({"stage": "pretraining"}).startswith("bootstrapping: training the demo model")
+    assert "SYNTHETIC" in describe({"stage": "adapting"})
+    assert describe({"stage": "failed", "error": "DataError: boom"}).startswith("bootstrap failed: DataError")
+
+
+def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    store = tmp_path / "store"
+    assert store_is_empty(store)
+    redis_port, gateway_port = free_port(), free_port()
+    env = stack_env(redis_port, tmp_path / "unused", XRAYFM_MODEL_STORE=str(store),
+                    XRAYFM_TRAINING_RUNS=str(tmp_path / "runs"), XRAYFM_BOOTSTRAP="quick",
+                    XRAYFM_TRAINING_QUEUE=f"xrayfm-training-test-{uuid.uuid4().hex[:8]}",
+                    XRAYFM_TRAINING_LOCK_TTL="5")  # fmt: skip
+    del env["XRAYFM_MODEL_PATH"]  # serve from the (empty) store
+    launcher = stack_lib.Stack(tmp_path, env=env)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        launcher.start_redis(redis_port)
+        trainer = launcher.start_training_worker()
+        worker = launcher.start_worker(concurrency=2)
+        launcher.start_gateway(gateway_port)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            # before the model exists: not ready, and the reason is the bootstrap
+            stack_lib.wait_until(
+                lambda: "bootstrapping" in stack_lib.http_json(f"{url}/ready")[1].get("detail", ""),
+                60, "a bootstrapping /ready", trainer,
+            )  # fmt: skip
+            code, body = stack_lib.http_json(f"{url}/ready")
+            assert code == 503 and body["ready"] is False, body
+            image = png_bytes(phantom(40, 40))
+            refused = http.post("/predict", files={"file": ("x.png", image, "image/png")})
+            assert refused.status_code == 503, refused.text
+            assert "bootstrapping" in refused.json()["detail"]
+
+            worker = stack_lib.await_first_model(
+                launcher, url, store, worker, timeout=300, say=lambda _line: None, restart_after=5
+            )
+            answer = http.post("/predict", files={"file": ("x.png", image, "image/png")})
+            assert answer.status_code == 200, answer.text
+            model = answer.json()["model"]
+            assert model["name"] == "demo-bone-lora" and model["synthetic"] is True, model
+            assert model.get("untrained") is not True
+
+            jobs = http.get("/training/jobs").json()["jobs"]
+            assert sorted((j["kind"], j["status"]) for j in jobs) == [("adapt", "done"), ("pretrain", "done")]
+            state = BootstrapState(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"]).get()
+            assert state["stage"] == "done" and state["model"]["name"] == "demo-bone-lora"
+            assert stack_lib.http_json(f"{url}/ready")[0] == 200
+
+        # a second start of the training worker does not bootstrap again
+        launcher.stop(trainer)
+        launcher.start_training_worker(name="trainer2")
+        stack_lib.wait_until(lambda: "ready" in (tmp_path / "logs/trainer2.log").read_text(), 60, "trainer2")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert len(http.get("/training/jobs").json()["jobs"]) == 2
+    except BaseException:
+        print("\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in launcher.procs))
+        raise
+    finally:
+        launcher.stop_all()
