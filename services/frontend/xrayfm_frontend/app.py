@@ -1,5 +1,6 @@
 """The xrayfm web UI (Streamlit): upload a radiograph, see the prediction, the probability, and the
-attention heatmap over the image (opacity slider) next to the original."""
+attention heatmap over the image (opacity slider) next to the original; a second page (sidebar) for
+training jobs and model versions (xrayfm_frontend.training_page)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import hashlib
 import streamlit as st
 
 from xrayfm.errors import XrayfmError
+from xrayfm_frontend import training_page
 from xrayfm_frontend.client import FrontendSettings, GatewayClient, GatewayError
 from xrayfm_frontend.render import heatmap_from_base64, original_for_display, overlay
+
+PREDICTION, TRAINING = "Prediction", "Training & models"
 
 
 @st.cache_resource
@@ -22,14 +26,20 @@ st.set_page_config(page_title="xrayfm", layout="wide")
 settings = FrontendSettings.from_env()
 client = gateway_client(settings)
 
-st.title("xrayfm: radiograph prediction")
 ready, detail = client.ready()
 with st.sidebar:
+    page = st.radio("Page", [PREDICTION, TRAINING])
     st.caption(f"Gateway: {settings.gateway_url}")
     if ready:
         st.success(f"Stack ready: {detail}")
     else:
         st.warning(f"Stack not ready: {detail}")
+if page == TRAINING:
+    training_page.render(client)
+    st.stop()
+
+st.title("xrayfm: radiograph prediction")
+with st.sidebar:
     explain = st.checkbox("Attention heatmap", value=True)
     opacity = st.slider("Heatmap opacity", min_value=0.0, max_value=1.0, value=0.45, step=0.05)
 

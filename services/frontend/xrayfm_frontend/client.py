@@ -1,4 +1,5 @@
-"""The UI's client of the gateway (httpx): readiness and predictions, errors as readable messages."""
+"""The UI's client of the gateway (httpx): readiness, predictions, training jobs and the model store;
+errors as readable messages."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ class GatewayError(Exception):
 
 @dataclass(frozen=True)
 class FrontendSettings:
-    """Where the gateway is and how to call it (XRAYFM_GATEWAY_URL, XRAYFM_FRONTEND_API_KEY...)."""
+    """Where the gateway is and how to call it (XRAYFM_GATEWAY_URL, XRAYFM_FRONTEND_API_KEY,
+    XRAYFM_FRONTEND_ADMIN_KEY for the training and model endpoints...)."""
 
     gateway_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
     timeout_s: float = 90.0
+    admin_key: str | None = None
 
     @classmethod
     def from_env(cls) -> FrontendSettings:
@@ -32,11 +35,12 @@ class FrontendSettings:
             gateway_url=os.environ.get("XRAYFM_GATEWAY_URL", cls.gateway_url).rstrip("/"),
             api_key=os.environ.get("XRAYFM_FRONTEND_API_KEY") or None,
             timeout_s=float(os.environ.get("XRAYFM_FRONTEND_TIMEOUT", cls.timeout_s)),
+            admin_key=os.environ.get("XRAYFM_FRONTEND_ADMIN_KEY") or None,
         )
 
 
 class GatewayClient:
-    """Calls the gateway's /ready and /predict."""
+    """Calls the gateway's /ready and /predict, and (with the admin key) its training and model endpoints."""
 
     def __init__(self, settings: FrontendSettings) -> None:
         self.settings = settings
@@ -72,6 +76,48 @@ class GatewayClient:
             detail = body.get("detail") or resp.text[:300]
             raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
         return body
+
+    # -- training jobs and models (admin key) ---------------------------------------------------------
+    def _admin(self, method: str, path: str, json_body: bool = False, **kwargs: Any) -> dict[str, Any]:
+        """One admin call; returns the JSON answer or raises GatewayError with the gateway's message."""
+        headers = {"X-API-Key": self.settings.admin_key} if self.settings.admin_key else {}
+        if json_body:
+            headers["Content-Type"] = "application/json"
+        try:
+            resp = self._client.request(method, path, headers=headers, timeout=30.0, **kwargs)
+        except httpx.TimeoutException:
+            raise GatewayError("the gateway did not answer within 30 s; try again later") from None
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
+        body = _json(resp)
+        if resp.status_code >= 400:
+            detail = body.get("detail") or resp.text[:300]
+            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
+        return body
+
+    def submit_job(self, spec_text: str) -> dict[str, Any]:
+        """POST the JSON spec as typed (the gateway checks it: a bad one answers 422 with the reason)."""
+        return self._admin("POST", "/training/jobs", content=spec_text.encode(), json_body=True)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """The latest training jobs, newest first."""
+        return list(self._admin("GET", "/training/jobs").get("jobs", []))
+
+    def cancel_job(self, job_id: str) -> str:
+        """Ask a job to stop; returns its new status."""
+        return str(self._admin("POST", f"/training/jobs/{job_id}/cancel").get("status"))
+
+    def list_models(self) -> dict[str, Any]:
+        """``{"serving": {...} | None, "models": [...]}`` from the model store."""
+        return self._admin("GET", "/models")
+
+    def promote(self, name: str, version: str) -> dict[str, Any]:
+        """Serve this version; returns the new serving reference."""
+        return self._admin("POST", f"/models/{name}/{version}/promote")
+
+    def rollback(self) -> dict[str, Any]:
+        """Serve the previously promoted version again."""
+        return self._admin("POST", "/models/rollback")
 
     def close(self) -> None:
         """Close the HTTP connections."""

@@ -1,11 +1,26 @@
-"""The gateway's Prometheus metrics (``GET /metrics``)."""
+"""The gateway's Prometheus metrics (``GET /metrics``): its own HTTP counters, plus training jobs by state,
+running jobs' progress, jobs' last validation metrics and the served model, read at each scrape."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+import anyio
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from xrayfm.errors import XrayfmError
+from xrayfm_inference.store import serving
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("xrayfm_gateway_requests_total", "HTTP requests", ["route", "method", "status"])
 LATENCY = Histogram(
@@ -51,3 +66,122 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             REQUESTS.labels(route, scope["method"], str(status["code"])).inc()
             LATENCY.labels(route).observe(time.perf_counter() - start)
+
+
+# -- training jobs and the served model, computed at scrape time ------------------------------------------
+# Custom collectors (not module-level Gauges): the series come from Redis and the model store at each
+# scrape, so jobs that left the records or stopped running vanish instead of keeping stale values.
+SCRAPE_TIMEOUT_S = 2.0  # /metrics leaves the training series out rather than wait longer on Redis
+JOBS_WITH_SERIES = 50  # the newest jobs that get per-job series (progress, last metrics): bounded cardinality
+JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
+
+
+@dataclass
+class TrainingSnapshot:
+    """What one scrape read: job states (all jobs), the newest jobs' records, the store's served model."""
+
+    states: dict[str, int] | None = None
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    serving: dict[str, str] | None = None
+
+
+def read_jobs(records: Any, limit: int = JOBS_WITH_SERIES) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Count every job by state (one pipelined read) and return the newest `limit` jobs' records
+    (``xrayfm_training.jobs.JobRecords``; blocking: call it from a thread)."""
+    ids = [i.decode() for i in records.redis.zrevrange(records.index_key, 0, -1)]
+    pipe = records.redis.pipeline()
+    for rank, job_id in enumerate(ids):  # older jobs: their status only (the counts)
+        fields = ["status", "kind", "name", "progress", "result"] if rank < limit else ["status"]
+        pipe.hmget(records.key(job_id), fields)
+    counts = dict.fromkeys(JOB_STATES, 0)
+    jobs = []
+    for rank, (job_id, raw) in enumerate(zip(ids, pipe.execute() if ids else [], strict=True)):
+        if raw[0] is None:  # the index names a job whose record expired or was deleted
+            continue
+        status = json.loads(raw[0])
+        counts[status] = counts.get(status, 0) + 1
+        if rank < limit:
+            kind, name, progress, result = (json.loads(v) if v is not None else None for v in raw[1:])
+            jobs.append({"job_id": job_id, "status": status, "kind": kind, "name": name,
+                         "progress": progress or {}, "result": result or {}})  # fmt: skip
+    return counts, jobs
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def training_families(snap: TrainingSnapshot) -> list[Metric]:
+    """The Prometheus series of a snapshot: jobs by state, running jobs' progress, the last validation
+    metrics of the newest jobs, and the store's served model (an info metric)."""
+    families: list[Metric] = []
+    if snap.states is not None:
+        by_state = GaugeMetricFamily("xrayfm_training_jobs", "Training jobs by state", labels=["state"])
+        for state, count in sorted(snap.states.items()):
+            by_state.add_metric([state], count)
+        progress = GaugeMetricFamily(
+            "xrayfm_training_job_progress",
+            "Fraction of its steps a running training job has done",
+            labels=["job_id", "kind", "name"],
+        )
+        last = GaugeMetricFamily(
+            "xrayfm_training_job_last_metric",
+            "The last validation metrics a training job reported",
+            labels=["job_id", "kind", "name", "metric"],
+        )
+        for job in snap.jobs:
+            ids = [job["job_id"], str(job["kind"]), str(job["name"])]
+            p = job["progress"]
+            step, total = _number(p.get("step")), _number(p.get("total_steps"))
+            if job["status"] in ("running", "cancelling") and step is not None and total:
+                progress.add_metric(ids, min(step / total, 1.0))
+            metrics = p.get("metrics") or job["result"].get("metrics") or {}
+            for metric, value in sorted(metrics.items() if isinstance(metrics, dict) else []):
+                if (number := _number(value)) is not None:
+                    last.add_metric([*ids, str(metric)], number)
+        families += [by_state, progress, last]
+    if snap.serving is not None:
+        info = InfoMetricFamily("xrayfm_served_model", "The model version the store serves (serving.json)")
+        info.add_metric([], {"name": snap.serving["name"], "version": snap.serving["version"]})
+        families.append(info)
+    return families
+
+
+class _Families:
+    """A one-scrape 'registry' for ``generate_latest``: it only needs ``collect()``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def read_snapshot(records: Any, store: Path) -> TrainingSnapshot:
+    """Read the jobs and the served model (blocking); each part is left out when its source fails."""
+    snap = TrainingSnapshot()
+    try:
+        snap.states, snap.jobs = read_jobs(records)
+    except (RedisError, OSError, ValueError) as exc:
+        log.warning("metrics: training jobs left out: %s", exc)
+        QUEUE_ERRORS.labels("metrics").inc()
+    try:
+        snap.serving = serving(store)
+    except (XrayfmError, OSError, KeyError, TypeError) as exc:
+        log.warning("metrics: served model left out: %s", exc)
+    return snap
+
+
+async def training_exposition(records: Any, store: Path, timeout_s: float = SCRAPE_TIMEOUT_S) -> bytes:
+    """The training series in Prometheus' text format, read in a thread (never on the event loop);
+    empty when the reads take longer than `timeout_s` (the thread is abandoned, not waited for)."""
+    try:
+        with anyio.fail_after(timeout_s):
+            snap = await anyio.to_thread.run_sync(read_snapshot, records, store, abandon_on_cancel=True)
+    except TimeoutError:
+        log.warning("metrics: training series left out: reads took over %.1f s", timeout_s)
+        QUEUE_ERRORS.labels("metrics").inc()
+        return b""
+    return generate_latest(_Families(training_families(snap)))

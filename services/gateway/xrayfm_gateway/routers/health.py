@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from xrayfm_gateway.metrics import QUEUE_ERRORS
+from xrayfm_gateway.metrics import QUEUE_ERRORS, training_exposition
 from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_gateway.schemas import Readiness
 
@@ -78,6 +78,15 @@ async def _bootstrap_detail(request: Request) -> str | None:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
-    """The gateway's metrics in Prometheus' text format."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """The gateway's metrics in Prometheus' text format, with the training jobs and the served model
+    (left out, not failed, when Redis or the store cannot be read)."""
+    from xrayfm_training.jobs import JobRecords
+    from xrayfm_training.settings import TrainingSettings
+
+    state = request.app.state
+    if getattr(state, "metrics_records", None) is None:
+        t = TrainingSettings.from_env()
+        state.metrics_records = JobRecords(t.redis_url, t.queue)  # connects lazily: no I/O here
+    training = await training_exposition(state.metrics_records, state.settings.model_store)
+    return Response(generate_latest() + training, media_type=CONTENT_TYPE_LATEST)
