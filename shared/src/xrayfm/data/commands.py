@@ -56,8 +56,10 @@ def dataset_from_args(args: argparse.Namespace):
 
 
 def print_json(obj: Any) -> None:
-    """One strict JSON object on stdout (what `--json` promises)."""
-    json.dump(obj, sys.stdout, indent=2, allow_nan=False, default=str)
+    """One strict JSON object on stdout (what `--json` promises): NaN and numpy values made plain."""
+    from xrayfm.evaluate.reports import to_jsonable  # lazy: keeps matplotlib out of `xrayfm --help`
+
+    json.dump(to_jsonable(obj), sys.stdout, indent=2, allow_nan=False, default=str)
     sys.stdout.write("\n")
 
 

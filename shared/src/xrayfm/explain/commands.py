@@ -11,6 +11,7 @@ import numpy as np
 from xrayfm.data import DATASET_KINDS
 from xrayfm.data.commands import print_json
 from xrayfm.data.images import read_image
+from xrayfm.evaluate.reports import to_jsonable
 from xrayfm.explain import canonical_method
 from xrayfm.explain.overlay import render_overlay, to_png_bytes
 from xrayfm.inference import Predictor, heatmap_on_image, load_served_model
@@ -46,7 +47,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             }
         )
     result = {"model": served.info(), "predictions": answers}
-    (out / "predictions.json").write_text(json.dumps(result, indent=2))
+    (out / "predictions.json").write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
     if args.json:
         print_json(result)
     else:
@@ -70,7 +71,7 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "faithfulness.json").write_text(json.dumps(result, indent=2))
+        (out / "faithfulness.json").write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
         (out / "faithfulness.md").write_text(markdown)
     if args.json:
         print_json(result)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+from xrayfm.data.commands import print_json
 from xrayfm.errors import XrayfmError
 from xrayfm.train.config import METHODS, AdaptConfig, PretrainConfig, TrainConfig, field_type
 
@@ -77,14 +77,6 @@ def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainC
     if getattr(args, "json", False):
         data["progress_bar"] = False
     return cls.from_dict(data)
-
-
-def print_json(obj: Any) -> None:
-    """One strict JSON object on stdout (what `--json` promises)."""
-    from xrayfm.evaluate.reports import to_jsonable
-
-    json.dump(to_jsonable(obj), sys.stdout, indent=2, allow_nan=False, default=str)
-    sys.stdout.write("\n")
 
 
 def _print_summary(summary: dict[str, Any], args: argparse.Namespace, what: str) -> int:
