@@ -6,6 +6,7 @@ Layout (documented in services/README.md; the training worker of a later issue a
     <store>/models/<name>/<version>/      one checkpoint folder (safetensors weights + JSON metadata)
 
     <store>/models/<name>/<version>/version.json   store facts: job, kind, metrics, lineage (training worker)
+    <store>/models/<name>/<version>/evaluations/<job>.json   results of evaluate jobs on this version
     <store>/serving-history.json          the promoted versions, oldest first (for :func:`rollback`)
 
 ``XRAYFM_MODEL_PATH`` (a checkpoint folder) wins over the store when set. Promotion = rewriting
@@ -34,6 +35,7 @@ SERVING_FILE = "serving.json"
 MODELS_DIR = "models"
 HISTORY_FILE = "serving-history.json"
 VERSION_FILE = "version.json"  # the store's own facts about a version (next to the checkpoint's meta.json)
+EVALUATIONS_DIR = "evaluations"
 LOCK_FILE = ".store.lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -158,7 +160,9 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
     """Copy the checkpoint folder `source` into the store as the next version of `name` (1, 2, ...).
 
     The copy is made beside the target and renamed into place, so a version is complete or absent.
-    `info` (job, kind, metrics, lineage...) is written to the version's ``version.json``."""
+    `info` (job, kind, metrics, lineage...) is written to the version's ``version.json``. Idempotent per
+    job: when `info` has a ``job_id`` that already published a version of `name` (a job that was
+    interrupted after publishing and ran again), that version is returned and nothing is added."""
     _check_name("name", name)
     source = Path(source)
     if not (source / "meta.json").is_file():
@@ -171,12 +175,32 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
         shutil.copytree(source, payload)
         with _locked(store):
             numbers = [int(p.name) for p in models.iterdir() if p.name.isdigit()]
+            job_id = (info or {}).get("job_id")
+            for number in sorted(numbers) if job_id else ():
+                if _read_json(models / str(number) / VERSION_FILE, {}).get("job_id") == job_id:
+                    return str(number)
             version = str(max(numbers, default=0) + 1)
             _write_json_atomic(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
             os.rename(payload, models / version)
         return version
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_evaluation(store: Path, name: str, version: str, job_id: str, result: dict[str, Any]) -> None:
+    """Record an evaluate job's result with the version it evaluated (one file per job)."""
+    folder = version_dir(store, name, version)
+    if not folder.is_dir():
+        raise XrayfmError(f"no version {name}/{version} in the model store")
+    _check_name("job id", job_id)
+    (folder / EVALUATIONS_DIR).mkdir(exist_ok=True)
+    _write_json_atomic(folder / EVALUATIONS_DIR / f"{job_id}.json", {"job_id": job_id, **result})
+
+
+def evaluations(folder: Path) -> list[dict[str, Any]]:
+    """The evaluations recorded for a version folder, oldest first."""
+    found = [_read_json(path, {}) for path in (Path(folder) / EVALUATIONS_DIR).glob("*.json")]
+    return sorted(found, key=lambda e: e.get("created") or 0)
 
 
 def list_versions(store: Path) -> list[dict[str, Any]]:
@@ -208,6 +232,7 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
                 "created": meta.get("created"),
                 "job_id": info.get("job_id"),
                 "lineage": lineage,
+                "evaluations": evaluations(folder),
             }
         )
     rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))

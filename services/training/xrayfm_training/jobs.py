@@ -15,9 +15,22 @@ from typing import Any
 import redis
 
 TERMINAL = ("done", "failed", "cancelled")
+ACTIVE = ("running", "cancelling")  # a worker holds the job's lock while it is in one of these
+LOG_LINES = 2000  # the last lines of a job's log kept in Redis (the whole log is in its run folder)
 STATES = ("queued", "running", "cancelling", *TERMINAL)
 FIELDS = ("status", "kind", "name", "spec", "progress", "result", "model", "error", "created", "updated",
-          "started", "finished", "attempts", "worker")  # fmt: skip
+          "started", "finished", "attempts", "worker", "resumed", "requeued")  # fmt: skip
+
+# Atomically: if the job is running/cancelling and nobody holds its lock, set its status (ARGV[1], JSON)
+# and return the old one. Atomic so that a job finishing right now is never taken for an orphan.
+_CLAIM_ORPHAN = """
+local status = redis.call('hget', KEYS[1], 'status')
+if (status == '"running"' or status == '"cancelling"') and redis.call('exists', KEYS[2]) == 0 then
+  redis.call('hset', KEYS[1], 'status', ARGV[1], 'updated', ARGV[2])
+  return status
+end
+return false
+"""
 
 
 class JobRecords:
@@ -39,6 +52,9 @@ class JobRecords:
 
     def lock_key(self, job_id: str) -> str:
         return f"{self.queue}:tjob:{job_id}:lock"
+
+    def log_key(self, job_id: str) -> str:
+        return f"{self.queue}:tjob:{job_id}:log"
 
     # -- records ---------------------------------------------------------------------------------------
     def create(self, spec: dict[str, Any]) -> str:
@@ -71,6 +87,18 @@ class JobRecords:
         jobs = [self.get(job_id) for job_id in ids]
         return [{k: v for k, v in job.items() if k != "spec"} for job in jobs if job is not None]
 
+    # -- the job's log (its last LOG_LINES lines) --------------------------------------------------------
+    def append_log(self, job_id: str, line: str) -> None:
+        """Add a line to the job's log, keeping the last LOG_LINES."""
+        pipe = self.redis.pipeline()
+        pipe.rpush(self.log_key(job_id), line)
+        pipe.ltrim(self.log_key(job_id), -LOG_LINES, -1)
+        pipe.execute()
+
+    def log_tail(self, job_id: str, lines: int = 200) -> list[str]:
+        """The last `lines` lines of the job's log, oldest first."""
+        return [b.decode(errors="replace") for b in self.redis.lrange(self.log_key(job_id), -lines, -1)]
+
     # -- cancel ----------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> str:
         """Ask a job to stop; returns its new status (queued -> cancelled at once, running -> cancelling)."""
@@ -97,6 +125,22 @@ class JobRecords:
         """Extend our lock; False if it lapsed or is someone else's."""
         script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
         return bool(self.redis.eval(script, 1, self.lock_key(job_id), owner, int(ttl_s * 1000)))
+
+    def active_ids(self, limit: int = 1000) -> list[str]:
+        """Ids of the latest `limit` jobs that say they are running or cancelling."""
+        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(self.key(job_id), "status")
+        statuses = pipe.execute()
+        return [i for i, s in zip(ids, statuses, strict=True) if s and json.loads(s) in ACTIVE]
+
+    def claim_orphan(self, job_id: str) -> str | None:
+        """If the job is running/cancelling but its lock lapsed (its worker died), mark it queued again and
+        return the status it had; None when it is not an orphan (finished, or a live worker holds it)."""
+        old = self.redis.eval(_CLAIM_ORPHAN, 2, self.key(job_id), self.lock_key(job_id),
+                              json.dumps("queued"), json.dumps(time.time()))  # fmt: skip
+        return json.loads(old) if old else None
 
     def release(self, job_id: str, owner: str) -> None:
         """Drop our lock (only ours)."""

@@ -22,6 +22,8 @@ class TrainingSettings:
     # per-job lock (not this timeout) is what keeps a redelivered job from running twice at once.
     visibility_timeout_s: int = 6 * 3600
     lock_ttl_s: float = 30.0  # XRAYFM_TRAINING_LOCK_TTL: a job's lock lapses this long after its worker died
+    # XRAYFM_TRAINING_MAX_ATTEMPTS: a job whose worker died this many times fails (e.g. it runs out of memory)
+    max_attempts: int = 3
     torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
 
     @classmethod
@@ -37,5 +39,6 @@ class TrainingSettings:
                 env_number(env, "XRAYFM_TRAINING_VISIBILITY_TIMEOUT", cls.visibility_timeout_s, int, 1)
             ),
             lock_ttl_s=env_number(env, "XRAYFM_TRAINING_LOCK_TTL", cls.lock_ttl_s, float, 1.0),
+            max_attempts=int(env_number(env, "XRAYFM_TRAINING_MAX_ATTEMPTS", cls.max_attempts, int, 1)),
             torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
         )

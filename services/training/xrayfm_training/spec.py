@@ -1,9 +1,11 @@
 """The JSON job spec, checked before a job is queued (the gateway and the worker use the same check).
 
     {"kind": "pretrain" | "adapt", "name": "chest-fm", "config": {...PretrainConfig / AdaptConfig fields...}}
+    {"kind": "evaluate", "config": {"model": "store:bone-lora/1", "kind": "mura", "root": "/data/MURA-v1.1"}}
 
 The worker owns ``out`` (the job's run folder) and ``resume``, so a spec may not set them. An adapt
-job's ``foundation`` may name a store version as ``"store:<name>/<version>"``.
+job's ``foundation`` and an evaluate job's ``model`` may name a store version as ``"store:<name>/<version>"``;
+an evaluate job of a store version records its result with that version (see GET /models).
 """
 
 from __future__ import annotations
@@ -12,23 +14,34 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
-from xrayfm.train.config import AdaptConfig, PretrainConfig, TrainConfig
+from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig
 from xrayfm_inference.store import version_dir
 
-CONFIGS: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "adapt": AdaptConfig}
+CONFIGS: dict[str, type[JsonConfig]] = {
+    "pretrain": PretrainConfig,
+    "adapt": AdaptConfig,
+    "evaluate": EvaluateConfig,
+}
 RESERVED = ("out", "resume")
 STORE_PREFIX = "store:"
 
 
+def store_ref(value: str) -> tuple[str, str] | None:
+    """``store:<name>/<version>`` -> (name, version); None for any other value (a folder path)."""
+    if not value.startswith(STORE_PREFIX):
+        return None
+    name, _, version = value[len(STORE_PREFIX) :].partition("/")
+    return name, version
+
+
 def resolve_foundation(foundation: str, store: Path) -> str:
     """``store:<name>/<version>`` -> that version's folder (which must exist); other values unchanged."""
-    if not foundation.startswith(STORE_PREFIX):
+    ref = store_ref(foundation)
+    if ref is None:
         return foundation
-    ref = foundation[len(STORE_PREFIX) :]
-    name, _, version = ref.partition("/")
-    folder = version_dir(store, name, version)
+    folder = version_dir(store, *ref)
     if not folder.is_dir():
-        raise XrayfmError(f"foundation {foundation!r}: no version {ref} in the model store")
+        raise XrayfmError(f"{foundation!r}: no version {'/'.join(ref)} in the model store")
     return str(folder.resolve())
 
 
@@ -44,9 +57,12 @@ def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
     kind = spec.get("kind")
     if kind not in CONFIGS:
         raise XrayfmError(f"job kind {kind!r}: choose one of {sorted(CONFIGS)}")
-    name = spec.get("name", f"{kind}-model")
-    version_dir(Path("."), name, "1")  # checks the model name (letters, digits, '.', '_', '-')
     config = spec.get("config")
+    default_name = f"{kind}-model"
+    if kind == "evaluate" and isinstance(config, dict):  # named after the model it evaluates
+        default_name = (store_ref(str(config.get("model", ""))) or (default_name,))[0]
+    name = spec.get("name", default_name)
+    version_dir(Path("."), name, "1")  # checks the model name (letters, digits, '.', '_', '-')
     if not isinstance(config, dict):
         raise XrayfmError("job spec 'config' must be a JSON object of training settings")
     reserved = [key for key in RESERVED if key in config]
@@ -58,4 +74,6 @@ def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
         raise XrayfmError(f"invalid {kind} config: {exc}") from None
     if store is not None and isinstance(parsed, AdaptConfig) and parsed.foundation:
         resolve_foundation(parsed.foundation, store)
+    if store is not None and isinstance(parsed, EvaluateConfig):
+        resolve_foundation(parsed.model, store)
     return {"kind": kind, "name": name, "config": parsed.to_dict()}

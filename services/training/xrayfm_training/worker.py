@@ -2,8 +2,11 @@
 
 One job at a time per worker process. A job: take its Redis lock (renewed while it runs), resume from
 its run folder's ``last/`` when an earlier attempt left one, train with the library while recording
-progress and honouring cancel, then publish ``best/`` as a new store version. A job that fails records
-why; a redelivered job that already finished, or is still running elsewhere, is not run again.
+progress and honouring cancel, then publish ``best/`` as a new store version (once per job, however often
+it ran). An evaluate job evaluates a checkpoint and records the result with its store version. A job that
+fails records why; a redelivered job that already finished, or is still running elsewhere, is not run
+again; a job whose worker died is queued again by the other workers (xrayfm_training.recovery). Each job
+has its own log (xrayfm_training.joblog).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from typing import Any
 from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
+from xrayfm_inference import store as model_store
 from xrayfm_training import bootstrap
 from xrayfm_training.celery_app import BOOTSTRAP_TASK, TRAIN_TASK, make_celery
+from xrayfm_training.joblog import JobLog
 from xrayfm_training.jobs import TERMINAL, JobRecords
 from xrayfm_training.publish import plain, publish_run
+from xrayfm_training.recovery import OrphanWatch
 from xrayfm_training.settings import TrainingSettings
-from xrayfm_training.spec import CONFIGS, resolve_foundation
+from xrayfm_training.spec import CONFIGS, resolve_foundation, store_ref
 
 settings = TrainingSettings.from_env()
 app = make_celery(settings)
@@ -88,25 +94,32 @@ def run_job(job_id: str, settings: TrainingSettings, records: JobRecords) -> dic
 
 def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords, keeper: _LockKeeper) -> dict:
     job_id, spec = job["job_id"], job["spec"]
+    run_dir = (settings.runs_dir / job_id).resolve()
+    say = JobLog(records, job_id, run_dir)
     if records.cancel_requested(job_id):
         records.update(job_id, status="cancelled", finished=time.time())
+        say("cancelled before it started")
         return {"status": "cancelled"}
-    run_dir = (settings.runs_dir / job_id).resolve()
     resume = (run_dir / "last").is_dir()
-    records.update(job_id, status="running", started=time.time(), attempts=int(job.get("attempts") or 0) + 1,
+    attempt = int(job.get("attempts") or 0) + 1
+    records.update(job_id, status="running", started=time.time(), attempts=attempt,
                    worker=os.uname().nodename, resumed=resume, error=None)  # fmt: skip
-    log.info("job %s: %s %s (run folder %s, resume=%s)", job_id, spec["kind"], spec["name"], run_dir, resume)
+    say(f"attempt {attempt}: {spec['kind']} {spec['name']} on {os.uname().nodename} (pid {os.getpid()}), "
+        f"run folder {run_dir}" + (", resuming from its last checkpoint" if resume else ""))  # fmt: skip
 
     def progress(info: dict[str, Any]) -> None:
         try:
             records.update(job_id, progress=plain(info))
         except Exception:  # progress is best effort: never let a Redis blip kill hours of training
             log.warning("job %s: could not record progress", job_id)
+        say.progress(info)
 
     def should_cancel() -> bool:
         return keeper.lost.is_set() or records.cancel_requested(job_id)
 
     try:
+        if spec["kind"] == "evaluate":
+            return _evaluate(job_id, spec, settings, records, run_dir, say)
         config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
         if spec["kind"] == "adapt":
             config_dict["foundation"] = resolve_foundation(config_dict["foundation"], settings.model_store)
@@ -117,9 +130,10 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         summary = runner(config, progress=progress, should_cancel=should_cancel)
         if summary["status"] == "cancelled":
             if keeper.lost.is_set():
-                log.warning("job %s: lost its lock; stopped (another worker resumes it)", job_id)
+                say("lost its lock; stopped (another worker resumes it)", logging.WARNING)
                 return {"status": "lock-lost"}
             records.update(job_id, status="cancelled", finished=time.time())
+            say(f"cancelled at step {summary.get('step')}")
             return {"status": "cancelled"}
         version, info = publish_run(
             settings.model_store, spec["name"], run_dir / "best", job_id, spec["kind"]
@@ -131,12 +145,36 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
                         "metrics": info.get("metrics"), "report": summary.get("report")})  # fmt: skip
         model = {"name": spec["name"], "version": version}
         records.update(job_id, status="done", finished=time.time(), result=result, model=model)
-        log.info("job %s: done; stored as %s/%s", job_id, spec["name"], version)
+        say(f"done ({summary['status']}, {summary.get('metric')} = {summary.get('best_metric')}); "
+            f"stored as {spec['name']}/{version}")  # fmt: skip
         return {"status": "done", "model": model}
     except Exception as exc:
-        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        say(f"failed:\n{traceback.format_exc()}", logging.ERROR)
         records.update(job_id, status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}")
         return {"status": "failed"}
+
+
+def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, records: JobRecords,
+              run_dir: Path, say: JobLog) -> dict[str, Any]:  # fmt: skip
+    """An evaluate job: report on the dataset split; a store version gets the result in its evaluations."""
+    from xrayfm.train.config import EvaluateConfig
+    from xrayfm.train.evaluation import evaluate
+
+    config = EvaluateConfig.from_dict(spec["config"])
+    kwargs = {k: v for k, v in config.to_dict().items() if k != "model"}
+    summary = evaluate(resolve_foundation(config.model, settings.model_store), run_dir, **kwargs)
+    result = plain({k: summary.get(k) for k in ("metric", "value", "report")})
+    ref = store_ref(config.model)
+    synthetic = "SYNTHETIC" in str((summary.get("report") or {}).get("title", ""))
+    if ref is not None:
+        model_store.add_evaluation(settings.model_store, *ref, job_id, {
+            "dataset": config.kind or "cache", "root": config.root or config.cache, "split": config.split,
+            "metric": result["metric"], "value": result["value"], "synthetic": synthetic,
+            "created": time.time()})  # fmt: skip
+    model = {"name": ref[0], "version": ref[1]} if ref else None
+    records.update(job_id, status="done", finished=time.time(), result=result, model=model)
+    say(f"done: {result['metric']} = {result['value']} on {config.kind or 'cache'} {config.split}")
+    return {"status": "done"}
 
 
 @app.task(name=TRAIN_TASK)
@@ -164,6 +202,18 @@ def bootstrap_job() -> dict[str, Any]:
     except Exception:  # recorded in the bootstrap state (and so in /ready); the message is done with
         log.error("bootstrap failed:\n%s", traceback.format_exc())
         return {"stage": "failed"}
+
+
+def _requeue(job_id: str, n: int) -> None:
+    app.send_task(TRAIN_TASK, args=(job_id,), task_id=f"{job_id}.requeue-{n}", queue=settings.queue)
+
+
+@worker_ready.connect
+def _watch_orphans(sender=None, **_kwargs: Any) -> None:
+    """Re-queue the jobs of dead workers, now and every lock TTL (xrayfm_training.recovery)."""
+    records = JobRecords(settings.redis_url, settings.queue)
+    OrphanWatch(settings.lock_ttl_s, records=records, max_attempts=settings.max_attempts,
+                requeue=_requeue, runs_dir=settings.runs_dir).start()  # fmt: skip
 
 
 @worker_ready.connect

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from redis.exceptions import RedisError
@@ -24,7 +24,7 @@ from xrayfm_gateway.security import API_KEY_HEADER, get_settings
 from xrayfm_gateway.settings import GatewaySettings
 from xrayfm_inference import store as model_store
 from xrayfm_training.celery_app import make_celery, submit
-from xrayfm_training.jobs import TERMINAL, JobRecords
+from xrayfm_training.jobs import LOG_LINES, TERMINAL, JobRecords
 from xrayfm_training.settings import TrainingSettings
 from xrayfm_training.spec import validate_spec
 
@@ -109,6 +109,19 @@ async def training_job(job_id: str, request: Request) -> dict[str, Any]:
     if job is None:
         raise APIError(404, "unknown_job", f"no training job {job_id}")
     return job
+
+
+@router.get("/training/jobs/{job_id}/log", summary="The last lines of a job's log")
+async def training_job_log(
+    job_id: str, request: Request, tail: int = Query(200, ge=1, le=LOG_LINES, description="lines")
+) -> dict[str, Any]:
+    """Worker events, per-epoch progress and metrics, and the traceback of a failure (the whole log is
+    ``job.log`` in the job's run folder)."""
+    records = _training(request).records
+    job_id = _job_id(job_id)
+    if await _call(records.get, job_id) is None:
+        raise APIError(404, "unknown_job", f"no training job {job_id}")
+    return {"job_id": job_id, "lines": await _call(records.log_tail, job_id, tail)}
 
 
 @router.post("/training/jobs/{job_id}/cancel", summary="Ask a job to stop (cooperative)")

@@ -15,6 +15,7 @@ _EXPORTS = {
     "TrainConfig": "xrayfm.train.config",
     "PretrainConfig": "xrayfm.train.config",
     "AdaptConfig": "xrayfm.train.config",
+    "EvaluateConfig": "xrayfm.train.config",
     "pretrain": "xrayfm.train.pretraining",
     "adapt": "xrayfm.train.adaptation",
     "evaluate": "xrayfm.train.evaluation",

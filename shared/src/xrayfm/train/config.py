@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from xrayfm.errors import XrayfmError, list_offenders
 
@@ -29,8 +29,52 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class JsonConfig:
+    """Round-trips a config dataclass through JSON; unknown keys and impossible values are errors."""
+
+    # -- (de)serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text of the config; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a dict (e.g. a JSON job spec); unknown keys are an error, not silently ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> Self:
+        """Build from a JSON file path or JSON text."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise XrayfmError(f"config is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise XrayfmError("config JSON must be an object")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Raise XrayfmError for settings that cannot work (subclasses add their checks)."""
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Settings shared by pre-training and adaptation: data, model, optimisation, system."""
 
     out: str = _f("runs/run", "run folder: best/, last/, log.csv, metrics.csv, tensorboard/, summary.json")
@@ -99,43 +143,6 @@ class TrainConfig:
     log_every: int = _f(10, "write a log row every N steps")
     tensorboard: bool = _f(True, "write TensorBoard events under OUT/tensorboard")
     progress_bar: bool = _f(True, "show tqdm progress bars")
-
-    # -- (de)serialisation ------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """JSON text of the config; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. a JSON job spec); unknown keys are an error, not silently ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
-        config = cls(**data)
-        config.validate()
-        return config
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path) -> TrainConfig:
-        """Build from a JSON file path or JSON text."""
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise XrayfmError(f"config is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise XrayfmError("config JSON must be an object")
-        return cls.from_dict(data)
 
     def validate(self) -> None:
         """Raise XrayfmError for settings that cannot work (before any data is read)."""
@@ -221,6 +228,40 @@ class AdaptConfig(TrainConfig):
             raise XrayfmError("invalid AdaptConfig: " + "; ".join(problems))
 
 
+@dataclass
+class EvaluateConfig(JsonConfig):
+    """Evaluating a checkpoint on a dataset split (``xrayfm evaluate``; an ``evaluate`` job of the stack)."""
+
+    model: str = _f("", "checkpoint folder (full or adapted), or store:<name>/<version> in the stack")
+    kind: str | None = _f(None, "dataset layout: chexpert, mura, nih, folder or csv (or give a --cache)")
+    root: str | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
+    split: str = _f("valid", "split to evaluate")
+    cache: str | None = _f(None, "a prepared cache folder instead of kind/root")
+    body_parts: list[str] | None = _f(None, "mura: keep these body parts")
+    frontal_only: bool = _f(False, "chexpert: frontal views only")
+    policy: str | None = _f(None, "uncertainty policy (default: the checkpoint's)")
+    batch_size: int = _f(64, "images per batch")
+    n_bootstrap: int = _f(1000, "bootstrap resamples for the confidence intervals")
+    seed: int = _f(0, "seed of the bootstrap")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
+    num_workers: int = _f(0, "DataLoader worker processes")
+    progress_bar: bool = _f(True, "show tqdm progress bars")
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model:
+            problems.append("model: the checkpoint to evaluate is required")
+        if self.kind is None and self.cache is None:
+            problems.append("no data: give kind and root, or a prepared cache")
+        if self.kind is not None and self.root is None:
+            problems.append(f"kind {self.kind} needs root")
+        if self.batch_size < 1 or self.n_bootstrap < 0:
+            problems.append(f"batch_size={self.batch_size}, n_bootstrap={self.n_bootstrap}")
+        if problems:
+            raise XrayfmError("invalid EvaluateConfig: " + "; ".join(problems))
+
+
 def field_type(cls: type, name: str) -> Any:
     """The resolved annotation of a config field, without ``None`` (for CLI parsing)."""
     hint = typing.get_type_hints(cls)[name]
@@ -230,4 +271,14 @@ def field_type(cls: type, name: str) -> Any:
     return hint
 
 
-__all__ = ["AdaptConfig", "LOSSES", "METHODS", "METRICS", "PretrainConfig", "TrainConfig", "field_type"]
+__all__ = [
+    "AdaptConfig",
+    "EvaluateConfig",
+    "JsonConfig",
+    "LOSSES",
+    "METHODS",
+    "METRICS",
+    "PretrainConfig",
+    "TrainConfig",
+    "field_type",
+]

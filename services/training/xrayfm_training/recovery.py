@@ -1,0 +1,79 @@
+"""Orphaned jobs: a job whose worker died (killed, node lost, out of memory) is queued again.
+
+Celery on Redis would redeliver the dead worker's message only after the visibility timeout (hours, so
+that long jobs are not redelivered while they run). Instead, every training worker checks, every lock TTL,
+for jobs that say they are running but whose lock lapsed: nobody renews it, so their worker is gone. Such
+a job is queued again (and resumes from its run folder's ``last/``); one being cancelled becomes
+cancelled; one whose worker died ``max_attempts`` times fails, with the reason. The check and the status
+change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so two workers never both re-queue a
+job and a job finishing at that moment is never touched. The late redelivery of the original message, if
+it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from xrayfm_training.joblog import JobLog
+from xrayfm_training.jobs import JobRecords
+
+log = logging.getLogger("xrayfm.training")
+
+
+def recover_orphans(
+    records: JobRecords, max_attempts: int, requeue: Callable[[str, int], None], runs_dir: Path | None = None
+) -> list[str]:
+    """Re-queue (or end) every running job whose lock lapsed; returns their ids.
+
+    `requeue(job_id, n)` sends the job's message again (n: its re-queue count); `runs_dir` holds the jobs'
+    run folders (for their ``job.log``)."""
+    recovered = []
+    for job_id in records.active_ids():
+        old = records.claim_orphan(job_id)
+        if old is None:
+            continue
+        recovered.append(job_id)
+        job = records.get(job_id) or {}
+        attempts, requeued = int(job.get("attempts") or 0), int(job.get("requeued") or 0)
+        say = JobLog(records, job_id, None if runs_dir is None else Path(runs_dir) / job_id)
+        if old == "cancelling":
+            records.update(job_id, status="cancelled", finished=time.time())
+            say("its worker was lost while it was being cancelled: cancelled", logging.WARNING)
+        elif attempts >= max_attempts:
+            error = (f"its worker was lost {attempts} times (killed, restarted, or out of memory); "
+                     f"gave up after XRAYFM_TRAINING_MAX_ATTEMPTS={max_attempts}")  # fmt: skip
+            records.update(job_id, status="failed", finished=time.time(), error=error)
+            say(error, logging.ERROR)
+        else:
+            try:
+                requeue(job_id, requeued + 1)
+            except Exception:  # broker unreachable: leave it running-without-lock, the next check retries
+                records.update(job_id, status=old)
+                log.warning("job %s: could not re-queue it; will retry", job_id)
+                continue
+            records.update(job_id, requeued=requeued + 1)
+            say(f"its worker was lost (attempt {attempts}); queued again, it resumes from its last checkpoint",
+                logging.WARNING)  # fmt: skip
+    return recovered
+
+
+class OrphanWatch(threading.Thread):
+    """Calls :func:`recover_orphans` (with `recover_kwargs`) every `interval_s` s until stopped (a daemon)."""
+
+    def __init__(self, interval_s: float, **recover_kwargs) -> None:
+        super().__init__(daemon=True, name="orphan-watch")
+        self.interval_s, self.recover_kwargs = interval_s, recover_kwargs
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                recover_orphans(**self.recover_kwargs)
+            except Exception:  # Redis blip: try again at the next beat
+                log.warning("could not check for orphaned training jobs", exc_info=True)
+            if self.stop.wait(self.interval_s):
+                return
