@@ -129,12 +129,63 @@ def test_every_variable_set_is_one_the_code_reads():
         assert key in known
 
 
+def mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Container path -> (source, mode) of a service's short-syntax volumes (sources may hold ${VAR:-x})."""
+    found = {}
+    for entry in service.get("volumes", []):
+        match = re.fullmatch(r"(?P<source>.+?):(?P<target>/[^:]*)(?::(?P<mode>ro|rw))?", entry)
+        assert match, f"unparsed volume {entry!r}"
+        found[match["target"]] = (match["source"], match["mode"] or "rw")
+    return found
+
+
 def test_workers_scale_and_share_the_volumes():
     worker = SERVICES["inference"]
     assert "ports" not in worker and "container_name" not in worker  # `--scale inference=N` works
-    mounts = {v.split(":")[0]: v.split(":")[1] for v in worker["volumes"]}
-    assert mounts["model-store"] == worker["environment"]["XRAYFM_MODEL_STORE"]
-    assert set(mounts) <= set(COMPOSE["volumes"])
+    store = worker["environment"]["XRAYFM_MODEL_STORE"]
+    assert mounts(worker)[store] == ("model-store", "ro")
+    assert mounts(SERVICES["training"])[SERVICES["training"]["environment"]["XRAYFM_MODEL_STORE"]] == (
+        "model-store",
+        "rw",
+    )
+    named = [source for svc in SERVICES.values() for source, _ in mounts(svc).values() if "/" not in source]
+    assert set(named) <= set(COMPOSE["volumes"])
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under a Markdown heading, up to the next heading of the same or a higher level."""
+    level = heading.split(" ", 1)[0]
+    start = text.index(heading + "\n")
+    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading) :], flags=re.M)
+    return text[start : start + len(heading) + (following.start() if following else len(text))]
+
+
+def test_datasets_are_a_read_only_host_folder_at_the_path_the_readme_uses():
+    source = "${XRAYFM_DATA_DIR:-./data}"
+    for name in ("training", "inference"):
+        assert mounts(SERVICES[name])["/data"] == (source, "ro"), name
+    guide = _section((REPO / "README.md").read_text(), "## Training through the stack")
+    assert "XRAYFM_DATA_DIR" in guide
+    roots = re.findall(r'"(?:root|foundation)": "(/[^"]+)"', guide)
+    assert roots and all(root.startswith("/data/") for root in roots), roots
+    for folder in re.findall(r'"(?:cache|val_cache)": "(/[^"]+)"', guide):
+        assert folder.startswith(SERVICES["training"]["environment"]["XRAYFM_TRAINING_RUNS"] + "/"), folder
+
+
+def test_training_worker_has_shared_memory_for_dataloader_workers_and_takes_the_bootstrap_switch():
+    training = SERVICES["training"]
+    size = re.fullmatch(r"(\d+)([kmg])b?", str(training.get("shm_size", "")).lower())
+    assert size and int(size[1]) * {"k": 2**10, "m": 2**20, "g": 2**30}[size[2]] >= 2**30
+    assert training["environment"]["XRAYFM_BOOTSTRAP"] == "${XRAYFM_BOOTSTRAP:-demo}"
+
+
+def test_every_variable_the_docs_name_is_read_by_the_code_or_compose():
+    compose = set(re.findall(r"\$\{(XRAYFM_[A-Z_]+)", (REPO / "docker-compose.yml").read_text()))
+    tests = set(re.findall(r"\"(XRAYFM_[A-Z_]+)\"", (REPO / "tests/conftest.py").read_text()))  # real data
+    known = env_vars_read_by_the_code() | compose | tests
+    for doc in ("README.md", "services/README.md"):
+        named = set(re.findall(r"XRAYFM_[A-Z_]*[A-Z]", (REPO / doc).read_text()))
+        assert not named - known, f"{doc} names variables nothing reads: {sorted(named - known)}"
 
 
 def test_prometheus_profile_scrapes_the_right_ports():
@@ -150,8 +201,10 @@ def test_prometheus_profile_scrapes_the_right_ports():
     assert sd["port"] == int(SERVICES["inference"]["environment"]["XRAYFM_WORKER_METRICS_PORT"])
 
 
-def test_gpu_file_reserves_gpus_for_the_workers():
-    worker = GPU["services"]["inference"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert worker["environment"]["XRAYFM_DEVICE"] == "cuda"
+@pytest.mark.parametrize("name", ["inference", "training"])
+def test_gpu_file_gives_each_worker_one_gpu(name):
+    devices = GPU["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert devices[0]["count"] == 1  # a training job runs on one device; several GPUs: torchrun (README)
+    if name == "inference":
+        assert GPU["services"][name]["environment"]["XRAYFM_DEVICE"] == "cuda"
