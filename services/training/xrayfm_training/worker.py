@@ -158,13 +158,13 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
               run_dir: Path, say: JobLog) -> dict[str, Any]:  # fmt: skip
     """An evaluate job: report on the dataset split; a store version gets the result in its evaluations."""
     from xrayfm.train.config import EvaluateConfig
-    from xrayfm.train.evaluation import evaluate
+    from xrayfm.train.evaluation import evaluate_config
 
-    config = EvaluateConfig.from_dict(spec["config"])
-    kwargs = {k: v for k, v in config.to_dict().items() if k != "model"}
-    summary = evaluate(resolve_foundation(config.model, settings.model_store), run_dir, **kwargs)
+    ref = store_ref(spec["config"]["model"])
+    model_dir = resolve_foundation(spec["config"]["model"], settings.model_store)
+    config = EvaluateConfig.from_dict({**spec["config"], "model": model_dir})
+    summary = evaluate_config(config, run_dir)
     result = plain({k: summary.get(k) for k in ("metric", "value", "report")})
-    ref = store_ref(config.model)
     synthetic = "SYNTHETIC" in str((summary.get("report") or {}).get("title", ""))
     if ref is not None:
         model_store.add_evaluation(settings.model_store, *ref, job_id, {

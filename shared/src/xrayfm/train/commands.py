@@ -12,11 +12,13 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from xrayfm.data.commands import print_json
 from xrayfm.errors import XrayfmError
-from xrayfm.train.config import METHODS, AdaptConfig, PretrainConfig, TrainConfig, field_type
+from xrayfm.train.config import METHODS, AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig, field_type
+
+C = TypeVar("C", bound=JsonConfig)
 
 
 def _parse_list(text: str) -> list[str]:
@@ -34,7 +36,7 @@ def _parse_json_object(text: str) -> dict[str, Any]:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type[TrainConfig], skip: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser, cls: type[JsonConfig], skip: tuple[str, ...] = ()
 ) -> None:
     """One ``--option`` per config field (help and default from the dataclass); unset options stay unset."""
     parser.add_argument(
@@ -62,7 +64,7 @@ def add_config_arguments(
             raise TypeError(f"no CLI parser for {cls.__name__}.{f.name}: {kind}")
 
 
-def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """Settings of ``--config`` (if any), overridden by the options given on the command line."""
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
@@ -126,26 +128,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from xrayfm.train.evaluation import evaluate
+    from xrayfm.train.evaluation import evaluate_config
 
-    result = evaluate(
-        args.checkpoint,
-        args.out,
-        kind=args.kind,
-        root=args.root,
-        split=args.split,
-        cache=args.cache,
-        body_parts=args.body_parts,
-        frontal_only=args.frontal_only,
-        policy=args.policy,
-        batch_size=args.batch_size,
-        n_bootstrap=args.n_bootstrap,
-        seed=args.seed,
-        device=args.device,
-        verify=args.verify,
-        num_workers=args.num_workers,
-        progress_bar=not args.json,
-    )
+    result = evaluate_config(config_from_args(EvaluateConfig, args), args.out)
     if not _is_rank0():
         return 0
     if args.json:
@@ -200,7 +185,6 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training sub-commands to the `xrayfm` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "pretrain",
         help="pre-train a foundation model (multi-label) on a dataset or a cache",
@@ -232,23 +216,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a full or adapted checkpoint. Binary tasks get image- and study-level AUROC "
         "with CIs, kappa, sensitivity/specificity and ECE (per body part when known); multi-label tasks get "
         "per-label AUROC with CIs.",
-        formatter_class=fmt,
     )
-    p.add_argument("checkpoint", help="checkpoint folder (a run's best/ or merged/)")
+    p.add_argument("model", metavar="CHECKPOINT", help="checkpoint folder (a run's best/ or merged/)")
     p.add_argument("--out", required=True, help="report folder to write")
-    p.add_argument("--kind", help="dataset layout (chexpert, mura, nih, folder, csv); omit with --cache")
-    p.add_argument("--root", help="dataset root")
-    p.add_argument("--split", default="valid", help="split to evaluate")
-    p.add_argument("--cache", help="a prepared cache folder (or where to prepare one)")
-    p.add_argument("--body-parts", type=_parse_list, help="mura: body parts to keep (comma-separated)")
-    p.add_argument("--frontal-only", action="store_true", help="chexpert: frontal views only")
-    p.add_argument("--policy", help="uncertainty policy (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--verify", default="stat", help="cache staleness check: stat, size, exists or none")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    add_config_arguments(p, EvaluateConfig, skip=("model",))
     p.add_argument("--json", action="store_true", help="print the report as JSON, no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

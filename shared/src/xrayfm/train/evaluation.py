@@ -18,7 +18,7 @@ from torch import nn
 from xrayfm.data.transforms import build_transform
 from xrayfm.evaluate import binary_report, multilabel_report, roc_curves, study_level, write_report
 from xrayfm.train.artifacts import load_any
-from xrayfm.train.config import TrainConfig
+from xrayfm.train.config import EvaluateConfig, TrainConfig
 from xrayfm.train.data import ensure_cache, is_synthetic, label_columns, open_cache
 from xrayfm.train.distributed import DistEnv, setup, teardown
 from xrayfm.train.loop import predict_logits, use_bf16
@@ -173,3 +173,9 @@ def evaluate(
 
 
 __all__ = ["evaluate", "evaluate_view", "headline", "report_for"]
+
+
+def evaluate_config(config: EvaluateConfig, out: str | Path) -> dict[str, Any]:
+    """:func:`evaluate` with the settings of an :class:`EvaluateConfig` (the CLI's and a job's)."""
+    settings = config.to_dict()
+    return evaluate(settings.pop("model"), out, **settings)
