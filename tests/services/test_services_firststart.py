@@ -25,6 +25,26 @@ def test_describe_says_what_the_bootstrap_does() -> None:
     assert describe({"stage": "failed", "error": "DataError: boom"}).startswith("bootstrap failed: DataError")
 
 
+def test_bootstrap_claimed_once_and_again_after_it_finished() -> None:
+    import redis
+
+    state = BootstrapState("redis://127.0.0.1:6379/15", f"xrayfm-test-{uuid.uuid4().hex[:8]}")
+    try:
+        state.redis.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    try:
+        assert state.claim("quick") and not state.claim("quick")  # the first worker wins
+        state.set(stage="pretraining")
+        assert not state.claim("quick")  # under way
+        for finished in ("done", "failed"):  # emptied store, or a failed one: a restart tries again
+            state.set(stage=finished, error="x")
+            assert state.claim("quick")
+            assert state.get()["stage"] == "queued" and "error" not in state.get()
+    finally:
+        state.redis.delete(state.key)
+
+
 def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")

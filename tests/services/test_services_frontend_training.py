@@ -1,5 +1,6 @@
 """The UI's "Training & models" page with Streamlit's AppTest against a real gateway and a real Redis (no
-training worker: submitted jobs stay queued; the test plays the worker by writing the job's progress)."""
+training worker: submitted jobs stay queued; the tests play the worker by writing the jobs' records, logs
+and the store's evaluations)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,166 @@ def test_without_the_admin_key_the_refusal_is_shown(monkeypatch, admin_stack):
     at = training_page(monkeypatch, admin_stack[0], admin_key=None)
     errors = " ".join(_texts(at.error))
     assert "Cannot list the jobs" in errors and "Cannot list the models" in errors and "HTTP 401" in errors
+
+
+def _records(env: dict[str, str]):
+    from xrayfm_training.jobs import JobRecords
+
+    return JobRecords(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"])
+
+
+def _show_job(at: AppTest, job_id: str) -> AppTest:
+    [s for s in at.selectbox if s.label == "Job details"][0].set_value(job_id).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_refresh_interval_follows_the_jobs_and_the_setting(monkeypatch):
+    from xrayfm_frontend.client import FrontendSettings
+    from xrayfm_frontend.training_page import refresh_every
+
+    finished = [{"status": "done"}, {"status": "failed"}, {"status": "cancelled"}]
+    assert refresh_every(finished, 3.0) is None and refresh_every([], 3.0) is None
+    for status in ("queued", "running", "cancelling"):
+        assert refresh_every([*finished, {"status": status}], 3.0) == 3.0
+        assert refresh_every([{"status": status}], 0.0) is None
+    monkeypatch.delenv("XRAYFM_FRONTEND_REFRESH_S", raising=False)
+    assert FrontendSettings.from_env().refresh_s == 3.0
+    monkeypatch.setenv("XRAYFM_FRONTEND_REFRESH_S", "0")
+    assert FrontendSettings.from_env().refresh_s == 0.0
+
+
+def test_example_specs_are_valid_and_fill_the_spec_box(monkeypatch, admin_stack):
+    from xrayfm_frontend.training_page import EXAMPLES
+    from xrayfm_training.spec import validate_spec
+
+    assert {spec["kind"] for spec in EXAMPLES.values()} == {"pretrain", "adapt", "evaluate"}
+    for spec in EXAMPLES.values():
+        validate_spec(spec)  # raises on a bad example (no store given: store: references are not looked up)
+        assert str(spec["config"]["root"]).startswith("/data/")
+    at = training_page(monkeypatch, admin_stack[0])
+    assert json.loads(at.text_area[0].value) == next(iter(EXAMPLES.values()))
+    for title, spec in EXAMPLES.items():
+        [s for s in at.selectbox if s.label == "Start from an example"][0].set_value(title).run()
+        assert json.loads(at.text_area[0].value) == spec
+
+
+def test_job_details_show_metrics_log_and_error(monkeypatch, admin_stack):
+    url, _, env = admin_stack
+    records = _records(env)
+    done = records.create({"kind": "pretrain", "name": "ui-done", "config": {}})
+    metrics = {"mean_auroc": 0.8123, "val_loss": 0.41, "auroc/Cardiomegaly": 0.85, "auroc/Edema": None}
+    records.update(done, status="done", attempts=2, resumed=True, requeued=1, model={"name": "m", "version": "2"},
+                   result={"status": "done", "best_metric": 0.8123, "metric": "mean_auroc", "metrics": metrics})  # fmt: skip
+    for i in range(250):
+        records.append_log(done, f"line {i}")
+    failed = records.create({"kind": "adapt", "name": "ui-failed", "config": {}})
+    records.update(failed, status="failed", attempts=1, error="RuntimeError: CUDA out of memory")
+    running = records.create({"kind": "pretrain", "name": "ui-running", "config": {}})
+    records.update(
+        running, status="running", progress={"step": 1, "total_steps": 4, "metrics": {"mean_auroc": 0.61}}
+    )
+
+    at = training_page(monkeypatch, url)
+    jobs = {r["job"]: r for r in at.dataframe[0].value.to_dict("records")}
+    assert jobs[done]["metric"] == "mean_auroc=0.8123" and jobs[done]["attempts"] == 2
+    assert jobs[failed]["metric"] == "" and jobs[failed]["attempts"] == 1
+
+    _show_job(at, done)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Best mean_auroc"] == "0.8123" and shown["Attempts"] == "2"
+    assert shown["Resumed from a checkpoint"] == "yes" and shown["Re-queued (worker lost)"] == "1"
+    table = [
+        d.value.to_dict("records")
+        for d in at.dataframe
+        if "metric" in d.value.columns and "value" in d.value.columns
+    ]
+    assert len(table) == 1
+    values = {r["metric"]: r["value"] for r in table[0]}
+    assert values["auroc/Cardiomegaly"] == 0.85 and values["val_loss"] == 0.41 and "auroc/Edema" in values
+    assert at.code[0].value.splitlines() == [f"line {i}" for i in range(50, 250)]  # the last 200 of 250
+    assert any("Published model: m/2" in c for c in _texts(at.caption))
+    assert not at.error, _texts(at.error)
+
+    _show_job(at, failed)
+    assert any("Job failed: RuntimeError: CUDA out of memory" in e for e in _texts(at.error)), _texts(
+        at.error
+    )
+    assert "Best mean_auroc" not in {m.label for m in at.metric} and not at.code
+
+    _show_job(at, running)
+    table = [d.value.to_dict("records") for d in at.dataframe if "value" in d.value.columns]
+    assert table == [[{"metric": "mean_auroc", "value": 0.61}]]
+    assert any("Last validation metrics" in c for c in _texts(at.caption))
+    records.update(running, status="cancelled")
+
+
+def test_evaluation_shows_in_the_models_table_and_the_job(monkeypatch, admin_stack):
+    import httpx
+
+    from xrayfm_inference import store as model_store
+
+    url, store, env = admin_stack
+    rows = httpx.get(f"{url}/models", headers={"X-API-Key": ADMIN_KEY}).json()["models"]
+    if not hasattr(model_store, "add_evaluation") or "evaluations" not in rows[0]:
+        pytest.skip("the model store does not record evaluations yet")
+    records = _records(env)
+    job = records.create({"kind": "evaluate", "name": "m", "config": {}})
+    records.update(job, status="done", attempts=1, model={"name": "m", "version": "2"},
+                   result={"metric": "study_auroc", "value": 0.8123, "report": {"mean_auroc": 0.8123}})  # fmt: skip
+    older = {"dataset": "mura", "split": "train", "metric": "study_auroc", "value": 0.5, "synthetic": False}
+    model_store.add_evaluation(store, "m", "2", "job-older-eval", {**older, "created": 1.0})
+    model_store.add_evaluation(store, "m", "2", job, {**older, "split": "valid", "value": 0.8123,
+                                                      "synthetic": True, "created": 2.0})  # fmt: skip
+
+    at = training_page(monkeypatch, url)
+    models = {r["model"]: r for r in at.dataframe[-1].value.to_dict("records")}
+    assert models["m/2"]["evaluation"] == "study_auroc=0.8123 on mura/valid (SYNTHETIC)"
+    assert models["m/1"]["evaluation"] == ""
+    jobs = {r["job"]: r for r in at.dataframe[0].value.to_dict("records")}
+    assert jobs[job]["metric"] == "study_auroc=0.8123" and jobs[job]["synthetic"] == "SYNTHETIC"
+    _show_job(at, job)
+    assert {m.label: m.value for m in at.metric}["study_auroc"] == "0.8123"
+    assert any("SYNTHETIC" in w for w in _texts(at.warning)), _texts(at.warning)
+    assert any("Evaluated model: m/2" in c for c in _texts(at.caption))
+
+
+def test_auto_refresh_only_while_a_job_is_active(monkeypatch, admin_stack):
+    """AppTest runs no timers: the test records the run_every the jobs fragment is registered with."""
+    import streamlit
+
+    url, _, env = admin_stack
+    records = _records(env)
+    for job in records.list():  # the other tests' jobs: none active
+        if job["status"] in ("queued", "running", "cancelling"):
+            records.update(job["job_id"], status="cancelled")
+    timers: list[float | None] = []
+    real = streamlit.fragment
+
+    def spy(func=None, *, run_every=None):
+        timers.append(run_every)
+        return real(func, run_every=run_every)
+
+    monkeypatch.setattr(streamlit, "fragment", spy)
+    monkeypatch.setenv("XRAYFM_FRONTEND_REFRESH_S", "7")
+    at = training_page(monkeypatch, url)
+    assert timers and set(timers) == {None}
+
+    job = records.create({"kind": "pretrain", "name": "ui-timer", "config": {}})
+    timers.clear()
+    at.run()
+    assert timers[-1] == 7.0, timers
+    assert any("Refreshing every 7 s" in c for c in _texts(at.caption))
+
+    records.update(job, status="done")  # nothing active: the timer goes
+    timers.clear()
+    at.run()
+    assert timers[-1] is None, timers
+    assert not any("Refreshing every" in c for c in _texts(at.caption))
+
+    monkeypatch.setenv("XRAYFM_FRONTEND_REFRESH_S", "0")  # 0: never, even with a job running
+    records.update(job, status="running")
+    timers.clear()
+    at.run()
+    assert timers and set(timers) == {None}, timers
+    records.update(job, status="cancelled")

@@ -116,6 +116,7 @@ def training_stack(tmp_path_factory: pytest.TempPathFactory):
         "XRAYFM_MODEL_STORE": str(home / "store"),
         "XRAYFM_TRAINING_RUNS": str(home / "runs"),
         "XRAYFM_TRAINING_LOCK_TTL": "3",
+        "XRAYFM_BOOTSTRAP": "off",  # the first-start flow has its own test
         "XRAYFM_TORCH_THREADS": "1",
     }
     launcher = stack_lib.Stack(home, env=env)
@@ -186,6 +187,16 @@ def test_pretrain_then_lora_then_promote(training_stack) -> None:
     from xrayfm.models.checkpoint import load_any
 
     load_any(store / "models/bone-lora/1")  # loadable from the store: foundation found and verified
+
+    # an evaluate job on the synthetic bone phantoms: recorded with the version, flagged synthetic
+    evaluation = {"kind": "evaluate", "config": {"model": "store:bone-lora/1", "kind": "mura",
+                  "root": str(roots["bone"]), "split": "valid", "n_bootstrap": 10, "progress_bar": False}}  # fmt: skip
+    ev_id = http.post("/training/jobs", json=evaluation).json()["job_id"]
+    ev = _wait(http, ev_id, lambda j: j["status"] in ("done", "failed"), launcher=launcher)
+    assert ev["status"] == "done" and ev["name"] == "bone-lora", ev
+    recorded = {(m["name"], m["version"]): m for m in http.get("/models").json()["models"]}
+    [entry] = recorded[("bone-lora", "1")]["evaluations"]
+    assert entry["job_id"] == ev_id and entry["synthetic"] is True and entry["value"] == ev["result"]["value"]
 
     assert http.post("/models/chest-fm/1/promote").json() == {"serving": {"name": "chest-fm", "version": "1"}}
     assert http.post("/models/bone-lora/1/promote").status_code == 200

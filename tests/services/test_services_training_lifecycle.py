@@ -146,6 +146,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint_and_completes_once(lifecy
     spec = _pretrain_spec(chest, epochs=8)
     spec["name"] = "resumed-fm"
     job_id = http.post("/training/jobs", json=spec).json()["job_id"]
+
     def in_second_epoch(job: dict) -> bool:  # the end of an epoch saves last/
         p = job.get("progress") or {}
         return bool(p.get("total_steps")) and p["step"] > p["total_steps"] // 8
@@ -236,7 +237,7 @@ def test_lora_on_real_mura_is_evaluated_promoted_served_and_shown(
     assert row["format"] == "xrayfm.adapted" and not row["synthetic"]  # real MURA pixels
     assert row["lineage"]["foundation"]["name"] == "mura-test-fm"
     assert row["metrics"] and row["evaluations"][-1]["value"] == ev["result"]["value"]
-    assert row["evaluations"][-1]["split"] == "valid"
+    assert row["evaluations"][-1]["split"] == "valid" and row["evaluations"][-1]["synthetic"] is False
 
     assert http.post(f"/models/{name}/{version}/promote").status_code == 200
     image = sorted(mura.glob("valid/XR_HUMERUS/*/*/image1.jpg"))[0]

@@ -21,12 +21,14 @@ class GatewayError(Exception):
 @dataclass(frozen=True)
 class FrontendSettings:
     """Where the gateway is and how to call it (XRAYFM_GATEWAY_URL, XRAYFM_FRONTEND_API_KEY,
-    XRAYFM_FRONTEND_ADMIN_KEY for the training and model endpoints...)."""
+    XRAYFM_FRONTEND_ADMIN_KEY for the training and model endpoints...); XRAYFM_FRONTEND_REFRESH_S: seconds
+    between the training page's automatic refreshes while a job is active (0: never)."""
 
     gateway_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
     timeout_s: float = 90.0
     admin_key: str | None = None
+    refresh_s: float = 3.0
 
     @classmethod
     def from_env(cls) -> FrontendSettings:
@@ -36,6 +38,7 @@ class FrontendSettings:
             api_key=os.environ.get("XRAYFM_FRONTEND_API_KEY") or None,
             timeout_s=float(os.environ.get("XRAYFM_FRONTEND_TIMEOUT", cls.timeout_s)),
             admin_key=os.environ.get("XRAYFM_FRONTEND_ADMIN_KEY") or None,
+            refresh_s=max(float(os.environ.get("XRAYFM_FRONTEND_REFRESH_S") or cls.refresh_s), 0.0),
         )
 
 
@@ -102,6 +105,15 @@ class GatewayClient:
     def list_jobs(self) -> list[dict[str, Any]]:
         """The latest training jobs, newest first."""
         return list(self._admin("GET", "/training/jobs").get("jobs", []))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """One job's full record: status, spec, progress, result, model, error, attempts..."""
+        return self._admin("GET", f"/training/jobs/{job_id}")
+
+    def job_log(self, job_id: str, tail: int = 200) -> list[str]:
+        """The last `tail` lines of a job's log, oldest first."""
+        answer = self._admin("GET", f"/training/jobs/{job_id}/log", params={"tail": tail})
+        return [str(line) for line in answer.get("lines", [])]
 
     def cancel_job(self, job_id: str) -> str:
         """Ask a job to stop; returns its new status."""

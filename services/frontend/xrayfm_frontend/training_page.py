@@ -1,6 +1,7 @@
-"""The "Training & models" page: submit a training job (JSON spec), watch and cancel jobs, list the model
-versions (metrics, lineage, synthetic flag), promote one or roll back. Every call needs the admin key
-(XRAYFM_FRONTEND_ADMIN_KEY) when the gateway's auth is on; the gateway's refusals are shown as they are."""
+"""The "Training & models" page: submit a job (JSON spec, from an example if you like), watch the jobs (the
+section refreshes itself while one is active), read a job's details (metrics, error, log), cancel it, list
+the model versions (metrics, evaluations, lineage, synthetic flag), promote one or roll back. Every call needs
+the admin key (XRAYFM_FRONTEND_ADMIN_KEY) when the gateway's auth is on; its refusals are shown as they are."""
 
 from __future__ import annotations
 
@@ -11,26 +12,69 @@ import streamlit as st
 
 from xrayfm_frontend.client import GatewayClient, GatewayError
 
-EXAMPLE_SPEC = {
-    "kind": "pretrain",
-    "name": "chest-fm",
-    "config": {
-        "kind": "chexpert",
-        "root": "/data/CheXpert-v1.0-small",
-        "labels": ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"],
-        "model": "vit_tiny_patch16_224",
-        "size": 224,
-        "epochs": 1,
+COMPETITION_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "Pre-train on CheXpert (uncertain = positive)": {
+        "kind": "pretrain",
+        "name": "chest-fm",
+        "config": {
+            "kind": "chexpert",
+            "root": "/data/CheXpert-v1.0-small",
+            "val_split": "valid",
+            "policy": "u-ones",
+            "labels": COMPETITION_LABELS,
+            "frontal_only": True,
+            "model": "vit_small_patch16_224",
+            "size": 224,
+            "epochs": 5,
+            "save_every": 1000,
+            "progress_bar": False,
+        },
+    },
+    "LoRA on MURA from a stored foundation": {
+        "kind": "adapt",
+        "name": "bone-lora",
+        "config": {
+            "kind": "mura",
+            "root": "/data/MURA-v1.1",
+            "foundation": "store:chest-fm/1",
+            "method": "lora",
+            "label_fraction": 0.1,
+            "epochs": 5,
+            "progress_bar": False,
+        },
+    },
+    "Evaluate a stored version": {
+        "kind": "evaluate",
+        "name": "bone-lora",
+        "config": {"model": "store:bone-lora/1", "kind": "mura", "root": "/data/MURA-v1.1", "split": "valid"},
     },
 }
 ACTIVE = ("queued", "running", "cancelling")
+LOG_TAIL = 200  # log lines shown in a job's details
 FLASH = "training_flash"
+SPEC, EXAMPLE, DETAILS = "training_spec", "training_example", "training_details"
+REFRESH = "training_refresh_s"  # the jobs section's timer as the last look at the jobs decided it
+
+
+def refresh_every(jobs: list[dict[str, Any]], refresh_s: float) -> float | None:
+    """Seconds between the jobs section's automatic re-runs: `refresh_s` while a job is active, else None
+    (no polling); 0 turns it off."""
+    if refresh_s > 0 and any(job.get("status") in ACTIVE for job in jobs):
+        return refresh_s
+    return None
 
 
 def _flash(kind: str, message: str) -> None:
     """Keep a message for the next run (an action re-runs the page so the tables show its effect)."""
     st.session_state[FLASH] = (kind, message)
     st.rerun()
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value)
 
 
 def _fraction(job: dict[str, Any]) -> float | None:
@@ -53,15 +97,37 @@ def _progress_text(job: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _job_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _headline(job: dict[str, Any]) -> tuple[str, Any] | None:
+    """(metric name, value) of a finished job: its best validation metric, or an evaluate job's value."""
+    result = job.get("result") or {}
+    value = result.get("value") if job.get("kind") == "evaluate" else result.get("best_metric")
+    if value is None:
+        return None
+    return str(result.get("metric") or "metric"), value
+
+
+def _synthetic_jobs(models: list[dict[str, Any]]) -> set[str]:
+    """Ids of the jobs whose product is marked synthetic: a version trained on synthetic data, or an
+    evaluation on synthetic data."""
+    found = {m["job_id"] for m in models if m.get("synthetic") and m.get("job_id")}
+    for m in models:
+        found |= {e["job_id"] for e in m.get("evaluations") or [] if e.get("synthetic") and e.get("job_id")}
+    return found
+
+
+def _job_rows(jobs: list[dict[str, Any]], synthetic: set[str]) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         p = job.get("progress") or {}
         model = job.get("model") or {}
+        headline = _headline(job)
         rows.append({
             "job": job["job_id"], "name": job.get("name"), "kind": job.get("kind"),
             "status": job.get("status"),
             "step": f"{p.get('step', 0)}/{p['total_steps']}" if p.get("total_steps") else "",
+            "metric": f"{headline[0]}={_number(headline[1])}" if headline else "",
+            "attempts": int(job.get("attempts") or 0),
+            "synthetic": "SYNTHETIC" if job["job_id"] in synthetic else "",
             "metrics": json.dumps(p.get("metrics")) if p.get("metrics") else "",
             "model": f"{model['name']}/{model['version']}" if model else "",
             "error": job.get("error") or "",
@@ -76,6 +142,16 @@ def _lineage(row: dict[str, Any]) -> str:
     return ""
 
 
+def _latest_evaluation(row: dict[str, Any]) -> str:
+    """'metric=value on dataset/split' of the version's latest evaluation; '' when it has none."""
+    evaluations = row.get("evaluations") or []
+    if not evaluations:
+        return ""
+    e = max(evaluations, key=lambda e: e.get("created") or 0)
+    text = f"{e.get('metric')}={_number(e.get('value'))} on {e.get('dataset')}/{e.get('split')}"
+    return text + (" (SYNTHETIC)" if e.get("synthetic") else "")
+
+
 def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -85,6 +161,7 @@ def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": m.get("method") or "",
             "synthetic": "SYNTHETIC" if m.get("synthetic") else "",
             "metrics": json.dumps(m.get("metrics")) if m.get("metrics") else "",
+            "evaluation": _latest_evaluation(m),
             "foundation": _lineage(m),
             "job": m.get("job_id") or "",
         }  # fmt: skip
@@ -92,10 +169,29 @@ def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """Metrics as table rows (nested dicts flattened to 'a/b'); lists and text left out."""
+    rows: list[dict[str, Any]] = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += _metric_rows(value, f"{prefix}{key}/")
+        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            rows.append({"metric": f"{prefix}{key}", "value": value})
+    return rows
+
+
+def _use_example() -> None:
+    """Fill the spec box with the chosen example (runs before the page, so the box shows it)."""
+    st.session_state[SPEC] = json.dumps(EXAMPLES[st.session_state[EXAMPLE]], indent=2)
+
+
 def _submit_form(client: GatewayClient) -> None:
     st.subheader("Submit a training job")
+    if SPEC not in st.session_state:
+        st.session_state[SPEC] = json.dumps(next(iter(EXAMPLES.values())), indent=2)
+    st.selectbox("Start from an example", list(EXAMPLES), key=EXAMPLE, on_change=_use_example)
     with st.form("submit_job"):
-        spec = st.text_area("Job spec (JSON)", value=json.dumps(EXAMPLE_SPEC, indent=2), height=260)
+        spec = st.text_area("Job spec (JSON)", key=SPEC, height=300)
         if st.form_submit_button("Submit job"):
             try:
                 answer = client.submit_job(spec)
@@ -106,22 +202,61 @@ def _submit_form(client: GatewayClient) -> None:
             st.rerun()
 
 
-def _jobs_section(client: GatewayClient) -> None:
-    st.subheader("Training jobs")
-    if st.button("Refresh"):
-        st.rerun()
+def _job_details(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: set[str]) -> None:
+    """The chosen job: status, attempts, error, metrics, model, spec and the last lines of its log."""
+    # no status in the labels: options that change under a refresh would make Streamlit reset the choice
+    labels = {j["job_id"]: f"{j.get('name')} ({j['job_id'][:8]}), {j.get('kind')}" for j in jobs}
+    chosen = st.selectbox("Job details", list(labels), format_func=labels.get, key=DETAILS)
     try:
-        jobs = client.list_jobs()
+        job = client.get_job(chosen)
+        lines = client.job_log(chosen, LOG_TAIL)
     except GatewayError as exc:
-        st.error(f"Cannot list the jobs: {exc}")
+        st.error(f"Cannot read job {chosen}: {exc}")
         return
+    status = job.get("status")
+    st.markdown(f"**{job.get('name')}** ({job.get('kind')}): **{status}**")
+    attempts, resumed, requeued = st.columns(3)
+    attempts.metric("Attempts", int(job.get("attempts") or 0))
+    resumed.metric("Resumed from a checkpoint", "yes" if job.get("resumed") else "no")
+    requeued.metric("Re-queued (worker lost)", int(job.get("requeued") or 0))
+    if chosen in synthetic:
+        st.warning("Built from SYNTHETIC data (phantoms, not medical images).")
+    if job.get("error"):
+        st.error(f"Job failed: {job['error']}")
+    result = job.get("result") or {}
+    headline = _headline(job)
+    if headline:
+        st.metric(
+            f"Best {headline[0]}" if job.get("kind") != "evaluate" else headline[0], _number(headline[1])
+        )
+    metrics = result.get("metrics") if status == "done" else (job.get("progress") or {}).get("metrics")
+    rows = _metric_rows(metrics) if isinstance(metrics, dict) else []
+    if rows:
+        st.caption("Metrics of the published model" if status == "done" else "Last validation metrics")
+        st.dataframe(rows, hide_index=True)
+    model = job.get("model") or {}
+    if model:
+        what = "Evaluated" if job.get("kind") == "evaluate" else "Published"
+        st.caption(f"{what} model: {model.get('name')}/{model.get('version')}")
+    if isinstance(result.get("report"), dict):
+        with st.expander("Report"):
+            st.json(result["report"], expanded=False)
+    if job.get("spec"):
+        with st.expander("Spec"):
+            st.json(job["spec"], expanded=False)
+    st.caption(f"Log (its last {LOG_TAIL} lines at most)" if lines else "Log: no lines yet")
+    if lines:
+        st.code("\n".join(lines), language=None)
+
+
+def _jobs_section(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: set[str]) -> None:
     if not jobs:
         st.info("No training jobs yet.")
         return
     for job in jobs:
         if job.get("status") in ACTIVE:
             st.progress(_fraction(job) or 0.0, text=_progress_text(job))
-    st.dataframe(_job_rows(jobs), hide_index=True)
+    st.dataframe(_job_rows(jobs, synthetic), hide_index=True)
     active = [j["job_id"] for j in jobs if j.get("status") in ACTIVE]
     if active:
         left, right = st.columns([3, 1])
@@ -131,15 +266,10 @@ def _jobs_section(client: GatewayClient) -> None:
                 _flash("success", f"Job {chosen}: {client.cancel_job(chosen)}")
             except GatewayError as exc:
                 _flash("error", f"Cannot cancel {chosen}: {exc}")
+    _job_details(client, jobs, synthetic)
 
 
-def _models_section(client: GatewayClient) -> None:
-    st.subheader("Model versions")
-    try:
-        answer = client.list_models()
-    except GatewayError as exc:
-        st.error(f"Cannot list the models: {exc}")
-        return
+def _models_section(client: GatewayClient, answer: dict[str, Any]) -> None:
     serving = answer.get("serving")
     st.caption(f"Serving: {serving['name']}/{serving['version']}" if serving else "Serving: nothing promoted")
     models = answer.get("models") or []
@@ -164,12 +294,44 @@ def _models_section(client: GatewayClient) -> None:
             _flash("error", f"Cannot roll back: {exc}")
 
 
+def _live(client: GatewayClient, interval: float | None) -> None:
+    """Jobs and models; a fragment that re-runs itself every `interval` seconds (None: only on demand)."""
+    st.subheader("Training jobs")
+    if st.button("Refresh"):
+        st.rerun()
+    try:
+        jobs, jobs_error = client.list_jobs(), None
+    except GatewayError as exc:
+        jobs, jobs_error = [], exc
+    try:
+        models, models_error = client.list_models(), None
+    except GatewayError as exc:
+        models, models_error = {}, exc
+    wanted = refresh_every(jobs, client.settings.refresh_s)
+    if wanted != interval:  # a job became active, or none is any more: register the timer anew
+        st.session_state[REFRESH] = wanted
+        st.rerun()
+    if interval:
+        st.caption(f"Refreshing every {interval:g} s while a job is active.")
+    synthetic = _synthetic_jobs(models.get("models") or [])
+    if jobs_error is not None:
+        st.error(f"Cannot list the jobs: {jobs_error}")
+    else:
+        _jobs_section(client, jobs, synthetic)
+    st.subheader("Model versions")
+    if models_error is not None:
+        st.error(f"Cannot list the models: {models_error}")
+    else:
+        _models_section(client, models)
+
+
 def render(client: GatewayClient) -> None:
     """Draw the page."""
     st.title("xrayfm: training & models")
     if FLASH in st.session_state:
-        kind, message = st.session_state.pop(FLASH)
+        kind, message = st.session_state[FLASH]
         (st.error if kind == "error" else st.success)(message)
     _submit_form(client)
-    _jobs_section(client)
-    _models_section(client)
+    interval = st.session_state.get(REFRESH)
+    st.fragment(_live, run_every=interval)(client, interval)
+    st.session_state.pop(FLASH, None)  # shown: dropped only now, as the fragment may re-run the page first

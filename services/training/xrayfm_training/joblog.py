@@ -57,6 +57,6 @@ class JobLog:
             parts.append(f"ETA {info['eta_s'] / 60:.1f} min")
         if new_metrics:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                     if not isinstance(v, dict | list)}  # fmt: skip
+                     if not isinstance(v, dict | list) and k not in ("epoch", "step")}  # fmt: skip
             parts.append(f"validation {shown}")
         self(", ".join(parts))

@@ -165,7 +165,7 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     config = EvaluateConfig.from_dict({**spec["config"], "model": model_dir})
     summary = evaluate_config(config, run_dir)
     result = plain({k: summary.get(k) for k in ("metric", "value", "report")})
-    synthetic = "SYNTHETIC" in str((summary.get("report") or {}).get("title", ""))
+    synthetic = bool((summary.get("report") or {}).get("source", {}).get("synthetic"))
     if ref is not None:
         model_store.add_evaluation(settings.model_store, *ref, job_id, {
             "dataset": config.kind or "cache", "root": config.root or config.cache, "split": config.split,

@@ -148,7 +148,8 @@ def evaluate(
             False, int(prep["size"]), prep["mean"], prep["std"], int(prep["channels"])
         )
         view = SeededView(base, transform, seed, None, columns)
-        source = {"checkpoint": str(Path(checkpoint).resolve()), "cache": str(base.cache_dir), "split": split}
+        source = {"checkpoint": str(Path(checkpoint).resolve()), "cache": str(base.cache_dir), "split": split,
+                  "synthetic": is_synthetic(base.manifest)}  # fmt: skip
         title = f"Evaluation of {Path(checkpoint).name} on {base.manifest.get('kind')} {split}"
         if is_synthetic(base.manifest):
             title += " (SYNTHETIC data)"
@@ -172,10 +173,10 @@ def evaluate(
         teardown()
 
 
-__all__ = ["evaluate", "evaluate_view", "headline", "report_for"]
-
-
 def evaluate_config(config: EvaluateConfig, out: str | Path) -> dict[str, Any]:
     """:func:`evaluate` with the settings of an :class:`EvaluateConfig` (the CLI's and a job's)."""
     settings = config.to_dict()
     return evaluate(settings.pop("model"), out, **settings)
+
+
+__all__ = ["evaluate", "evaluate_config", "evaluate_view", "headline", "report_for"]
