@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -275,14 +276,16 @@ def await_first_model(
     from xrayfm_inference.store import SERVING_FILE
 
     deadline, last, promoted_at = time.monotonic() + timeout, None, None
+    said, said_at = None, 0.0
     while time.monotonic() < deadline:
         code, body = http_json(f"{gateway_url}/ready")
         if code == 200:
             return worker
-        detail = body.get("detail", "gateway not answering")
-        if detail != last:
+        detail = last = body.get("detail", "gateway not answering")
+        stage = re.sub(r", step \d+/\d+", "", detail)  # a line per stage, and progress every 15 s
+        if stage != said or time.monotonic() - said_at > 15:
             say(f"  /ready: {detail}")
-            last = detail
+            said, said_at = stage, time.monotonic()
         if detail.startswith("bootstrap failed"):
             raise RuntimeError(detail)
         if (store / SERVING_FILE).is_file():

@@ -173,6 +173,30 @@ def test_killed_worker_job_resumes_from_its_checkpoint_and_completes_once(lifecy
     assert (home / "runs" / job_id / "job.log").read_text().count("attempt ") >= 2
 
 
+def test_stopped_worker_hands_its_job_back_and_it_resumes_where_it_stopped(lifecycle_stack) -> None:
+    """SIGTERM (docker compose stop / restart): the job saves its state at the next step and is resumed
+    from exactly there by the next worker, without counting as a lost attempt."""
+    http, home, chest, launcher = lifecycle_stack
+    spec = _pretrain_spec(chest, epochs=8)
+    spec["name"] = "handed-back-fm"
+    job_id = http.post("/training/jobs", json=spec).json()["job_id"]
+    _wait(http, job_id, lambda j: (j.get("progress") or {}).get("step", 0) >= 2, launcher=launcher)
+    trainer = _trainer(launcher)
+    launcher.stop(trainer, signal.SIGTERM, timeout=60)  # Celery's warm shutdown
+    stopped = http.get(f"/training/jobs/{job_id}").json()
+    assert stopped["handed_back"] == 1 and stopped["status"] in ("running", "queued"), stopped
+    assert stopped["progress"]["step"] < stopped["progress"]["total_steps"]
+
+    launcher.start_training_worker(name=f"trainer-{uuid.uuid4().hex[:6]}")
+    job = _wait(http, job_id, lambda j: j["status"] in DONE, timeout=300, launcher=launcher)
+    assert job["status"] == "done", job
+    assert job["attempts"] == 2 and job["handed_back"] == 1
+    assert job["result"]["resumed_from_step"] == stopped["progress"]["step"]  # nothing lost, nothing redone
+    assert [row["version"] for row in _versions_of(home / "store", job_id)] == ["1"]
+    text = "\n".join(http.get(f"/training/jobs/{job_id}/log", params={"tail": 500}).json()["lines"])
+    assert "the worker is shutting down" in text and "queued again" in text
+
+
 def test_redelivered_message_of_a_finished_job_is_dropped(lifecycle_stack) -> None:
     """Celery's late redelivery (visibility timeout) of a job that already finished runs nothing."""
     http, home, chest, launcher = lifecycle_stack

@@ -19,7 +19,7 @@ ACTIVE = ("running", "cancelling")  # a worker holds the job's lock while it is 
 LOG_LINES = 2000  # the last lines of a job's log kept in Redis (the whole log is in its run folder)
 STATES = ("queued", "running", "cancelling", *TERMINAL)
 FIELDS = ("status", "kind", "name", "spec", "progress", "result", "model", "error", "created", "updated",
-          "started", "finished", "attempts", "worker", "resumed", "requeued")  # fmt: skip
+          "started", "finished", "attempts", "worker", "resumed", "requeued", "handed_back")  # fmt: skip
 
 # Atomically: if the job is running/cancelling and nobody holds its lock, set its status (ARGV[1], JSON)
 # and return the old one. Atomic so that a job finishing right now is never taken for an orphan.

@@ -4,7 +4,8 @@ Celery on Redis would redeliver the dead worker's message only after the visibil
 that long jobs are not redelivered while they run). Instead, every training worker checks, every lock TTL,
 for jobs that say they are running but whose lock lapsed: nobody renews it, so their worker is gone. Such
 a job is queued again (and resumes from its run folder's ``last/``); one being cancelled becomes
-cancelled; one whose worker died ``max_attempts`` times fails, with the reason. The check and the status
+cancelled; one whose worker died ``max_attempts`` times fails, with the reason (a job handed back by a
+worker that was shut down cleanly does not count: it saved its state and lost nothing). The check and the status
 change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so two workers never both re-queue a
 job and a job finishing at that moment is never touched. The late redelivery of the original message, if
 it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker).
@@ -39,12 +40,13 @@ def recover_orphans(
         recovered.append(job_id)
         job = records.get(job_id) or {}
         attempts, requeued = int(job.get("attempts") or 0), int(job.get("requeued") or 0)
+        lost = attempts - int(job.get("handed_back") or 0)  # attempts whose worker died
         say = JobLog(records, job_id, None if runs_dir is None else Path(runs_dir) / job_id)
         if old == "cancelling":
             records.update(job_id, status="cancelled", finished=time.time())
             say("its worker was lost while it was being cancelled: cancelled", logging.WARNING)
-        elif attempts >= max_attempts:
-            error = (f"its worker was lost {attempts} times (killed, restarted, or out of memory); "
+        elif lost >= max_attempts:
+            error = (f"its worker was lost {lost} times (killed, or out of memory); "
                      f"gave up after XRAYFM_TRAINING_MAX_ATTEMPTS={max_attempts}")  # fmt: skip
             records.update(job_id, status="failed", finished=time.time(), error=error)
             say(error, logging.ERROR)
@@ -56,8 +58,8 @@ def recover_orphans(
                 log.warning("job %s: could not re-queue it; will retry", job_id)
                 continue
             records.update(job_id, requeued=requeued + 1)
-            say(f"its worker was lost (attempt {attempts}); queued again, it resumes from its last checkpoint",
-                logging.WARNING)  # fmt: skip
+            say(f"no worker holds it after attempt {attempts} (its worker stopped or died); queued again, "
+                "it resumes from its last saved state", logging.WARNING)  # fmt: skip
     return recovered
 
 

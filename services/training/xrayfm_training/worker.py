@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 from celery.utils.log import get_task_logger
 
 from xrayfm_inference import store as model_store
@@ -37,6 +37,9 @@ settings = TrainingSettings.from_env()
 app = make_celery(settings)
 log = get_task_logger("xrayfm.training")
 log.setLevel(logging.INFO)
+# Set when the worker is asked to stop (SIGTERM, e.g. `docker compose stop`): the running job saves its
+# state at the next step and hands itself back; another worker (or this one, restarted) resumes it.
+shutting_down = threading.Event()
 
 
 class _LockKeeper(threading.Thread):
@@ -115,7 +118,7 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         say.progress(info)
 
     def should_cancel() -> bool:
-        return keeper.lost.is_set() or records.cancel_requested(job_id)
+        return keeper.lost.is_set() or shutting_down.is_set() or records.cancel_requested(job_id)
 
     try:
         if spec["kind"] == "evaluate":
@@ -132,6 +135,12 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
             if keeper.lost.is_set():
                 say("lost its lock; stopped (another worker resumes it)", logging.WARNING)
                 return {"status": "lock-lost"}
+            if shutting_down.is_set() and not records.cancel_requested(job_id):
+                # left "running" without a lock once released: the orphan check queues it again
+                records.update(job_id, handed_back=int(job.get("handed_back") or 0) + 1)
+                say(f"the worker is shutting down: stopped at step {summary.get('step')} with its state "
+                    "saved; it resumes there on the next free worker", logging.WARNING)  # fmt: skip
+                return {"status": "handed-back"}
             records.update(job_id, status="cancelled", finished=time.time())
             say(f"cancelled at step {summary.get('step')}")
             return {"status": "cancelled"}
@@ -206,6 +215,12 @@ def bootstrap_job() -> dict[str, Any]:
 
 def _requeue(job_id: str, n: int) -> None:
     app.send_task(TRAIN_TASK, args=(job_id,), task_id=f"{job_id}.requeue-{n}", queue=settings.queue)
+
+
+@worker_shutting_down.connect
+def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs: Any) -> None:
+    """Warm shutdown: the running job stops at its next step instead of holding the worker for hours."""
+    shutting_down.set()
 
 
 @worker_ready.connect

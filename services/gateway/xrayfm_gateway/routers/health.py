@@ -50,8 +50,8 @@ async def readiness(request: Request) -> Readiness:
         )
         detail = "no worker has a model answering: " + "; ".join(reasons)
     first_start = await _bootstrap_detail(request)
-    if first_start:
-        detail = f"{first_start} ({detail})"
+    if first_start:  # says why there is no model yet; each worker's own state stays in `workers`
+        detail = first_start
     return Readiness(ready=False, broker="ok", workers=workers, detail=detail)
 
 
