@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import struct
 import time
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
+import stack as stack_lib  # scripts/stack.py (on sys.path through conftest.py)
 from PIL import Image
 
 PATIENT_NAME = "DOE^JOHN^Q"
@@ -117,3 +122,59 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class RunningStack:
+    """A started stack: its launcher, URLs and settings."""
+
+    stack: stack_lib.Stack
+    redis_url: str
+    queue: str
+    gateway_url: str
+    worker_metrics_url: str
+    env: dict[str, str]
+    worker: stack_lib.Proc
+    gateway: stack_lib.Proc
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.gateway_url, timeout=60, **kwargs)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        stack_lib.wait_until(
+            lambda: stack_lib.http_json(f"{self.gateway_url}/ready")[0] == 200, timeout, "/ready", self.worker
+        )
+
+    def restart_worker(self) -> stack_lib.Proc:
+        """Start a fresh worker (after a test killed the previous one) and wait until it is ready."""
+        self.worker = self.stack.start_worker(name=f"worker-{uuid.uuid4().hex[:6]}")
+        self.wait_ready()
+        return self.worker
+
+
+def start_stack(home: Path, model: Path, **extra: str) -> RunningStack:
+    """Private Redis + worker + gateway; the caller stops it with `.stack.stop_all()`."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()
+    env = stack_env(redis_port, model, **extra)
+    launcher = stack_lib.Stack(home, env=env)
+    try:
+        launcher.start_redis(redis_port)
+        worker = launcher.start_worker()
+        gateway = launcher.start_gateway(gateway_port)
+        running = RunningStack(
+            stack=launcher,
+            redis_url=env["XRAYFM_REDIS_URL"],
+            queue=env["XRAYFM_QUEUE"],
+            gateway_url=f"http://127.0.0.1:{gateway_port}",
+            worker_metrics_url=f"http://127.0.0.1:{env['XRAYFM_WORKER_METRICS_PORT']}/metrics",
+            env=env,
+            worker=worker,
+            gateway=gateway,
+        )
+        running.wait_ready()
+    except BaseException:
+        launcher.stop_all()
+        raise
+    return running

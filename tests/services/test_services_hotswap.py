@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_stack
-from svc_helpers import phantom, png_bytes
+from svc_helpers import phantom, png_bytes, start_stack
 
 from xrayfm_inference import store as model_store
 

@@ -181,12 +181,18 @@ def test_pretrain_then_lora_then_promote(training_stack) -> None:
     assert lora["lineage"]["foundation"]["version"] == "1"
     assert not (store / "models/bone-lora/1/model.safetensors").exists()  # the adapter alone, not a copy
     meta = json.loads((store / "models/bone-lora/1/meta.json").read_text())
-    assert Path(meta["foundation"]["path"]) == (store / "models/chest-fm/1").resolve()
+    assert meta["foundation"]["path"] == "../../chest-fm/1"  # relative: the store can move
+    assert (store / "models/bone-lora/1" / meta["foundation"]["path"]).resolve() == (
+        store / "models/chest-fm/1"
+    ).resolve()
     assert rows[("chest-fm", "1")]["metrics"] is not None and rows[("chest-fm", "1")]["synthetic"]
 
     from xrayfm.models.checkpoint import load_any
 
     load_any(store / "models/bone-lora/1")  # loadable from the store: foundation found and verified
+    moved = store.parent / "moved-store"
+    shutil.copytree(store / "models", moved / "models")
+    load_any(moved / "models/bone-lora/1")  # and from a copy of the store elsewhere
 
     # an evaluate job on the synthetic bone phantoms: recorded with the version, flagged synthetic
     evaluation = {"kind": "evaluate", "config": {"model": "store:bone-lora/1", "kind": "mura",

@@ -70,8 +70,10 @@ def publish_run(store: Path, name: str, best: Path, job_id: str, kind: str) -> t
         if isinstance(meta.get("foundation"), dict):
             foundation = _foundation_in_store(store, name, meta["foundation"], job_id)
             lineage = {"foundation": {k: foundation[k] for k in ("name", "version", "sha256")}}
-            if meta.get("format") == "xrayfm.adapted":  # the adapter must find its foundation in the store
-                meta["foundation"] = {**meta["foundation"], "path": foundation["path"]}
+            if meta.get("format") == "xrayfm.adapted":  # the adapter finds its foundation in the store,
+                # by a path relative to its own folder (models/<name>/<version>), so the store can move
+                relative = f"../../{foundation['name']}/{foundation['version']}"
+                meta["foundation"] = {**meta["foundation"], "path": relative}
                 (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         staged.joinpath(VERSION_FILE).unlink(missing_ok=True)
         info = plain(

@@ -175,12 +175,14 @@ def load_adapted(
     is_trainable: bool = False,
 ) -> tuple[peft.PeftModel, dict]:
     """Rebuild foundation + adapter. The foundation comes from meta (or `foundation`, if it moved) and
-    must have the weights hash recorded at adaptation time. Returned in eval mode unless trainable."""
+    must have the weights hash recorded at adaptation time; a relative path in meta is relative to the
+    adapter's folder (the model store writes it so, so a store can move). Eval mode unless trainable."""
     folder = _checkpoint_folder(path)
     meta = _read_json(folder / META, expected_format="xrayfm.adapted")
     lineage = meta.get("foundation") or {}
-    foundation_dir = Path(foundation or lineage.get("path", ""))
-    if not (foundation_dir / META).is_file():
+    recorded = lineage.get("path")
+    foundation_dir = Path(foundation) if foundation else (folder / recorded if recorded else None)
+    if foundation_dir is None or not (foundation_dir / META).is_file():
         raise XrayfmError(
             f"foundation checkpoint of {folder} not found at {foundation_dir} (pass foundation=...)"
         )
