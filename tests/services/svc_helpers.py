@@ -115,6 +115,12 @@ def stack_env(redis_port: int, model: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def require_redis_server() -> None:
+    """Skip the test (with the reason) when redis-server, which the test stacks start, is missing."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     import socket
@@ -154,8 +160,7 @@ class RunningStack:
 
 def start_stack(home: Path, model: Path, **extra: str) -> RunningStack:
     """Private Redis + worker + gateway; the caller stops it with `.stack.stop_all()`."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()
     env = stack_env(redis_port, model, **extra)
     launcher = stack_lib.Stack(home, env=env)

@@ -6,14 +6,13 @@ Real Redis, a real Celery training worker, a real inference worker, real uvicorn
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import stack as stack_lib  # scripts/stack.py (on sys.path through tests/services/conftest.py)
-from svc_helpers import free_port, phantom, png_bytes, stack_env
+from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
 
 from xrayfm_training.bootstrap import BootstrapState, describe, store_is_empty
 
@@ -46,8 +45,7 @@ def test_bootstrap_claimed_once_and_again_after_it_finished() -> None:
 
 
 def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     store = tmp_path / "store"
     assert store_is_empty(store)
     redis_port, gateway_port = free_port(), free_port()

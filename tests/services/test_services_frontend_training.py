@@ -5,7 +5,6 @@ and the store's evaluations)."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import stack as stack_lib
 from streamlit.testing.v1 import AppTest
+from svc_helpers import require_redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,7 @@ ADMIN_KEY = "admin-key-for-the-ui"
 @pytest.fixture(scope="module")
 def admin_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis + the gateway (admin auth on) over a model store holding two versions; yields (url, store, env)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     from xrayfm_inference import store as model_store
 
     home = tmp_path_factory.mktemp("ui-training")

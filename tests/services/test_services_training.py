@@ -20,6 +20,7 @@ for _path in ("services/training", "services/gateway", "services/inference", "sh
         sys.path.insert(0, str(REPO / _path))
 
 import stack as stack_lib  # noqa: E402
+from svc_helpers import require_redis_server  # noqa: E402
 
 from xrayfm.errors import XrayfmError  # noqa: E402
 from xrayfm_inference import store as model_store  # noqa: E402
@@ -99,8 +100,7 @@ def test_admin_key_is_not_the_prediction_key(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def training_stack(tmp_path_factory: pytest.TempPathFactory):
     """Private Redis + one training worker + the gateway; yields (client, store, data roots, stack)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     from xrayfm.data.synth import synth_bone, synth_chest
 
     home = tmp_path_factory.mktemp("training-stack")

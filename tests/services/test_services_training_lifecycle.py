@@ -6,7 +6,6 @@ ViT with 8 px patches) so that a run takes seconds; what is checked is the lifec
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 import uuid
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import redis
 import stack as stack_lib
-from svc_helpers import stack_env
+from svc_helpers import require_redis_server, stack_env
 from test_services_training import QUIET, _pretrain_spec, _wait
 
 from xrayfm_inference import store as model_store
@@ -100,8 +99,7 @@ def test_store_publishes_one_version_per_job(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def lifecycle_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis, a training worker, an inference worker serving from the store, the gateway."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     from xrayfm.data.synth import synth_chest
 
     home = tmp_path_factory.mktemp("lifecycle")
