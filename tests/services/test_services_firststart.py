@@ -6,6 +6,7 @@ Real Redis, a real Celery training worker, a real inference worker, real uvicorn
 
 from __future__ import annotations
 
+import signal
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 import stack as stack_lib  # scripts/stack.py (on sys.path through tests/services/conftest.py)
 from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
 
+from xrayfm_inference import store as model_store
 from xrayfm_training.bootstrap import BootstrapState, describe, store_is_empty
+from xrayfm_training.jobs import JobRecords
 
 
 def test_describe_says_what_the_bootstrap_does() -> None:
@@ -95,6 +98,53 @@ def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -
         stack_lib.wait_until(lambda: "ready" in (tmp_path / "logs/trainer2.log").read_text(), 60, "trainer2")
         with httpx.Client(base_url=url, timeout=30) as http:
             assert len(http.get("/training/jobs").json()["jobs"]) == 2
+    except BaseException:
+        print("\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in launcher.procs))
+        raise
+    finally:
+        launcher.stop_all()
+
+
+def test_bootstrap_carries_on_after_its_worker_is_killed(tmp_path: Path) -> None:
+    """The worker running the first-start bootstrap dies mid-job: the next training worker carries on with
+    the same jobs (no duplicates) and the demo model is still promoted."""
+    require_redis_server()
+    store = tmp_path / "store"
+    redis_port = free_port()
+    env = stack_env(redis_port, tmp_path / "unused", XRAYFM_MODEL_STORE=str(store),
+                    XRAYFM_TRAINING_RUNS=str(tmp_path / "runs"), XRAYFM_BOOTSTRAP="quick",
+                    XRAYFM_TRAINING_QUEUE=f"xrayfm-training-test-{uuid.uuid4().hex[:8]}",
+                    XRAYFM_TRAINING_LOCK_TTL="2")  # fmt: skip
+    launcher = stack_lib.Stack(tmp_path, env=env)
+    state = BootstrapState(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"])
+    try:
+        launcher.start_redis(redis_port)
+        records = JobRecords(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"])
+        trainer = launcher.start_training_worker()
+
+        def training_in_progress() -> bool:
+            current = state.get() or {}
+            job = records.get(current.get("job_id") or "") if current.get("job_id") else None
+            return current.get("stage") == "pretraining" and (job or {}).get("status") == "running"
+
+        stack_lib.wait_until(training_in_progress, 120, "the bootstrap's pre-training job", trainer, 0.02)
+        launcher.stop(trainer, signal.SIGKILL)
+        interrupted = state.get()
+        assert interrupted["stage"] == "pretraining", interrupted
+
+        launcher.start_training_worker(name="trainer2")
+        stack_lib.wait_until(lambda: (state.get() or {}).get("stage") in ("done", "failed"), 300, "the bootstrap",
+                             launcher.procs[-1])  # fmt: skip
+        final = state.get()
+        assert final["stage"] == "done", final
+        assert model_store.serving(store) == {"name": "demo-bone-lora", "version": "1"}
+        jobs = records.list()
+        assert sorted((j["kind"], j["status"]) for j in jobs) == [("adapt", "done"), ("pretrain", "done")]
+        pretrain = next(j for j in jobs if j["kind"] == "pretrain")
+        assert pretrain["job_id"] == interrupted["job_id"] and pretrain["attempts"] == 2
+        assert [v["version"] for v in model_store.list_versions(store) if v["name"] == "demo-chest-fm"] == [
+            "1"
+        ]
     except BaseException:
         print("\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in launcher.procs))
         raise

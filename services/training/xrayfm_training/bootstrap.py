@@ -21,7 +21,7 @@ import redis
 
 from xrayfm.errors import XrayfmError
 from xrayfm_inference import store as model_store
-from xrayfm_training.jobs import JobRecords
+from xrayfm_training.jobs import TERMINAL, JobRecords
 from xrayfm_training.settings import TrainingSettings
 from xrayfm_training.spec import validate_spec
 
@@ -81,6 +81,19 @@ class BootstrapState:
         self.set(mode=mode)
         return True
 
+    # An interrupted bootstrap: under way (not queued, done or failed) and nobody holds its lock.
+    _CLAIM_ORPHAN = """
+    local stage = redis.call('hget', KEYS[1], 'stage')
+    if not stage or stage == '"queued"' or stage == '"done"' or stage == '"failed"' then return 0 end
+    if redis.call('exists', KEYS[2]) == 1 then return 0 end
+    redis.call('hset', KEYS[1], 'stage', ARGV[1])
+    return 1
+    """
+
+    def claim_orphan(self, lock_key: str) -> bool:
+        """Mark an interrupted bootstrap queued again (True) when its lock `lock_key` lapsed."""
+        return bool(self.redis.eval(self._CLAIM_ORPHAN, 2, self.key, lock_key, json.dumps("queued")))
+
     def set(self, **fields: Any) -> None:
         fields["updated"] = time.time()
         self.redis.hset(self.key, mapping={k: json.dumps(v) for k, v in fields.items()})
@@ -108,6 +121,21 @@ def describe(state: dict[str, Any] | None, records: JobRecords | None = None) ->
         if p.get("total_steps"):
             progress = f", step {p.get('step', 0)}/{p['total_steps']}"
     return f"bootstrapping: training the demo model on SYNTHETIC data: {what}{progress}"
+
+
+class Interrupted(Exception):
+    """The worker is shutting down mid-bootstrap: the next worker carries on (not a failure)."""
+
+
+def _finish(job_id: str, settings: TrainingSettings, records: JobRecords, run_job) -> dict[str, Any]:
+    """Run the job here, or wait for the worker that runs it (a re-queued one); returns its final record."""
+    while True:
+        if run_job(job_id, settings, records).get("status") == "handed-back":
+            raise Interrupted(f"job {job_id} handed back: the worker is shutting down")
+        job = records.get(job_id) or {}
+        if job.get("status") in TERMINAL:
+            return job
+        time.sleep(2.0)  # running elsewhere: wait for it (run_job waits on its lock, then sees it done)
 
 
 def _job_spec(kind: str, name: str, root: Path, sizes: dict[str, Any], foundation: str | None) -> dict:
@@ -146,17 +174,20 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
         for stage, kind, name, root in (("pretraining", "pretrain", FOUNDATION_NAME, chest),
                                         ("adapting", "adapt", ADAPTED_NAME, bone)):  # fmt: skip
             foundation = f"store:{ref['name']}/{ref['version']}" if ref else None
-            spec = validate_spec(_job_spec(kind, name, root, sizes, foundation), store)
-            job_id = records.create(spec)
-            state.set(stage=stage, job_id=job_id)
-            outcome = run_job(job_id, settings, records)
-            if outcome.get("status") != "done":
-                job = records.get(job_id) or {}
-                raise XrayfmError(f"{kind} job {job_id} ended {outcome.get('status')}: {job.get('error')}")
-            ref = outcome["model"]
+            jobs = (state.get() or {}).get("jobs") or {}
+            job_id = jobs.get(stage)  # an earlier, interrupted bootstrap's job: carry on with it
+            if job_id is None or records.get(job_id) is None:
+                job_id = records.create(validate_spec(_job_spec(kind, name, root, sizes, foundation), store))
+            state.set(stage=stage, job_id=job_id, jobs={**jobs, stage: job_id})
+            job = _finish(job_id, settings, records, run_job)
+            if job.get("status") != "done":
+                raise XrayfmError(f"{kind} job {job_id} ended {job.get('status')}: {job.get('error')}")
+            ref = job["model"]
         state.set(stage="promoting")
         model_store.promote(store, ref["name"], ref["version"])
         state.set(stage="done", model=ref, job_id=None)
+    except Interrupted:
+        raise  # left under way without a lock: the next worker's orphan check queues it again
     except Exception as exc:
         state.set(stage="failed", error=f"{type(exc).__name__}: {exc}")
         raise

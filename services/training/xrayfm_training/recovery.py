@@ -8,7 +8,9 @@ cancelled; one whose worker died ``max_attempts`` times fails, with the reason (
 worker that was shut down cleanly does not count: it saved its state and lost nothing). The check and the status
 change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so two workers never both re-queue a
 job and a job finishing at that moment is never touched. The late redelivery of the original message, if
-it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker).
+it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker). The first-start
+bootstrap (xrayfm_training.bootstrap) is watched the same way: under way without its lock, it is queued
+again and carries on with the jobs it had created.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from xrayfm_training.bootstrap import BootstrapState
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.jobs import JobRecords
+
+BOOTSTRAP_LOCK = "bootstrap"  # the bootstrap task's lock: JobRecords.lock_key(BOOTSTRAP_LOCK)
 
 log = logging.getLogger("xrayfm.training")
 
@@ -63,19 +68,34 @@ def recover_orphans(
     return recovered
 
 
-class OrphanWatch(threading.Thread):
-    """Calls :func:`recover_orphans` (with `recover_kwargs`) every `interval_s` s until stopped (a daemon)."""
+def recover_bootstrap(state: BootstrapState, records: JobRecords, requeue: Callable[[], None]) -> bool:
+    """Queue an interrupted first-start bootstrap again (its worker died); True when it did."""
+    if not state.claim_orphan(records.lock_key(BOOTSTRAP_LOCK)):
+        return False
+    try:
+        requeue()
+    except Exception:  # broker unreachable: mark it under way again, the next check retries
+        state.set(stage="interrupted")
+        log.warning("could not re-queue the interrupted bootstrap; will retry")
+        return False
+    log.warning("the first-start bootstrap was interrupted (its worker stopped or died): queued again")
+    return True
 
-    def __init__(self, interval_s: float, **recover_kwargs) -> None:
+
+class OrphanWatch(threading.Thread):
+    """Runs each of `checks` every `interval_s` seconds until stopped (a daemon thread)."""
+
+    def __init__(self, interval_s: float, checks: list[Callable[[], object]]) -> None:
         super().__init__(daemon=True, name="orphan-watch")
-        self.interval_s, self.recover_kwargs = interval_s, recover_kwargs
+        self.interval_s, self.checks = interval_s, checks
         self.stop = threading.Event()
 
     def run(self) -> None:
         while True:
-            try:
-                recover_orphans(**self.recover_kwargs)
-            except Exception:  # Redis blip: try again at the next beat
-                log.warning("could not check for orphaned training jobs", exc_info=True)
+            for check in self.checks:
+                try:
+                    check()
+                except Exception:  # Redis blip: try again at the next beat
+                    log.warning("could not check for orphaned training jobs", exc_info=True)
             if self.stop.wait(self.interval_s):
                 return

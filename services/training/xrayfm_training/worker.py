@@ -29,7 +29,7 @@ from xrayfm_training.celery_app import BOOTSTRAP_TASK, TRAIN_TASK, make_celery
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.jobs import TERMINAL, JobRecords
 from xrayfm_training.publish import plain, publish_run
-from xrayfm_training.recovery import OrphanWatch
+from xrayfm_training.recovery import BOOTSTRAP_LOCK, OrphanWatch, recover_bootstrap, recover_orphans
 from xrayfm_training.settings import TrainingSettings
 from xrayfm_training.spec import CONFIGS, resolve_foundation, store_ref
 
@@ -206,11 +206,23 @@ def bootstrap_job() -> dict[str, Any]:
         torch.set_num_threads(settings.torch_threads)
     Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
     records = JobRecords(settings.redis_url, settings.queue)
+    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not records.acquire(BOOTSTRAP_LOCK, owner, settings.lock_ttl_s):
+        log.info("the bootstrap is running on another worker; message dropped")
+        return {"stage": "running-elsewhere"}
+    keeper = _LockKeeper(records, BOOTSTRAP_LOCK, owner, settings.lock_ttl_s)
+    keeper.start()
     try:
         return bootstrap.run_bootstrap(settings, records, run_job)
+    except bootstrap.Interrupted:
+        log.warning("bootstrap interrupted by the shutdown; the next worker carries on")
+        return {"stage": "interrupted"}
     except Exception:  # recorded in the bootstrap state (and so in /ready); the message is done with
         log.error("bootstrap failed:\n%s", traceback.format_exc())
         return {"stage": "failed"}
+    finally:
+        keeper.stop.set()
+        records.release(BOOTSTRAP_LOCK, owner)
 
 
 def _requeue(job_id: str, n: int) -> None:
@@ -227,8 +239,14 @@ def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs: Any) ->
 def _watch_orphans(sender=None, **_kwargs: Any) -> None:
     """Re-queue the jobs of dead workers, now and every lock TTL (xrayfm_training.recovery)."""
     records = JobRecords(settings.redis_url, settings.queue)
-    OrphanWatch(settings.lock_ttl_s, records=records, max_attempts=settings.max_attempts,
-                requeue=_requeue, runs_dir=settings.runs_dir).start()  # fmt: skip
+    state = bootstrap.BootstrapState(settings.redis_url, settings.queue)
+    checks = [
+        lambda: recover_orphans(records, settings.max_attempts, _requeue, settings.runs_dir),
+        lambda: recover_bootstrap(
+            state, records, lambda: app.send_task(BOOTSTRAP_TASK, queue=settings.queue)
+        ),
+    ]
+    OrphanWatch(settings.lock_ttl_s, checks).start()
 
 
 @worker_ready.connect
