@@ -61,6 +61,7 @@ def test_orphans_are_requeued_failed_or_cancelled_and_live_jobs_left_alone(recor
     assert sent == [(orphan, 1)]
     assert records.get(orphan)["status"] == "queued" and records.get(orphan)["requeued"] == 1
     assert "queued again" in records.log_tail(orphan)[-1]
+    assert 0 < records.redis.ttl(records.log_key(orphan)) <= 30 * 24 * 3600  # Redis keeps logs a while
     assert records.get(cancelling)["status"] == "cancelled"
     failed = records.get(exhausted)
     assert failed["status"] == "failed" and "lost 3 times" in failed["error"]

@@ -17,6 +17,7 @@ import redis
 TERMINAL = ("done", "failed", "cancelled")
 ACTIVE = ("running", "cancelling")  # a worker holds the job's lock while it is in one of these
 LOG_LINES = 2000  # the last lines of a job's log kept in Redis (the whole log is in its run folder)
+LOG_TTL_S = 30 * 24 * 3600  # ... for 30 days after its last line (the file in the run folder stays)
 STATES = ("queued", "running", "cancelling", *TERMINAL)
 FIELDS = ("status", "kind", "name", "spec", "progress", "result", "model", "error", "created", "updated",
           "started", "finished", "attempts", "worker", "resumed", "requeued", "handed_back")  # fmt: skip
@@ -89,10 +90,11 @@ class JobRecords:
 
     # -- the job's log (its last LOG_LINES lines) --------------------------------------------------------
     def append_log(self, job_id: str, line: str) -> None:
-        """Add a line to the job's log, keeping the last LOG_LINES."""
+        """Add a line to the job's log, keeping the last LOG_LINES for LOG_TTL_S after the last one."""
         pipe = self.redis.pipeline()
         pipe.rpush(self.log_key(job_id), line)
         pipe.ltrim(self.log_key(job_id), -LOG_LINES, -1)
+        pipe.expire(self.log_key(job_id), LOG_TTL_S)
         pipe.execute()
 
     def log_tail(self, job_id: str, lines: int = 200) -> list[str]:
