@@ -51,6 +51,7 @@ def test_families_from_a_snapshot() -> None:
                 "name": "m",
                 "progress": {"step": 3, "total_steps": 12, "metrics": {"val_loss": 0.5, "auroc/x": None}},
                 "result": {},
+                "attempts": 2,
             },
             {
                 "job_id": "b",
@@ -59,6 +60,7 @@ def test_families_from_a_snapshot() -> None:
                 "name": "f",
                 "progress": {"step": 12, "total_steps": 12},
                 "result": {"metrics": {"mean_auroc": 0.7}},
+                "attempts": 1,
             },
         ],  # fmt: skip
         serving={"name": "m", "version": "2"},
@@ -69,6 +71,8 @@ def test_families_from_a_snapshot() -> None:
     values = samples(generate_latest(registry).decode())
     progress = {dict(k[1])["job_id"]: v for k, v in values.items() if k[0] == "xrayfm_training_job_progress"}
     assert progress == {"a": 0.25}  # a finished job has no progress series
+    attempts = {dict(k[1])["job_id"]: v for k, v in values.items() if k[0] == "xrayfm_training_job_attempts"}
+    assert attempts == {"a": 2.0}  # active jobs only: a second attempt means its worker was lost
     last = {(dict(k[1])["job_id"], dict(k[1])["metric"]): v for k, v in values.items()
             if k[0] == "xrayfm_training_job_last_metric"}  # fmt: skip
     assert last == {("a", "val_loss"): 0.5, ("b", "mean_auroc"): 0.7}  # None (undefined AUROC) left out

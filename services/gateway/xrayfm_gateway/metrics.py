@@ -91,7 +91,7 @@ def read_jobs(records: Any, limit: int = JOBS_WITH_SERIES) -> tuple[dict[str, in
     ids = [i.decode() for i in records.redis.zrevrange(records.index_key, 0, -1)]
     pipe = records.redis.pipeline()
     for rank, job_id in enumerate(ids):  # older jobs: their status only (the counts)
-        fields = ["status", "kind", "name", "progress", "result"] if rank < limit else ["status"]
+        fields = ["status", "kind", "name", "progress", "result", "attempts"] if rank < limit else ["status"]
         pipe.hmget(records.key(job_id), fields)
     counts = dict.fromkeys(JOB_STATES, 0)
     jobs = []
@@ -101,9 +101,11 @@ def read_jobs(records: Any, limit: int = JOBS_WITH_SERIES) -> tuple[dict[str, in
         status = json.loads(raw[0])
         counts[status] = counts.get(status, 0) + 1
         if rank < limit:
-            kind, name, progress, result = (json.loads(v) if v is not None else None for v in raw[1:])
+            kind, name, progress, result, attempts = (
+                json.loads(v) if v is not None else None for v in raw[1:]
+            )
             jobs.append({"job_id": job_id, "status": status, "kind": kind, "name": name,
-                         "progress": progress or {}, "result": result or {}})  # fmt: skip
+                         "progress": progress or {}, "result": result or {}, "attempts": attempts or 0})  # fmt: skip
     return counts, jobs
 
 
@@ -114,8 +116,8 @@ def _number(value: Any) -> float | None:
 
 
 def training_families(snap: TrainingSnapshot) -> list[Metric]:
-    """The Prometheus series of a snapshot: jobs by state, running jobs' progress, the last validation
-    metrics of the newest jobs, and the store's served model (an info metric)."""
+    """The Prometheus series of a snapshot: jobs by state, running jobs' progress and attempts, the last
+    validation metrics of the newest jobs, and the store's served model (an info metric)."""
     families: list[Metric] = []
     if snap.states is not None:
         by_state = GaugeMetricFamily("xrayfm_training_jobs", "Training jobs by state", labels=["state"])
@@ -131,8 +133,15 @@ def training_families(snap: TrainingSnapshot) -> list[Metric]:
             "The last validation metrics a training job reported",
             labels=["job_id", "kind", "name", "metric"],
         )
+        attempts = GaugeMetricFamily(
+            "xrayfm_training_job_attempts",
+            "Times an active training job was started (more than 1: its worker stopped or died under it)",
+            labels=["job_id", "kind", "name"],
+        )
         for job in snap.jobs:
             ids = [job["job_id"], str(job["kind"]), str(job["name"])]
+            if job["status"] in ("queued", "running", "cancelling") and job.get("attempts"):
+                attempts.add_metric(ids, float(job["attempts"]))
             p = job["progress"]
             step, total = _number(p.get("step")), _number(p.get("total_steps"))
             if job["status"] in ("running", "cancelling") and step is not None and total:
@@ -141,7 +150,7 @@ def training_families(snap: TrainingSnapshot) -> list[Metric]:
             for metric, value in sorted(metrics.items() if isinstance(metrics, dict) else []):
                 if (number := _number(value)) is not None:
                     last.add_metric([*ids, str(metric)], number)
-        families += [by_state, progress, last]
+        families += [by_state, progress, last, attempts]
     if snap.serving is not None:
         info = InfoMetricFamily("xrayfm_served_model", "The model version the store serves (serving.json)")
         info.add_metric([], {"name": snap.serving["name"], "version": snap.serving["version"]})
