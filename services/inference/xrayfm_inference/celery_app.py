@@ -8,47 +8,57 @@ arguments are never stored with results (``result_extended`` off), nor shown in 
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from xrayfm_inference.config import QueueSettings
 from xrayfm_inference.protocol import PREDICT_TASK
 
 
+def reliable_queue_conf(queue: str, visibility_timeout_s: int) -> dict[str, Any]:
+    """The settings both Celery apps (inference and training) share: JSON only, late acknowledgement,
+    redelivery of a dead worker's message after `visibility_timeout_s`, one message per worker at a
+    time, fail-fast publishing when Redis is down, no task events."""
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,  # a task that failed cleanly is not retried forever
+        "task_publish_retry": False,  # Redis down: fail at once (the gateway answers 503), never hang
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout_s,
+            # Sweep for abandoned (unacknowledged) messages every second, so redelivery happens right
+            # after the visibility timeout instead of up to 100 s later (kombu's default interval x throttle).
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 2,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
 def make_celery(settings: QueueSettings | None = None) -> Celery:
     """A Celery app configured from `settings` (default: the environment)."""
     settings = QueueSettings.from_env() if settings is None else settings
     app = Celery("xrayfm", broker=settings.redis_url, backend=settings.redis_url)
-    transport = {
-        "visibility_timeout": settings.visibility_timeout_s,
-        # Sweep for abandoned (unacknowledged) messages every second, so redelivery happens right after
-        # the visibility timeout instead of up to 100 s later (kombu's default interval x throttle).
-        "unacked_restore_interval": 1,
-        "unacked_restore_throttle": 1,
-        "socket_connect_timeout": 2,
-        "socket_timeout": 10,
-    }
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_default_queue=settings.queue,
+        **reliable_queue_conf(settings.queue, settings.visibility_timeout_s),
         task_routes={PREDICT_TASK: {"queue": settings.queue}},
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,  # a request that failed cleanly is not retried forever
         task_track_started=True,
         task_time_limit=settings.task_time_limit_s + 5,  # enforced by prefork pools; threads: see worker
-        task_publish_retry=False,  # Redis down: fail at once (the gateway answers 503), never hang
         result_expires=settings.result_expires_s,
         result_extended=False,
         result_backend_transport_options={"socket_connect_timeout": 2, "socket_timeout": 10},
         redis_socket_connect_timeout=2,
         redis_socket_timeout=10,
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=2,
-        worker_prefetch_multiplier=1,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
     )
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from xrayfm_inference.celery_app import reliable_queue_conf
 from xrayfm_training.settings import TrainingSettings
 
 TRAIN_TASK = "xrayfm.train_job"
@@ -21,28 +22,9 @@ def make_celery(settings: TrainingSettings | None = None) -> Celery:
     settings = TrainingSettings.from_env() if settings is None else settings
     app = Celery("xrayfm-training", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_default_queue=settings.queue,
+        **reliable_queue_conf(settings.queue, settings.visibility_timeout_s),
         task_routes={TRAIN_TASK: {"queue": settings.queue}, BOOTSTRAP_TASK: {"queue": settings.queue}},
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        task_publish_retry=False,
         task_ignore_result=True,  # the job record in Redis is the result
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 10,
-        },
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=2,
-        worker_prefetch_multiplier=1,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
     )
     return app
 

@@ -24,6 +24,7 @@ class JobLog:
         self.path = None if run_dir is None else Path(run_dir) / "job.log"
         self._last_progress = 0.0
         self._last_metrics: Any = None
+        self._folder_made = False
 
     def __call__(self, message: str, level: int = logging.INFO) -> None:
         log.log(level, "job %s: %s", self.job_id, message)
@@ -35,7 +36,9 @@ class JobLog:
             log.warning("job %s: could not append to its Redis log", self.job_id)
         if self.path is not None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                if not self._folder_made:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._folder_made = True
                 with self.path.open("a") as handle:
                     handle.write(line + "\n")
             except OSError:

@@ -5,12 +5,12 @@ that long jobs are not redelivered while they run). Instead, every training work
 for jobs that say they are running but whose lock lapsed: nobody renews it, so their worker is gone. Such
 a job is queued again (and resumes from its run folder's ``last/``); one being cancelled becomes
 cancelled; one whose worker died ``max_attempts`` times fails, with the reason (a job handed back by a
-worker that was shut down cleanly does not count: it saved its state and lost nothing). The check and the status
-change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so two workers never both re-queue a
-job and a job finishing at that moment is never touched. The late redelivery of the original message, if
-it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker). The first-start
-bootstrap (xrayfm_training.bootstrap) is watched the same way: under way without its lock, it is queued
-again and carries on with the jobs it had created.
+worker that was shut down cleanly does not count: it saved its state and lost nothing). The check and the
+status change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so two workers never both
+re-queue a job and a job finishing at that moment is never touched. The late redelivery of the original
+message, if it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker). The
+first-start bootstrap (xrayfm_training.bootstrap) is watched the same way: under way without its lock, it
+is queued again and carries on with the jobs it had created.
 """
 
 from __future__ import annotations

@@ -34,14 +34,14 @@ def store_ref(value: str) -> tuple[str, str] | None:
     return name, version
 
 
-def resolve_foundation(foundation: str, store: Path) -> str:
+def resolve_store_ref(value: str, store: Path) -> str:
     """``store:<name>/<version>`` -> that version's folder (which must exist); other values unchanged."""
-    ref = store_ref(foundation)
+    ref = store_ref(value)
     if ref is None:
-        return foundation
+        return value
     folder = version_dir(store, *ref)
     if not folder.is_dir():
-        raise XrayfmError(f"{foundation!r}: no version {'/'.join(ref)} in the model store")
+        raise XrayfmError(f"{value!r}: no version {'/'.join(ref)} in the model store")
     return str(folder.resolve())
 
 
@@ -73,7 +73,7 @@ def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
     except TypeError as exc:  # e.g. a wrong value type that the dataclass constructor refuses
         raise XrayfmError(f"invalid {kind} config: {exc}") from None
     if store is not None and isinstance(parsed, AdaptConfig) and parsed.foundation:
-        resolve_foundation(parsed.foundation, store)
+        resolve_store_ref(parsed.foundation, store)
     if store is not None and isinstance(parsed, EvaluateConfig):
-        resolve_foundation(parsed.model, store)
+        resolve_store_ref(parsed.model, store)
     return {"kind": kind, "name": name, "config": parsed.to_dict()}

@@ -17,6 +17,8 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from xrayfm_training.jobs import TERMINAL, JobRecords
 from xrayfm_training.publish import plain, publish_run
 from xrayfm_training.recovery import BOOTSTRAP_LOCK, OrphanWatch, recover_bootstrap, recover_orphans
 from xrayfm_training.settings import TrainingSettings
-from xrayfm_training.spec import CONFIGS, resolve_foundation, store_ref
+from xrayfm_training.spec import CONFIGS, resolve_store_ref, store_ref
 
 settings = TrainingSettings.from_env()
 app = make_celery(settings)
@@ -73,6 +75,27 @@ def _wait_for_lock(records: JobRecords, job_id: str, owner: str, ttl_s: float) -
     return False
 
 
+@contextmanager
+def _holding_lock(
+    records: JobRecords, lock_id: str, ttl_s: float, wait: bool
+) -> Iterator[_LockKeeper | None]:
+    """Hold `lock_id`'s lock, renewed, for the block; yields None when another worker holds it.
+
+    `wait`: wait a little over the TTL for a dead holder's lock to lapse first (:func:`_wait_for_lock`)."""
+    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    taken = _wait_for_lock(records, lock_id, owner, ttl_s) if wait else records.acquire(lock_id, owner, ttl_s)
+    if not taken:
+        yield None
+        return
+    keeper = _LockKeeper(records, lock_id, owner, ttl_s)
+    keeper.start()
+    try:
+        yield keeper
+    finally:
+        keeper.stop.set()
+        records.release(lock_id, owner)
+
+
 def run_job(job_id: str, settings: TrainingSettings, records: JobRecords) -> dict[str, Any]:
     """Run one training job to its end (done, failed or cancelled); returns its final status."""
     job = records.get(job_id)
@@ -82,17 +105,11 @@ def run_job(job_id: str, settings: TrainingSettings, records: JobRecords) -> dic
     if job["status"] in TERMINAL:
         log.info("job %s: already %s; redelivered message dropped", job_id, job["status"])
         return {"status": job["status"]}
-    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not _wait_for_lock(records, job_id, owner, settings.lock_ttl_s):
-        log.info("job %s: running elsewhere (its lock is held); redelivered message dropped", job_id)
-        return {"status": "running-elsewhere"}
-    keeper = _LockKeeper(records, job_id, owner, settings.lock_ttl_s)
-    keeper.start()
-    try:
+    with _holding_lock(records, job_id, settings.lock_ttl_s, wait=True) as keeper:
+        if keeper is None:
+            log.info("job %s: running elsewhere (its lock is held); redelivered message dropped", job_id)
+            return {"status": "running-elsewhere"}
         return _train(job, settings, records, keeper)
-    finally:
-        keeper.stop.set()
-        records.release(job_id, owner)
 
 
 def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords, keeper: _LockKeeper) -> dict:
@@ -125,7 +142,7 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
             return _evaluate(job_id, spec, settings, records, run_dir, say)
         config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
         if spec["kind"] == "adapt":
-            config_dict["foundation"] = resolve_foundation(config_dict["foundation"], settings.model_store)
+            config_dict["foundation"] = resolve_store_ref(config_dict["foundation"], settings.model_store)
         config = CONFIGS[spec["kind"]].from_dict(config_dict)
         from xrayfm.train import adapt, pretrain  # torch is imported here, not when the worker module loads
 
@@ -170,7 +187,7 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     from xrayfm.train.evaluation import evaluate_config
 
     ref = store_ref(spec["config"]["model"])
-    model_dir = resolve_foundation(spec["config"]["model"], settings.model_store)
+    model_dir = resolve_store_ref(spec["config"]["model"], settings.model_store)
     config = EvaluateConfig.from_dict({**spec["config"], "model": model_dir})
     summary = evaluate_config(config, run_dir)
     result = plain({k: summary.get(k) for k in ("metric", "value", "report")})
@@ -186,43 +203,39 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     return {"status": "done"}
 
 
-@app.task(name=TRAIN_TASK)
-def train_job(job_id: str) -> dict[str, Any]:
-    """The queued training job `job_id` (its spec is in its Redis record)."""
+def _prepare_process() -> None:
+    """What every task needs in this process: torch's thread count and the runs folder."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
+
+
+@app.task(name=TRAIN_TASK)
+def train_job(job_id: str) -> dict[str, Any]:
+    """The queued training job `job_id` (its spec is in its Redis record)."""
+    _prepare_process()
     return run_job(job_id, settings, JobRecords(settings.redis_url, settings.queue))
 
 
 @app.task(name=BOOTSTRAP_TASK)
 def bootstrap_job() -> dict[str, Any]:
     """First start: train, publish and promote the demo model on synthetic phantoms (xrayfm_training.bootstrap)."""
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-    Path(settings.runs_dir).mkdir(parents=True, exist_ok=True)
+    _prepare_process()
     records = JobRecords(settings.redis_url, settings.queue)
-    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    if not records.acquire(BOOTSTRAP_LOCK, owner, settings.lock_ttl_s):
-        log.info("the bootstrap is running on another worker; message dropped")
-        return {"stage": "running-elsewhere"}
-    keeper = _LockKeeper(records, BOOTSTRAP_LOCK, owner, settings.lock_ttl_s)
-    keeper.start()
-    try:
-        return bootstrap.run_bootstrap(settings, records, run_job)
-    except bootstrap.Interrupted:
-        log.warning("bootstrap interrupted by the shutdown; the next worker carries on")
-        return {"stage": "interrupted"}
-    except Exception:  # recorded in the bootstrap state (and so in /ready); the message is done with
-        log.error("bootstrap failed:\n%s", traceback.format_exc())
-        return {"stage": "failed"}
-    finally:
-        keeper.stop.set()
-        records.release(BOOTSTRAP_LOCK, owner)
+    with _holding_lock(records, BOOTSTRAP_LOCK, settings.lock_ttl_s, wait=False) as keeper:
+        if keeper is None:
+            log.info("the bootstrap is running on another worker; message dropped")
+            return {"stage": "running-elsewhere"}
+        try:
+            return bootstrap.run_bootstrap(settings, records, run_job)
+        except bootstrap.Interrupted:
+            log.warning("bootstrap interrupted by the shutdown; the next worker carries on")
+            return {"stage": "interrupted"}
+        except Exception:  # recorded in the bootstrap state (and so in /ready); the message is done with
+            log.error("bootstrap failed:\n%s", traceback.format_exc())
+            return {"stage": "failed"}
 
 
 def _requeue(job_id: str, n: int) -> None:
