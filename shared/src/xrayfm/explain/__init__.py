@@ -18,6 +18,7 @@ from xrayfm.explain.faithfulness import (
     topk_iou,
 )
 from xrayfm.explain.gradients import Target, gradcam, gradient_rollout, resolve_targets
+from xrayfm.explain.methods import CLASS_SPECIFIC_METHODS, METHODS, OPTIONS, canonical_method
 from xrayfm.explain.overlay import (
     Overlay,
     make_overlay,
@@ -35,30 +36,6 @@ from xrayfm.explain.rollout import (
     rollout_matrix,
 )
 
-METHODS = ("rollout", "grad_rollout", "gradcam")
-CLASS_SPECIFIC_METHODS = frozenset({"grad_rollout", "gradcam"})
-_ALIASES = {
-    "attention_rollout": "rollout",
-    "grad-rollout": "grad_rollout",
-    "gradient_rollout": "grad_rollout",
-    "chefer": "grad_rollout",
-    "grad-cam": "gradcam",
-    "grad_cam": "gradcam",
-}
-_OPTIONS = {
-    "rollout": {"head_fusion", "discard_ratio"},
-    "grad_rollout": set(),
-    "gradcam": {"target_layer"},
-}
-
-
-def canonical_method(method: str) -> str:
-    """Normalise a method name ('grad-cam' -> 'gradcam'); raise for unknown ones."""
-    name = _ALIASES.get(method.lower(), method.lower())
-    if name not in METHODS:
-        raise XrayfmError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
-    return name
-
 
 def explain(
     model: nn.Module,
@@ -75,9 +52,9 @@ def explain(
     image's top class); rollout takes none.
     """
     name = canonical_method(method)
-    unknown = set(kwargs) - _OPTIONS[name]
+    unknown = set(kwargs) - OPTIONS[name]
     if unknown:
-        allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
+        allowed = ", ".join(sorted(OPTIONS[name])) or "none"
         raise XrayfmError(
             f"unexpected option(s) for {name}: {', '.join(sorted(unknown))} (allowed: {allowed})"
         )
