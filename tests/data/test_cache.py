@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from xrayfm.data import cache as cache_mod
 from xrayfm.data.base import XrayDataset
 from xrayfm.data.cache import FILES, prepare_cache, verify_cache
+from xrayfm.data.cache import build as cache_mod
 from xrayfm.data.images import read_image_resized
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.data.transforms import build_transform

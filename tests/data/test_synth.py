@@ -13,6 +13,8 @@ from PIL import Image
 
 from xrayfm.data import synth
 from xrayfm.data.synth import SYNTHETIC_MARKER, synth_bone, synth_chest
+from xrayfm.data.synth import bone as bone_phantoms
+from xrayfm.data.synth import chest as chest_phantoms
 from xrayfm.errors import DataError
 
 # Written out by hand from the CheXpert v1.0 files (not imported), so a drift in the code is caught.
@@ -154,16 +156,16 @@ def test_chest_finding_changes_only_its_mask(finding):
     ]
     for k in range(3):
         rng = np.random.default_rng(k)
-        anatomy = synth._chest_anatomy(rng, female=k % 2 == 0)
+        anatomy = chest_phantoms.chest_anatomy(rng, female=k % 2 == 0)
         with_all = replace(
-            synth._chest_findings(rng), cardiomegaly="present", ctr=0.6, effusion="present",
+            chest_phantoms.chest_findings(rng), cardiomegaly="present", ctr=0.6, effusion="present",
             opacity="present", opacity_radius=0.15, opacity_amp=0.2,
         )  # fmt: skip
         without = replace(
             with_all, **{field: "absent"}, **({"ctr": 0.42} if finding == "Cardiomegaly" else {})
         )
-        img, masks = synth._render_chest(anatomy, with_all, SIZE, (3, 1, k))
-        ref, ref_masks = synth._render_chest(anatomy, without, SIZE, (3, 1, k))
+        img, masks = chest_phantoms.render_chest(anatomy, with_all, SIZE, (3, 1, k))
+        ref, ref_masks = chest_phantoms.render_chest(anatomy, without, SIZE, (3, 1, k))
         assert finding in masks and finding not in ref_masks
         diff, mask = img.astype(float) - ref, masks[finding]
         assert diff[mask].mean() > 8
@@ -248,13 +250,13 @@ def test_bone_finding_darkens_the_bone_inside_its_mask(kind):
     seen = 0
     for k in range(40):
         rng = np.random.default_rng(k)
-        anatomy = synth._bone_anatomy(rng, synth.BONE_PARTS[k % 2])
-        view = synth._bone_view(rng, SIZE)
-        finding = synth._bone_finding(rng)
+        anatomy = bone_phantoms.bone_anatomy(rng, synth.BONE_PARTS[k % 2])
+        view = bone_phantoms.bone_view(rng, SIZE)
+        finding = bone_phantoms.bone_finding(rng)
         if finding.kind != kind:
             continue
-        img, mask = synth._render_bone(anatomy, view, finding, SIZE, (3, 2, k))
-        ref, no_mask = synth._render_bone(anatomy, view, None, SIZE, (3, 2, k))
+        img, mask = bone_phantoms.render_bone(anatomy, view, finding, SIZE, (3, 2, k))
+        ref, no_mask = bone_phantoms.render_bone(anatomy, view, None, SIZE, (3, 2, k))
         assert no_mask is None
         if mask is None or mask.sum() < 4:  # off the image in this view: the generator would not label it
             continue

@@ -15,7 +15,6 @@ from xrayfm.errors import XrayfmError
 from xrayfm.models import (
     LoraSettings,
     apply_lora,
-    file_sha256,
     load_adapted,
     load_checkpoint,
     load_training_state,
@@ -25,6 +24,7 @@ from xrayfm.models import (
     save_training_state,
 )
 from xrayfm.models import checkpoint as checkpoint_module
+from xrayfm.utils import sha256_file
 
 
 def _meta(spec: dict, **extra) -> dict:
@@ -68,7 +68,7 @@ def test_checkpoint_round_trip(tiny_vit, tiny_spec, images, tmp_path):
     assert meta["manifest_hash"] == "abc123"
     assert meta["metrics"]["auroc"]["Edema"] is None  # NaN stored as strict-JSON null
     assert set(meta["versions"]) >= {"xrayfm", "torch", "timm", "peft"}
-    assert meta["created"] and meta["weights"]["sha256"] == file_sha256(folder / "model.safetensors")
+    assert meta["created"] and meta["weights"]["sha256"] == sha256_file(folder / "model.safetensors")
 
 
 def test_checkpoint_of_wrapped_model_has_plain_keys(tiny_vit, tiny_spec, tmp_path):
@@ -237,7 +237,7 @@ def test_adapted_round_trip_and_lineage(tiny_vit, tiny_spec, images, tmp_path):
     assert meta["task"] == "pneumothorax" and meta["model"]["num_classes"] == 2
     assert meta["foundation"] == {
         "path": str(foundation.resolve()),
-        "sha256": file_sha256(foundation / "model.safetensors"),
+        "sha256": sha256_file(foundation / "model.safetensors"),
     }
     torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
 

@@ -37,6 +37,8 @@ def to_jsonable(obj: Any, *, strict: bool = False, where: str = "value") -> Any:
     """
     if obj is None or isinstance(obj, bool | str):
         return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     if isinstance(obj, int | np.integer):
         return int(obj)
     if isinstance(obj, float | np.floating):
@@ -59,6 +61,9 @@ def to_jsonable(obj: Any, *, strict: bool = False, where: str = "value") -> Any:
     if hasattr(obj, "item"):  # torch / numpy 0-d values
         with contextlib.suppress(TypeError, ValueError, RuntimeError):
             return to_jsonable(obj.item())
+    if hasattr(obj, "tolist"):  # torch tensors and other array-likes with several values
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            return to_jsonable(obj.tolist())
     try:
         return to_jsonable(float(obj))
     except (TypeError, ValueError):

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from xrayfm.data.cache import FILES, FORCE_HINT, VERIFY_MODES, read_index, read_manifest, stale_sources
+from xrayfm.data.cache.layout import FILES, FORCE_HINT, VERIFY_MODES, read_index, read_manifest, stale_sources
 from xrayfm.data.labels import LabelPolicy, parse_policy
 from xrayfm.errors import CacheMismatchError, DataError, XrayfmError, list_offenders
 

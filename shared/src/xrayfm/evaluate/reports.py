@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from xrayfm.evaluate.metrics import (
     threshold_metrics,
 )
 from xrayfm.evaluate.plots import plot_reliability, plot_roc
+from xrayfm.utils import to_jsonable
 
 UNDEFINED_TEXT = "undefined (single class)"
 
@@ -194,21 +194,6 @@ def binary_report(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively turn numpy values, tuples and Paths into strict-JSON types; NaN and inf become None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | np.ndarray):
-        return [to_jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -2,7 +2,6 @@
 
 from xrayfm.models.backbones import classifier_names, create_model, model_info, new_head
 from xrayfm.models.checkpoint import (
-    file_sha256,
     load_adapted,
     load_checkpoint,
     load_training_state,
@@ -17,7 +16,6 @@ __all__ = [
     "apply_lora",
     "classifier_names",
     "create_model",
-    "file_sha256",
     "load_adapted",
     "load_adapter",
     "load_checkpoint",

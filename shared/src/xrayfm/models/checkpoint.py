@@ -8,17 +8,12 @@ Layouts (one folder each):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
-import uuid
 import warnings
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +27,7 @@ from torch import nn
 from xrayfm.errors import XrayfmError, list_offenders
 from xrayfm.models.backbones import create_model, new_head
 from xrayfm.models.lora import load_adapter, save_adapter
+from xrayfm.utils import atomic_dir, sha256_file, to_jsonable
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -54,18 +50,18 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, metadata: dict
         raise XrayfmError("save_checkpoint takes a plain model: use save_adapted, or merge the adapter first")
     spec = _model_spec(metadata)
     _check_spec_builds(spec, model)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         _save_tensors(model.state_dict(), tmp / WEIGHTS)
         meta = {
             "format": "xrayfm.checkpoint",
             "format_version": FORMAT_VERSION,
             **metadata,
             "model": spec,
-            "weights": {"file": WEIGHTS, "sha256": file_sha256(tmp / WEIGHTS)},
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
             "versions": _versions(),
             "created": _now(),
         }
-        _write_json(tmp / META, _plain_json(meta))
+        _write_json(tmp / META, to_jsonable(meta, strict=True, where="metadata"))
     return Path(out_dir)
 
 
@@ -76,7 +72,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     spec = _model_spec(meta)
     weights = folder / meta.get("weights", {}).get("file", WEIGHTS)
     expected_hash = meta.get("weights", {}).get("sha256")
-    if expected_hash and file_sha256(weights) != expected_hash:
+    if expected_hash and sha256_file(weights) != expected_hash:
         raise XrayfmError(f"{weights} does not match the sha256 in {folder / META} (file changed or corrupt)")
     model = _build(spec, where=folder)
     _load_strict(model, _load_tensors(weights), source=weights, spec=spec)
@@ -107,7 +103,7 @@ def save_training_state(
         "versions": _versions(),
         "created": _now(),
     }
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         _save_tensors(_plain_module(model).state_dict(), tmp / WEIGHTS)
         _save_tensors(tensors, tmp / STATE_TENSORS)
         _write_json(tmp / STATE_JSON, tree)
@@ -152,7 +148,7 @@ def save_adapted(out_dir: str | os.PathLike, peft_model: peft.PeftModel, metadat
     foundation_dir = _checkpoint_folder(metadata["foundation"]).resolve()
     foundation_meta = _read_json(foundation_dir / META, expected_format="xrayfm.checkpoint")
     spec = {**_model_spec(foundation_meta), "num_classes": int(peft_model.get_base_model().num_classes)}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_adapter(peft_model, tmp / ADAPTER_DIR)
         meta = {
             "format": "xrayfm.adapted",
@@ -163,7 +159,7 @@ def save_adapted(out_dir: str | os.PathLike, peft_model: peft.PeftModel, metadat
             "versions": _versions(),
             "created": _now(),
         }
-        _write_json(tmp / META, _plain_json(meta))
+        _write_json(tmp / META, to_jsonable(meta, strict=True, where="metadata"))
     return Path(out_dir)
 
 
@@ -218,53 +214,7 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str
     return load_checkpoint(path, device)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except FileNotFoundError as exc:
-        raise XrayfmError(f"file not found: {path}") from exc
-
-
 # ------------------------------------------------------------------------------------- folders & files
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder next to `out_dir`; on success it replaces `out_dir`, on failure it is removed.
-
-    rename(2) cannot replace a non-empty folder, so an existing `out_dir` is first renamed aside and
-    deleted after the swap; the previous checkpoint is never modified in place.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{token}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{token}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's files and entries to disk (best effort where the OS does not support it)."""
-    for file in [p for p in folder.iterdir() if p.is_file()] + [folder]:
-        with contextlib.suppress(OSError):
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _checkpoint_folder(path: str | os.PathLike, marker: str = META) -> Path:
     """Accept a checkpoint folder or the JSON file inside it; fail clearly when it is not one."""
     folder = Path(path)
@@ -446,26 +396,6 @@ def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "__dict__" in tree:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in tree["__dict__"]}
     return {k: _decode(v, tensors) for k, v in tree.items()}
-
-
-def _plain_json(obj: Any, path: str = "metadata") -> Any:
-    """Metadata as strict, readable JSON: tuples -> lists, paths -> str, NaN/inf -> null (undefined AUC)."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (list, tuple)):
-        return [_plain_json(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        bad = [k for k in obj if not isinstance(k, str)]
-        if bad:
-            raise XrayfmError(f"{path} has non-string keys {list_offenders(bad)}: JSON needs strings")
-        return {k: _plain_json(v, f"{path}.{k}") for k, v in obj.items()}
-    raise XrayfmError(f"{path} is a {type(obj).__name__}: checkpoint metadata must be plain JSON data")
 
 
 # ------------------------------------------------------------------------------------------ provenance

@@ -20,10 +20,10 @@ import pandas as pd
 
 from xrayfm.errors import XrayfmError
 from xrayfm.evaluate import plot_label_efficiency, summarise_label_efficiency
-from xrayfm.evaluate.reports import to_jsonable
 from xrayfm.train.adaptation import adapt
 from xrayfm.train.config import METHODS, AdaptConfig
 from xrayfm.train.evaluation import headline
+from xrayfm.utils import to_jsonable
 
 # Learning rates per method when none is given: full fine-tuning needs a smaller one than a head/adapter.
 DEFAULT_LR = {"lora": 1e-3, "linear": 1e-3, "full": 1e-4, "scratch": 3e-4}

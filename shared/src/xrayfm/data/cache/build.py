@@ -1,33 +1,14 @@
-"""Preprocessing cache: decode every radiograph once, then train from a memory-mapped uint8 array.
+"""Build the preprocessing cache: ``prepare_cache`` decodes every image once, on all cores, into a folder.
 
-``prepare_cache(dataset, out)`` decodes each source image once (``read_image_resized``: ``pad`` keeps the
-whole image and its aspect ratio, ``crop`` / ``stretch`` also exist), on all cores, into a folder that
-epochs read without any JPEG work.
-
-Cache folder layout (plain, readable formats only; nothing is ever pickled)::
-
-    images.u8        raw uint8 array, N x S x S, C order, no header:
-                     np.memmap("images.u8", dtype=np.uint8, mode="r", shape=(N, S, S))
-    manifest.json    format and version, dataset kind/root/split, pathologies, size, mode, created,
-                     xrayfm version, counts, ``complete`` flag, skips with examples, and fingerprints:
-                     ``fingerprint`` = sha256 of the settings + the ordered source list,
-                     ``stats_sha256`` (source sizes/mtimes), ``table_sha256`` (csv + raw labels)
-    index.csv        one row per source image, in dataset order (row i <-> images[i]): the dataset's csv
-                     columns, the RAW labels (one column per pathology: 1 / 0 / -1 / blank), ``src_size``,
-                     ``src_mtime_ns`` (-1 when missing) and ``status`` in {ok, missing, unreadable, pending}
-    done.npy         bool [N]: rows already handled (written or skipped); a killed run resumes from it
-    unreadable.json  {row: {"path", "status", "error"}} for the rows that could not be decoded
-    .lock            taken while a prepare run writes the folder (two runs never write at once)
-
-Labels are stored raw, so the uncertainty policy is chosen when loading (``CachedDataset(policy=...)``).
-A rerun with the same settings on unchanged sources is a no-op; changed sources or settings raise
-:class:`~xrayfm.errors.CacheMismatchError` until the cache is rebuilt with ``force=True``.
+Each source image is decoded once (``read_image_resized``: ``pad`` keeps the whole image and its aspect
+ratio, ``crop`` / ``stretch`` also exist) into the memory-mapped array of the folder described in
+:mod:`xrayfm.data.cache.layout`. A build is resumable (``done.npy`` records the rows handled), a no-op on
+unchanged sources, refused on changed ones unless ``force=True``, and never runs twice at once on a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -45,52 +26,33 @@ import pandas as pd
 from tqdm import tqdm
 
 from xrayfm.data.base import XrayDataset
+from xrayfm.data.cache.layout import (
+    FILES,
+    FORCE_HINT,
+    FORMAT,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    STAT_COLUMNS,
+    changed_rows,
+    read_index,
+    read_manifest,
+    source_fingerprint,
+    stat_sources,
+    stats_sha,
+    table_sha,
+)
 from xrayfm.data.images import RESIZE_MODES, read_image_resized
 from xrayfm.errors import CacheMismatchError, DataError, ImageDecodeError, XrayfmError, list_offenders
+from xrayfm.utils import LockBusy, atomic_path, atomic_write_json, file_lock
 
-FORMAT = "xrayfm-cache"
-FORMAT_VERSION = 1
 MODES = RESIZE_MODES  # pad (default: keeps the whole image), crop, stretch
-VERIFY_MODES = ("stat", "size", "exists", "none")
-FILES = {
-    "images": "images.u8",
-    "manifest": "manifest.json",
-    "index": "index.csv",
-    "done": "done.npy",
-    "unreadable": "unreadable.json",
-}
-STAT_COLUMNS = ("src_size", "src_mtime_ns", "status")
-ID_COLUMNS = ("path", "patient_id", "study_id")
 FLUSH_SECONDS = 2.0  # how often the parent persists done.npy while workers run
-FORCE_HINT = "pass force=True to prepare_cache (CLI: xrayfm prepare --force) to rebuild it"
 
 
 # -- small helpers -----------------------------------------------------------------------------------
-def _sha256(*parts: bytes | str) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode() if isinstance(part, str) else part)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling and rename, so a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
-
-
 def _save_done(path: Path, done: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare .tmp name
-            np.save(f, done)
-
-    _write_atomic(path, write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append ".npy"
+        np.save(f, done)
 
 
 def _default_workers() -> int:
@@ -100,41 +62,13 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _stat_sources(paths: Sequence[str], progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Size and mtime (ns) of every source; -1 for files that do not exist."""
-    sizes = np.full(len(paths), -1, dtype=np.int64)
-    mtimes = np.full(len(paths), -1, dtype=np.int64)
-    for i, p in enumerate(tqdm(paths, desc="stat sources", unit="file", disable=not progress, leave=False)):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    return sizes, mtimes
-
-
-def _stats_sha(sizes: np.ndarray, mtimes: np.ndarray) -> str:
-    return _sha256(
-        np.ascontiguousarray(sizes, dtype="<i8").tobytes(), np.ascontiguousarray(mtimes, "<i8").tobytes()
-    )
-
-
-def _source_fingerprint(paths: Sequence[str], size: int, mode: str) -> str:
-    return _sha256(f"{FORMAT} v{FORMAT_VERSION} size={size} mode={mode}", "\n".join(paths))
-
-
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Refuse to let two prepare runs write the same cache at once (advisory lock, POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock, carry on
-        yield
-        return
-    with open(out / ".lock", "w") as handle:
+    """Refuse to let two prepare runs write the same cache at once (advisory lock on ``out/.lock``)."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            stack.enter_context(file_lock(out / LOCK_FILE, wait=False))
+        except LockBusy:
             raise XrayfmError(
                 f"another process is writing the cache at {out}; wait for it to finish"
             ) from None
@@ -162,57 +96,7 @@ def _build_table(dataset: XrayDataset) -> tuple[pd.DataFrame, list[str]]:
     return pd.concat([table, labels], axis=1), csv_columns
 
 
-def _table_sha(table: pd.DataFrame) -> str:
-    return _sha256(
-        ",".join(map(str, table.columns)), pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()
-    )
-
-
-def read_index(cache_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
-    """index.csv with its dtypes: ids as text, labels float32 (blank = NaN), source stats int64."""
-    dtypes: dict[str, Any] = {c: str for c in ID_COLUMNS if c in manifest["csv_columns"]}
-    dtypes.update({p: np.float32 for p in manifest["pathologies"]})
-    dtypes.update({"src_size": np.int64, "src_mtime_ns": np.int64, "status": str})
-    index = pd.read_csv(cache_dir / FILES["index"], dtype=dtypes)
-    if len(index) != manifest["images"]:
-        raise CacheMismatchError(
-            f"{cache_dir / FILES['index']} has {len(index)} rows, manifest says "
-            f"{manifest['images']}: the cache is damaged; {FORCE_HINT}"
-        )
-    return index
-
-
-def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    """manifest.json of a cache, after checking it is a cache this version of xrayfm reads."""
-    path = Path(cache_dir) / FILES["manifest"]
-    if not path.exists():
-        raise DataError(
-            f"{cache_dir} is not an xrayfm cache (no {FILES['manifest']}); build it with prepare_cache"
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatchError(
-            f"{path} has format {manifest.get('format')!r} v{manifest.get('format_version')}, this xrayfm "
-            f"reads {FORMAT} v{FORMAT_VERSION}; {FORCE_HINT}"
-        )
-    return manifest
-
-
 # -- staleness ---------------------------------------------------------------------------------------
-def _changed_rows(
-    old_sizes: np.ndarray, old_mtimes: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray, mode: str
-) -> np.ndarray:
-    """Bool mask of rows whose source differs from what was recorded (``mode``: stat, size or exists)."""
-    existed, exists = old_sizes >= 0, sizes >= 0
-    if mode == "exists":
-        return existed & ~exists
-    changed = existed != exists
-    changed |= existed & exists & (old_sizes != sizes)
-    if mode == "stat":
-        changed |= existed & exists & (old_mtimes != mtimes)
-    return changed
-
-
 def _describe_changes(paths: Sequence[str], old_sizes, sizes, rows: np.ndarray) -> list[str]:
     out = []
     for r in rows:
@@ -227,28 +111,6 @@ def _changed_settings(manifest: dict[str, Any], size: int, mode: str) -> list[st
         for key, want in (("size", size), ("mode", mode))
         if manifest.get(key) != want
     ]
-
-
-def verify_cache(cache_dir: str | Path, mode: str = "stat") -> list[str]:
-    """Source files that changed or went missing since they were cached (empty list: cache is current).
-
-    ``mode``: ``stat`` compares size and mtime, ``size`` only the size (for copies that lose mtimes),
-    ``exists`` only checks that cached files still exist.
-    """
-    if mode not in VERIFY_MODES[:-1]:
-        raise XrayfmError(f"unknown verify mode {mode!r}; choose from {', '.join(VERIFY_MODES[:-1])}")
-    cache_dir = Path(cache_dir)
-    return stale_sources(read_index(cache_dir, read_manifest(cache_dir)), mode)
-
-
-def stale_sources(index: pd.DataFrame, mode: str = "stat") -> list[str]:
-    """Like :func:`verify_cache`, on an index table already read."""
-    handled = (index["status"] != "pending").to_numpy()
-    paths = index["path"].tolist()
-    sizes, mtimes = _stat_sources(paths, progress=False)
-    old_sizes, old_mtimes = index["src_size"].to_numpy(), index["src_mtime_ns"].to_numpy()
-    rows = np.flatnonzero(_changed_rows(old_sizes, old_mtimes, sizes, mtimes, mode) & handled)
-    return [paths[r] for r in rows]
 
 
 # -- workers -----------------------------------------------------------------------------------------
@@ -355,8 +217,9 @@ def _skip_report(
 
 
 def _remove_cache_files(out: Path) -> None:
+    """Delete the cache files and the temporaries a killed write may have left (``.NAME.*.tmp``)."""
     for name in FILES.values():
-        for path in (out / name, out / (name + ".tmp")):
+        for path in (out / name, out / (name + ".tmp"), *out.glob(f".{name}.*.tmp")):
             path.unlink(missing_ok=True)
 
 
@@ -392,14 +255,14 @@ def prepare_cache(
     n = len(paths)
     if n == 0:
         raise DataError(f"dataset {type(dataset).__name__} has no rows to cache")
-    fingerprint = _source_fingerprint(paths, size, mode)
-    table_sha = _table_sha(table)
+    fingerprint = source_fingerprint(paths, size, mode)
+    table_hash = table_sha(table)
 
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         if force:
             _remove_cache_files(out)
-        sizes, mtimes = _stat_sources(paths, progress)
+        sizes, mtimes = stat_sources(paths, progress)
         missing_now = np.flatnonzero(sizes < 0)
         if strict and len(missing_now):
             raise DataError(
@@ -420,7 +283,7 @@ def prepare_cache(
             sizes = np.where(done, old_sizes, sizes)
             mtimes = np.where(done, old_mtimes, mtimes)
             resumed = not manifest["complete"]
-            no_op = manifest["complete"] and manifest["table_sha256"] == table_sha
+            no_op = manifest["complete"] and manifest["table_sha256"] == table_hash
 
         written = 0
         if not no_op:
@@ -431,7 +294,7 @@ def prepare_cache(
             done[missing_rows] = True
             if not manifest["complete"]:
                 _write_index(out, table, sizes, mtimes, done, errors)
-                _write_json(out / FILES["manifest"], manifest)
+                atomic_write_json(out / FILES["manifest"], manifest)
                 _save_done(out / FILES["done"], done)
 
             todo = np.flatnonzero(~done)
@@ -444,12 +307,12 @@ def prepare_cache(
             manifest.update(
                 complete=True,
                 finished=datetime.now(UTC).isoformat(timespec="seconds"),
-                stats_sha256=_stats_sha(sizes, mtimes),
-                table_sha256=table_sha,
+                stats_sha256=stats_sha(sizes, mtimes),
+                table_sha256=table_hash,
                 counts={k: int((status == k).sum()) for k in ("ok", "missing", "unreadable")},
                 skipped=_skip_report(status, paths, errors),
             )
-            _write_json(out / FILES["manifest"], manifest)
+            atomic_write_json(out / FILES["manifest"], manifest)
 
     summary = _summary(
         manifest,
@@ -545,12 +408,12 @@ def _resume_state(
     if done.shape != (n,) or done.dtype != bool:
         raise CacheMismatchError(f"{done_path} is missing or does not match {n} rows; {FORCE_HINT}")
     errors = _read_errors(out, done)
-    if manifest["complete"] and manifest["stats_sha256"] == _stats_sha(sizes, mtimes):
+    if manifest["complete"] and manifest["stats_sha256"] == stats_sha(sizes, mtimes):
         # Fast path: nothing changed on disk; no need to read index.csv.
         return manifest, done, errors, sizes, mtimes
     index = read_index(out, manifest)
     old_sizes, old_mtimes = index["src_size"].to_numpy(), index["src_mtime_ns"].to_numpy()
-    bad = np.flatnonzero(_changed_rows(old_sizes, old_mtimes, sizes, mtimes, "stat") & done)
+    bad = np.flatnonzero(changed_rows(old_sizes, old_mtimes, sizes, mtimes, "stat") & done)
     if len(bad):
         raise CacheMismatchError(
             f"cache {out} is stale: {len(bad)} source file(s) changed since caching: "
@@ -577,7 +440,7 @@ def _fill(out, paths, todo, done, errors, sizes, mtimes, init_args, workers, chu
     handled, last_flush = 0, time.monotonic()
 
     def flush() -> None:
-        _write_json(out / FILES["unreadable"], {str(r): e for r, e in sorted(errors.items())})
+        atomic_write_json(out / FILES["unreadable"], {str(r): e for r, e in sorted(errors.items())})
         _save_done(out / FILES["done"], done)
 
     bar = tqdm(
@@ -620,16 +483,9 @@ def _write_index(
         status[r] = e["status"]
     index = table.copy()
     index["src_size"], index["src_mtime_ns"], index["status"] = sizes, mtimes, status
-    _write_atomic(out / FILES["index"], lambda p: index.to_csv(p, index=False))
+    with atomic_path(out / FILES["index"]) as tmp:
+        index.to_csv(tmp, index=False)
     return status
 
 
-__all__ = [
-    "FILES",
-    "FORMAT_VERSION",
-    "prepare_cache",
-    "read_index",
-    "read_manifest",
-    "stale_sources",
-    "verify_cache",
-]
+__all__ = ["MODES", "prepare_cache"]
