@@ -15,11 +15,13 @@ help:  ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) shared/pyproject.toml services/inference/pyproject.toml services/training/pyproject.toml services/gateway/pyproject.toml services/frontend/pyproject.toml
+SERVICES := services/common services/inference services/training services/gateway services/frontend
+
+$(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES))
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
-	$(PIP) install -e 'shared[dev]'
-	$(PIP) install -e services/inference -e services/training -e services/gateway -e services/frontend
+	$(PIP) install -e 'shared[torch,dev]'
+	$(PIP) install $(addprefix -e ,$(SERVICES))
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the library, services and dev tools
@@ -45,10 +47,10 @@ bench: $(STAMP)  ## data benchmark (ratios measured side by side)
 	$(PY) bench/bench_data.py
 
 up: $(STAMP)  ## start the inference stack as local processes (Redis from the system); logs in runs/stack/logs
-	$(PY) scripts/stack.py up
+	$(PY) -m xrayfm_stack.local up
 
 down:  ## stop what `make up` started
-	$(PY) scripts/stack.py down
+	$(PY) -m xrayfm_stack.local down
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

@@ -20,15 +20,14 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for _path in ("scripts", "shared/src", "services/inference", "services/gateway"):
-    sys.path.insert(0, str(REPO / _path))
+import httpx
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import stack as stack_lib  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from xrayfm_stack import local as stack_lib
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

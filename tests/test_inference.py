@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from helpers import make_tiny_checkpoint
 
+from helpers import make_tiny_checkpoint
 from xrayfm.inference import Predictor, load_served_model
 
 
@@ -19,6 +19,11 @@ def test_binary_answer_shape(tmp_path):
     served = load_served_model(make_tiny_checkpoint(tmp_path / "m", ["Abnormal"]), device="cpu")
     image = (np.random.default_rng(0).random((80, 50)) * 255).astype(np.uint8)
     (answer,) = Predictor(served).predict([image])
-    assert answer["prediction"] in ("Abnormal", "Normal")
-    assert 0 <= answer["probability"] <= 1 and set(answer["probabilities"]) == {"Abnormal"}
-    assert isinstance(answer["attention_map"], str) and len(answer["attention_map"]) > 100
+    assert answer.prediction in ("Abnormal", "Normal")
+    assert 0 <= answer.probability <= 1 and set(answer.probabilities) == {"Abnormal"}
+    # the heatmap lies on the image's own geometry, uint8, and is not blank
+    assert answer.heatmap.shape == image.shape and answer.heatmap.dtype == np.uint8
+    assert answer.heatmap.max() > answer.heatmap.min() and answer.explain_method == "rollout"
+    (plain,) = Predictor(served).predict([image], explain_maps=False)
+    assert plain.heatmap is None and plain.explain_method is None
+    assert plain.probabilities == answer.probabilities

@@ -3,26 +3,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-for _path in (
-    "tests/services",
-    "scripts",
-    "shared/src",
-    "services/inference",
-    "services/training",
-    "services/gateway",
-    "services/frontend",
-):
-    if str(REPO / _path) not in sys.path:
-        sys.path.insert(0, str(REPO / _path))
+import helpers  # tests/helpers.py (tests/ is on pytest's pythonpath)
+from svc_helpers import RunningStack, start_stack
 
-import helpers  # noqa: E402  (tests/helpers.py)
-from svc_helpers import RunningStack, start_stack  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 MODEL_SIZE = 64
 LABELS = ["Abnormal"]

@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import stack as stack_lib  # scripts/stack.py (on sys.path through conftest.py)
 from PIL import Image
+
+from xrayfm_stack import local as stack_lib
 
 PATIENT_NAME = "DOE^JOHN^Q"
 PATIENT_ID = "PID-7734-XRAYFM"

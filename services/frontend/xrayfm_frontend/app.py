@@ -10,8 +10,10 @@ import streamlit as st
 
 from xrayfm.errors import XrayfmError
 from xrayfm_frontend import training_page
-from xrayfm_frontend.client import FrontendSettings, GatewayClient, GatewayError
+from xrayfm_frontend.client import GatewayClient, GatewayError
 from xrayfm_frontend.render import heatmap_from_base64, original_for_display, overlay
+from xrayfm_stack.protocol import Prediction
+from xrayfm_stack.settings import FrontendSettings
 
 PREDICTION, TRAINING = "Prediction", "Training & models"
 
@@ -66,16 +68,16 @@ if st.session_state.get("answer_key") != key:  # the slider re-runs the script: 
 if "answer_error" in st.session_state:
     st.error(st.session_state["answer_error"])
     st.stop()
-answer = st.session_state["answer"]
-model = answer.get("model", {})
+answer: Prediction = st.session_state["answer"]
+model = answer.model
 
 left, right = st.columns(2)
-left.metric("Prediction", answer["prediction"])
-right.metric("Probability", f"{answer['probability']:.3f}")
-notes = [" UNTRAINED (random weights)" if model.get("untrained") else ""]
-notes.append(" trained on SYNTHETIC data" if model.get("synthetic") else "")
-total_ms = answer["timings"].get("total_ms", 0)
-st.caption(f"Model {model.get('name')} {model.get('version')}{''.join(notes)}; {total_ms:.0f} ms")
+left.metric("Prediction", answer.prediction)
+right.metric("Probability", f"{answer.probability:.3f}")
+notes = [" UNTRAINED (random weights)" if model.untrained else ""]
+notes.append(" trained on SYNTHETIC data" if model.synthetic else "")
+total_ms = answer.timings.total_ms or 0
+st.caption(f"Model {model.name} {model.version}{''.join(notes)}; {total_ms:.0f} ms")
 
 try:
     original = original_for_display(data)
@@ -84,14 +86,14 @@ except XrayfmError as exc:
     st.stop()
 col_original, col_heat = st.columns(2)
 col_original.image(original, caption="Original", width="stretch", clamp=True)
-if answer.get("attention_map"):
-    blended = overlay(original, heatmap_from_base64(answer["attention_map"]), opacity)
+if answer.attention_map:
+    blended = overlay(original, heatmap_from_base64(answer.attention_map), opacity)
     col_heat.image(
         blended,
-        caption=f"Attention ({answer.get('explain_method')}), opacity {opacity:.2f}",
+        caption=f"Attention ({answer.explain_method}), opacity {opacity:.2f}",
         width="stretch",
     )
 else:
     col_heat.info("Heatmap switched off.")
 st.subheader("Probabilities")
-st.bar_chart(answer["probabilities"], horizontal=True)
+st.bar_chart(answer.probabilities, horizontal=True)

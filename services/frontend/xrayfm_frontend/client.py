@@ -3,11 +3,13 @@ errors as readable messages."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
+
+from xrayfm_stack.protocol import Prediction
+from xrayfm_stack.settings import FrontendSettings
 
 
 class GatewayError(Exception):
@@ -16,30 +18,6 @@ class GatewayError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class FrontendSettings:
-    """Where the gateway is and how to call it (XRAYFM_GATEWAY_URL, XRAYFM_FRONTEND_API_KEY,
-    XRAYFM_FRONTEND_ADMIN_KEY for the training and model endpoints...); XRAYFM_FRONTEND_REFRESH_S: seconds
-    between the training page's automatic refreshes while a job is active (0: never)."""
-
-    gateway_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
-    timeout_s: float = 90.0
-    admin_key: str | None = None
-    refresh_s: float = 3.0
-
-    @classmethod
-    def from_env(cls) -> FrontendSettings:
-        """Read the frontend's variables."""
-        return cls(
-            gateway_url=os.environ.get("XRAYFM_GATEWAY_URL", cls.gateway_url).rstrip("/"),
-            api_key=os.environ.get("XRAYFM_FRONTEND_API_KEY") or None,
-            timeout_s=float(os.environ.get("XRAYFM_FRONTEND_TIMEOUT", cls.timeout_s)),
-            admin_key=os.environ.get("XRAYFM_FRONTEND_ADMIN_KEY") or None,
-            refresh_s=max(float(os.environ.get("XRAYFM_FRONTEND_REFRESH_S") or cls.refresh_s), 0.0),
-        )
 
 
 class GatewayClient:
@@ -63,7 +41,7 @@ class GatewayClient:
 
     def predict(
         self, data: bytes, filename: str, explain: bool = True, method: str | None = None
-    ) -> dict[str, Any]:
+    ) -> Prediction:
         """POST the file to /predict; returns the answer or raises GatewayError with the gateway's message."""
         params: dict[str, Any] = {"explain": str(explain).lower()}
         if method:
@@ -78,7 +56,10 @@ class GatewayClient:
         if resp.status_code != 200:
             detail = body.get("detail") or resp.text[:300]
             raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
-        return body
+        try:
+            return Prediction.model_validate(body)
+        except ValidationError as exc:
+            raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
 
     # -- training jobs and models (admin key) ---------------------------------------------------------
     def _admin(self, method: str, path: str, json_body: bool = False, **kwargs: Any) -> dict[str, Any]:

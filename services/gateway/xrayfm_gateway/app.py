@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from xrayfm_gateway import __version__
 from xrayfm_gateway.errors import APIError, api_error_handler
 from xrayfm_gateway.metrics import MetricsMiddleware
-from xrayfm_gateway.queue import QueueClient
-from xrayfm_gateway.routers import health, jobs, predict, training
-from xrayfm_gateway.settings import GatewaySettings
+from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
+from xrayfm_gateway.routers import health, jobs, models, predict, training
+from xrayfm_stack.settings import GatewaySettings
 
 DESCRIPTION = """Predictions and attention heatmaps for radiographs (PNG, JPEG, DICOM).
 
@@ -25,7 +25,8 @@ Uploads are checked and decoded here; only grey pixels travel to the inference w
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    """Build the gateway (settings default to the environment)."""
+    """Build the gateway (settings default to the environment). The queues are made at start-up and
+    reach the routes through the dependencies of :mod:`xrayfm_gateway.deps`."""
     settings = GatewaySettings.from_env() if settings is None else settings
     log = logging.getLogger("xrayfm.gateway")
     log.setLevel(logging.INFO)
@@ -36,7 +37,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.queue = QueueClient(settings.queue)
+        app.state.queue = InferenceQueue(settings.queue)
+        app.state.training = TrainingQueue(settings.training)
         app.state.decode_slots = anyio.CapacityLimiter(settings.decode_concurrency)
         try:
             yield
@@ -47,6 +49,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(APIError, api_error_handler)
     app.add_middleware(MetricsMiddleware)
-    for router in (health.router, predict.router, jobs.router, training.router):
+    for router in (health.router, predict.router, jobs.router, training.router, models.router):
         app.include_router(router)
     return app

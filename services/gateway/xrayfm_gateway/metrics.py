@@ -18,7 +18,8 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xrayfm.errors import XrayfmError
-from xrayfm_inference.store import serving
+from xrayfm_stack.protocol import JOB_STATES
+from xrayfm_stack.store import serving
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ class MetricsMiddleware:
 # scrape, so jobs that left the records or stopped running vanish instead of keeping stale values.
 SCRAPE_TIMEOUT_S = 2.0  # /metrics leaves the training series out rather than wait longer on Redis
 JOBS_WITH_SERIES = 50  # the newest jobs that get per-job series (progress, last metrics): bounded cardinality
-JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class TrainingSnapshot:
 
 def read_jobs(records: Any, limit: int = JOBS_WITH_SERIES) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Count every job by state (one pipelined read) and return the newest `limit` jobs' records
-    (``xrayfm_training.jobs.JobRecords``; blocking: call it from a thread)."""
+    (``xrayfm_stack.jobs.JobRecords``; blocking: call it from a thread)."""
     ids = [i.decode() for i in records.redis.zrevrange(records.index_key, 0, -1)]
     pipe = records.redis.pipeline()
     for rank, job_id in enumerate(ids):  # older jobs: their status only (the counts)

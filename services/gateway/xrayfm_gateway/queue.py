@@ -1,7 +1,13 @@
-"""The gateway's side of the queue: who is ready, submit a request, wait for or look up its result.
+"""The gateway's side of the two queues.
 
-Sending goes through Celery (the same app configuration as the workers); reading results and worker
-heartbeats uses an asyncio Redis client, so no request thread blocks while a result is pending.
+:class:`InferenceQueue`: who is ready, submit a request, wait for or look up its result. Sending goes
+through Celery (the same app configuration as the workers, :mod:`xrayfm_stack.celery`); reading results
+and worker heartbeats uses an asyncio Redis client, so no request thread blocks while a result is pending.
+
+:class:`TrainingQueue`: training job records (:mod:`xrayfm_stack.jobs`), submitting jobs, and the
+first-start bootstrap's state. Its Redis calls are blocking (redis-py), so each runs in a thread.
+
+Both raise :class:`QueueUnavailable` when Redis cannot be reached; the routes answer 503.
 """
 
 from __future__ import annotations
@@ -20,9 +26,17 @@ from celery import states
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
-from xrayfm_inference.celery_app import make_celery
-from xrayfm_inference.config import QueueSettings
-from xrayfm_inference.protocol import PREDICT_TASK, describe_request
+from xrayfm_stack.celery import inference_celery, send_training_job, training_celery
+from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
+from xrayfm_stack.protocol import (
+    PREDICT_TASK,
+    JobRecord,
+    PredictRequest,
+    WorkerAnswer,
+    WorkerRejection,
+    parse_worker_reply,
+)
+from xrayfm_stack.settings import QueueSettings, TrainingSettings
 
 log = logging.getLogger("xrayfm.gateway")
 
@@ -33,19 +47,19 @@ class QueueUnavailable(Exception):
 
 @dataclass
 class JobState:
-    """A job as the API reports it: queued, running, done or failed (with the result or the error)."""
+    """A job as the API reports it: queued, running, done or failed (with the answer or the error)."""
 
     status: str
-    result: dict[str, Any] | None = None
+    result: WorkerAnswer | WorkerRejection | None = None
     error: str | None = None
 
 
-class QueueClient:
+class InferenceQueue:
     """Submit requests to the inference workers and collect their answers."""
 
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
-        self.celery = make_celery(settings)
+        self.celery = inference_celery(settings)
         self.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1.0, socket_timeout=3.0, health_check_interval=10
         )
@@ -68,7 +82,7 @@ class QueueClient:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return [json.loads(item) for item in raw if item]
 
-    async def submit(self, payload: dict[str, Any], record: dict[str, Any]) -> str:
+    async def submit(self, request: PredictRequest, record: dict[str, Any]) -> str:
         """Queue one request; returns its job id. `record` (technical facts only: no names, no header)
         is kept with the job until it expires, so that unknown ids answer 404 and results say what came in."""
         job_id = str(uuid.uuid4())
@@ -76,18 +90,18 @@ class QueueClient:
             await self.redis.set(
                 self.settings.job_key(job_id), json.dumps(record), ex=self.settings.result_expires_s
             )
-            await anyio.to_thread.run_sync(self._send, job_id, payload)
+            await anyio.to_thread.run_sync(self._send, job_id, request)
         except (RedisError, OSError, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id
 
-    def _send(self, job_id: str, payload: dict[str, Any]) -> None:
+    def _send(self, job_id: str, request: PredictRequest) -> None:
         self.celery.send_task(
             PREDICT_TASK,
-            args=(payload,),
+            args=(request.model_dump(),),
             task_id=job_id,
             queue=self.settings.queue,
-            argsrepr=describe_request(payload),  # pixels never appear in logs or events
+            argsrepr=request.describe(),  # pixels never appear in logs or events
             kwargsrepr="{}",
             expires=self.settings.result_expires_s,  # a message nobody took in time is dropped, not run
         )
@@ -112,7 +126,7 @@ class QueueClient:
         meta = backend.decode_result(raw)
         status = meta.get("status")
         if status == states.SUCCESS:
-            return JobState("done", result=meta.get("result"))
+            return JobState("done", result=parse_worker_reply(meta.get("result")))
         if status in states.EXCEPTION_STATES:
             return JobState("failed", error=_error_text(meta.get("result")))
         return JobState("running" if status == states.STARTED else "queued")
@@ -137,3 +151,46 @@ def _error_text(result: Any) -> str:
             message = " ".join(str(part) for part in message)
         return f"{result.get('exc_type', 'Error')}: {message}".strip()
     return str(result)
+
+
+class TrainingQueue:
+    """Training jobs as the gateway sees them: submit, list, read, cancel; the bootstrap's state."""
+
+    def __init__(self, settings: TrainingSettings) -> None:
+        self.settings = settings
+        self.celery = training_celery(settings)
+        self.records = JobRecords(settings.redis_url, settings.queue)  # connects lazily: no I/O here
+        self.bootstrap = BootstrapState(settings.redis_url, settings.queue)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        except (RedisError, OSError, KombuError, OperationalError) as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+
+    async def submit(self, spec: dict[str, Any]) -> str:
+        """Record a checked spec as a queued job and send it to the training workers; returns its id."""
+        job_id = await self._call(self.records.create, spec)
+        await self._call(send_training_job, self.celery, self.settings, job_id)
+        return job_id
+
+    async def list(self) -> list[JobRecord]:
+        """The latest jobs, newest first (without their specs)."""
+        return [JobRecord.model_validate(job) for job in await self._call(self.records.list)]
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """One job's full record, or None when unknown."""
+        job = await self._call(self.records.get, job_id)
+        return None if job is None else JobRecord.model_validate(job)
+
+    async def log_tail(self, job_id: str, lines: int) -> list[str]:
+        """The last `lines` lines of the job's log."""
+        return await self._call(self.records.log_tail, job_id, lines)
+
+    async def cancel(self, job_id: str) -> str:
+        """Ask the job to stop; returns its new status."""
+        return await self._call(self.records.request_cancel, job_id)
+
+    async def bootstrap_detail(self) -> str | None:
+        """What the first-start bootstrap is doing, for /ready; None when none is under way."""
+        return await self._call(lambda: describe_bootstrap(self.bootstrap.get(), self.records))

@@ -22,7 +22,7 @@ from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import REJECTED
-from xrayfm_gateway.settings import GatewaySettings
+from xrayfm_stack.settings import GatewaySettings
 
 log = logging.getLogger("xrayfm.gateway")
 FILE_FIELD = "file"

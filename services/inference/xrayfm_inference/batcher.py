@@ -22,7 +22,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[np.ndarray], bool, str], list[dict[str, Any]]]
+RunBatch = Callable[[list[np.ndarray], bool, str], list[Any]]
 
 
 @dataclass

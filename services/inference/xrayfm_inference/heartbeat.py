@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from xrayfm_inference.config import QueueSettings
+from xrayfm_stack.settings import QueueSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,24 +10,13 @@ Used only when serving from the store (``XRAYFM_MODEL_PATH`` unset).
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-from xrayfm_inference.config import env_number
-from xrayfm_inference.store import SERVING_FILE, ModelRef, resolve_model
+from xrayfm_stack.store import SERVING_FILE, ModelRef, resolve_model
 
 log = logging.getLogger("xrayfm.swap")
-
-DEFAULT_POLL_S = 2.0
-
-
-def poll_seconds(env: Mapping[str, str] | None = None) -> float:
-    """``XRAYFM_MODEL_POLL_S``: seconds between looks at ``serving.json`` (0 turns the watcher off)."""
-    return float(
-        env_number(os.environ if env is None else env, "XRAYFM_MODEL_POLL_S", DEFAULT_POLL_S, float, 0)
-    )
 
 
 class ServingWatcher:

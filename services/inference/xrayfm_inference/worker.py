@@ -8,6 +8,7 @@ Run with a thread pool (requests wait in threads while the batcher runs the mode
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
@@ -20,18 +21,28 @@ from celery import signals
 from celery.exceptions import Reject
 
 from xrayfm.errors import XrayfmError
+from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
 from xrayfm_inference import metrics
 from xrayfm_inference.batcher import MicroBatcher
-from xrayfm_inference.celery_app import make_celery
-from xrayfm_inference.config import WorkerSettings
 from xrayfm_inference.heartbeat import Heartbeat
-from xrayfm_inference.protocol import EXPLAIN_METHODS, PREDICT_TASK, decode_request
-from xrayfm_inference.swap import ServingWatcher, poll_seconds
+from xrayfm_inference.swap import ServingWatcher
+from xrayfm_stack.celery import inference_celery
+from xrayfm_stack.protocol import (
+    PREDICT_TASK,
+    ModelInfo,
+    PredictRequest,
+    RejectionReason,
+    Timings,
+    WorkerAnswer,
+    WorkerRejection,
+)
+from xrayfm_stack.settings import InferenceSettings
+from xrayfm_stack.store import resolve_model
 
 log = logging.getLogger("xrayfm.worker")
 
-SETTINGS = WorkerSettings.from_env()
-app = make_celery(SETTINGS.queue)
+SETTINGS = InferenceSettings.from_env()
+app = inference_celery(SETTINGS.queue)
 
 
 class InferenceTimeout(XrayfmError):
@@ -97,8 +108,6 @@ def start_runtime(hostname: str) -> Runtime:
         RUNTIME.heartbeat = Heartbeat(SETTINGS.queue, hostname, RUNTIME.describe).start()
         ref = None
         try:
-            from xrayfm_inference.store import resolve_model
-
             ref = resolve_model(SETTINGS.model_path, SETTINGS.model_store)
             _load_model(ref)
         except Exception as exc:  # the worker stays up and says why in its heartbeat (/ready shows it)
@@ -106,22 +115,46 @@ def start_runtime(hostname: str) -> Runtime:
             log.error(RUNTIME.error)
         finally:
             RUNTIME.loading = False
-        poll_s = poll_seconds()
-        if SETTINGS.model_path is None and poll_s > 0:  # serving from the store: follow promotions
+        if (
+            SETTINGS.model_path is None and SETTINGS.model_poll_s > 0
+        ):  # serving from the store: follow promotions
             served_ref = ref if RUNTIME.predictor is not None else None
-            RUNTIME.watcher = ServingWatcher(SETTINGS.model_store, poll_s, _load_model, served_ref).start()
+            RUNTIME.watcher = ServingWatcher(
+                SETTINGS.model_store, SETTINGS.model_poll_s, _load_model, served_ref
+            ).start()
         RUNTIME.heartbeat.beat()
         return RUNTIME
 
 
-def _run_batch(images: list, explain_maps: bool, method: str) -> list[dict[str, Any]]:
-    """One batch on the predictor current at this batch boundary; each answer names that model."""
+def _run_batch(images: list, explain_maps: bool, method: str) -> list[WorkerAnswer]:
+    """One batch on the predictor current at this batch boundary; each answer names that model.
+
+    The library answers with heatmap arrays; encoding them (PNG, base64) for the wire is done here, and
+    counted in the post-processing time."""
+    from xrayfm.explain.overlay import to_png_bytes
+
     predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
     results = predictor.predict(images, explain_maps=explain_maps, method=method)
-    info = predictor.served.info()
-    for result in results:
-        result["model"] = info
-    return results
+    model = ModelInfo(**predictor.served.info())
+    t0 = time.perf_counter()
+    maps = [
+        base64.b64encode(to_png_bytes(r.heatmap)).decode("ascii") if r.heatmap is not None else None
+        for r in results
+    ]
+    encode_ms = 1000 * (time.perf_counter() - t0)
+    return [
+        WorkerAnswer(
+            prediction=r.prediction,
+            probability=r.probability,
+            probabilities=r.probabilities,
+            attention_map=attention_map,
+            explain_method=r.explain_method,
+            model=model,
+            timings=Timings(**{**r.timings, "postprocess_ms": r.timings["postprocess_ms"] + encode_ms}),
+            batch_size=r.batch_size,
+        )
+        for r, attention_map in zip(results, maps, strict=True)
+    ]
 
 
 def _load_model(ref) -> None:
@@ -177,8 +210,9 @@ def _on_worker_shutdown(**_kwargs: Any) -> None:
 
 @app.task(name=PREDICT_TASK, bind=True)
 def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
-    """One request: grey pixels in, the answer out. Expected failures are returned as ``{"error": ...}``;
-    a timeout or a missing model raises (the task fails with that message)."""
+    """One request (a :class:`PredictRequest`): grey pixels in, a :class:`WorkerAnswer` out. A request it
+    cannot use is answered with a :class:`WorkerRejection`; a timeout or a missing model raises (the task
+    fails with that message)."""
     picked_up = time.time()
     if RUNTIME.batcher is None or RUNTIME.predictor is None:
         # No model here (it failed to load): give the message back for a worker that has one. The
@@ -188,17 +222,17 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
         time.sleep(1.0)
         raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
     try:
-        image, options = decode_request(payload)
-        if options["method"] not in EXPLAIN_METHODS:
+        request = PredictRequest.parse(payload)
+        image = request.image()
+        if request.method not in EXPLAIN_METHODS:
             raise XrayfmError(
-                f"unknown explanation method {options['method']!r}; choose one of {EXPLAIN_METHODS}"
+                f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
             )
     except XrayfmError as exc:
-        metrics.REQUESTS.labels("bad_request").inc()
-        return {"error": {"type": "bad_request", "message": str(exc)}}
-    queue_wait = max(0.0, picked_up - options["submitted_at"])
+        return _rejected(str(exc))
+    queue_wait = max(0.0, picked_up - request.submitted_at)
     metrics.QUEUE_WAIT_SECONDS.observe(queue_wait)
-    future = RUNTIME.batcher.submit(image, options["explain"], options["method"])
+    future = RUNTIME.batcher.submit(image, request.explain, request.method)
     try:
         result = future.result(timeout=SETTINGS.queue.task_time_limit_s)
     except FutureTimeout:
@@ -208,10 +242,15 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
             f"inference did not finish within XRAYFM_TASK_TIME_LIMIT={SETTINGS.queue.task_time_limit_s} s"
         ) from None
     except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
-        metrics.REQUESTS.labels("bad_request").inc()
-        return {"error": {"type": "bad_request", "message": str(exc)}}
+        return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc()
-    result["worker"] = self.request.hostname
-    result["timings"]["queue_wait_ms"] = 1000 * queue_wait
-    result["timings"]["worker_ms"] = 1000 * (time.time() - picked_up)
-    return result
+    answer: WorkerAnswer = result.model_copy(update={"worker": self.request.hostname})
+    answer.timings.queue_wait_ms = 1000 * queue_wait
+    answer.timings.worker_ms = 1000 * (time.time() - picked_up)
+    return answer.model_dump(mode="json")
+
+
+def _rejected(message: str) -> dict[str, Any]:
+    """The answer to a request the worker cannot use (the gateway turns it into a 422)."""
+    metrics.REQUESTS.labels("bad_request").inc()
+    return WorkerRejection(error=RejectionReason(message=message)).model_dump(mode="json")

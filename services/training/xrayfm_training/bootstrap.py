@@ -1,41 +1,28 @@
 """First start: with an empty model store, train, publish and promote the demo model on synthetic phantoms.
 
 The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOTSTRAP``: ``demo``, the
-default; ``quick``, tiny sizes for tests; ``off``). The task draws synthetic chest and bone phantoms
+default; ``quick``, tiny sizes for tests; ``off``; see :class:`xrayfm_stack.settings.TrainingSettings`). The task draws synthetic chest and bone phantoms
 (:mod:`xrayfm.data.synth`), pre-trains a small ViT on the chest ones, LoRA-adapts it to the bone ones (both
 as ordinary training jobs, visible in ``/training/jobs``), and promotes the adapter. Its state lives in
-one Redis hash (``<queue>:bootstrap``) that the gateway's ``/ready`` reads to say what is happening.
+one Redis hash (:class:`xrayfm_stack.jobs.BootstrapState`) that the gateway's ``/ready`` reads to say
+what is happening.
 Everything it serves is built from synthetic data and says so (``meta["data"]["synthetic"]``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from xrayfm.errors import XrayfmError
-from xrayfm_inference import store as model_store
-from xrayfm_training.jobs import TERMINAL, JobRecords
-from xrayfm_training.settings import TrainingSettings
-from xrayfm_training.spec import validate_spec
+from xrayfm_stack import store as model_store
+from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
+from xrayfm_stack.settings import TrainingSettings
+from xrayfm_stack.spec import validate_spec
 
-MODES = ("demo", "quick", "off")
 CHEST_LABELS = ["Cardiomegaly", "Pleural Effusion", "Lung Opacity"]
 FOUNDATION_NAME, ADAPTED_NAME = "demo-chest-fm", "demo-bone-lora"
-
-
-def bootstrap_mode(env: Mapping[str, str] | None = None) -> str:
-    """``XRAYFM_BOOTSTRAP`` checked: demo (default), quick or off."""
-    mode = (os.environ if env is None else env).get("XRAYFM_BOOTSTRAP", "demo").strip().lower() or "demo"
-    if mode not in MODES:
-        raise XrayfmError(f"XRAYFM_BOOTSTRAP={mode!r}: choose one of {list(MODES)}")
-    return mode
 
 
 def demo_sizes(mode: str) -> dict[str, Any]:
@@ -54,73 +41,6 @@ def demo_sizes(mode: str) -> dict[str, Any]:
 def store_is_empty(store: Path) -> bool:
     """True when nothing is promoted and no version is stored."""
     return model_store.serving(store) is None and not model_store.list_versions(store)
-
-
-class BootstrapState:
-    """The first-start record in Redis: ``stage`` (queued, synthesising, pretraining, adapting, promoting,
-    done, failed), the current ``job_id``, ``error``, and the served ``model``."""
-
-    def __init__(self, redis_url: str, queue: str) -> None:
-        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
-        self.key = f"{queue}:bootstrap"
-
-    # Claim unless a bootstrap is under way: absent, or finished (done: the store was emptied since;
-    # failed: a restart tries again). One atomic step, so only the first worker wins.
-    _CLAIM = """
-    local stage = redis.call('hget', KEYS[1], 'stage')
-    if stage and stage ~= '"done"' and stage ~= '"failed"' then return 0 end
-    redis.call('del', KEYS[1])
-    redis.call('hset', KEYS[1], 'stage', ARGV[1])
-    return 1
-    """
-
-    def claim(self, mode: str) -> bool:
-        """Record a queued bootstrap unless one is under way (the caller checked the store is empty)."""
-        if not self.redis.eval(self._CLAIM, 1, self.key, json.dumps("queued")):
-            return False
-        self.set(mode=mode)
-        return True
-
-    # An interrupted bootstrap: under way (not queued, done or failed) and nobody holds its lock.
-    _CLAIM_ORPHAN = """
-    local stage = redis.call('hget', KEYS[1], 'stage')
-    if not stage or stage == '"queued"' or stage == '"done"' or stage == '"failed"' then return 0 end
-    if redis.call('exists', KEYS[2]) == 1 then return 0 end
-    redis.call('hset', KEYS[1], 'stage', ARGV[1])
-    return 1
-    """
-
-    def claim_orphan(self, lock_key: str) -> bool:
-        """Mark an interrupted bootstrap queued again (True) when its lock `lock_key` lapsed."""
-        return bool(self.redis.eval(self._CLAIM_ORPHAN, 2, self.key, lock_key, json.dumps("queued")))
-
-    def set(self, **fields: Any) -> None:
-        fields["updated"] = time.time()
-        self.redis.hset(self.key, mapping={k: json.dumps(v) for k, v in fields.items()})
-
-    def get(self) -> dict[str, Any] | None:
-        raw = self.redis.hgetall(self.key)
-        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
-
-
-def describe(state: dict[str, Any] | None, records: JobRecords | None = None) -> str | None:
-    """A one-line account of a bootstrap in progress (or failed) for /ready; None when none or done."""
-    if not state or state.get("stage") == "done":
-        return None
-    stage = state.get("stage")
-    if stage == "failed":
-        return f"bootstrap failed: {state.get('error')} (see the training worker's log)"
-    what = {"queued": "queued", "synthesising": "drawing the synthetic phantoms",
-            "pretraining": "pre-training the demo foundation on synthetic chest images",
-            "adapting": "LoRA-adapting it to synthetic bone images",
-            "promoting": "promoting the demo model"}.get(stage, str(stage))  # fmt: skip
-    progress = ""
-    if records is not None and state.get("job_id"):
-        job = records.get(state["job_id"]) or {}
-        p = job.get("progress") or {}
-        if p.get("total_steps"):
-            progress = f", step {p.get('step', 0)}/{p['total_steps']}"
-    return f"bootstrapping: training the demo model on SYNTHETIC data: {what}{progress}"
 
 
 class Interrupted(Exception):
@@ -157,7 +77,7 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
     from xrayfm.data.synth import synth_bone, synth_chest
 
     state = BootstrapState(settings.redis_url, settings.queue)
-    mode = (state.get() or {}).get("mode") or bootstrap_mode()
+    mode = (state.get() or {}).get("mode") or settings.bootstrap
     store = Path(settings.model_store)
     if model_store.serving(store) is not None:
         state.set(stage="done", model=model_store.serving(store))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xrayfm_training.jobs import JobRecords
+from xrayfm_stack.jobs import JobRecords
 
 log = logging.getLogger("xrayfm.training")
 

@@ -7,30 +7,14 @@ is copied in first (as ``<name>-foundation``), so that every stored adapter stay
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
-from xrayfm_inference.store import MODELS_DIR, VERSION_FILE, add_version
-
-
-def plain(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (JSON has no NaN), unknown objects their text."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    try:
-        return plain(float(obj))  # numpy / torch scalars
-    except (TypeError, ValueError):
-        return str(obj)
+from xrayfm.utils import to_jsonable
+from xrayfm_stack.store import MODELS_DIR, VERSION_FILE, add_version
 
 
 def _store_ref(store: Path, folder: Path) -> dict[str, str] | None:
@@ -76,7 +60,7 @@ def publish_run(store: Path, name: str, best: Path, job_id: str, kind: str) -> t
                 meta["foundation"] = {**meta["foundation"], "path": relative}
                 (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         staged.joinpath(VERSION_FILE).unlink(missing_ok=True)
-        info = plain(
+        info = to_jsonable(
             {
                 "job_id": job_id,
                 "kind": kind,

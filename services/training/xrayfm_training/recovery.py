@@ -21,9 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from xrayfm_training.bootstrap import BootstrapState
+from xrayfm_stack.jobs import BootstrapState, JobRecords
 from xrayfm_training.joblog import JobLog
-from xrayfm_training.jobs import JobRecords
 
 BOOTSTRAP_LOCK = "bootstrap"  # the bootstrap task's lock: JobRecords.lock_key(BOOTSTRAP_LOCK)
 

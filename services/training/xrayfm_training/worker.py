@@ -25,18 +25,19 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutting_down
 from celery.utils.log import get_task_logger
 
-from xrayfm_inference import store as model_store
+from xrayfm.utils import to_jsonable
+from xrayfm_stack import store as model_store
+from xrayfm_stack.celery import BOOTSTRAP_TASK, TRAIN_TASK, training_celery
+from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
+from xrayfm_stack.settings import TrainingSettings
+from xrayfm_stack.spec import CONFIGS, resolve_store_ref, store_ref
 from xrayfm_training import bootstrap
-from xrayfm_training.celery_app import BOOTSTRAP_TASK, TRAIN_TASK, make_celery
 from xrayfm_training.joblog import JobLog
-from xrayfm_training.jobs import TERMINAL, JobRecords
-from xrayfm_training.publish import plain, publish_run
+from xrayfm_training.publish import publish_run
 from xrayfm_training.recovery import BOOTSTRAP_LOCK, OrphanWatch, recover_bootstrap, recover_orphans
-from xrayfm_training.settings import TrainingSettings
-from xrayfm_training.spec import CONFIGS, resolve_store_ref, store_ref
 
 settings = TrainingSettings.from_env()
-app = make_celery(settings)
+app = training_celery(settings)
 log = get_task_logger("xrayfm.training")
 log.setLevel(logging.INFO)
 # Set when the worker is asked to stop (SIGTERM, e.g. `docker compose stop`): the running job saves its
@@ -129,7 +130,7 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
 
     def progress(info: dict[str, Any]) -> None:
         try:
-            records.update(job_id, progress=plain(info))
+            records.update(job_id, progress=to_jsonable(info))
         except Exception:  # progress is best effort: never let a Redis blip kill hours of training
             log.warning("job %s: could not record progress", job_id)
         say.progress(info)
@@ -164,7 +165,7 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         version, info = publish_run(
             settings.model_store, spec["name"], run_dir / "best", job_id, spec["kind"]
         )
-        result = plain({"status": summary["status"], "best_metric": summary.get("best_metric"),
+        result = to_jsonable({"status": summary["status"], "best_metric": summary.get("best_metric"),
                         "metric": summary.get("metric"), "best_epoch": summary.get("best_epoch"),
                         "steps": summary.get("step"), "seconds": summary.get("seconds"),
                         "resumed_from_step": summary.get("resumed_from_step"),
@@ -190,7 +191,7 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     model_dir = resolve_store_ref(spec["config"]["model"], settings.model_store)
     config = EvaluateConfig.from_dict({**spec["config"], "model": model_dir})
     summary = evaluate_config(config, run_dir)
-    result = plain({k: summary.get(k) for k in ("metric", "value", "report")})
+    result = to_jsonable({k: summary.get(k) for k in ("metric", "value", "report")})
     synthetic = bool((summary.get("report") or {}).get("source", {}).get("synthetic"))
     if ref is not None:
         model_store.add_evaluation(settings.model_store, *ref, job_id, {
@@ -252,7 +253,7 @@ def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs: Any) ->
 def _watch_orphans(sender=None, **_kwargs: Any) -> None:
     """Re-queue the jobs of dead workers, now and every lock TTL (xrayfm_training.recovery)."""
     records = JobRecords(settings.redis_url, settings.queue)
-    state = bootstrap.BootstrapState(settings.redis_url, settings.queue)
+    state = BootstrapState(settings.redis_url, settings.queue)
     checks = [
         lambda: recover_orphans(records, settings.max_attempts, _requeue, settings.runs_dir),
         lambda: recover_bootstrap(
@@ -266,10 +267,10 @@ def _watch_orphans(sender=None, **_kwargs: Any) -> None:
 def _queue_bootstrap(sender=None, **_kwargs: Any) -> None:
     """With an empty model store and no bootstrap recorded yet, queue the first-start demo job (once)."""
     try:
-        mode = bootstrap.bootstrap_mode()
+        mode = settings.bootstrap
         if mode == "off" or not bootstrap.store_is_empty(Path(settings.model_store)):
             return
-        if bootstrap.BootstrapState(settings.redis_url, settings.queue).claim(mode):
+        if BootstrapState(settings.redis_url, settings.queue).claim(mode):
             log.warning(
                 "empty model store %s: queueing the demo bootstrap job (%s)", settings.model_store, mode
             )

@@ -1,6 +1,7 @@
 """Inference with a trained checkpoint: load it once, preprocess grey images as its metadata says, predict,
-explain (one forward pass for rollout) and turn outputs into answers — probabilities, the decision and a
-heatmap PNG. Shared by `xrayfm explain` and the inference worker service.
+explain (one forward pass for rollout) and turn outputs into typed answers (:class:`PredictionResult`):
+probabilities, the decision and a heatmap on the image's own geometry. Shared by `xrayfm explain` and the
+inference worker service (which encodes the heatmap for its transport).
 
 Checkpoints are read with ``xrayfm.models.checkpoint`` (safetensors + JSON, never unpickled): a full model
 or a LoRA adapter over its foundation. From ``meta.json`` inference reads ``labels``, ``preprocessing``
@@ -11,8 +12,6 @@ phantoms).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from torch import nn
 from xrayfm.data.images import RESIZE_MODES, fit_square
 from xrayfm.data.transforms import build_transform
 from xrayfm.errors import XrayfmError
-from xrayfm.explain import canonical_method, explain, predict_with_rollout, to_png_bytes, upsample_heatmap
+from xrayfm.explain import canonical_method, explain, predict_with_rollout, upsample_heatmap
 from xrayfm.models.checkpoint import load_any
+from xrayfm.utils import sha256_folder
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,29 @@ class ServedModel:
         }
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The decision for one image: one label -> that label vs. the negative one at the threshold;
+    several labels -> the most probable one. ``probability`` is that of the predicted label (binary:
+    of the positive label)."""
+
+    prediction: str
+    probability: float
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PredictionResult(Decision):
+    """One image's answer: the decision, its heatmap (uint8 H x W on the image's own geometry, 255 = most
+    attended; None when not asked for), the method that drew it, timings (ms, for the whole batch) and
+    the size of the batch it ran in."""
+
+    heatmap: np.ndarray | None = None
+    explain_method: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' -> the first CUDA device when present, else the CPU; otherwise the named device."""
     if requested == "auto":
@@ -99,18 +122,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise XrayfmError(f"XRAYFM_DEVICE={requested} but no CUDA device is available")
     return device
-
-
-def folder_sha256(path: Path) -> str:
-    """SHA-256 over a checkpoint's files (names and bytes, sorted), identifying exactly what is served."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_served_model(
@@ -137,7 +148,7 @@ def load_served_model(
         device=target,
         name=str(meta.get("name") or name or path.name),
         version=str(meta.get("version") or version or "local"),
-        sha256=folder_sha256(path),
+        sha256=sha256_folder(path),
         threshold=float(meta.get("threshold", 0.5)),
         negative_label=str(meta.get("negative_label", "Normal")),
         multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
@@ -193,8 +204,8 @@ class Predictor:
 
     def predict(
         self, images: list[np.ndarray], explain_maps: bool = True, method: str = "rollout"
-    ) -> list[dict[str, Any]]:
-        """Answers for a batch of grey images (see xrayfm_inference.protocol for the result shape)."""
+    ) -> list[PredictionResult]:
+        """Answers for a batch of grey uint8 images, in order."""
         t0 = time.perf_counter()
         batch = self.preprocess(images)
         t1 = time.perf_counter()
@@ -203,33 +214,31 @@ class Predictor:
             torch.cuda.synchronize(batch.device)
         t2 = time.perf_counter()
         probs = self.served.probabilities(logits)
-        results = []
-        for i, image in enumerate(images):
-            result = self.decide(probs[i])
-            heat = (
-                heatmap_on_image(maps[i], image.shape, self.served.preprocessing)
-                if maps is not None
-                else None
-            )
-            result["attention_map"] = (
-                base64.b64encode(to_png_bytes(heat)).decode("ascii") if heat is not None else None
-            )
-            result["explain_method"] = canonical_method(method) if maps is not None else None
-            results.append(result)
+        pre = self.served.preprocessing
+        heatmaps = [
+            heatmap_on_image(maps[i], image.shape, pre) if maps is not None else None
+            for i, image in enumerate(images)
+        ]
         t3 = time.perf_counter()
-        per_item = {
+        timings = {
             "preprocess_ms": 1000 * (t1 - t0),
             "inference_ms": 1000 * (t2 - t1),
             "postprocess_ms": 1000 * (t3 - t2),
         }
-        for result in results:
-            result["timings"] = dict(per_item)
-            result["batch_size"] = len(images)
-        return results
+        drawn_with = canonical_method(method) if maps is not None else None
+        return [
+            PredictionResult(
+                **vars(self.decide(probs[i])),
+                heatmap=heatmaps[i],
+                explain_method=drawn_with,
+                timings=dict(timings),
+                batch_size=len(images),
+            )
+            for i in range(len(images))
+        ]
 
-    def decide(self, probs: np.ndarray) -> dict[str, Any]:
-        """Probabilities per label, and the decision: one label -> label vs. negative at the threshold;
-        several labels -> the most probable one."""
+    def decide(self, probs: np.ndarray) -> Decision:
+        """The decision for one image's probabilities (see :class:`Decision`)."""
         labels = self.served.labels
         probabilities = {label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)}
         if len(labels) == 1:
@@ -238,7 +247,7 @@ class Predictor:
         else:
             top = int(np.argmax(probs))
             prediction, p = labels[top], float(probs[top])
-        return {"prediction": prediction, "probability": round(p, 6), "probabilities": probabilities}
+        return Decision(prediction=prediction, probability=round(p, 6), probabilities=probabilities)
 
 
 def heatmap_on_image(heat: np.ndarray, image_shape: tuple[int, ...], pre: Preprocessing) -> np.ndarray:

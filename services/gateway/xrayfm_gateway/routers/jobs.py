@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
-from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, Method, prediction_from, queue_upload
-from xrayfm_gateway.schemas import ErrorBody, JobStatus, JobSubmitted
-from xrayfm_gateway.security import get_settings, require_api_key
-from xrayfm_gateway.settings import GatewaySettings
+from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, UploadDeps, prediction_from, queue_upload
+from xrayfm_stack.protocol import ErrorBody, ExplainMethod, JobStatus, JobSubmitted
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
@@ -27,12 +27,12 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 )
 async def submit_job(
     request: Request,
+    deps: Annotated[UploadDeps, Depends()],
     explain: bool = Query(True, description="false skips the heatmap"),
-    method: Method | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
-    settings: GatewaySettings = Depends(get_settings),
+    method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
 ) -> JSONResponse:
     """Same input as ``POST /predict``; the result waits in Redis until ``XRAYFM_RESULT_EXPIRES``."""
-    job_id, _ = await queue_upload(request, settings, explain, method)
+    job_id, _ = await queue_upload(request, deps, explain, method)
     url = f"/jobs/{job_id}"
     body = JobSubmitted(job_id=job_id, status_url=url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
@@ -44,13 +44,12 @@ async def submit_job(
     responses={404: {"model": ErrorBody, "description": "unknown or expired job"}, 503: {"model": ErrorBody}},
     summary="A job's state and, when done, its result",
 )
-async def job_status(job_id: str, request: Request) -> JobStatus:
+async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
     """``queued`` | ``running`` | ``done`` (with ``result``) | ``failed`` (with ``error``)."""
     try:
         job_id = str(uuid.UUID(job_id))
     except ValueError:
         raise APIError(404, "unknown_job", "job ids are UUIDs; this one is not") from None
-    queue = request.app.state.queue
     try:
         record = await queue.record(job_id)
         if record is None:

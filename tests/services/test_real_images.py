@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from svc_helpers import decode_map
 
+from svc_helpers import decode_map
 from xrayfm.data.images import image_info
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]

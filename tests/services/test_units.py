@@ -9,16 +9,15 @@ import time
 
 import numpy as np
 import pytest
-from svc_helpers import phantom
 
+from svc_helpers import phantom
 from xrayfm.errors import XrayfmError
 from xrayfm.inference import Preprocessing
-from xrayfm_gateway.settings import GatewaySettings
 from xrayfm_gateway.uploads import fit_within
 from xrayfm_inference.batcher import MicroBatcher
-from xrayfm_inference.config import QueueSettings, WorkerSettings
-from xrayfm_inference.protocol import ProtocolError, decode_request, describe_request, encode_request
-from xrayfm_inference.store import promote, resolve_model, version_dir
+from xrayfm_stack.protocol import PredictRequest, ProtocolError
+from xrayfm_stack.settings import GatewaySettings, InferenceSettings, QueueSettings
+from xrayfm_stack.store import promote, resolve_model, version_dir
 
 
 def test_settings_from_env_and_clear_errors():
@@ -34,19 +33,20 @@ def test_settings_from_env_and_clear_errors():
     assert not GatewaySettings.from_env({}).auth_enabled
     with pytest.raises(XrayfmError, match="XRAYFM_EXPLAIN_METHOD"):
         GatewaySettings.from_env({"XRAYFM_EXPLAIN_METHOD": "lime"})
-    worker = WorkerSettings.from_env({"XRAYFM_BATCH_MAX": "4", "XRAYFM_MODEL_PATH": "/m"})
+    worker = InferenceSettings.from_env({"XRAYFM_BATCH_MAX": "4", "XRAYFM_MODEL_PATH": "/m"})
     assert worker.batch_max == 4 and str(worker.model_path) == "/m"
     with pytest.raises(XrayfmError, match="XRAYFM_BATCH_MAX must be >= 1"):
-        WorkerSettings.from_env({"XRAYFM_BATCH_MAX": "0"})
+        InferenceSettings.from_env({"XRAYFM_BATCH_MAX": "0"})
 
 
 def test_protocol_round_trip_is_json_and_pixel_exact():
     image = phantom(37, 53)
-    payload = encode_request(image, explain=False, method="grad_rollout", submitted_at=12.5)
-    back, options = decode_request(json.loads(json.dumps(payload)))
-    np.testing.assert_array_equal(back, image)
+    payload = PredictRequest.from_image(image, explain=False, method="grad_rollout", submitted_at=12.5)
+    back = PredictRequest.parse(json.loads(json.dumps(payload.model_dump())))
+    np.testing.assert_array_equal(back.image(), image)
+    options = back.model_dump(include={"explain", "method", "submitted_at"})
     assert options == {"explain": False, "method": "grad_rollout", "submitted_at": 12.5}
-    assert describe_request(payload) == "<grey 53x37 explain=False>"
+    assert payload.describe() == "<grey 53x37 explain=False>"
 
 
 @pytest.mark.parametrize(
@@ -59,15 +59,15 @@ def test_protocol_round_trip_is_json_and_pixel_exact():
     ],
 )
 def test_protocol_rejects_malformed_requests(mutate):
-    payload = encode_request(phantom(8, 8))
+    payload = PredictRequest.from_image(phantom(8, 8)).model_dump()
     mutate(payload)
     with pytest.raises(ProtocolError):
-        decode_request(payload)
+        PredictRequest.parse(payload).image()
 
 
 def test_protocol_refuses_non_grey_images():
     with pytest.raises(ProtocolError):
-        encode_request(np.zeros((4, 4, 3), np.uint8))
+        PredictRequest.from_image(np.zeros((4, 4, 3), np.uint8))
 
 
 def test_model_store_resolution_and_promotion(tmp_path):
@@ -154,12 +154,12 @@ def test_decision_rule(tiny_model_factory):
     from xrayfm.inference import Predictor
 
     binary = Predictor(tiny_model_factory(["Abnormal"], threshold=0.7))
-    assert binary.decide(np.array([0.69]))["prediction"] == "Normal"
-    assert binary.decide(np.array([0.7]))["prediction"] == "Abnormal"
+    assert binary.decide(np.array([0.69])).prediction == "Normal"
+    assert binary.decide(np.array([0.7])).prediction == "Abnormal"
     multi = Predictor(tiny_model_factory(["Edema", "Effusion", "Cardiomegaly"]))
     decided = multi.decide(np.array([0.2, 0.9, 0.4]))
-    assert decided["prediction"] == "Effusion" and decided["probability"] == pytest.approx(0.9)
-    assert list(decided["probabilities"]) == ["Edema", "Effusion", "Cardiomegaly"]
+    assert decided.prediction == "Effusion" and decided.probability == pytest.approx(0.9)
+    assert list(decided.probabilities) == ["Edema", "Effusion", "Cardiomegaly"]
 
 
 def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
@@ -170,14 +170,13 @@ def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
     together = predictor.predict(images)
     alone = [predictor.predict([img])[0] for img in images]
     for batch_result, single in zip(together, alone, strict=True):
-        assert batch_result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
-        assert batch_result["attention_map"] == single["attention_map"]
-    assert together[0]["batch_size"] == 2
+        assert batch_result.probabilities == pytest.approx(single.probabilities, abs=1e-5)
+        np.testing.assert_array_equal(batch_result.heatmap, single.heatmap)
+    assert together[0].batch_size == 2
 
 
 def test_label_count_mismatch_is_refused_at_load(tmp_path):
     from helpers import make_tiny_checkpoint
-
     from xrayfm.inference import load_served_model
 
     folder = make_tiny_checkpoint(tmp_path / "m", labels=["A", "B"])

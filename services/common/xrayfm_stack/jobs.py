@@ -1,4 +1,5 @@
-"""Training job records in Redis: status, spec, progress, result, error, cancel flag, and the run lock.
+"""Training job records in Redis: status, spec, progress, result, error, cancel flag, and the run lock;
+and the first-start bootstrap's state, which the training worker writes and the gateway's /ready reads.
 
 One hash per job (``<queue>:tjob:<id>``, JSON values per field, so the worker's progress updates and the
 gateway's cancel never overwrite each other) and a sorted set of job ids by submission time. Synchronous
@@ -150,3 +151,71 @@ class JobRecords:
             "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
         )
         self.redis.eval(script, 1, self.lock_key(job_id), owner)
+
+
+# -- the first-start bootstrap's state (written by the training worker, read by the gateway's /ready) --
+class BootstrapState:
+    """The first-start record in Redis: ``stage`` (queued, synthesising, pretraining, adapting, promoting,
+    done, failed), the current ``job_id``, ``error``, and the served ``model``."""
+
+    def __init__(self, redis_url: str, queue: str) -> None:
+        self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
+        self.key = f"{queue}:bootstrap"
+
+    # Claim unless a bootstrap is under way: absent, or finished (done: the store was emptied since;
+    # failed: a restart tries again). One atomic step, so only the first worker wins.
+    _CLAIM = """
+    local stage = redis.call('hget', KEYS[1], 'stage')
+    if stage and stage ~= '"done"' and stage ~= '"failed"' then return 0 end
+    redis.call('del', KEYS[1])
+    redis.call('hset', KEYS[1], 'stage', ARGV[1])
+    return 1
+    """
+
+    def claim(self, mode: str) -> bool:
+        """Record a queued bootstrap unless one is under way (the caller checked the store is empty)."""
+        if not self.redis.eval(self._CLAIM, 1, self.key, json.dumps("queued")):
+            return False
+        self.set(mode=mode)
+        return True
+
+    # An interrupted bootstrap: under way (not queued, done or failed) and nobody holds its lock.
+    _CLAIM_ORPHAN = """
+    local stage = redis.call('hget', KEYS[1], 'stage')
+    if not stage or stage == '"queued"' or stage == '"done"' or stage == '"failed"' then return 0 end
+    if redis.call('exists', KEYS[2]) == 1 then return 0 end
+    redis.call('hset', KEYS[1], 'stage', ARGV[1])
+    return 1
+    """
+
+    def claim_orphan(self, lock_key: str) -> bool:
+        """Mark an interrupted bootstrap queued again (True) when its lock `lock_key` lapsed."""
+        return bool(self.redis.eval(self._CLAIM_ORPHAN, 2, self.key, lock_key, json.dumps("queued")))
+
+    def set(self, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        self.redis.hset(self.key, mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def get(self) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(self.key)
+        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
+
+
+def describe_bootstrap(state: dict[str, Any] | None, records: JobRecords | None = None) -> str | None:
+    """A one-line account of a bootstrap in progress (or failed) for /ready; None when none or done."""
+    if not state or state.get("stage") == "done":
+        return None
+    stage = state.get("stage")
+    if stage == "failed":
+        return f"bootstrap failed: {state.get('error')} (see the training worker's log)"
+    what = {"queued": "queued", "synthesising": "drawing the synthetic phantoms",
+            "pretraining": "pre-training the demo foundation on synthetic chest images",
+            "adapting": "LoRA-adapting it to synthetic bone images",
+            "promoting": "promoting the demo model"}.get(stage, str(stage))  # fmt: skip
+    progress = ""
+    if records is not None and state.get("job_id"):
+        job = records.get(state["job_id"]) or {}
+        p = job.get("progress") or {}
+        if p.get("total_steps"):
+            progress = f", step {p.get('step', 0)}/{p['total_steps']}"
+    return f"bootstrapping: training the demo model on SYNTHETIC data: {what}{progress}"

@@ -1,4 +1,5 @@
-"""The JSON job spec, checked before a job is queued (the gateway and the worker use the same check).
+"""The JSON job spec (:class:`xrayfm_stack.protocol.JobSpec`), checked before a job is queued: the gateway
+and the training worker use this same check, built on the library's config dataclasses.
 
     {"kind": "pretrain" | "adapt", "name": "chest-fm", "config": {...PretrainConfig / AdaptConfig fields...}}
     {"kind": "evaluate", "config": {"model": "store:bone-lora/1", "kind": "mura", "root": "/data/MURA-v1.1"}}
@@ -15,13 +16,12 @@ from typing import Any
 
 from xrayfm.errors import XrayfmError
 from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig
-from xrayfm_inference.store import version_dir
+from xrayfm_stack.protocol import JOB_KINDS, JobSpec
+from xrayfm_stack.store import version_dir
 
-CONFIGS: dict[str, type[JsonConfig]] = {
-    "pretrain": PretrainConfig,
-    "adapt": AdaptConfig,
-    "evaluate": EvaluateConfig,
-}
+CONFIGS: dict[str, type[JsonConfig]] = dict(
+    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig), strict=True)
+)
 RESERVED = ("out", "resume")
 STORE_PREFIX = "store:"
 
@@ -76,4 +76,4 @@ def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
         resolve_store_ref(parsed.foundation, store)
     if store is not None and isinstance(parsed, EvaluateConfig):
         resolve_store_ref(parsed.model, store)
-    return {"kind": kind, "name": name, "config": parsed.to_dict()}
+    return JobSpec(kind=kind, name=name, config=parsed.to_dict()).model_dump()

@@ -11,7 +11,6 @@ import anyio
 import httpx
 import pytest
 import redis
-import stack as stack_lib
 from prometheus_client.parser import text_string_to_metric_families
 
 from xrayfm_gateway.metrics import (
@@ -21,9 +20,10 @@ from xrayfm_gateway.metrics import (
     training_exposition,
     training_families,
 )
-from xrayfm_inference import store as model_store
-from xrayfm_training.jobs import JobRecords
-from xrayfm_training.settings import TrainingSettings
+from xrayfm_stack import local as stack_lib
+from xrayfm_stack import store as model_store
+from xrayfm_stack.jobs import JobRecords
+from xrayfm_stack.settings import TrainingSettings
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

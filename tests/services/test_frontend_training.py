@@ -10,9 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import stack as stack_lib
 from streamlit.testing.v1 import AppTest
+
 from svc_helpers import require_redis_server
+from xrayfm_stack import local as stack_lib
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ ADMIN_KEY = "admin-key-for-the-ui"
 def admin_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis + the gateway (admin auth on) over a model store holding two versions; yields (url, store, env)."""
     require_redis_server()
-    from xrayfm_inference import store as model_store
+    from xrayfm_stack import store as model_store
 
     home = tmp_path_factory.mktemp("ui-training")
     store = home / "store"
@@ -57,7 +58,7 @@ def training_page(monkeypatch, url: str, admin_key: str | None = ADMIN_KEY) -> A
         monkeypatch.delenv("XRAYFM_FRONTEND_ADMIN_KEY", raising=False)
     else:
         monkeypatch.setenv("XRAYFM_FRONTEND_ADMIN_KEY", admin_key)
-    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])  # see test_services_frontend.py
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])  # see test_frontend.py
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     at.sidebar.radio[0].set_value("Training & models").run()
     return at
@@ -83,7 +84,7 @@ def test_lists_models_with_lineage_and_promotes_then_rolls_back(monkeypatch, adm
     assert rows["m/2"]["foundation"] == "m/1"
     assert "nothing promoted" in " ".join(_texts(at.caption))
 
-    from xrayfm_inference import store as model_store
+    from xrayfm_stack import store as model_store
 
     for version in ("1", "2"):
         select = [s for s in at.selectbox if s.label == "Version to promote"][0]
@@ -110,7 +111,7 @@ def test_malformed_spec_shows_the_gateway_422(monkeypatch, admin_stack):
 
 
 def test_submitted_job_shows_progress_and_cancels(monkeypatch, admin_stack):
-    from xrayfm_training.jobs import JobRecords
+    from xrayfm_stack.jobs import JobRecords
 
     url, store, env = admin_stack
     at = training_page(monkeypatch, url)
@@ -144,7 +145,7 @@ def test_without_the_admin_key_the_refusal_is_shown(monkeypatch, admin_stack):
 
 
 def _records(env: dict[str, str]):
-    from xrayfm_training.jobs import JobRecords
+    from xrayfm_stack.jobs import JobRecords
 
     return JobRecords(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"])
 
@@ -156,8 +157,8 @@ def _show_job(at: AppTest, job_id: str) -> AppTest:
 
 
 def test_refresh_interval_follows_the_jobs_and_the_setting(monkeypatch):
-    from xrayfm_frontend.client import FrontendSettings
     from xrayfm_frontend.training_page import refresh_every
+    from xrayfm_stack.settings import FrontendSettings
 
     finished = [{"status": "done"}, {"status": "failed"}, {"status": "cancelled"}]
     assert refresh_every(finished, 3.0) is None and refresh_every([], 3.0) is None
@@ -172,7 +173,7 @@ def test_refresh_interval_follows_the_jobs_and_the_setting(monkeypatch):
 
 def test_example_specs_are_valid_and_fill_the_spec_box(monkeypatch, admin_stack):
     from xrayfm_frontend.training_page import EXAMPLES
-    from xrayfm_training.spec import validate_spec
+    from xrayfm_stack.spec import validate_spec
 
     assert {spec["kind"] for spec in EXAMPLES.values()} == {"pretrain", "adapt", "evaluate"}
     for spec in EXAMPLES.values():
@@ -238,7 +239,7 @@ def test_job_details_show_metrics_log_and_error(monkeypatch, admin_stack):
 def test_evaluation_shows_in_the_models_table_and_the_job(monkeypatch, admin_stack):
     import httpx
 
-    from xrayfm_inference import store as model_store
+    from xrayfm_stack import store as model_store
 
     url, store, env = admin_stack
     rows = httpx.get(f"{url}/models", headers={"X-API-Key": ADMIN_KEY}).json()["models"]

@@ -40,7 +40,7 @@ def exec_form(args: str) -> list[str]:
 
 def env_vars_read_by_the_code() -> set[str]:
     names = set()
-    for path in [*REPO.glob("services/*/xrayfm_*/**/*.py"), REPO / "scripts/stack.py"]:
+    for path in REPO.glob("services/*/xrayfm_*/**/*.py"):
         names |= set(re.findall(r"\"(XRAYFM_[A-Z_]+)\"", path.read_text()))
     return names
 

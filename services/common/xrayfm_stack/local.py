@@ -1,14 +1,15 @@
 """Run the xrayfm stack as local processes: Redis, inference worker(s), gateway, frontend.
 
-    python scripts/stack.py up      # start what is not running; wait until /ready; print the URLs
-    python scripts/stack.py down    # stop everything started by `up`
-    python scripts/stack.py status
+    python -m xrayfm_stack.local up      # start what is not running; wait until /ready; print the URLs
+    python -m xrayfm_stack.local down    # stop everything started by `up`
+    python -m xrayfm_stack.local status
 
 `make up` / `make down` call this. Logs go to runs/stack/logs/, pid files to runs/stack/pids/.
 Redis comes from the system: a server already answering on XRAYFM_REDIS_URL is used as is; otherwise
 `redis-server` is started (install it with `apt-get install redis-server`, `brew install redis`, or run
 `docker run -p 6379:6379 redis:7`). The same `Stack` class starts the stacks of the integration tests
-and the benchmark (each on its own ports, Redis and queue).
+and the benchmark (each on its own ports, Redis and queue). It runs from a checkout of the repository
+(the services installed in editable mode, as `make install` does).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parents[1]
+from xrayfm_stack.store import SERVING_FILE
+
+REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
 VENV_BIN = Path(sys.executable).parent
 PYTHONPATH = os.pathsep.join(
     str(REPO / p)
     for p in (
         "shared/src",
+        "services/common",
         "services/inference",
         "services/training",
         "services/gateway",
@@ -253,9 +257,6 @@ DEFAULT_STORE = REPO / "runs" / "model-store"
 
 def model_configured(store: Path) -> bool:
     """True when something is set to be served: XRAYFM_MODEL_PATH, or a promoted version in `store`."""
-    sys.path[:0] = [p for p in PYTHONPATH.split(os.pathsep) if p not in sys.path]
-    from xrayfm_inference.store import SERVING_FILE
-
     return bool(os.environ.get("XRAYFM_MODEL_PATH")) or (store / SERVING_FILE).is_file()
 
 
@@ -273,8 +274,6 @@ def await_first_model(
     Reports /ready's reason as it changes; once the store serves a version, gives the inference worker
     `restart_after` seconds to load it by itself (hot swap) and restarts it otherwise. Returns the
     (possibly new) inference worker; raises TimeoutError / RuntimeError with the reason."""
-    from xrayfm_inference.store import SERVING_FILE
-
     deadline, last, promoted_at = time.monotonic() + timeout, None, None
     said, said_at = None, 0.0
     while time.monotonic() < deadline:

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import stack as stack_lib
+
 from svc_helpers import phantom, png_bytes, stack_env
+from xrayfm_stack import local as stack_lib
 
 pytestmark = pytest.mark.slow
 

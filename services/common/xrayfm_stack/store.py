@@ -1,6 +1,7 @@
-"""The model store: versioned model folders and one pointer to the served version.
+"""The model store: versioned model folders and one pointer to the served version. The training worker
+writes it (new versions, evaluations), the gateway promotes and rolls back, the inference workers read it.
 
-Layout (documented in services/README.md; the training worker of a later issue adds versions)::
+Layout (documented in services/README.md)::
 
     <store>/serving.json                  {"name": "chest-demo", "version": "3"}
     <store>/models/<name>/<version>/      one checkpoint folder (safetensors weights + JSON metadata)
@@ -17,19 +18,16 @@ previously promoted one.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
+from xrayfm.utils import atomic_write_json, file_lock, read_json
 
 SERVING_FILE = "serving.json"
 MODELS_DIR = "models"
@@ -74,9 +72,9 @@ def resolve_model(model_path: Path | None, store: Path) -> ModelRef:
             f"{store} (models/<name>/<version>/ plus {SERVING_FILE})"
         )
     try:
-        spec = json.loads(pointer.read_text())
+        spec = read_json(pointer)
         name, version = str(spec["name"]), str(spec["version"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (XrayfmError, KeyError, TypeError) as exc:
         raise XrayfmError(f"{pointer} must be JSON like {{'name': ..., 'version': ...}}: {exc}") from None
     path = version_dir(store, name, version)
     if not path.exists():
@@ -84,37 +82,9 @@ def resolve_model(model_path: Path | None, store: Path) -> ModelRef:
     return ModelRef(path=path, name=name, version=version)
 
 
-@contextmanager
-def _locked(store: Path) -> Iterator[None]:
-    """An exclusive lock on the store (promotions and new versions from several processes)."""
-    Path(store).mkdir(parents=True, exist_ok=True)
-    with open(Path(store) / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=1)
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return default
-    except ValueError as exc:
-        raise XrayfmError(f"{path} is not valid JSON: {exc}") from None
-
-
 def serving(store: Path) -> dict[str, str] | None:
     """The served ``{"name", "version"}``, or None when nothing is promoted."""
-    spec = _read_json(Path(store) / SERVING_FILE, None)
+    spec = read_json(Path(store) / SERVING_FILE, None)
     return None if spec is None else {"name": str(spec["name"]), "version": str(spec["version"])}
 
 
@@ -122,18 +92,18 @@ def _promote_unlocked(store: Path, name: str, version: str, record: bool) -> Pat
     if not version_dir(store, name, version).exists():
         raise XrayfmError(f"cannot promote {name}/{version}: not in the store {store}")
     pointer = Path(store) / SERVING_FILE
-    _write_json_atomic(pointer, {"name": name, "version": version})
+    atomic_write_json(pointer, {"name": name, "version": version})
     if record:
-        history = _read_json(Path(store) / HISTORY_FILE, [])
+        history = read_json(Path(store) / HISTORY_FILE, [])
         history.append({"name": name, "version": version})
-        _write_json_atomic(Path(store) / HISTORY_FILE, history)
+        atomic_write_json(Path(store) / HISTORY_FILE, history)
     return pointer
 
 
 def promote(store: Path, name: str, version: str) -> Path:
     """Point ``serving.json`` at an existing version (atomic replace) and record it in the history;
     returns the pointer file."""
-    with _locked(store):
+    with file_lock(Path(store) / LOCK_FILE):
         return _promote_unlocked(store, name, version, record=True)
 
 
@@ -141,8 +111,8 @@ def rollback(store: Path) -> dict[str, str]:
     """Serve the version promoted before the current one again; returns it.
 
     The current version leaves the history, so repeated rollbacks walk further back."""
-    with _locked(store):
-        history = _read_json(Path(store) / HISTORY_FILE, [])
+    with file_lock(Path(store) / LOCK_FILE):
+        history = read_json(Path(store) / HISTORY_FILE, [])
         current = serving(store)
         if current is not None and history and history[-1] == current:
             history.pop()
@@ -152,7 +122,7 @@ def rollback(store: Path) -> dict[str, str]:
             raise XrayfmError("nothing to roll back to: no earlier promoted version in the store")
         previous = history[-1]
         _promote_unlocked(store, previous["name"], previous["version"], record=False)
-        _write_json_atomic(Path(store) / HISTORY_FILE, history)
+        atomic_write_json(Path(store) / HISTORY_FILE, history)
         return {"name": previous["name"], "version": previous["version"]}
 
 
@@ -173,14 +143,14 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
     try:
         payload = tmp / "v"
         shutil.copytree(source, payload)
-        with _locked(store):
+        with file_lock(Path(store) / LOCK_FILE):
             numbers = [int(p.name) for p in models.iterdir() if p.name.isdigit()]
             job_id = (info or {}).get("job_id")
             for number in sorted(numbers) if job_id else ():
-                if _read_json(models / str(number) / VERSION_FILE, {}).get("job_id") == job_id:
+                if read_json(models / str(number) / VERSION_FILE, {}).get("job_id") == job_id:
                     return str(number)
             version = str(max(numbers, default=0) + 1)
-            _write_json_atomic(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
+            atomic_write_json(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
             os.rename(payload, models / version)
         return version
     finally:
@@ -194,12 +164,12 @@ def add_evaluation(store: Path, name: str, version: str, job_id: str, result: di
         raise XrayfmError(f"no version {name}/{version} in the model store")
     _check_name("job id", job_id)
     (folder / EVALUATIONS_DIR).mkdir(exist_ok=True)
-    _write_json_atomic(folder / EVALUATIONS_DIR / f"{job_id}.json", {"job_id": job_id, **result})
+    atomic_write_json(folder / EVALUATIONS_DIR / f"{job_id}.json", {"job_id": job_id, **result})
 
 
 def evaluations(folder: Path) -> list[dict[str, Any]]:
     """The evaluations recorded for a version folder, oldest first."""
-    found = [_read_json(path, {}) for path in (Path(folder) / EVALUATIONS_DIR).glob("*.json")]
+    found = [read_json(path, {}) for path in (Path(folder) / EVALUATIONS_DIR).glob("*.json")]
     return sorted(found, key=lambda e: e.get("created") or 0)
 
 
@@ -211,8 +181,8 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
     for folder in sorted((Path(store) / MODELS_DIR).glob("*/*")):
         if folder.name.startswith(".") or not folder.is_dir():
             continue
-        meta = _read_json(folder / "meta.json", {})
-        info = _read_json(folder / VERSION_FILE, {})
+        meta = read_json(folder / "meta.json", {})
+        info = read_json(folder / VERSION_FILE, {})
         name, version = folder.parent.name, folder.name
         lineage = info.get("lineage") or (
             {"foundation": meta["foundation"]} if isinstance(meta.get("foundation"), dict) else {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,16 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from svc_helpers import require_redis_server
+from xrayfm.errors import XrayfmError
+from xrayfm_stack import local as stack_lib
+from xrayfm_stack import store as model_store
+
 REPO = Path(__file__).resolve().parents[2]
-for _path in ("services/training", "services/gateway", "services/inference", "shared/src", "scripts"):
-    if str(REPO / _path) not in sys.path:
-        sys.path.insert(0, str(REPO / _path))
-
-import stack as stack_lib  # noqa: E402
-from svc_helpers import require_redis_server  # noqa: E402
-
-from xrayfm.errors import XrayfmError  # noqa: E402
-from xrayfm_inference import store as model_store  # noqa: E402
 
 SIZE = 32
 TINY = {"model": "vit_tiny_patch16_224", "size": SIZE,
@@ -63,7 +58,7 @@ def test_store_versions_promote_rollback(tmp_path: Path) -> None:
 
 
 def test_spec_validation() -> None:
-    from xrayfm_training.spec import validate_spec
+    from xrayfm_stack.spec import validate_spec
 
     good = validate_spec({"kind": "pretrain", "name": "fm", "config": {"kind": "chexpert", "root": "/x"}})
     assert good["config"]["root"] == "/x" and good["config"]["epochs"] == 10
@@ -85,7 +80,7 @@ def test_admin_key_is_not_the_prediction_key(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from xrayfm_gateway.app import create_app
-    from xrayfm_gateway.settings import GatewaySettings
+    from xrayfm_stack.settings import GatewaySettings
 
     settings = GatewaySettings(api_keys=frozenset({"predict-key"}), admin_keys=frozenset({"admin-key"}),
                                model_store=tmp_path)  # fmt: skip

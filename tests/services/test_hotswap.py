@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from svc_helpers import phantom, png_bytes, start_stack
 
-from xrayfm_inference import store as model_store
+from svc_helpers import phantom, png_bytes, start_stack
+from xrayfm_stack import store as model_store
 
 CLIENTS = 4
 NAME = "tiny"

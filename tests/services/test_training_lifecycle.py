@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import stack as stack_lib
-from svc_helpers import require_redis_server, stack_env
-from test_services_training import QUIET, _pretrain_spec, _wait
 
-from xrayfm_inference import store as model_store
+from svc_helpers import require_redis_server, stack_env
+from test_training import QUIET, _pretrain_spec, _wait
+from xrayfm_stack import local as stack_lib
+from xrayfm_stack import store as model_store
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ DONE = ("done", "failed", "cancelled")
 # -- orphan recovery, on the machine's Redis ----------------------------------------------------------------
 @pytest.fixture()
 def records():
-    from xrayfm_training.jobs import JobRecords
+    from xrayfm_stack.jobs import JobRecords
 
     jobs = JobRecords("redis://127.0.0.1:6379/15", f"xrayfm-test-{uuid.uuid4().hex[:8]}")
     try:
@@ -205,11 +205,11 @@ def test_redelivered_message_of_a_finished_job_is_dropped(lifecycle_stack) -> No
     job = _wait(http, job_id, lambda j: j["status"] in DONE, launcher=launcher)
     assert job["status"] == "done", job
 
-    from xrayfm_training.celery_app import make_celery, submit
-    from xrayfm_training.settings import TrainingSettings
+    from xrayfm_stack.celery import send_training_job, training_celery
+    from xrayfm_stack.settings import TrainingSettings
 
     settings = TrainingSettings.from_env(launcher.env)
-    submit(make_celery(settings), settings, job_id)  # the same message again
+    send_training_job(training_celery(settings), settings, job_id)  # the same message again
     marker = f"job {job_id}: already done; redelivered message dropped"
     stack_lib.wait_until(
         lambda: marker in _trainer(launcher).log.read_text(), 60, "the drop", _trainer(launcher)

@@ -9,6 +9,7 @@ import time
 import httpx
 import psutil
 import pytest
+
 from svc_helpers import jpeg_bytes, phantom, png_bytes
 
 pytestmark = pytest.mark.slow

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-import stack as stack_lib  # scripts/stack.py (on sys.path through tests/services/conftest.py)
-from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
 
-from xrayfm_inference import store as model_store
-from xrayfm_training.bootstrap import BootstrapState, describe, store_is_empty
-from xrayfm_training.jobs import JobRecords
+from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
+from xrayfm_stack import local as stack_lib
+from xrayfm_stack import store as model_store
+from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
+from xrayfm_training.bootstrap import store_is_empty
 
 
 def test_describe_says_what_the_bootstrap_does() -> None:
-    assert describe(None) is None and describe({"stage": "done"}) is None
-    assert describe({"stage": "pretraining"}).startswith("bootstrapping: training the demo model")
-    assert "SYNTHETIC" in describe({"stage": "adapting"})
-    assert describe({"stage": "failed", "error": "DataError: boom"}).startswith("bootstrap failed: DataError")
+    assert describe_bootstrap(None) is None and describe_bootstrap({"stage": "done"}) is None
+    assert describe_bootstrap({"stage": "pretraining"}).startswith("bootstrapping: training the demo model")
+    assert "SYNTHETIC" in describe_bootstrap({"stage": "adapting"})
+    assert describe_bootstrap({"stage": "failed", "error": "DataError: boom"}).startswith(
+        "bootstrap failed: DataError"
+    )
 
 
 def test_bootstrap_claimed_once_and_again_after_it_finished() -> None:

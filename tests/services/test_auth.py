@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import stack as stack_lib
+
 from svc_helpers import logs_text, phantom, png_bytes
+from xrayfm_stack import local as stack_lib
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import redis
+
 from svc_helpers import (
     PATIENT_ID,
     PATIENT_NAME,
