@@ -1,0 +1,14 @@
+"""xrayfm_stack: what the services of the xrayfm stack share, and nothing else (no torch).
+
+- :mod:`xrayfm_stack.settings`: one settings object per service, read from ``XRAYFM_*`` variables;
+- :mod:`xrayfm_stack.protocol`: the wire protocol (typed pydantic models of requests and answers);
+- :mod:`xrayfm_stack.celery`: the Celery configuration and task names of both queues;
+- :mod:`xrayfm_stack.store`: the model store (read side and write side);
+- :mod:`xrayfm_stack.jobs`: training job records and the first-start bootstrap's state in Redis;
+- :mod:`xrayfm_stack.spec`: the training job spec and its check;
+- :mod:`xrayfm_stack.local`: run the whole stack as local processes (``make up``).
+
+Services import this package and the library, never each other.
+"""
+
+__version__ = "0.1.0"

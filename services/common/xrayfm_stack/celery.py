@@ -1,0 +1,87 @@
+"""The two Celery applications of the stack, configured once: inference (Redis broker + results) and
+training (the job record in Redis is the result). The gateway sends with them, the workers run them.
+
+Reliability choices, shared by both: late acknowledgement (a message is removed only after its task
+returned), so a worker killed mid-task leaves the message in Redis and another worker (or the restarted
+one) gets it after the visibility timeout; one message per worker thread at a time; publishing fails fast
+when Redis is down (the gateway answers 503, never hangs); JSON only; a task's arguments are never stored
+with results (``result_extended`` off) nor shown in logs (``argsrepr``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from xrayfm_stack.protocol import PREDICT_TASK
+from xrayfm_stack.settings import QueueSettings, TrainingSettings
+
+TRAIN_TASK = "xrayfm.train_job"
+BOOTSTRAP_TASK = "xrayfm.bootstrap_demo"
+
+
+def reliable_queue_conf(queue: str, visibility_timeout_s: int) -> dict[str, Any]:
+    """The settings both Celery apps share: JSON only, late acknowledgement, redelivery of a dead worker's
+    message after `visibility_timeout_s`, one message per worker at a time, fail-fast publishing when
+    Redis is down, no task events."""
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,  # a task that failed cleanly is not retried forever
+        "task_publish_retry": False,  # Redis down: fail at once (the gateway answers 503), never hang
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout_s,
+            # Sweep for abandoned (unacknowledged) messages every second, so redelivery happens right
+            # after the visibility timeout instead of up to 100 s later (kombu's default interval x throttle).
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 2,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
+def inference_celery(settings: QueueSettings | None = None) -> Celery:
+    """The inference queue's Celery app, configured from `settings` (default: the environment)."""
+    settings = QueueSettings.from_env() if settings is None else settings
+    app = Celery("xrayfm", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        **reliable_queue_conf(settings.queue, settings.visibility_timeout_s),
+        task_routes={PREDICT_TASK: {"queue": settings.queue}},
+        task_track_started=True,
+        task_time_limit=settings.task_time_limit_s + 5,  # enforced by prefork pools; threads: see worker
+        result_expires=settings.result_expires_s,
+        result_extended=False,
+        result_backend_transport_options={"socket_connect_timeout": 2, "socket_timeout": 10},
+        redis_socket_connect_timeout=2,
+        redis_socket_timeout=10,
+    )
+    return app
+
+
+def training_celery(settings: TrainingSettings | None = None) -> Celery:
+    """The training queue's Celery app. Long jobs: a visibility timeout of hours; a redelivered job still
+    running elsewhere is recognised by its Redis lock and not run twice. Messages carry the job id only."""
+    settings = TrainingSettings.from_env() if settings is None else settings
+    app = Celery("xrayfm-training", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        **reliable_queue_conf(settings.queue, settings.visibility_timeout_s),
+        task_routes={TRAIN_TASK: {"queue": settings.queue}, BOOTSTRAP_TASK: {"queue": settings.queue}},
+        task_ignore_result=True,  # the job record in Redis is the result
+    )
+    return app
+
+
+def send_training_job(app: Celery, settings: TrainingSettings, job_id: str) -> None:
+    """Queue the training job `job_id` (its record must exist)."""
+    app.send_task(TRAIN_TASK, args=(job_id,), task_id=job_id, queue=settings.queue)

@@ -1,0 +1,329 @@
+"""The stack's wire protocol: typed models of what travels between the services.
+
+Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gateway)::
+
+    PredictRequest  {"pixels": "<base64 of H*W uint8, row-major>", "height": H, "width": W,
+                     "explain": true, "method": "rollout", "submitted_at": <unix time>}
+    WorkerAnswer    {"prediction", "probability", "probabilities", "attention_map": "<base64 PNG>" | null,
+                     "explain_method", "model": ModelInfo, "timings": Timings, "batch_size", "worker"}
+    WorkerRejection {"error": {"type": "bad_request", "message": "..."}}   (the request was unusable)
+    Prediction      a WorkerAnswer plus the gateway's "image" facts and "job_id": the answer of /predict
+
+A request is grey pixels and options, never a file name or a header. Training jobs travel as a job id;
+their :class:`JobSpec` and :class:`JobRecord` live in Redis (:mod:`xrayfm_stack.jobs`). The gateway's
+OpenAPI document is generated from these models.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from xrayfm.errors import XrayfmError
+from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
+
+PREDICT_TASK = "xrayfm.predict"
+MAX_SIDE = 4096  # a request larger than this on either side is refused by the worker (the gateway sends less)
+JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
+JOB_KINDS = ("pretrain", "adapt", "evaluate")
+
+ExplainMethod = Literal["rollout", "grad_rollout", "gradcam"]
+assert set(ExplainMethod.__args__) == set(EXPLAIN_METHODS), "ExplainMethod must list xrayfm's methods"
+
+
+class ProtocolError(XrayfmError):
+    """A queued request that does not follow the protocol (not the caller's image: a client bug)."""
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+class PredictRequest(BaseModel):
+    """One image to predict: 2-D uint8 grey pixels (base64) and the options."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    pixels: str = Field(description="base64 of height*width uint8 grey values, row-major")
+    height: int = Field(ge=1, le=MAX_SIDE)
+    width: int = Field(ge=1, le=MAX_SIDE)
+    explain: bool = True
+    method: str = "rollout"
+    submitted_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def from_image(
+        cls,
+        image: np.ndarray,
+        *,
+        explain: bool = True,
+        method: str = "rollout",
+        submitted_at: float | None = None,
+    ) -> PredictRequest:
+        """Pack a 2-D uint8 grey image and options."""
+        arr = np.ascontiguousarray(image)
+        if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
+            raise ProtocolError(f"expected a non-empty 2-D uint8 image, got {arr.dtype} {arr.shape}")
+        return cls(
+            pixels=base64.b64encode(arr.tobytes()).decode("ascii"),
+            height=int(arr.shape[0]),
+            width=int(arr.shape[1]),
+            explain=bool(explain),
+            method=str(method),
+            submitted_at=time.time() if submitted_at is None else float(submitted_at),
+        )
+
+    @classmethod
+    def parse(cls, payload: Any) -> PredictRequest:
+        """Check a received payload; :class:`ProtocolError` names what is wrong (never the pixels)."""
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"request must be a JSON object, got {type(payload).__name__}")
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ProtocolError(f"malformed request: {problems}") from None
+
+    def image(self) -> np.ndarray:
+        """The H x W uint8 image; :class:`ProtocolError` when the buffer does not match the size."""
+        try:
+            raw = base64.b64decode(self.pixels, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"malformed request: pixels are not base64 ({exc})") from None
+        if len(raw) != self.height * self.width:
+            raise ProtocolError(
+                f"pixel buffer has {len(raw)} bytes, expected {self.height}x{self.width}={self.height * self.width}"
+            )
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.height, self.width)
+
+    def describe(self) -> str:
+        """A short, pixel-free description for logs and Celery's argsrepr."""
+        return f"<grey {self.width}x{self.height} explain={self.explain}>"
+
+
+# ------------------------------------------------------------------------------------------------ answers
+
+
+class ModelInfo(BaseModel):
+    """The served model's identity, in every answer and in each worker's heartbeat."""
+
+    name: str
+    version: str
+    sha256: str
+    labels: list[str]
+    input_size: int
+    device: str
+    synthetic: bool = Field(False, description="trained on synthetic phantoms")
+    untrained: bool = Field(False, description="random weights (a placeholder, not a trained model)")
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per stage; a stage that did not happen on this path is left out."""
+
+    model_config = ConfigDict(extra="allow")
+
+    decode_ms: float | None = Field(None, description="receiving, checking and decoding the upload (gateway)")
+    queue_wait_ms: float | None = Field(None, description="from queued to picked up by a worker")
+    preprocess_ms: float | None = None
+    inference_ms: float | None = Field(None, description="the model's forward pass (+ heatmap) for the batch")
+    postprocess_ms: float | None = Field(None, description="decisions and heatmap PNGs")
+    worker_ms: float | None = Field(None, description="from picked up to answered, in the worker")
+    total_ms: float | None = Field(None, description="the whole request, at the gateway (/predict only)")
+
+    @model_serializer(mode="wrap")
+    def _drop_missing(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ImageInfo(BaseModel):
+    """Technical facts of the uploaded image (no header field that could identify a patient)."""
+
+    format: str
+    width: int
+    height: int
+
+
+class WorkerAnswer(BaseModel):
+    """What the inference worker answers for one image."""
+
+    prediction: str = Field(
+        description="decision: the label (or 'Normal' under the threshold), or the top label"
+    )
+    probability: float = Field(
+        description="probability of the predicted label (binary: of the positive label)"
+    )
+    attention_map: str | None = Field(
+        description="base64 8-bit grey PNG with the image's aspect ratio, 255 = most attended; "
+        "null when explain=false"
+    )
+    probabilities: dict[str, float]
+    explain_method: str | None = None
+    model: ModelInfo
+    timings: Timings = Field(default_factory=Timings)
+    batch_size: int = 1
+    worker: str | None = None
+
+
+class RejectionReason(BaseModel):
+    """Why the worker could not use a request."""
+
+    type: str = "bad_request"
+    message: str
+
+
+class WorkerRejection(BaseModel):
+    """The worker's answer to a request it could not use (a clear 422 at the gateway)."""
+
+    error: RejectionReason
+
+
+def parse_worker_reply(payload: Any) -> WorkerAnswer | WorkerRejection:
+    """A result read back from the result backend, typed."""
+    if isinstance(payload, dict) and "error" in payload:
+        return WorkerRejection.model_validate(payload)
+    return WorkerAnswer.model_validate(payload)
+
+
+class Prediction(WorkerAnswer):
+    """The answer to ``POST /predict``."""
+
+    image: ImageInfo
+    job_id: str
+
+
+class JobSubmitted(BaseModel):
+    """The answer to ``POST /jobs`` and ``POST /training/jobs``: poll ``status_url``."""
+
+    job_id: str
+    status: str = "queued"
+    status_url: str
+
+
+class JobStatus(BaseModel):
+    """A prediction job's state; ``result`` when done, ``error`` when failed."""
+
+    job_id: str
+    status: str = Field(description="queued | running | done | failed")
+    result: Prediction | None = None
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    """``GET /ready``: the broker is reachable and at least one worker has a model answering."""
+
+    ready: bool
+    broker: str
+    workers: list[dict[str, Any]] = []
+    detail: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: a stable code and a message for people."""
+
+    error: str
+    detail: str
+
+
+# ---------------------------------------------------------------------------------- training and models
+
+
+class ModelRefBody(BaseModel):
+    """A version in the model store."""
+
+    name: str
+    version: str
+
+
+class JobSpec(BaseModel):
+    """A training job as submitted: its kind, the model name it publishes, and its config (the fields of
+    the library's ``PretrainConfig`` / ``AdaptConfig`` / ``EvaluateConfig``; see :mod:`xrayfm_stack.spec`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pretrain", "adapt", "evaluate"]
+    name: str
+    config: dict[str, Any]
+
+
+class JobRecord(BaseModel):
+    """A training job's record: status, progress, result, the version it published, and its history."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    status: str = Field(description=" | ".join(JOB_STATES))
+    kind: str | None = None
+    name: str | None = None
+    spec: JobSpec | None = Field(None, description="left out of job lists")
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    model: ModelRefBody | None = None
+    error: str | None = None
+    created: float | None = None
+    updated: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    resumed: bool | None = None
+    requeued: int | None = None
+    handed_back: int | None = None
+
+
+class JobList(BaseModel):
+    """``GET /training/jobs``: the latest jobs, newest first."""
+
+    jobs: list[JobRecord]
+
+
+class JobLogTail(BaseModel):
+    """``GET /training/jobs/{id}/log``: the last lines of a job's log, oldest first."""
+
+    job_id: str
+    lines: list[str]
+
+
+class CancelAnswer(BaseModel):
+    """``POST /training/jobs/{id}/cancel``: the job's new status."""
+
+    job_id: str
+    status: str
+
+
+class ModelVersion(BaseModel):
+    """One version in the model store, with what its files say about it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str
+    serving: bool = False
+    format: str | None = None
+    kind: str | None = None
+    method: str | None = None
+    labels: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    synthetic: bool = False
+    created: str | float | None = None
+    job_id: str | None = None
+    lineage: dict[str, Any] = {}
+    evaluations: list[dict[str, Any]] = []
+
+
+class ModelList(BaseModel):
+    """``GET /models``: the served version and every version in the store."""
+
+    serving: ModelRefBody | None
+    models: list[ModelVersion]
+
+
+class ServingAnswer(BaseModel):
+    """The version served after a promotion or a rollback."""
+
+    serving: ModelRefBody

@@ -1,0 +1,258 @@
+"""Every service's settings, read from the environment in one place (``XRAYFM_*``; see services/README.md).
+
+One frozen dataclass per service, all built the same way: ``Settings.from_env(env=None)`` reads
+``os.environ`` (or the mapping given, in tests), checks each value and raises :class:`XrayfmError` naming
+the variable when one is wrong. :class:`QueueSettings` is what the gateway and the inference workers must
+agree on; :class:`TrainingSettings` what the gateway and the training workers agree on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xrayfm.errors import XrayfmError
+from xrayfm_stack.protocol import EXPLAIN_METHODS, MAX_SIDE
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_STORE = Path("runs/model-store")
+BOOTSTRAP_MODES = ("demo", "quick", "off")
+
+
+def env_str(env: Mapping[str, str], name: str, default: str) -> str:
+    """The variable `name` stripped, or `default` when unset or blank."""
+    value = env.get(name, "").strip()
+    return value if value else default
+
+
+def env_number(env: Mapping[str, str], name: str, default: float, kind: type, minimum: float) -> float:
+    """The variable `name` as `kind` (int/float) >= `minimum`, or `default`; a clear error otherwise."""
+    raw = env_str(env, name, str(default))
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise XrayfmError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if value < minimum:
+        raise XrayfmError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_keys(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma-separated list of keys (blank entries dropped)."""
+    return frozenset(k.strip() for k in env.get(name, "").split(",") if k.strip())
+
+
+def _environ(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """What the gateway and the inference workers must agree on: the Redis URL, the queue, expiries and
+    timeouts."""
+
+    redis_url: str = DEFAULT_REDIS_URL  # broker and result backend (XRAYFM_REDIS_URL)
+    queue: str = "xrayfm-inference"  # Celery queue name; also the prefix of the stack's own keys
+    result_expires_s: int = 600  # results (and job records) vanish from Redis after this
+    task_time_limit_s: float = 30.0  # a request still unanswered by the worker after this fails clearly
+    visibility_timeout_s: int = 60  # an unacknowledged message (its worker died) is redelivered after this
+    heartbeat_s: float = 2.0  # workers announce themselves this often; 3 missed beats = gone
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> QueueSettings:
+        """Read ``XRAYFM_REDIS_URL``, ``XRAYFM_QUEUE``, ``XRAYFM_RESULT_EXPIRES``, ``XRAYFM_TASK_TIME_LIMIT``,
+        ``XRAYFM_VISIBILITY_TIMEOUT`` and ``XRAYFM_HEARTBEAT_S``."""
+        env = _environ(env)
+        settings = cls(
+            redis_url=env_str(env, "XRAYFM_REDIS_URL", cls.redis_url),
+            queue=env_str(env, "XRAYFM_QUEUE", cls.queue),
+            result_expires_s=int(env_number(env, "XRAYFM_RESULT_EXPIRES", cls.result_expires_s, int, 1)),
+            task_time_limit_s=env_number(env, "XRAYFM_TASK_TIME_LIMIT", cls.task_time_limit_s, float, 0.1),
+            visibility_timeout_s=int(
+                env_number(env, "XRAYFM_VISIBILITY_TIMEOUT", cls.visibility_timeout_s, int, 1)
+            ),
+            heartbeat_s=env_number(env, "XRAYFM_HEARTBEAT_S", cls.heartbeat_s, float, 0.1),
+        )
+        if settings.visibility_timeout_s <= settings.task_time_limit_s:
+            raise XrayfmError(
+                f"XRAYFM_VISIBILITY_TIMEOUT ({settings.visibility_timeout_s} s) must exceed "
+                f"XRAYFM_TASK_TIME_LIMIT ({settings.task_time_limit_s} s), "
+                "or requests still running get redelivered"
+            )
+        return settings
+
+    @property
+    def workers_key(self) -> str:
+        """Redis sorted set of live workers (member = hostname, score = last heartbeat, unix time)."""
+        return f"{self.queue}:workers"
+
+    def worker_info_key(self, hostname: str) -> str:
+        """Redis key with a worker's JSON self-description (model, device), expiring with its heartbeat."""
+        return f"{self.queue}:worker:{hostname}"
+
+    def job_key(self, job_id: str) -> str:
+        """Redis key marking a job submitted through the gateway (so unknown ids answer 404)."""
+        return f"{self.queue}:job:{job_id}"
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        """A worker whose last heartbeat is older than this is considered gone."""
+        return 3.0 * self.heartbeat_s
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The inference worker's settings (see services/README.md for each variable)."""
+
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    model_path: Path | None = None  # XRAYFM_MODEL_PATH: a checkpoint folder; wins over the store
+    model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE (layout in xrayfm_stack.store)
+    device: str = "auto"  # XRAYFM_DEVICE: auto (cuda when present), cpu, cuda, cuda:1...
+    batch_max: int = 8  # XRAYFM_BATCH_MAX: 1 disables batching
+    batch_wait_ms: float = 5.0  # XRAYFM_BATCH_WAIT_MS: how long a batch waits for company
+    metrics_port: int = 9101  # XRAYFM_WORKER_METRICS_PORT: Prometheus endpoint; 0 = off
+    metrics_addr: str = "0.0.0.0"  # XRAYFM_WORKER_METRICS_ADDR: where that endpoint listens
+    torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
+    explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: default heatmap method
+    model_poll_s: float = 2.0  # XRAYFM_MODEL_POLL_S: seconds between looks at serving.json; 0 = off
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> InferenceSettings:
+        """Read the worker's ``XRAYFM_*`` variables (plus the queue settings)."""
+        env = _environ(env)
+        model_path = env_str(env, "XRAYFM_MODEL_PATH", "")
+        return cls(
+            queue=QueueSettings.from_env(env),
+            model_path=Path(model_path) if model_path else None,
+            model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
+            device=env_str(env, "XRAYFM_DEVICE", cls.device),
+            batch_max=int(env_number(env, "XRAYFM_BATCH_MAX", cls.batch_max, int, 1)),
+            batch_wait_ms=env_number(env, "XRAYFM_BATCH_WAIT_MS", cls.batch_wait_ms, float, 0),
+            metrics_port=int(env_number(env, "XRAYFM_WORKER_METRICS_PORT", cls.metrics_port, int, 0)),
+            metrics_addr=env_str(env, "XRAYFM_WORKER_METRICS_ADDR", cls.metrics_addr),
+            torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
+            explain_method=explain_method(env),
+            model_poll_s=float(env_number(env, "XRAYFM_MODEL_POLL_S", cls.model_poll_s, float, 0)),
+        )
+
+
+def explain_method(env: Mapping[str, str]) -> str:
+    """``XRAYFM_EXPLAIN_METHOD`` checked against the methods the workers know."""
+    method = env_str(env, "XRAYFM_EXPLAIN_METHOD", "rollout")
+    if method not in EXPLAIN_METHODS:
+        raise XrayfmError(f"XRAYFM_EXPLAIN_METHOD must be one of {EXPLAIN_METHODS}, got {method!r}")
+    return method
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What the gateway and the training worker agree on, and the worker's own folders."""
+
+    redis_url: str = DEFAULT_REDIS_URL  # XRAYFM_REDIS_URL: broker, results, job records
+    queue: str = "xrayfm-training"  # XRAYFM_TRAINING_QUEUE: Celery queue; prefix of the job keys
+    model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: where finished jobs publish
+    runs_dir: Path = Path("runs/training")  # XRAYFM_TRAINING_RUNS: one run folder per job (resume point)
+    # XRAYFM_TRAINING_VISIBILITY_TIMEOUT: an unacknowledged job message is redelivered after this; the
+    # per-job lock (not this timeout) is what keeps a redelivered job from running twice at once.
+    visibility_timeout_s: int = 6 * 3600
+    lock_ttl_s: float = 30.0  # XRAYFM_TRAINING_LOCK_TTL: a job's lock lapses this long after its worker died
+    # XRAYFM_TRAINING_MAX_ATTEMPTS: a job whose worker died this many times fails (e.g. it runs out of memory)
+    max_attempts: int = 3
+    torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
+    bootstrap: str = "demo"  # XRAYFM_BOOTSTRAP: first start with an empty store: demo, quick (tests), off
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainingSettings:
+        """Read the variables above."""
+        env = _environ(env)
+        bootstrap = env_str(env, "XRAYFM_BOOTSTRAP", cls.bootstrap).lower()
+        if bootstrap not in BOOTSTRAP_MODES:
+            raise XrayfmError(f"XRAYFM_BOOTSTRAP={bootstrap!r}: choose one of {list(BOOTSTRAP_MODES)}")
+        return cls(
+            redis_url=env_str(env, "XRAYFM_REDIS_URL", cls.redis_url),
+            queue=env_str(env, "XRAYFM_TRAINING_QUEUE", cls.queue),
+            model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
+            runs_dir=Path(env_str(env, "XRAYFM_TRAINING_RUNS", str(cls.runs_dir))),
+            visibility_timeout_s=int(
+                env_number(env, "XRAYFM_TRAINING_VISIBILITY_TIMEOUT", cls.visibility_timeout_s, int, 1)
+            ),
+            lock_ttl_s=env_number(env, "XRAYFM_TRAINING_LOCK_TTL", cls.lock_ttl_s, float, 1.0),
+            max_attempts=int(env_number(env, "XRAYFM_TRAINING_MAX_ATTEMPTS", cls.max_attempts, int, 1)),
+            torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
+            bootstrap=bootstrap,
+        )
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway accepts and how long it waits."""
+
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    api_keys: frozenset[str] = frozenset()  # XRAYFM_API_KEYS (comma-separated); empty = auth off
+    max_upload_bytes: int = 64 * 1024 * 1024  # XRAYFM_MAX_UPLOAD_MB
+    max_pixels: int = 60_000_000  # XRAYFM_MAX_PIXELS: larger images are refused before decoding
+    max_image_side: int = 20_000  # XRAYFM_MAX_IMAGE_SIDE: absurd dimensions are refused
+    min_image_side: int = 8  # XRAYFM_MIN_IMAGE_SIDE
+    transport_side: int = 512  # XRAYFM_TRANSPORT_SIDE: longest side of the pixels sent to the worker
+    predict_timeout_s: float = 60.0  # XRAYFM_PREDICT_TIMEOUT: /predict waits this long, then 504 + job id
+    explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: the default heatmap method
+    decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time
+    admin_keys: frozenset[str] = frozenset()  # XRAYFM_ADMIN_KEYS: training and model-store endpoints
+    model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: listed, promoted, rolled back
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when at least one API key is configured."""
+        return bool(self.api_keys)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Read the gateway's variables (plus the queue settings shared with the workers)."""
+        env = _environ(env)
+        settings = cls(
+            queue=QueueSettings.from_env(env),
+            training=TrainingSettings.from_env(env),
+            api_keys=env_keys(env, "XRAYFM_API_KEYS"),
+            max_upload_bytes=int(env_number(env, "XRAYFM_MAX_UPLOAD_MB", 64, float, 0.001) * 1024 * 1024),
+            max_pixels=int(env_number(env, "XRAYFM_MAX_PIXELS", cls.max_pixels, int, 1)),
+            max_image_side=int(env_number(env, "XRAYFM_MAX_IMAGE_SIDE", cls.max_image_side, int, 1)),
+            min_image_side=int(env_number(env, "XRAYFM_MIN_IMAGE_SIDE", cls.min_image_side, int, 1)),
+            transport_side=int(env_number(env, "XRAYFM_TRANSPORT_SIDE", cls.transport_side, int, 16)),
+            predict_timeout_s=env_number(env, "XRAYFM_PREDICT_TIMEOUT", cls.predict_timeout_s, float, 0.1),
+            explain_method=explain_method(env),
+            decode_concurrency=int(
+                env_number(env, "XRAYFM_DECODE_CONCURRENCY", cls.decode_concurrency, int, 1)
+            ),
+            admin_keys=env_keys(env, "XRAYFM_ADMIN_KEYS"),
+            model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
+        )
+        if settings.transport_side > MAX_SIDE:
+            raise XrayfmError(f"XRAYFM_TRANSPORT_SIDE must be <= {MAX_SIDE}, got {settings.transport_side}")
+        return settings
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    """Where the gateway is and how to call it."""
+
+    gateway_url: str = "http://127.0.0.1:8000"  # XRAYFM_GATEWAY_URL
+    api_key: str | None = None  # XRAYFM_FRONTEND_API_KEY: sent with predictions
+    timeout_s: float = 90.0  # XRAYFM_FRONTEND_TIMEOUT: seconds a prediction may take
+    admin_key: str | None = None  # XRAYFM_FRONTEND_ADMIN_KEY: for the training and model pages
+    refresh_s: float = 3.0  # XRAYFM_FRONTEND_REFRESH_S: training page refresh while a job is active; 0 = off
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FrontendSettings:
+        """Read the frontend's variables."""
+        env = _environ(env)
+        return cls(
+            gateway_url=env_str(env, "XRAYFM_GATEWAY_URL", cls.gateway_url).rstrip("/"),
+            api_key=env_str(env, "XRAYFM_FRONTEND_API_KEY", "") or None,
+            timeout_s=env_number(env, "XRAYFM_FRONTEND_TIMEOUT", cls.timeout_s, float, 0.1),
+            admin_key=env_str(env, "XRAYFM_FRONTEND_ADMIN_KEY", "") or None,
+            refresh_s=max(env_number(env, "XRAYFM_FRONTEND_REFRESH_S", cls.refresh_s, float, -math.inf), 0.0),
+        )

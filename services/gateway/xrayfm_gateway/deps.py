@@ -1,0 +1,141 @@
+"""The gateway's dependencies, in the FastAPI full-stack template's style: routes ask for what they use
+(``SettingsDep``, ``QueueDep``, ``TrainingDep``, ``StoreDep``, ``ReadinessDep``, ``DecodeSlotsDep``) and
+never reach into ``request.app.state``. Tests replace any of them with ``app.dependency_overrides``.
+
+Auth is a dependency too: :func:`require_api_key` on the prediction routes, :func:`require_admin_key` on
+the training and model routes. Keys are compared in constant time, never logged.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+
+from xrayfm_gateway.errors import APIError
+from xrayfm_gateway.metrics import QUEUE_ERRORS
+from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable, TrainingQueue
+from xrayfm_stack.protocol import Readiness
+from xrayfm_stack.settings import GatewaySettings
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def get_settings(request: Request) -> GatewaySettings:
+    """The app's settings (made once by ``create_app``)."""
+    return request.app.state.settings
+
+
+def get_queue(request: Request) -> InferenceQueue:
+    """The inference queue (made at start-up)."""
+    return request.app.state.queue
+
+
+def get_training(request: Request) -> TrainingQueue:
+    """The training queue (made at start-up)."""
+    return request.app.state.training
+
+
+def get_decode_slots(request: Request) -> anyio.CapacityLimiter:
+    """Bounds the uploads decoded at once (memory and CPU)."""
+    return request.app.state.decode_slots
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
+TrainingDep = Annotated[TrainingQueue, Depends(get_training)]
+DecodeSlotsDep = Annotated[anyio.CapacityLimiter, Depends(get_decode_slots)]
+
+
+def get_store(settings: SettingsDep) -> Path:
+    """The model store's folder (layout in :mod:`xrayfm_stack.store`)."""
+    return settings.model_store
+
+
+StoreDep = Annotated[Path, Depends(get_store)]
+
+
+class ReadinessProbe:
+    """Can the stack predict now? Redis answers and a worker with a loaded model sends heartbeats. When
+    not, it says why, including what the first-start bootstrap is doing."""
+
+    def __init__(self, queue: InferenceQueue, training: TrainingQueue) -> None:
+        self.queue, self.training = queue, training
+
+    async def check(self) -> Readiness:
+        """The readiness report (also used by /predict, which refuses work while not ready)."""
+        try:
+            workers = await self.queue.workers()
+        except QueueUnavailable as exc:
+            QUEUE_ERRORS.labels("ready").inc()
+            return Readiness(ready=False, broker="unreachable", detail=str(exc))
+        answering = [w for w in workers if w.get("ready")]
+        if answering:
+            return Readiness(
+                ready=True, broker="ok", workers=workers, detail=f"{len(answering)} worker(s) answering"
+            )
+        if not workers:
+            detail = "no inference worker is running"
+        else:
+            reasons = {
+                w.get("error") or ("loading the model" if w.get("loading") else "not ready") for w in workers
+            }
+            detail = "no worker has a model answering: " + "; ".join(sorted(reasons))
+        try:
+            first_start = await self.training.bootstrap_detail()
+        except QueueUnavailable:
+            first_start = None
+        # A bootstrap under way says why there is no model yet; each worker's own state stays in `workers`.
+        return Readiness(ready=False, broker="ok", workers=workers, detail=first_start or detail)
+
+
+def get_readiness(queue: QueueDep, training: TrainingDep) -> ReadinessProbe:
+    """The readiness probe over the app's queues."""
+    return ReadinessProbe(queue, training)
+
+
+ReadinessDep = Annotated[ReadinessProbe, Depends(get_readiness)]
+
+# -- auth ---------------------------------------------------------------------------------------------
+_predict_key = APIKeyHeader(
+    name=API_KEY_HEADER, auto_error=False, description="needed when XRAYFM_API_KEYS is set"
+)
+_admin_key = APIKeyHeader(
+    name=API_KEY_HEADER, auto_error=False, description="an admin key (XRAYFM_ADMIN_KEYS)"
+)
+
+
+def key_matches(given: str | None, keys: frozenset[str]) -> bool:
+    """True when `given` is one of `keys`. Compared against every key with no early exit, in constant
+    time, so timing does not tell which key nearly matched."""
+    candidate = (given or "").encode()
+    matched = [secrets.compare_digest(candidate, key.encode()) for key in keys]
+    return any(matched)
+
+
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_predict_key)] = None) -> None:
+    """401 unless auth is off or the ``X-API-Key`` header holds one of the configured keys."""
+    if settings.auth_enabled and not key_matches(key, settings.api_keys):
+        raise APIError(
+            401,
+            "unauthorized",
+            f"missing or wrong API key: send it in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
+
+
+def require_admin_key(settings: SettingsDep, key: Annotated[str | None, Depends(_admin_key)] = None) -> None:
+    """401 unless auth is off or ``X-API-Key`` holds one of the admin keys (a prediction key is not enough)."""
+    if not (settings.api_keys or settings.admin_keys):
+        return
+    if not key_matches(key, settings.admin_keys):
+        raise APIError(
+            401,
+            "unauthorized",
+            f"an admin key is needed in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
