@@ -1,0 +1,414 @@
+"""Every gateway route and status code, in process: FastAPI's TestClient with the queues replaced by fakes
+(``app.dependency_overrides``), so no Redis and no worker is needed. The real-process tests
+(test_gateway.py, test_training.py, ...) check the same routes against a running stack."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from svc_helpers import phantom, png_bytes
+from xrayfm_gateway.app import create_app
+from xrayfm_gateway.deps import get_queue, get_training
+from xrayfm_gateway.queue import JobState, QueueUnavailable
+from xrayfm_stack import store as model_store
+from xrayfm_stack.protocol import (
+    ModelInfo,
+    PredictRequest,
+    RejectionReason,
+    Timings,
+    WorkerAnswer,
+    WorkerRejection,
+)
+from xrayfm_stack.settings import GatewaySettings
+
+MODEL = ModelInfo(name="m", version="1", sha256="0" * 64, labels=["Abnormal"], input_size=64, device="cpu")
+READY_WORKER = {"hostname": "w1", "ready": True, "model": MODEL.model_dump()}
+
+
+class FakeQueue:
+    """An in-memory inference queue: answers each request with `reply(request)` (or its state)."""
+
+    def __init__(self, workers: list[dict] | None = None) -> None:
+        self.workers_list = [READY_WORKER] if workers is None else workers
+        self.jobs: dict[str, tuple[PredictRequest, dict[str, Any]]] = {}
+        self.next_state: JobState | None = None  # what every job ends as (default: a real-looking answer)
+        self.down = False  # Redis unreachable
+
+    def _check(self) -> None:
+        if self.down:
+            raise QueueUnavailable("Redis unreachable: connection refused")
+
+    async def workers(self) -> list[dict[str, Any]]:
+        self._check()
+        return self.workers_list
+
+    async def submit(self, request: PredictRequest, record: dict[str, Any]) -> str:
+        self._check()
+        job_id = str(uuid.uuid4())
+        self.jobs[job_id] = (request, record)
+        return job_id
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        self._check()
+        return self.jobs[job_id][1] if job_id in self.jobs else None
+
+    async def state(self, job_id: str) -> JobState:
+        self._check()
+        if self.next_state is not None:
+            return self.next_state
+        request, _ = self.jobs[job_id]
+        image = request.image()  # the pixels the gateway sent decode exactly
+        answer = WorkerAnswer(
+            prediction="Abnormal",
+            probability=0.75,
+            probabilities={"Abnormal": 0.75},
+            attention_map="iVBORw0KGgo=" if request.explain else None,
+            explain_method=request.method if request.explain else None,
+            model=MODEL,
+            timings=Timings(inference_ms=3.0, queue_wait_ms=1.0),
+            worker=f"fake ({image.shape[1]}x{image.shape[0]})",
+        )
+        return JobState("done", result=answer)
+
+    async def wait(self, job_id: str, timeout: float) -> JobState:
+        return await self.state(job_id)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeRecords:
+    """What /metrics reads from the job records: here Redis is down, so the training series are left out."""
+
+    class _Redis:
+        def __getattr__(self, name: str) -> Any:
+            def fail(*_args: Any, **_kwargs: Any) -> Any:
+                raise RedisConnectionError("connection refused")
+
+            return fail
+
+    redis = _Redis()
+    index_key = "q:tjobs"
+
+
+class FakeTraining:
+    """An in-memory training queue."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.records = FakeRecords()
+        self.bootstrap: str | None = None
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise QueueUnavailable("Redis unreachable: connection refused")
+
+    async def submit(self, spec: dict[str, Any]) -> str:
+        self._check()
+        job_id = str(uuid.uuid4())
+        self.jobs[job_id] = {"job_id": job_id, "status": "queued", "kind": spec["kind"], "name": spec["name"],
+                             "spec": spec, "attempts": 0}  # fmt: skip
+        self.logs[job_id] = ["queued"]
+        return job_id
+
+    async def list(self):
+        from xrayfm_stack.protocol import JobRecord
+
+        self._check()
+        return [
+            JobRecord.model_validate({k: v for k, v in j.items() if k != "spec"}) for j in self.jobs.values()
+        ]
+
+    async def get(self, job_id: str):
+        from xrayfm_stack.protocol import JobRecord
+
+        self._check()
+        return JobRecord.model_validate(self.jobs[job_id]) if job_id in self.jobs else None
+
+    async def log_tail(self, job_id: str, lines: int) -> list[str]:
+        self._check()
+        return self.logs[job_id][-lines:]
+
+    async def cancel(self, job_id: str) -> str:
+        self._check()
+        self.jobs[job_id]["status"] = "cancelled"
+        return "cancelled"
+
+    async def bootstrap_detail(self) -> str | None:
+        self._check()
+        return self.bootstrap
+
+
+@pytest.fixture()
+def fakes() -> tuple[FakeQueue, FakeTraining]:
+    return FakeQueue(), FakeTraining()
+
+
+def _client(fakes: tuple[FakeQueue, FakeTraining], **settings: Any) -> TestClient:
+    app = create_app(GatewaySettings(**settings))
+    queue, training = fakes
+    app.dependency_overrides[get_queue] = lambda: queue
+    app.dependency_overrides[get_training] = lambda: training
+    return TestClient(app)
+
+
+@pytest.fixture()
+def http(fakes, tmp_path: Path):
+    with _client(fakes, model_store=tmp_path / "store") as client:
+        yield client
+
+
+def _png(height: int = 96, width: int = 80) -> dict[str, tuple[str, bytes, str]]:
+    return {"file": ("x.png", png_bytes(phantom(height, width)), "image/png")}
+
+
+def _error(resp, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == code and body["detail"], body
+    return body
+
+
+# -- health, readiness, metrics, OpenAPI -----------------------------------------------------------------
+def test_health_and_ready(http, fakes):
+    queue, training = fakes
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert (
+        ready.status_code == 200
+        and ready.json()["ready"]
+        and ready.json()["detail"] == "1 worker(s) answering"
+    )
+    queue.workers_list = [{"hostname": "w1", "ready": False, "loading": True}]
+    body = http.get("/ready")
+    assert body.status_code == 503 and "loading the model" in body.json()["detail"]
+    training.bootstrap = "bootstrapping: training the demo model on SYNTHETIC data: queued"
+    assert http.get("/ready").json()["detail"] == training.bootstrap  # the first start says why
+    queue.workers_list = []
+    training.bootstrap = None
+    assert http.get("/ready").json()["detail"] == "no inference worker is running"
+    queue.down = True
+    down = http.get("/ready")
+    assert down.status_code == 503 and down.json()["broker"] == "unreachable"
+
+
+def test_metrics_without_redis_still_answer(http):
+    resp = http.get("/metrics")
+    assert resp.status_code == 200 and "xrayfm_gateway_requests_total" in resp.text
+    assert "xrayfm_training_jobs" not in resp.text  # left out (Redis down), not failed
+
+
+def test_openapi_is_generated_from_the_typed_models(http):
+    schema = http.get("/openapi.json").json()
+    names = set(schema["components"]["schemas"])
+    assert {"Prediction", "ModelInfo", "Timings", "ImageInfo", "JobRecord", "JobSpec", "ModelList"} <= names
+    predict = schema["paths"]["/predict"]["post"]
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Prediction"
+    )
+    assert {"401", "413", "415", "422", "503", "504"} <= set(predict["responses"])
+    body = schema["paths"]["/training/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"kind", "name", "config"}
+
+
+# -- predictions -----------------------------------------------------------------------------------------
+def test_predict_answers_the_typed_prediction(http, fakes):
+    queue, _ = fakes
+    resp = http.post("/predict", files=_png(600, 300), params={"method": "gradcam"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["prediction"] == "Abnormal" and body["probability"] == 0.75 and body["attention_map"]
+    assert body["image"] == {"format": "PNG", "width": 300, "height": 600}
+    assert body["explain_method"] == "gradcam" and body["model"]["name"] == "m"
+    assert {"decode_ms", "total_ms", "inference_ms", "queue_wait_ms"} <= set(body["timings"])
+    assert None not in body["timings"].values()
+    (request, _record), *_ = queue.jobs.values()
+    assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
+    no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
+    assert no_map["attention_map"] is None
+
+
+@pytest.mark.parametrize(
+    ("files", "content", "headers", "status", "code"),
+    [
+        ({"file": ("x.png", b"", "image/png")}, None, None, 400, "empty_file"),
+        (
+            {"file": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")},
+            None,
+            None,
+            400,
+            "corrupt_image",
+        ),
+        ({"file": ("x.txt", b"hello, not an image", "text/plain")}, None, None, 415, "unsupported_type"),
+        ({"other": ("x.png", b"abc", "image/png")}, None, None, 422, "missing_file"),
+        ([("file", ("a.png", b"abc", "image/png"))] * 2, None, None, 422, "several_files"),
+        (
+            None,
+            b"--xx\r\nno headers",
+            {"Content-Type": "multipart/form-data; boundary=xx"},
+            400,
+            "bad_multipart",
+        ),
+        (None, b"raw bytes", {"Content-Type": "application/octet-stream"}, 415, "not_multipart"),
+    ],
+)
+def test_predict_refuses_bad_uploads(http, files, content, headers, status, code):
+    _error(http.post("/predict", files=files, content=content, headers=headers), status, code)
+
+
+def test_predict_limits(fakes, tmp_path):
+    with _client(fakes, max_upload_bytes=1000, model_store=tmp_path) as http:
+        _error(http.post("/predict", files=_png(200, 200)), 413, "file_too_large")
+    with _client(fakes, max_pixels=100, model_store=tmp_path) as http:
+        _error(http.post("/predict", files=_png(20, 20)), 422, "image_too_large")
+    with _client(fakes, model_store=tmp_path) as http:
+        assert http.post("/predict", files=_png(), params={"method": "lime"}).status_code == 422
+
+
+def test_predict_needs_the_api_key_when_auth_is_on(fakes, tmp_path):
+    with _client(fakes, api_keys=frozenset({"k1"}), model_store=tmp_path) as http:
+        _error(http.post("/predict", files=_png()), 401, "unauthorized")
+        _error(http.post("/predict", files=_png(), headers={"X-API-Key": "k2"}), 401, "unauthorized")
+        assert http.post("/predict", files=_png(), headers={"X-API-Key": "k1"}).status_code == 200
+
+
+def test_predict_when_the_stack_cannot_answer(http, fakes):
+    queue, _ = fakes
+    queue.workers_list = []
+    resp = http.post("/predict", files=_png())
+    assert _error(resp, 503, "not_ready") and resp.headers["Retry-After"] == "5"
+    _error(http.post("/predict", files={"file": ("x.png", b"", "image/png")}), 400, "empty_file")  # 4xx first
+    queue.workers_list = [READY_WORKER]
+    queue.next_state = JobState("queued")
+    _error(http.post("/predict", files=_png()), 504, "timeout")
+    queue.next_state = JobState("failed", error="InferenceTimeout: inference did not finish")
+    _error(http.post("/predict", files=_png()), 504, "timeout")
+    queue.next_state = JobState("failed", error="RuntimeError: boom")
+    _error(http.post("/predict", files=_png()), 500, "inference_failed")
+    queue.next_state = JobState(
+        "done", result=WorkerRejection(error=RejectionReason(message="rollout needs a ViT"))
+    )
+    assert "rollout needs a ViT" in _error(http.post("/predict", files=_png()), 422, "bad_request")["detail"]
+    queue.next_state = None
+
+    async def refuse(*_args):
+        raise QueueUnavailable("cannot queue the request: connection refused")
+
+    queue.submit = refuse
+    _error(http.post("/predict", files=_png()), 503, "queue_unavailable")
+
+
+def test_async_jobs(http, fakes):
+    queue, _ = fakes
+    submitted = http.post("/jobs", files=_png())
+    assert submitted.status_code == 202
+    job_id = submitted.json()["job_id"]
+    assert submitted.headers["Location"] == f"/jobs/{job_id}" == submitted.json()["status_url"]
+    done = http.get(f"/jobs/{job_id}").json()
+    assert done["status"] == "done" and done["result"]["job_id"] == job_id
+    queue.next_state = JobState("running")
+    assert http.get(f"/jobs/{job_id}").json() == {"job_id": job_id, "status": "running", "result": None,
+                                                   "error": None}  # fmt: skip
+    queue.next_state = JobState("failed", error="RuntimeError: boom")
+    failed = http.get(f"/jobs/{job_id}").json()
+    assert failed["status"] == "failed" and "boom" in failed["error"]
+    _error(http.get("/jobs/not-a-uuid"), 404, "unknown_job")
+    _error(http.get(f"/jobs/{uuid.uuid4()}"), 404, "unknown_job")
+    queue.down = True
+    _error(http.get(f"/jobs/{job_id}"), 503, "queue_unavailable")
+
+
+# -- training jobs ---------------------------------------------------------------------------------------
+SPEC = {"kind": "pretrain", "name": "fm", "config": {"kind": "chexpert", "root": "/x"}}
+
+
+def test_training_jobs_lifecycle(http, fakes):
+    _, training = fakes
+    resp = http.post("/training/jobs", json=SPEC)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    stored = training.jobs[job_id]["spec"]
+    assert stored["config"]["epochs"] == 10  # normalised: every field of PretrainConfig
+    jobs = http.get("/training/jobs").json()["jobs"]
+    assert [j["job_id"] for j in jobs] == [job_id] and jobs[0]["spec"] is None
+    one = http.get(f"/training/jobs/{job_id}").json()
+    assert one["status"] == "queued" and one["spec"]["kind"] == "pretrain"
+    assert http.get(f"/training/jobs/{job_id}/log", params={"tail": 5}).json()["lines"] == ["queued"]
+    assert http.post(f"/training/jobs/{job_id}/cancel").json() == {"job_id": job_id, "status": "cancelled"}
+    _error(http.post(f"/training/jobs/{job_id}/cancel"), 409, "job_finished")
+    for path in ("", "/log"):
+        _error(http.get(f"/training/jobs/{uuid.uuid4()}{path}"), 404, "unknown_job")
+        _error(http.get(f"/training/jobs/nope{path}"), 404, "unknown_job")
+    _error(http.post(f"/training/jobs/{uuid.uuid4()}/cancel"), 404, "unknown_job")
+    assert http.get(f"/training/jobs/{job_id}/log", params={"tail": 0}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        json.dumps([]).encode(),
+        json.dumps({"kind": "finetune", "config": {}}).encode(),
+        json.dumps({**SPEC, "config": {**SPEC["config"], "out": "/etc"}}).encode(),
+        json.dumps(
+            {"kind": "adapt", "config": {"kind": "mura", "root": "/x", "foundation": "store:nope/1"}}
+        ).encode(),
+    ],
+)
+def test_training_job_specs_are_checked(http, fakes, body):
+    _error(
+        http.post("/training/jobs", content=body, headers={"Content-Type": "application/json"}),
+        422,
+        "invalid_spec",
+    )
+    assert not fakes[1].jobs
+
+
+def test_training_routes_without_redis(http, fakes):
+    fakes[1].down = True
+    _error(http.post("/training/jobs", json=SPEC), 503, "queue_unavailable")
+    _error(http.get("/training/jobs"), 503, "queue_unavailable")
+    _error(http.get(f"/training/jobs/{uuid.uuid4()}"), 503, "queue_unavailable")
+
+
+def test_admin_routes_need_an_admin_key(fakes, tmp_path):
+    with _client(fakes, api_keys=frozenset({"p"}), admin_keys=frozenset({"a"}), model_store=tmp_path) as http:
+        for method, path in (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/models"),
+                             ("POST", "/models/rollback"), ("POST", "/models/m/1/promote")):  # fmt: skip
+            _error(http.request(method, path), 401, "unauthorized")
+            _error(http.request(method, path, headers={"X-API-Key": "p"}), 401, "unauthorized")
+        assert http.get("/models", headers={"X-API-Key": "a"}).status_code == 200
+
+
+# -- models ----------------------------------------------------------------------------------------------
+def test_models_list_promote_rollback(http, tmp_path):
+    from helpers import make_tiny_checkpoint
+
+    store = tmp_path / "store"
+    assert http.get("/models").json() == {"serving": None, "models": []}
+    _error(http.post("/models/rollback"), 409, "nothing_to_roll_back")
+    source = make_tiny_checkpoint(tmp_path / "ckpt", ["Abnormal"], size=32)
+    for _ in range(2):
+        model_store.add_version(store, "m", source, {"job_id": str(uuid.uuid4())})
+    assert http.post("/models/m/1/promote").json() == {"serving": {"name": "m", "version": "1"}}
+    assert http.post("/models/m/2/promote").json() == {"serving": {"name": "m", "version": "2"}}
+    listed = http.get("/models").json()
+    assert listed["serving"] == {"name": "m", "version": "2"} and [
+        m["version"] for m in listed["models"]
+    ] == ["1", "2"]
+    assert [m["serving"] for m in listed["models"]] == [False, True]
+    assert http.post("/models/rollback").json() == {"serving": {"name": "m", "version": "1"}}
+    _error(http.post("/models/m/9/promote"), 404, "unknown_model")
+    _error(http.post("/models/m/..bad/promote"), 422, "invalid_name")
+    (store / "serving.json").write_text("{broken")
+    body = _error(http.get("/models"), 500, "store_unreadable")
+    assert "{broken" not in body["detail"]  # names the file and the fault, never its contents
