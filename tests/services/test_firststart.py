@@ -49,6 +49,7 @@ def test_bootstrap_claimed_once_and_again_after_it_finished() -> None:
         state.redis.delete(state.key)
 
 
+@pytest.mark.slow
 def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -> None:
     require_redis_server()
     store = tmp_path / "store"
@@ -107,6 +108,7 @@ def test_first_start_trains_promotes_and_serves_the_demo_model(tmp_path: Path) -
         launcher.stop_all()
 
 
+@pytest.mark.slow
 def test_bootstrap_carries_on_after_its_worker_is_killed(tmp_path: Path) -> None:
     """The worker running the first-start bootstrap dies mid-job: the next training worker carries on with
     the same jobs (no duplicates) and the demo model is still promoted."""
