@@ -1,19 +1,31 @@
 """Datasets in their official layouts, decoding, the preprocessing cache and synthetic phantoms.
 
-from xrayfm.data import open_dataset
-ds = open_dataset("chexpert", "CheXpert-v1.0-small", split="valid", policy="u-ones")
+    from xrayfm.data import open_dataset
+    ds = open_dataset("chexpert", "CheXpert-v1.0-small", split="valid", policy="u-ones")
+
+Names are imported lazily, so that listing the dataset kinds (``xrayfm --help``) does not pay for pandas.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xrayfm.data.base import XrayDataset
-from xrayfm.data.labels import CHEXPERT_LABELS, COMPETITION_TASKS, LabelPolicy, parse_policy
 from xrayfm.errors import DataError
 
+if TYPE_CHECKING:
+    from xrayfm.data.base import XrayDataset
+
 DATASET_KINDS = ("chexpert", "mura", "nih", "folder", "csv")
+
+_EXPORTS = {
+    "CHEXPERT_LABELS": "xrayfm.data.labels",
+    "COMPETITION_TASKS": "xrayfm.data.labels",
+    "LabelPolicy": "xrayfm.data.labels",
+    "parse_policy": "xrayfm.data.labels",
+    "XrayDataset": "xrayfm.data.base",
+}
 
 
 def open_dataset(kind: str, root: str | Path, split: str | None = None, **options: Any) -> XrayDataset:
@@ -41,12 +53,14 @@ def open_dataset(kind: str, root: str | Path, split: str | None = None, **option
     raise DataError(f"unknown dataset kind {kind!r}; choose from {', '.join(DATASET_KINDS)}")
 
 
-__all__ = [
-    "CHEXPERT_LABELS",
-    "COMPETITION_TASKS",
-    "DATASET_KINDS",
-    "LabelPolicy",
-    "XrayDataset",
-    "open_dataset",
-    "parse_policy",
-]
+__all__ = sorted([*_EXPORTS, "DATASET_KINDS", "open_dataset"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xrayfm.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,97 +1,54 @@
 """Explanations: where did the model look? Attention rollout, gradient rollout, Grad-CAM, overlays and
-faithfulness metrics. :func:`explain` is the single entry point."""
+faithfulness metrics. :func:`explain` is the single entry point.
+
+    from xrayfm.explain import explain, make_overlay
+    maps = explain(model, images, method="rollout")          # [B, H', W'] in [0, 1]
+    overlay = make_overlay(radiograph, maps[0])              # RGB, PNG bytes, base64
+
+Names are imported lazily: ``xrayfm.explain.methods`` and ``xrayfm.explain.overlay`` need no torch, so a
+torch-free process (the web frontend) can use them; the rest loads torch and timm when first used.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+_EXPORTS = {
+    "CLASS_SPECIFIC_METHODS": "xrayfm.explain.methods",
+    "METHODS": "xrayfm.explain.methods",
+    "canonical_method": "xrayfm.explain.methods",
+    "explain": "xrayfm.explain.api",
+    "Overlay": "xrayfm.explain.overlay",
+    "make_overlay": "xrayfm.explain.overlay",
+    "render_overlay": "xrayfm.explain.overlay",
+    "to_base64_png": "xrayfm.explain.overlay",
+    "to_png_bytes": "xrayfm.explain.overlay",
+    "upsample_heatmap": "xrayfm.explain.overlay",
+    "attention_rollout": "xrayfm.explain.rollout",
+    "capture_attention": "xrayfm.explain.rollout",
+    "find_vit": "xrayfm.explain.rollout",
+    "normalize_maps": "xrayfm.explain.rollout",
+    "predict_with_rollout": "xrayfm.explain.rollout",
+    "rollout_matrix": "xrayfm.explain.rollout",
+    "gradcam": "xrayfm.explain.gradients",
+    "gradient_rollout": "xrayfm.explain.gradients",
+    "resolve_targets": "xrayfm.explain.gradients",
+    "deletion_insertion": "xrayfm.explain.faithfulness",
+    "pointing_game": "xrayfm.explain.faithfulness",
+    "randomization_check": "xrayfm.explain.faithfulness",
+    "reinitialize": "xrayfm.explain.faithfulness",
+    "topk_iou": "xrayfm.explain.faithfulness",
+}
 
-from xrayfm.errors import XrayfmError
-from xrayfm.explain.faithfulness import (
-    deletion_insertion,
-    pointing_game,
-    randomization_check,
-    reinitialize,
-    topk_iou,
-)
-from xrayfm.explain.gradients import Target, gradcam, gradient_rollout, resolve_targets
-from xrayfm.explain.methods import CLASS_SPECIFIC_METHODS, METHODS, OPTIONS, canonical_method
-from xrayfm.explain.overlay import (
-    Overlay,
-    make_overlay,
-    render_overlay,
-    to_base64_png,
-    to_png_bytes,
-    upsample_heatmap,
-)
-from xrayfm.explain.rollout import (
-    attention_rollout,
-    capture_attention,
-    find_vit,
-    normalize_maps,
-    predict_with_rollout,
-    rollout_matrix,
-)
+__all__ = sorted(_EXPORTS)
 
 
-def explain(
-    model: nn.Module,
-    images: torch.Tensor,
-    method: str = "rollout",
-    target: Target = None,
-    **kwargs: Any,
-) -> np.ndarray:
-    """Explanation maps [B, H', W'] in [0, 1] (patch grid for ViTs, last-stage grid for CNNs).
-
-    method: 'rollout' (class-agnostic; kwargs head_fusion='mean'|'max'|'min', discard_ratio),
-    'grad_rollout' (ViT, class-specific) or 'gradcam' (CNN, class-specific; kwarg target_layer).
-    `target` is the output index to explain, one for all images or one per image (default: each
-    image's top class); rollout takes none.
-    """
-    name = canonical_method(method)
-    unknown = set(kwargs) - OPTIONS[name]
-    if unknown:
-        allowed = ", ".join(sorted(OPTIONS[name])) or "none"
-        raise XrayfmError(
-            f"unexpected option(s) for {name}: {', '.join(sorted(unknown))} (allowed: {allowed})"
-        )
-    if name == "rollout":
-        if target is not None:
-            raise XrayfmError("attention rollout is class-agnostic; use method='grad_rollout' for a target")
-        maps = attention_rollout(model, images, **kwargs)
-    elif name == "grad_rollout":
-        maps = gradient_rollout(model, images, target)
-    else:
-        maps = gradcam(model, images, target, **kwargs)
-    return maps.detach().cpu().numpy().astype(np.float32)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xrayfm.explain' has no attribute {name!r}")
 
 
-__all__ = [
-    "CLASS_SPECIFIC_METHODS",
-    "METHODS",
-    "Overlay",
-    "attention_rollout",
-    "canonical_method",
-    "capture_attention",
-    "deletion_insertion",
-    "explain",
-    "find_vit",
-    "gradcam",
-    "gradient_rollout",
-    "make_overlay",
-    "normalize_maps",
-    "pointing_game",
-    "predict_with_rollout",
-    "randomization_check",
-    "reinitialize",
-    "render_overlay",
-    "resolve_targets",
-    "rollout_matrix",
-    "to_base64_png",
-    "to_png_bytes",
-    "topk_iou",
-    "upsample_heatmap",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -27,7 +27,9 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from xrayfm.errors import XrayfmError
+from xrayfm.explain.api import explain
 from xrayfm.explain.gradients import Target, resolve_targets
+from xrayfm.explain.methods import CLASS_SPECIFIC_METHODS, canonical_method
 from xrayfm.explain.rollout import check_images, eval_mode
 
 OUTPUT_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -244,8 +246,6 @@ def randomization_check(
     Extra keyword arguments go to :func:`xrayfm.explain.explain`. Constant maps give NaN correlations,
     left out of the means.
     """
-    from xrayfm.explain import CLASS_SPECIFIC_METHODS, canonical_method, explain  # dispatcher in __init__
-
     check_images(images)
     other = randomized_model if randomized_model is not None else reinitialize(model, seed)
     if target is None and canonical_method(method) in CLASS_SPECIFIC_METHODS:

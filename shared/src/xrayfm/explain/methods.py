@@ -15,6 +15,7 @@ ALIASES = {
     "grad-cam": "gradcam",
     "grad_cam": "gradcam",
 }
+# Keyword options each method accepts (see :func:`xrayfm.explain.explain`).
 OPTIONS = {
     "rollout": frozenset({"head_fusion", "discard_ratio"}),
     "grad_rollout": frozenset(),
@@ -28,3 +29,6 @@ def canonical_method(method: str) -> str:
     if name not in METHODS:
         raise XrayfmError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     return name
+
+
+__all__ = ["ALIASES", "CLASS_SPECIFIC_METHODS", "METHODS", "OPTIONS", "canonical_method"]

@@ -1,34 +1,61 @@
-"""Render an explanation map over a radiograph: upsample, colour-map, blend; PNG bytes / base64."""
+"""Render an explanation map over a radiograph: upsample, colour-map, blend; PNG bytes / base64.
+
+numpy, PIL and matplotlib only, no torch: the web frontend draws overlays without it. Maps may still be
+given as CPU torch tensors (anything ``np.asarray`` reads).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from xrayfm.errors import XrayfmError
 
 
-def upsample_heatmap(heatmap: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize a 2-D map in [0, 1] to `size` (H, W); float32, still in [0, 1]."""
-    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
-    if heat.dim() != 2 or min(heat.shape) == 0:
+def upsample_heatmap(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a 2-D map in [0, 1] to `size` (H, W); float32, still in [0, 1].
+
+    Half-pixel centres, as torch's ``F.interpolate(mode="bilinear", align_corners=False)``: the same
+    values to float32 rounding, for enlarging and shrinking alike (no antialiasing).
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2 or min(heat.shape) == 0:
         raise XrayfmError(f"heatmap must be a non-empty 2-D array, got shape {tuple(heat.shape)}")
-    if not torch.isfinite(heat).all():
+    if not np.isfinite(heat).all():
         raise XrayfmError("heatmap contains NaN or infinite values")
     if heat.min() < -1e-6 or heat.max() > 1 + 1e-6:
         raise XrayfmError(
             f"heatmap values must lie in [0, 1] (got {float(heat.min()):.3g}..{float(heat.max()):.3g}); "
             "normalise it first (xrayfm.explain.normalize_maps)"
         )
-    out = F.interpolate(heat[None, None], size=tuple(size), mode="bilinear", align_corners=False)
-    return out[0, 0].clamp(0.0, 1.0).numpy()
+    height, width = (int(n) for n in size)
+    out = _linear_resize(_linear_resize(heat, width, axis=1), height, axis=0)  # columns first, as torch
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _linear_resize(values: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Linear interpolation along one axis onto `n_out` samples with half-pixel centres (float32)."""
+    n_in = values.shape[axis]
+    scale = np.float32(n_in) / np.float32(n_out)
+    source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    low = np.minimum(source.astype(np.int64), n_in - 1)  # source >= 0: truncation is floor
+    high = np.minimum(low + 1, n_in - 1)
+    w_high = (source - low).astype(np.float32)
+    w_low = np.float32(1.0) - w_high
+    shape = [1, 1]
+    shape[axis] = n_out
+    out = np.take(values, low, axis=axis)
+    out *= w_low.reshape(shape)
+    upper = np.take(values, high, axis=axis)
+    upper *= w_high.reshape(shape)
+    out += upper
+    return out
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ library, the CLI and a JSON job spec always agree on names, defaults and meaning
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -262,9 +263,15 @@ class EvaluateConfig(JsonConfig):
             raise XrayfmError("invalid EvaluateConfig: " + "; ".join(problems))
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, resolved once per class (the CLI asks for every field)."""
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, name: str) -> Any:
     """The resolved annotation of a config field, without ``None`` (for CLI parsing)."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return args[0] if len(args) == 1 else hint

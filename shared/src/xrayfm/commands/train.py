@@ -1,4 +1,4 @@
-"""`xrayfm pretrain`, `adapt`, `evaluate` and `experiment label-efficiency`: thin layers over xrayfm.train.
+"""`xrayfm pretrain`, `adapt`, `evaluate` and `experiment label-efficiency`: thin layers over :mod:`xrayfm.train`.
 
 Training options are generated from the config dataclasses (:mod:`xrayfm.train.config`), so every
 setting of a JSON job spec is also a documented command-line option, with the same name and default.
@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from xrayfm.data.commands import print_json
+from xrayfm.commands.output import print_json
 from xrayfm.errors import XrayfmError
 from xrayfm.train.config import METHODS, AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig, field_type
 
@@ -98,6 +98,7 @@ def _print_summary(summary: dict[str, Any], args: argparse.Namespace, what: str)
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pre-train a foundation model."""
     from xrayfm.train.pretraining import pretrain
 
     config = config_from_args(PretrainConfig, args)
@@ -109,6 +110,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    """Adapt a foundation checkpoint to a task."""
     from xrayfm.train.adaptation import adapt
 
     config = config_from_args(AdaptConfig, args)
@@ -128,6 +130,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint and write its report."""
     from xrayfm.train.evaluation import evaluate_config
 
     result = evaluate_config(config_from_args(EvaluateConfig, args), args.out)
@@ -142,6 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_label_efficiency(args: argparse.Namespace) -> int:
+    """Run the label-efficiency experiment."""
     from xrayfm.train.experiment import label_efficiency
 
     base = config_from_args(AdaptConfig, args)

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-
+from xrayfm.commands.output import print_json
 from xrayfm.data import DATASET_KINDS
-from xrayfm.data.commands import print_json
-from xrayfm.data.images import read_image
-from xrayfm.evaluate.reports import to_jsonable
-from xrayfm.explain import canonical_method
-from xrayfm.explain.overlay import render_overlay, to_png_bytes
-from xrayfm.inference import Predictor, heatmap_on_image, load_served_model
 
 METHODS = ("rollout", "grad-rollout", "gradcam")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    """Predict and write an overlay, a raw map and predictions.json for each image."""
+    import numpy as np
+
+    from xrayfm.data.images import read_image
+    from xrayfm.explain.methods import canonical_method
+    from xrayfm.explain.overlay import render_overlay, to_png_bytes
+    from xrayfm.inference import Predictor, heatmap_on_image, load_served_model
+    from xrayfm.utils import to_jsonable
+
     served = load_served_model(args.checkpoint, device=args.device)
     predictor = Predictor(served)
     out = Path(args.out)
@@ -40,7 +43,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         answers.append(
             {
                 "image": str(path),
-                **answer,
+                **dataclasses.asdict(answer),
                 "method": canonical_method(args.method),
                 "overlay": str(out / f"{stem}_overlay.png"),
                 "map": str(out / f"{stem}_map.png"),
@@ -60,7 +63,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_explain_eval(args: argparse.Namespace) -> int:
-    from xrayfm.explain.evaluation import faithfulness_table, table_markdown
+    """Score explanation methods (the faithfulness table) and print or write it."""
+    from xrayfm.commands.explain_eval import faithfulness_table, table_markdown
+    from xrayfm.explain.methods import canonical_method
+    from xrayfm.utils import to_jsonable
 
     methods = tuple(canonical_method(m) for m in args.method or ("rollout", "grad-rollout"))
     result = faithfulness_table(

@@ -1,13 +1,16 @@
-"""`xrayfm inspect`, `xrayfm prepare` and `xrayfm synth`: thin CLI layers over xrayfm.data."""
+"""`xrayfm inspect`, `xrayfm prepare` and `xrayfm synth`: thin CLI layers over :mod:`xrayfm.data`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xrayfm.data import DATASET_KINDS, open_dataset
+from xrayfm.commands.output import print_json
+from xrayfm.data import DATASET_KINDS
+
+if TYPE_CHECKING:
+    from xrayfm.data.base import XrayDataset
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +40,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patient-column", help="csv: column with patient ids (for patient-level splits)")
 
 
-def dataset_from_args(args: argparse.Namespace):
+def dataset_from_args(args: argparse.Namespace) -> XrayDataset:
     """Open the dataset the `add_dataset_arguments` options describe."""
+    from xrayfm.data import open_dataset
+
     options: dict[str, Any] = {}
     if args.kind in ("chexpert", "nih", "csv"):
         options["policy"] = args.policy
@@ -55,16 +60,9 @@ def dataset_from_args(args: argparse.Namespace):
     return open_dataset(args.kind, args.root, split=args.split, **options)
 
 
-def print_json(obj: Any) -> None:
-    """One strict JSON object on stdout (what `--json` promises): NaN and numpy values made plain."""
-    from xrayfm.evaluate.reports import to_jsonable  # lazy: keeps matplotlib out of `xrayfm --help`
-
-    json.dump(to_jsonable(obj), sys.stdout, indent=2, allow_nan=False, default=str)
-    sys.stdout.write("\n")
-
-
 # -- inspect ----------------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a dataset's counts (labels, images, patients, studies, groups)."""
     summary = dataset_from_args(args).summary()
     if args.json:
         print_json(summary)
@@ -94,6 +92,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # -- prepare ----------------------------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Build, resume or check the preprocessing cache of a dataset."""
     from xrayfm.data.cache import prepare_cache
 
     dataset = dataset_from_args(args)
@@ -117,6 +116,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 # -- synth ------------------------------------------------------------------------------------------------
 def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic phantom dataset."""
     from xrayfm.data.synth import synth_bone, synth_chest
 
     make = synth_chest if args.kind == "chest" else synth_bone

@@ -16,7 +16,8 @@ import pandas as pd
 from xrayfm.data import open_dataset
 from xrayfm.data.images import fit_square, read_image
 from xrayfm.errors import XrayfmError
-from xrayfm.explain import deletion_insertion, explain, pointing_game, randomization_check, topk_iou
+from xrayfm.explain.api import explain
+from xrayfm.explain.faithfulness import deletion_insertion, pointing_game, randomization_check, topk_iou
 from xrayfm.explain.overlay import upsample_heatmap
 from xrayfm.inference import Predictor, load_served_model
 
@@ -139,3 +140,6 @@ def table_markdown(result: dict[str, Any]) -> str:
                                             "random_insertion_auc", "randomized_spearman")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+__all__ = ["FINDINGS_FILE", "faithfulness_table", "load_cases", "table_markdown"]
