@@ -27,7 +27,7 @@ FOUNDATION_NAME, ADAPTED_NAME = "demo-chest-fm", "demo-bone-lora"
 
 def demo_sizes(mode: str) -> dict[str, Any]:
     """Image count, size, model and epochs of the bootstrap job (the demo's sizes, or tiny ones)."""
-    from xrayfm.demo import DemoSettings
+    from xrayfm.train.demo import DemoSettings
 
     # demo: the sizes of `make demo` (its README table: LoRA study AUROC 0.675 on the bone phantoms); a
     # smaller budget (400 images, 8 + 5 epochs) served a LoRA model below chance (0.43) in one first start.
