@@ -151,7 +151,9 @@ def explain_method(env: Mapping[str, str]) -> str:
 class TrainingSettings:
     """What the gateway and the training worker agree on, and the worker's own folders."""
 
-    redis_url: str = DEFAULT_REDIS_URL  # XRAYFM_REDIS_URL: broker, results, job records
+    # XRAYFM_TRAINING_REDIS_URL (else XRAYFM_REDIS_URL): broker and job records of the training side. It
+    # may be a Redis of its own that keeps its data on disk (AOF), while the inference Redis keeps none.
+    redis_url: str = DEFAULT_REDIS_URL
     queue: str = "xrayfm-training"  # XRAYFM_TRAINING_QUEUE: Celery queue; prefix of the job keys
     model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: where finished jobs publish
     runs_dir: Path = Path("runs/training")  # XRAYFM_TRAINING_RUNS: one run folder per job (resume point)
@@ -172,7 +174,9 @@ class TrainingSettings:
         if bootstrap not in BOOTSTRAP_MODES:
             raise XrayfmError(f"XRAYFM_BOOTSTRAP={bootstrap!r}: choose one of {list(BOOTSTRAP_MODES)}")
         return cls(
-            redis_url=env_str(env, "XRAYFM_REDIS_URL", cls.redis_url),
+            redis_url=env_str(
+                env, "XRAYFM_TRAINING_REDIS_URL", env_str(env, "XRAYFM_REDIS_URL", cls.redis_url)
+            ),
             queue=env_str(env, "XRAYFM_TRAINING_QUEUE", cls.queue),
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
             runs_dir=Path(env_str(env, "XRAYFM_TRAINING_RUNS", str(cls.runs_dir))),
