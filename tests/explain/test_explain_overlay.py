@@ -69,3 +69,18 @@ def test_overlay_rejects_bad_inputs() -> None:
         render_overlay(img, _heat(), cmap="not-a-cmap")
     with pytest.raises(XrayfmError, match="2-D"):
         render_overlay(img, np.zeros((1, 2, 2)))
+
+
+def test_upsample_matches_torch_bilinear_interpolation() -> None:
+    """The numpy resize is torch's F.interpolate(bilinear, align_corners=False), up and down, to float32
+    rounding (the overlay module itself needs no torch)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    for src, dst in [((4, 7), (40, 56)), ((14, 14), (224, 224)), ((14, 14), (37, 300)), ((50, 30), (7, 9))]:
+        heat = rng.random(src).astype(np.float32)
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(heat)[None, None], size=dst, mode="bilinear", align_corners=False
+        )[0, 0].numpy()
+        np.testing.assert_allclose(upsample_heatmap(heat, dst), ref, rtol=0, atol=2e-6)
+    as_tensor = upsample_heatmap(torch.from_numpy(heat), (5, 5))  # CPU tensors are accepted as they are
+    np.testing.assert_array_equal(as_tensor, upsample_heatmap(heat, (5, 5)))

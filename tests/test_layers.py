@@ -1,0 +1,213 @@
+"""The library's layers: no import runs back up, and the CLI and the torch-free modules stay light.
+
+Layers, lowest first: errors/utils -> data -> models -> train/evaluate -> explain -> inference ->
+commands/cli. A module may import its own layer and the ones below, never one above, and nothing in
+``xrayfm`` imports a service (``xrayfm_*``). Checked twice: statically over every import statement
+(function-local ones too), and by importing each layer in a fresh interpreter and reading sys.modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+SOURCE = REPO / "shared" / "src"
+PACKAGE = SOURCE / "xrayfm"
+
+# Module name prefix -> layer; a module belongs to the longest prefix that matches it.
+LAYERS = {
+    "xrayfm": 0,
+    "xrayfm.errors": 0,
+    "xrayfm.utils": 0,
+    "xrayfm.data": 1,
+    "xrayfm.models": 2,
+    "xrayfm.train": 3,
+    "xrayfm.evaluate": 3,
+    "xrayfm.demo": 3,  # temporary alias of xrayfm.train.demo
+    "xrayfm.explain": 4,
+    "xrayfm.inference": 5,
+    "xrayfm.commands": 6,
+    "xrayfm.cli": 6,
+}
+HEAVY = ("torch", "torchvision", "timm", "peft", "transformers", "matplotlib", "sklearn")
+
+
+def layer_of(module: str) -> int:
+    """The layer of an ``xrayfm`` module (longest matching prefix of LAYERS)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in LAYERS:
+            return LAYERS[prefix]
+    raise KeyError(module)
+
+
+def module_name(path: Path) -> str:
+    """``shared/src/xrayfm/data/cache/build.py`` -> ``xrayfm.data.cache.build``."""
+    parts = list(path.relative_to(SOURCE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_in(text: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """(line, module) of every import in a module's source, function-local ones included.
+
+    Relative imports are resolved, and ``from xrayfm.data import cache`` also counts as an import of
+    ``xrayfm.data.cache`` (names that are not modules are ignored by the caller).
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
+    return found
+
+
+def library_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer() -> None:
+    for path in library_files():
+        layer_of(module_name(path))  # KeyError names a module that belongs to no layer
+
+
+def test_no_import_points_to_a_higher_layer_or_a_service() -> None:
+    problems = []
+    for path in library_files():
+        source = module_name(path)
+        for line, target in imports_in(path.read_text(), source, path.name == "__init__.py"):
+            where = f"{path.relative_to(REPO)}:{line}"
+            if target.split(".")[0].startswith("xrayfm_"):
+                problems.append(f"{where} imports the service package {target}")
+            elif target == "xrayfm" or target.startswith("xrayfm."):
+                try:
+                    target_layer = layer_of(target)
+                except KeyError:  # `from xrayfm.data import open_dataset`: a name, not a module
+                    continue
+                if target_layer > layer_of(source):
+                    problems.append(f"{where} ({source}) imports {target}, a higher layer")
+    assert not problems, "\n".join(problems)
+
+
+def test_import_checker_sees_local_and_relative_imports() -> None:
+    """The static check itself: function-local, `from X import submodule` and relative imports count."""
+    text = "def f():\n    from xrayfm.inference import Predictor\n\nfrom . import cache\nfrom ..explain import api\n"
+    found = {module for _, module in imports_in(text, "xrayfm.data.probe")}
+    assert {"xrayfm.inference", "xrayfm.data.cache", "xrayfm.explain.api"} <= found
+    assert layer_of("xrayfm.inference") > layer_of("xrayfm.data.probe")
+
+
+# -- fresh interpreters -----------------------------------------------------------------------------------
+def fresh_modules(code: str, block_torch: bool = False) -> set[str]:
+    """Run `code` in a new interpreter; return the names in its sys.modules afterwards."""
+    prelude = "import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
+    epilogue = "\nimport json\nprint(json.dumps(sorted(sys.modules)))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def import_with_submodules(package: str) -> str:
+    """Code that imports a package and every module below it."""
+    return f"""
+    import importlib, pkgutil
+    root = importlib.import_module({package!r})
+    for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix={package!r} + "."):
+        importlib.import_module(info.name)
+    """
+
+
+def higher(modules: set[str], packages: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
+
+
+ABOVE = {
+    "xrayfm.data": ("xrayfm.models", "xrayfm.train", "xrayfm.evaluate", "xrayfm.explain", "xrayfm.inference",
+                    "xrayfm.commands", "xrayfm.cli"),
+    "xrayfm.models": ("xrayfm.train", "xrayfm.evaluate", "xrayfm.explain", "xrayfm.inference",
+                      "xrayfm.commands", "xrayfm.cli"),
+    "xrayfm.train": ("xrayfm.explain", "xrayfm.inference", "xrayfm.commands", "xrayfm.cli"),
+    "xrayfm.evaluate": ("xrayfm.explain", "xrayfm.inference", "xrayfm.commands", "xrayfm.cli"),
+    "xrayfm.explain": ("xrayfm.inference", "xrayfm.commands", "xrayfm.cli"),
+    "xrayfm.inference": ("xrayfm.commands", "xrayfm.cli"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package", list(ABOVE))
+def test_a_layer_pulls_in_no_higher_layer(package: str) -> None:
+    """`import PACKAGE` and every module below it (a superset of what `import PACKAGE` alone loads)."""
+    modules = fresh_modules(import_with_submodules(package))
+    assert package in modules
+    assert not higher(modules, ABOVE[package]), f"{package}.* pulled in {higher(modules, ABOVE[package])}"
+
+
+@pytest.mark.slow
+def test_nothing_in_the_library_pulls_in_a_service() -> None:
+    modules = fresh_modules(import_with_submodules("xrayfm"))
+    assert "xrayfm.commands.explain_eval" in modules  # the walk did reach the top layer
+    assert not [m for m in modules if m.startswith("xrayfm_")]
+
+
+@pytest.mark.slow
+def test_the_cli_builds_every_parser_without_heavy_imports() -> None:
+    modules = fresh_modules(
+        """
+        import argparse, contextlib, io
+        from xrayfm.cli import build_parser, main
+
+        def leaves(parser, prefix=()):
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, sub in action.choices.items():
+                        yield (*prefix, name)
+                        yield from leaves(sub, (*prefix, name))
+
+        for command in [(), *leaves(build_parser())]:  # what `xrayfm [COMMAND ...] --help` runs
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                main([*command, "--help"])
+        """
+    )
+    assert "xrayfm.commands.train" in modules and "xrayfm.commands.explain" in modules
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert not heavy, f"xrayfm --help imported {heavy}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["xrayfm.explain.overlay", "xrayfm.explain.methods", "xrayfm.data.images"])
+def test_torch_free_modules_import_without_torch(module: str) -> None:
+    modules = fresh_modules(
+        f"""
+        import {module}
+        if {module!r} == "xrayfm.explain.overlay":
+            import numpy as np
+            from xrayfm.explain.overlay import make_overlay
+            image = np.zeros((20, 30), dtype=np.uint8)
+            assert make_overlay(image, np.eye(4, dtype=np.float32)).rgb.shape == (20, 30, 3)
+        """,
+        block_torch=True,
+    )
+    assert module in modules
