@@ -1,7 +1,7 @@
-"""Regenerate the README's command reference from the `xrayfm` argparse parsers (so it matches `--help`).
+"""Regenerate docs/cli.md, the command reference, from the `xrayfm` argparse parsers (so it matches `--help`).
 
-python scripts/readme_cli.py          # rewrite the block between the markers in README.md
-python scripts/readme_cli.py --check  # exit 1 when README.md is out of date (the test suite runs this)
+python scripts/readme_cli.py          # rewrite docs/cli.md
+python scripts/readme_cli.py --check  # exit 1 when docs/cli.md is out of date (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
+REFERENCE = REPO / "docs" / "cli.md"
+HEADER = """# Command reference
+
+Every `xrayfm` sub-command with its options, generated from the parsers by `python scripts/readme_cli.py`
+(`tests/test_readme.py` fails when this file is out of date). `xrayfm COMMAND --help` prints the same.
+"""
 
 
 def _leaf_commands(parser: argparse.ArgumentParser, prefix: str = "xrayfm"):
@@ -53,7 +58,7 @@ def render() -> str:
     sys.path.insert(0, str(REPO / "shared" / "src"))
     from xrayfm.cli import build_parser
 
-    out = [START, ""]
+    out = [HEADER]
     for command, summary, parser in _leaf_commands(build_parser()):
         out += [f"#### `{command}`", "", _cell(summary) + ".", ""]
         if parser.description:
@@ -64,31 +69,21 @@ def render() -> str:
                 continue
             out.append(f"| {_name(action)} | {_help(action)} |")
         out.append("")
-    out.append(END)
     return "\n".join(out)
-
-
-def updated_readme(text: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + render() + tail
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 when out of date")
     args = parser.parse_args()
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    new = updated_readme(text)
+    new = render()
     if args.check:
-        if new != text:
-            print("README.md's command reference is out of date: run python scripts/readme_cli.py")
+        if not REFERENCE.exists() or REFERENCE.read_text() != new:
+            print(f"{REFERENCE.relative_to(REPO)} is out of date: run python scripts/readme_cli.py")
             return 1
         return 0
-    readme.write_text(new)
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    REFERENCE.write_text(new)
     return 0
 
 

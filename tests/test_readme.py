@@ -1,4 +1,4 @@
-"""The README's command reference is the one generated from the parsers, so it matches `--help`."""
+"""The command reference (docs/cli.md) is the one generated from the parsers, so it matches `--help`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_readme_reference_names_every_command():
 
     from xrayfm.cli import build_parser
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "cli.md").read_text()
     for command, _, parser in readme_cli._leaf_commands(build_parser()):
         assert f"#### `{command}`" in text
         for action in parser._actions:
