@@ -35,6 +35,8 @@ def upsample_heatmap(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
             "normalise it first (xrayfm.explain.normalize_maps)"
         )
     height, width = (int(n) for n in size)
+    if height < 1 or width < 1:
+        raise XrayfmError(f"size must be positive (H, W), got {tuple(size)}")
     out = _linear_resize(_linear_resize(heat, width, axis=1), height, axis=0)  # columns first, as torch
     return np.clip(out, 0.0, 1.0, out=out)
 

@@ -51,11 +51,13 @@ FLUSH_SECONDS = 2.0  # how often the parent persists done.npy while workers run
 
 # -- small helpers -----------------------------------------------------------------------------------
 def _save_done(path: Path, done: np.ndarray) -> None:
+    """Write done.npy atomically (a kill leaves the previous one)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append ".npy"
         np.save(f, done)
 
 
 def _default_workers() -> int:
+    """The cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
