@@ -4,10 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-# The local wheels of torch/torchvision are the pinned ones; other versions would download several GB.
-TORCH  := torch==2.14.1 torchvision==0.29.1
+# Every install takes the exact versions of requirements/constraints.txt, as the images do (make images),
+# so the tests and the containers run the same packages. torch 2.14.1 / torchvision 0.29.1 are pinned there
+# (their wheels lie on this machine's disk; other versions would download several GB).
+CONSTRAINTS := requirements/constraints.txt
+PIN    := -c $(CONSTRAINTS)
 
-.PHONY: help install test test-fast lint format demo bench up down clean
+.PHONY: help install test test-fast lint format demo bench up down clean constraints \
+        base-images images compose-test
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,11 +21,11 @@ $(PY):
 
 SERVICES := services/common services/inference services/training services/gateway services/frontend
 
-$(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES))
-	$(PIP) install --upgrade pip
-	$(PIP) install $(TORCH)
-	$(PIP) install -e 'shared[torch,dev]'
-	$(PIP) install $(addprefix -e ,$(SERVICES))
+$(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS)
+	$(PIP) install $(PIN) pip setuptools
+	$(PIP) install $(PIN) torch torchvision
+	$(PIP) install $(PIN) -e 'shared[torch,dev]'
+	$(PIP) install $(PIN) $(addprefix -e ,$(SERVICES))
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the library, services and dev tools
@@ -54,3 +58,16 @@ down:  ## stop what `make up` started
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs
+
+constraints: $(STAMP)  ## rewrite requirements/constraints.txt from .venv (after changing a dependency)
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(VENV)/bin/pip freeze --all --exclude-editable | grep -v '^[-#]'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+base-images:  ## offline base images (Python, Redis, Prometheus) from Debian packages: deploy/base-images.sh
+	deploy/base-images.sh
+
+images:  ## build the stack's images from this tree and print sizes vs budgets (OFFLINE=1: no registry)
+	deploy/images.sh
+
+compose-test: $(STAMP)  ## the containers end to end (needs a Docker engine; skips without one): tests/containers
+	$(PY) -m pytest tests/containers -m slow -v -rs

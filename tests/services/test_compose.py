@@ -1,10 +1,14 @@
-"""Static checks of the compose files and Dockerfiles (Docker cannot run here): they parse, every build
-context, Dockerfile, copied path and command exists, and ports and variables agree between services."""
+"""Static checks of the compose files and Dockerfiles (the containers themselves: tests/containers): they
+parse, every build context, Dockerfile, copied path and command exists, ports and variables agree between
+services, every install is pinned, and the files stay within what Compose 1.29 accepts."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,34 +43,148 @@ def exec_form(args: str) -> list[str]:
 
 
 def env_vars_read_by_the_code() -> set[str]:
+    """XRAYFM_* names the services' code reads, and those the images' entrypoint and checks read."""
     names = set()
-    for path in REPO.glob("services/*/xrayfm_*/**/*.py"):
-        names |= set(re.findall(r"\"(XRAYFM_[A-Z_]+)\"", path.read_text()))
+    for path in [*REPO.glob("services/*/xrayfm_*/**/*.py"), *REPO.glob("services/base/*")]:
+        names |= set(re.findall(r"[\"{](XRAYFM_[A-Z_]+)[\"}:]", path.read_text()))
     return names
 
 
 def test_compose_files_parse_and_build_the_four_services():
     assert set(BUILT) == {"gateway", "inference", "training", "frontend"}
-    assert {"redis", "prometheus"} <= set(SERVICES)
+    assert {"redis", "redis-training", "redis-secret", "prometheus"} <= set(SERVICES)
     assert set(GPU["services"]) <= set(SERVICES)
 
 
-@pytest.mark.parametrize("name", ["gateway", "inference", "frontend"])
-def test_dockerfiles_exist_are_small_non_root_with_healthchecks(name):
+def test_compose_files_stay_within_what_compose_1_29_accepts():
+    """No top-level `name:` (1.29 refuses it): the project name comes from the committed .env."""
+    for data in (COMPOSE, GPU):
+        assert set(data) <= {"services", "networks", "volumes", "x-queue-env", "x-redis"}, set(data)
+    env = dict(
+        line.split("=", 1)
+        for line in (REPO / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert env["COMPOSE_PROJECT_NAME"] == "xrayfm"
+    # Closed by default, and no secret committed.
+    assert env["XRAYFM_BIND"] == "127.0.0.1" and env["XRAYFM_REDIS_PASSWORD"] == ""
+
+
+def base_stage_args(text: str) -> list[str]:
+    return [args for kind, args in instructions(text) if kind == "ARG" and args.startswith("BASE_IMAGE")]
+
+
+@pytest.mark.parametrize("name", ["gateway", "inference", "training", "frontend"])
+def test_dockerfiles_are_multi_stage_non_root_with_healthchecks(name):
     path, text = dockerfile(name)
     assert (REPO / BUILT[name]["build"]["context"]).is_dir() and path.is_file()
     steps = instructions(text)
     kinds = [kind for kind, _ in steps]
-    assert kinds[0] == "FROM" and "slim" in steps[0][1]
+    assert base_stage_args(text) == ["BASE_IMAGE=python:3.11-slim"] and kinds[0] == "ARG"
+    assert kinds.count("FROM") >= 2  # multi-stage: what builds the venv stays out of the image
+    final = [args for kind, args in steps if kind == "FROM"][-1]
+    assert final == ("${BASE_IMAGE}" if name in ("gateway", "frontend") else "worker-deps"), final
     users = [args for kind, args in steps if kind == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert "HEALTHCHECK" in kinds and "CMD" in kinds
+    assert exec_form([args for kind, args in steps if kind == "ENTRYPOINT"][-1]) == ["xrayfm-entrypoint"]
+    allowed = [
+        line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line[:1] == "!"
+    ]
     for kind, args in steps:
-        if kind == "COPY":
+        if kind == "COPY" and not args.startswith("--from="):
             for source in exec_form(args)[:-1]:
                 assert (REPO / BUILT[name]["build"]["context"] / source).exists(), f"{path}: COPY {source}"
+                src = source.rstrip("/")
+                assert any(src.startswith(a) or a.startswith(src + "/") for a in allowed), (
+                    f"ignored: {source}"
+                )
+    # BuildKit reads the Dockerfile's own ignore file, the legacy builder (Compose 1.29) the root's.
     ignore = path.with_name(path.name + ".dockerignore")
-    assert ignore.is_file() and "!services/" in ignore.read_text() and "!shared/src/" in ignore.read_text()
+    assert ignore.read_text() == (REPO / ".dockerignore").read_text()
+
+
+def pip_installs(text: str) -> list[str]:
+    return [
+        part.strip()
+        for kind, args in instructions(text)
+        if kind == "RUN"
+        for part in args.split("&&")
+        if re.search(r"\bpip (install|wheel)\b", part)
+    ]
+
+
+@pytest.mark.parametrize(
+    "path", [*sorted(REPO.glob("services/*/Dockerfile")), *sorted(REPO.glob("deploy/base/*.Dockerfile"))]
+)
+def test_every_install_is_pinned_by_the_constraints(path):
+    """No unpinned `pip install`: third-party packages come at the versions of requirements/constraints.txt
+    (or, for the torch base, the wheelhouse's pins of them); local packages go in with --no-deps."""
+    for command in pip_installs(path.read_text()):
+        pinned = "-c requirements/constraints.txt" in command or "-c /wheels/constraints.txt" in command
+        assert pinned or "--no-deps" in command, f"{path.relative_to(REPO)}: {command}"
+
+
+def test_the_constraints_are_the_versions_the_tests_run_with():
+    """requirements/constraints.txt pins what this environment has installed (make install uses it)."""
+    pins = {}
+    for line in (REPO / "requirements/constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    different = {}
+    for name, version in pins.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed != version:
+            different[name] = (version, installed)
+    assert not different, f"constraints vs installed: {different} (make constraints rewrites the file)"
+    makefile = (REPO / "Makefile").read_text()
+    assert (
+        "CONSTRAINTS := requirements/constraints.txt" in makefile
+        and "PIN    := -c $(CONSTRAINTS)" in makefile
+    )
+    installs = re.findall(r"^\t\$\(PIP\) install .*$", makefile, flags=re.M)
+    assert installs and all("$(PIN)" in line for line in installs), installs
+
+
+def dependencies_of(*projects: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "deploy/pyproject_deps.py"), *projects],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [re.split(r"[<>=\[ ;]", line, maxsplit=1)[0].lower() for line in out.split()]
+
+
+def test_gateway_and_frontend_images_install_no_torch_and_the_workers_share_their_layers():
+    torch_stack = {"torch", "torchvision", "timm", "peft", "triton"}
+    for name, projects in [
+        ("gateway", ["shared", "services/common", "services/gateway"]),
+        ("frontend", ["'shared[render]'", "services/common", "services/frontend"]),
+    ]:
+        _, text = dockerfile(name)
+        assert "deploy/pyproject_deps.py " + " ".join(projects) in text
+        assert not torch_stack & set(dependencies_of(*(p.strip("'") for p in projects))), name
+        assert not any("torch" in args.lower() for _, args in instructions(text)), name
+    stages = []
+    for name in ("inference", "training"):
+        _, text = dockerfile(name)
+        stage = re.search(
+            r"^FROM \$\{TORCH_BASE_IMAGE\} AS worker-deps\n.*?(?=^FROM )", text, flags=re.S | re.M
+        )
+        assert stage, name
+        stages.append(stage[0])
+    assert stages[0] == stages[1]  # built one after the other, the second build reuses the first's layers
+    assert {"torch", "timm", "peft"} <= set(dependencies_of("shared[torch]", "services/common"))
+    base = (REPO / "services/base/Dockerfile").read_text()
+    assert base_stage_args(base) == ["BASE_IMAGE=python:3.11-slim"]
+    assert "--no-index" in base and "torch torchvision" in base  # from the wheelhouse, nothing downloaded
 
 
 @pytest.mark.parametrize("name", ["gateway", "inference", "frontend"])
@@ -95,6 +213,7 @@ def _container_port(mapping: str) -> int:
 @pytest.mark.parametrize(("name", "port"), [("gateway", 8000), ("frontend", 8501)])
 def test_published_ports_match_expose_cmd_and_healthcheck(name, port):
     assert [_container_port(p) for p in SERVICES[name]["ports"]] == [port]
+    assert all(str(p).startswith("${XRAYFM_BIND:-127.0.0.1}:") for p in SERVICES[name]["ports"])  # closed
     _, text = dockerfile(name)
     steps = instructions(text)
     assert f"{port}" in [args.strip() for kind, args in steps if kind == "EXPOSE"]
@@ -104,9 +223,10 @@ def test_published_ports_match_expose_cmd_and_healthcheck(name, port):
 
 
 def test_redis_is_internal_only_and_urls_agree():
-    assert "ports" not in SERVICES["redis"]
     assert COMPOSE["networks"]["backend"].get("internal") is True
-    assert all(net in ("backend",) for net in SERVICES["redis"]["networks"])
+    for name in ("redis", "redis-training"):
+        assert "ports" not in SERVICES[name]
+        assert all(net in ("backend",) for net in SERVICES[name]["networks"])
     queue_keys = ("XRAYFM_REDIS_URL", "XRAYFM_QUEUE", "XRAYFM_RESULT_EXPIRES", "XRAYFM_TASK_TIME_LIMIT",
                   "XRAYFM_VISIBILITY_TIMEOUT")  # fmt: skip
     gateway, worker = SERVICES["gateway"]["environment"], SERVICES["inference"]["environment"]
@@ -117,10 +237,43 @@ def test_redis_is_internal_only_and_urls_agree():
     frontend_url = SERVICES["frontend"]["environment"]["XRAYFM_GATEWAY_URL"]
     assert frontend_url == f"http://gateway:{_container_port(SERVICES['gateway']['ports'][0])}"
     assert set(SERVICES["frontend"]["networks"]) & set(SERVICES["gateway"]["networks"])
+    training = SERVICES["training"]["environment"]
+    assert (
+        gateway["XRAYFM_TRAINING_REDIS_URL"]
+        == training["XRAYFM_TRAINING_REDIS_URL"]
+        == "redis://redis-training:6379/0"
+    )
+    assert gateway["XRAYFM_TRAINING_QUEUE"] == training["XRAYFM_TRAINING_QUEUE"]
+
+
+def test_redis_requires_a_password_and_only_the_training_redis_keeps_data():
+    """Both Redis servers read the redis.conf (requirepass) the init step writes; the services get the
+    password through the entrypoint (XRAYFM_REDIS_PASSWORD_FILE); inference Redis writes nothing to disk,
+    the training one an append-only file (fsync every second) on a named volume."""
+    init = SERVICES["redis-secret"]
+    script = init["command"][0]
+    assert "requirepass" in script and "/dev/urandom" in script and "XRAYFM_REDIS_PASSWORD" in script
+    assert init["restart"] == "no" and init["network_mode"] == "none"
+    for name in ("redis", "redis-training"):
+        svc = SERVICES[name]
+        assert svc["command"][:2] == ["redis-server", "/run/xrayfm/redis.conf"]
+        assert svc["depends_on"]["redis-secret"] == {"condition": "service_completed_successfully"}
+        assert mounts(svc)["/run/xrayfm"] == ("redis-secret", "ro")
+        assert "redis-password" in " ".join(svc["healthcheck"]["test"])
+    inference_redis, training_redis = SERVICES["redis"]["command"], SERVICES["redis-training"]["command"]
+    assert inference_redis[inference_redis.index("--appendonly") + 1] == "no"
+    assert inference_redis[inference_redis.index("--save") + 1] == "" and "volumes" not in COMPOSE["volumes"]
+    assert training_redis[training_redis.index("--appendonly") + 1] == "yes"
+    assert training_redis[training_redis.index("--appendfsync") + 1] == "everysec"
+    assert mounts(SERVICES["redis-training"])["/data"] == ("redis-training", "rw")
+    for name in ("gateway", "inference", "training"):
+        svc = SERVICES[name]
+        assert mounts(svc)["/run/xrayfm"] == ("redis-secret", "ro")
+        assert svc["environment"]["XRAYFM_REDIS_PASSWORD_FILE"] == "/run/xrayfm/redis-password"
 
 
 def test_every_variable_set_is_one_the_code_reads():
-    known = env_vars_read_by_the_code()
+    known = env_vars_read_by_the_code() | {"XRAYFM_REDIS_PASSWORD"}  # read by the redis-secret init step
     for name, svc in SERVICES.items():
         for key in svc.get("environment", {}) or {}:
             if key.startswith("XRAYFM_"):
@@ -199,6 +352,8 @@ def test_prometheus_profile_scrapes_the_right_ports():
     sd = jobs["xrayfm-inference"]["dns_sd_configs"][0]
     assert sd["names"] == ["inference"]
     assert sd["port"] == int(SERVICES["inference"]["environment"]["XRAYFM_WORKER_METRICS_PORT"])
+    assert set(prom["networks"]) >= {"backend"}  # the workers are on the internal network only
+    assert prom["ports"][0].startswith("${XRAYFM_BIND:-127.0.0.1}:")
 
 
 @pytest.mark.parametrize("name", ["inference", "training"])

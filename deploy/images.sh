@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# make images: build the stack's images from the working tree, one at a time, and print their sizes
+# against the budgets (docs/ops.md). Exit status 1 when a budget is exceeded.
+#
+#   base images   python:3.11-slim, redis:7-alpine, prom/prometheus:latest from the registry when it
+#                 answers; else, or with OFFLINE=1, the stand-ins of deploy/base-images.sh (built when
+#                 missing), also tagged under those names when the names are free, so that
+#                 docker-compose.yml runs unchanged. XRAYFM_BASE_IMAGE overrides the Python base.
+#   torch base    xrayfm/torch-base:<torch version>, from the wheelhouse (deploy/wheelhouse.sh); skipped
+#                 when an image built from the same Dockerfile, pins and Python base exists.
+#   services      xrayfm/{gateway,frontend,inference,training}:${XRAYFM_TAG:-local}, the names compose uses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DOCKER_CLI_HINTS=false
+TAG=${XRAYFM_TAG:-local}
+MB=1000000  # docker's unit in `docker images`
+BUDGET_GATEWAY=400 BUDGET_FRONTEND=600 BUDGET_WORKER_EXTRA=600
+say() { printf '[images] %s\n' "$*" >&2; }
+exists() { docker image inspect "$1" >/dev/null 2>&1; }
+label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
+standin() { [[ "$(label "$1" org.opencontainers.image.description)" == *"stand-in built from Debian"* ]]; }
+
+docker info >/dev/null 2>&1 || { say "no Docker engine answers (docs/ops.md: start dockerd)"; exit 2; }
+
+# 1. Base images: official ones when the registry answers, else the offline stand-ins.
+OFFICIAL_PYTHON=python:3.11-slim OFFICIAL_REDIS=${XRAYFM_REDIS_IMAGE:-redis:7-alpine}
+OFFICIAL_PROMETHEUS=${XRAYFM_PROMETHEUS_IMAGE:-prom/prometheus:latest}
+offline=${OFFLINE:-0}
+if [ "$offline" != 1 ]; then
+  for image in "$OFFICIAL_PYTHON" "$OFFICIAL_REDIS" "$OFFICIAL_PROMETHEUS"; do
+    if exists "$image" && ! standin "$image"; then continue; fi
+    if exists "$image" && standin "$image"; then offline=1; break; fi
+    say "pulling $image"
+    if ! timeout "${PULL_TIMEOUT:-120}" docker pull -q "$image" >/dev/null 2>&1; then
+      say "the registry does not answer for $image: using the offline base images (deploy/base-images.sh)"
+      offline=1
+      break
+    fi
+  done
+fi
+if [ "$offline" = 1 ]; then
+  for pair in "xrayfm-offline/python:3.11-slim $OFFICIAL_PYTHON" "xrayfm-offline/redis:7 $OFFICIAL_REDIS" \
+    "xrayfm-offline/prometheus:latest $OFFICIAL_PROMETHEUS"; do
+    set -- $pair
+    exists "$1" || deploy/base-images.sh
+    if ! exists "$2" || standin "$2"; then
+      docker tag "$1" "$2"
+    else
+      say "keeping the registry's $2 (not replaced by the stand-in $1)"
+    fi
+  done
+fi
+BASE_IMAGE=${XRAYFM_BASE_IMAGE:-$OFFICIAL_PYTHON}
+say "Python base: $BASE_IMAGE$(standin "$BASE_IMAGE" && echo ' (offline stand-in)')"
+
+# 2. The torch base, from the wheelhouse.
+TORCH_VERSION=$(sed -nE 's/^torch==([^ ]+)$/\1/p' requirements/constraints.txt)
+TORCH_BASE=xrayfm/torch-base:$TORCH_VERSION
+WHEELHOUSE=build/wheelhouse/torch
+base_id=$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")
+key_of() { cat services/base/Dockerfile "$1" | sha256sum | cut -c1-16; }
+timer=$SECONDS
+if exists "$TORCH_BASE" && [ "$(label "$TORCH_BASE" xrayfm.base-id)" = "$base_id" ] &&
+  [ -f "$WHEELHOUSE/constraints.txt" ] && [ "$(label "$TORCH_BASE" xrayfm.key)" = "$(key_of "$WHEELHOUSE/constraints.txt")" ] &&
+  deploy/wheelhouse.sh && [ "$(label "$TORCH_BASE" xrayfm.key)" = "$(key_of "$WHEELHOUSE/constraints.txt")" ]; then
+  say "$TORCH_BASE is up to date (same Dockerfile, pins and Python base)"
+else
+  deploy/wheelhouse.sh
+  say "building $TORCH_BASE from $WHEELHOUSE ($(du -sh "$WHEELHOUSE" | cut -f1) of wheels)"
+  docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    --label xrayfm.key="$(key_of "$WHEELHOUSE/constraints.txt")" --label xrayfm.base-id="$base_id" \
+    -f services/base/Dockerfile -t "$TORCH_BASE" "$WHEELHOUSE" >/dev/null
+fi
+say "torch base: $((SECONDS - timer)) s"
+
+# 3. The services, one at a time (the workers' shared dependency layer is built by the first, reused by the second).
+for service in gateway frontend inference training; do
+  timer=$SECONDS
+  docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_BASE_IMAGE="$TORCH_BASE" \
+    -f "services/$service/Dockerfile" -t "xrayfm/$service:$TAG" . >/dev/null
+  say "xrayfm/$service:$TAG: $((SECONDS - timer)) s"
+done
+
+# 4. Sizes against the budgets.
+size() { docker image inspect -f '{{.Size}}' "$1"; }
+layers() { docker image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' "$1"; }
+torch_layer=$(docker history --no-trunc --human=false --format '{{.Size}}\t{{.CreatedBy}}' "$TORCH_BASE" |
+  awk -F'\t' '$2 ~ /COPY --from=build \/opt\/venv|COPY dir:.* in \/opt\/venv/ { print $1; exit }')
+torch_digest=$(layers "$TORCH_BASE" | tail -1)
+status=0
+report() {  # name size budget
+  local verdict=ok
+  if [ "$2" -gt "$3" ]; then verdict="OVER BUDGET"; status=1; fi
+  printf '  %-28s %6d MB   budget %6d MB   %s\n' "$1" $(($2 / MB)) $(($3 / MB)) "$verdict"
+}
+echo "image sizes (docker images, 1 MB = 10^6 bytes):"
+report "xrayfm/gateway:$TAG" "$(size xrayfm/gateway:"$TAG")" $((BUDGET_GATEWAY * MB))
+report "xrayfm/frontend:$TAG" "$(size xrayfm/frontend:"$TAG")" $((BUDGET_FRONTEND * MB))
+for worker in inference training; do
+  report "xrayfm/$worker:$TAG" "$(size xrayfm/$worker:"$TAG")" $((torch_layer + BUDGET_WORKER_EXTRA * MB))
+done
+printf '  %-28s %6d MB   (the torch layer: %d MB; worker budget = torch layer + %d MB)\n' "$TORCH_BASE" \
+  $(($(size "$TORCH_BASE") / MB)) $((torch_layer / MB)) "$BUDGET_WORKER_EXTRA"
+shared=$(comm -12 <(layers xrayfm/inference:"$TAG" | sort) <(layers xrayfm/training:"$TAG" | sort) | grep -c "$torch_digest" || true)
+if [ "$shared" = 1 ]; then
+  echo "  the workers share the torch layer ${torch_digest:7:12} (stored once)"
+else
+  echo "  the workers do NOT share the torch layer"
+  status=1
+fi
+exit $status

@@ -1,0 +1,66 @@
+"""Print the third-party requirements of local projects, one per line, for `pip install -c constraints -r`.
+
+    python deploy/pyproject_deps.py 'shared[torch]' services/common services/inference
+
+Each argument is a project folder (with a pyproject.toml) and optional extras. A requirement naming one of
+the given projects (``xrayfm[render]``, ``xrayfm-stack``) is expanded into that project's own requirements
+(with those extras) instead of being printed. The Dockerfiles use this to install the dependencies in a
+layer of their own, before the code is copied, so that a code change rebuilds only the code's layer. Only
+the standard library: it runs in a bare image.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?\s*(.*)$")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse(requirement: str) -> tuple[str, set[str], str]:
+    """(canonical name, extras, the rest: version and markers) of a PEP 508 requirement."""
+    match = REQUIREMENT.match(requirement)
+    if not match:
+        raise SystemExit(f"cannot parse requirement {requirement!r}")
+    extras = {canonical(e) for e in (match[2] or "").split(",") if e.strip()}
+    return canonical(match[1]), extras, match[3].strip()
+
+
+def main(args: list[str]) -> int:
+    projects: dict[str, dict] = {}
+    wanted: list[tuple[str, set[str]]] = []
+    for arg in args:
+        folder, extras = re.fullmatch(r"([^\[]+)(?:\[([^\]]*)\])?", arg).groups()
+        project = tomllib.loads((Path(folder) / "pyproject.toml").read_text())["project"]
+        name = canonical(project["name"])
+        projects[name] = project
+        wanted.append((name, {canonical(e) for e in (extras or "").split(",") if e.strip()}))
+    printed: list[str] = []
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while wanted:
+        name, extras = wanted.pop(0)
+        if (name, frozenset(extras)) in seen:
+            continue
+        seen.add((name, frozenset(extras)))
+        project = projects[name]
+        requirements = list(project.get("dependencies", []))
+        for extra in sorted(extras):
+            requirements += project.get("optional-dependencies", {})[extra]
+        for requirement in requirements:
+            dep, dep_extras, _ = parse(requirement)
+            if dep in projects:
+                wanted.append((dep, dep_extras))
+            elif requirement not in printed:
+                printed.append(requirement)
+    print("\n".join(printed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
