@@ -46,6 +46,7 @@ MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm"
 
 def seed_corpus(per_glob: int = 3) -> list[tuple[str, bytes]]:
     """(file name, bytes) of real files when the shared data is there, and of images made here."""
+
     found: list[Path] = [SHARED / p for p in SEED_FILES if (SHARED / p).is_file()]
     for pattern in SEED_GLOBS:
         found += sorted(SHARED.glob(pattern))[:per_glob]
@@ -64,6 +65,7 @@ class Target:
     """The gateway app, ready to be fed inputs; counts outcomes by status code."""
 
     def __init__(self) -> None:
+
         self.queue, self.training = FakeQueue(), FakeTraining()
         self.client = gateway_client(
             self.queue,
@@ -139,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import atheris
 
-    target = Target()
-    corpus = seed_corpus()
+    # Coverage feedback from the code under test; imported here so that atheris can instrument it.
+    with atheris.instrument_imports(include=["xrayfm", "xrayfm_gateway", "xrayfm_stack", "PIL", "pydicom",
+                                             "python_multipart", "pylibjpeg"]):  # fmt: skip
+        target = Target()
+        corpus = seed_corpus()
     if args.target == "dicom":
         corpus = [(n, d) for n, d in corpus if n.endswith(".dcm")]
     corpus_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"xrayfm-fuzz-{args.target}"
@@ -149,9 +154,25 @@ def main(argv: list[str] | None = None) -> int:
         seed = multipart(name, data) if args.target == "body" else data
         (corpus_dir / f"seed-{i}{Path(name).suffix}").write_bytes(seed)
     names = [name for name, _ in corpus]
-    start, rss0 = time.monotonic(), rss_mb()
+
+    def report() -> None:
+        figure = {
+            "target": args.target,
+            "seconds": round(time.monotonic() - start, 1),
+            "inputs": sum(target.outcomes.values()),
+            "outcomes": {str(k): v for k, v in sorted(target.outcomes.items())},
+            "5xx": sum(v for k, v in target.outcomes.items() if k >= 500),
+            "rss_mb_start": round(rss0),
+            "rss_mb_end": round(rss_mb()),
+        }
+        print(
+            json.dumps(figure) if args.json else "\n".join(f"{k}: {v}" for k, v in figure.items()), flush=True
+        )
 
     def one_input(data: bytes) -> None:
+        if time.monotonic() - start > args.seconds:  # libFuzzer exits without Python's clean-up: report here
+            report()
+            os._exit(0)
         if args.target == "spec":
             fdp = atheris.FuzzedDataProvider(data)
             text = fdp.ConsumeUnicodeNoSurrogates(len(data))
@@ -165,26 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             target.upload(names[len(data) % len(names)], data)
 
-    sys.argv = [sys.argv[0], str(corpus_dir), f"-max_total_time={args.seconds}",
-                f"-rss_limit_mb={args.rss_limit_mb}", "-print_final_stats=1"]  # fmt: skip
-    atheris.instrument_all()  # coverage feedback from every module loaded: the gateway, PIL, pydicom...
-    try:
-        atheris.Setup(sys.argv, one_input)
-        atheris.Fuzz()
-    except SystemExit:
-        pass
-    finally:
-        figure = {
-            "target": args.target,
-            "seconds": round(time.monotonic() - start, 1),
-            "inputs": sum(target.outcomes.values()),
-            "outcomes": {str(k): v for k, v in sorted(target.outcomes.items())},
-            "5xx": sum(v for k, v in target.outcomes.items() if k >= 500),
-            "rss_mb_start": round(rss0),
-            "rss_mb_end": round(rss_mb()),
-        }
-        print(json.dumps(figure) if args.json else "\n".join(f"{k}: {v}" for k, v in figure.items()))
-        target.close()
+    sys.argv = [sys.argv[0], str(corpus_dir), f"-rss_limit_mb={args.rss_limit_mb}"]
+    start, rss0 = time.monotonic(), rss_mb()
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()  # a failing input (5xx, exception, memory over the limit) stops here with its reproducer
     return 0
 
 
