@@ -47,9 +47,9 @@ def test_upload_shows_prediction_heatmap_and_slider(monkeypatch, live_stack):
     captions = [c for img in at.image for c in img.captions]
     assert len(captions) == 2 and captions[0] == "Original"  # the original and the heatmap over it
     assert "opacity 0.45" in captions[1]
-    job = at.session_state["answer"]["job_id"]
+    job = at.session_state["answer"].job_id
     at.sidebar.slider[0].set_value(0.9).run()  # moving the opacity does not predict again
-    assert at.session_state["answer"]["job_id"] == job
+    assert at.session_state["answer"].job_id == job
     assert "opacity 0.90" in [c for img in at.image for c in img.captions][1]
 
 
