@@ -69,5 +69,5 @@ base-images:  ## offline base images (Python, Redis, Prometheus) from Debian pac
 images:  ## build the stack's images from this tree and print sizes vs budgets (OFFLINE=1: no registry)
 	deploy/images.sh
 
-compose-test: $(STAMP)  ## the containers end to end (needs a Docker engine; skips without one): tests/containers
-	$(PY) -m pytest tests/containers -m slow -v -rs
+compose-test: $(STAMP)  ## build the images, then the containers end to end (skips without a Docker engine)
+	XRAYFM_COMPOSE_TEST=1 $(PY) -m pytest tests/containers -v -rs -s

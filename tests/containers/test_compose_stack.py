@@ -1,0 +1,421 @@
+"""The containers end to end (`make compose-test`): the stack built from this working tree, started with
+Compose, driven over HTTP as a user would, then removed.
+
+Needs a Docker engine and Compose (v2 `docker compose` or docker-compose 1.29), and XRAYFM_COMPOSE_TEST=1
+(`make compose-test` sets it, so that `make test` never starts a 20-minute Docker run by surprise); skipped
+with the reason otherwise. The images are built by deploy/images.sh (what `make images` runs: offline base images when no
+registry answers), so a warm run is a cache hit. The demo bootstrap runs with XRAYFM_BOOTSTRAP=quick
+(a tiny synthetic model in a minute or two instead of the demo's minutes): the test checks the plumbing,
+not the model. Real images are sampled: every file of the small folders, at most XRAYFM_COMPOSE_SAMPLE
+(default 150, 0 = all) of each large one, chosen evenly over the sorted list; the counts are printed.
+
+Order matters (one stack for the module): predictions, LoRA job with a kill of its worker, scaling,
+Prometheus, a Redis restart under load, and `down -v` last.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "xrayfm-compose-test"
+PREDICT_KEY, ADMIN_KEY = "compose-test-predict-key", "compose-test-admin-key"
+SAMPLE = int(os.environ.get("XRAYFM_COMPOSE_SAMPLE", "150"))
+PNG = b"\x89PNG\r\n\x1a\n"
+DONE = ("done", "failed", "cancelled")
+
+
+def shared_data_dir() -> Path:
+    """The real radiographs (tests/conftest.py's rule): $XRAYFM_SHARED_DATA, else ../shared/data."""
+    return Path(os.environ.get("XRAYFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# -- skip unless Docker and Compose run here ---------------------------------------------------------------
+def _compose_command() -> list[str] | None:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def _why_not() -> str | None:
+    if os.environ.get("XRAYFM_COMPOSE_TEST") != "1":
+        return "builds images and runs the stack for ~20 min: opt in with XRAYFM_COMPOSE_TEST=1 (make compose-test)"
+    if not shutil.which("docker"):
+        return "no docker client (apt-get install docker.io; .ci/run does)"
+    probe = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        return f"no Docker engine answers (start dockerd): {probe.stderr.strip().splitlines()[-1:]}"
+    if _compose_command() is None:
+        return "no Compose (docker compose plugin or docker-compose 1.29)"
+    if not (shared_data_dir() / "README.md").exists():
+        return f"real data not found at {shared_data_dir()} (set XRAYFM_SHARED_DATA)"
+    return None
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.HTTPError, OSError) as error:
+            last = error
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: last {last!r}")
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.compose = _compose_command()
+        self.ports = {name: _free_port() for name in ("gateway", "frontend", "prometheus")}
+        self.env = {
+            **os.environ,
+            "COMPOSE_PROJECT_NAME": PROJECT,
+            "XRAYFM_BIND": "127.0.0.1",
+            "XRAYFM_GATEWAY_PORT": str(self.ports["gateway"]),
+            "XRAYFM_FRONTEND_PORT": str(self.ports["frontend"]),
+            "XRAYFM_PROMETHEUS_PORT": str(self.ports["prometheus"]),
+            "XRAYFM_DATA_DIR": str(shared_data_dir().resolve()),
+            "XRAYFM_BOOTSTRAP": "quick",
+            "XRAYFM_API_KEYS": PREDICT_KEY,
+            "XRAYFM_ADMIN_KEYS": ADMIN_KEY,
+        }
+        self.url = f"http://127.0.0.1:{self.ports['gateway']}"
+        self.http = httpx.Client(base_url=self.url, timeout=90, headers={"X-API-Key": PREDICT_KEY})
+        self.admin = {"X-API-Key": ADMIN_KEY}
+        self.times: dict[str, float] = {}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [*self.compose, "--profile", "monitoring", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"compose {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def containers(self, service: str | None = None, running_only: bool = True) -> list[str]:
+        filters = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+        if service:
+            filters += ["--filter", f"label=com.docker.compose.service={service}"]
+        listing = subprocess.run(
+            ["docker", "ps", "-q", *([] if running_only else ["-a"]), *filters],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return listing.stdout.split()
+
+    def logs(self, service: str, tail: int = 80) -> str:
+        return self.run("logs", "--no-color", "--tail", str(tail), service, check=False).stdout
+
+    def ready(self) -> dict | None:
+        answer = self.http.get("/ready", timeout=10)
+        return answer.json() if answer.status_code == 200 else None
+
+    def job(self, job_id: str) -> dict:
+        return self.http.get(f"/training/jobs/{job_id}", headers=self.admin).json()
+
+    def wait_job(self, job_id: str, until: Callable[[dict], bool], timeout: float) -> dict:
+        try:
+            return wait_until(
+                lambda: next((j for j in [self.job(job_id)] if until(j)), None), timeout, job_id
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.job(job_id)}\n{self.logs('training')}") from None
+
+    def predict(self, path: Path, **params) -> httpx.Response:
+        return self.http.post("/predict", params=params, files={"file": (path.name, path.read_bytes())})
+
+
+@pytest.fixture(scope="module")
+def stack():
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    s = Stack()
+    s.run("down", "-v", "--remove-orphans", check=False)
+    started = time.monotonic()
+    build = subprocess.run(
+        [str(REPO / "deploy/images.sh")], cwd=REPO, env=s.env, capture_output=True, text=True, timeout=3600
+    )
+    s.times["build"] = time.monotonic() - started
+    print(f"\n[compose-test] deploy/images.sh: {s.times['build']:.0f} s\n{build.stdout}")
+    assert build.returncode == 0, f"deploy/images.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"
+    started = time.monotonic()
+    s.run("up", "-d")
+    try:
+        wait_until(s.ready, 900, "/ready through the quick demo bootstrap", every=3)
+    except AssertionError as error:
+        raise AssertionError(
+            f"{error}\n{s.logs('training')}\n{s.logs('inference')}\n{s.logs('gateway')}"
+        ) from None
+    s.times["up_to_ready"] = time.monotonic() - started
+    print(f"[compose-test] up -d to /ready (quick bootstrap): {s.times['up_to_ready']:.0f} s")
+    yield s
+    s.http.close()
+    s.run("down", "-v", "--remove-orphans", check=False)
+
+
+# -- the tests, in the order they run -----------------------------------------------------------------------
+def _spread(paths: list[Path], limit: int) -> list[Path]:
+    if limit <= 0 or len(paths) <= limit:
+        return paths
+    step = len(paths) / limit
+    return [paths[int(i * step)] for i in range(limit)]
+
+
+def real_images() -> dict[str, list[Path]]:
+    data = shared_data_dir()
+    folders = {
+        "chexpert-valid": sorted(data.glob("chexpert-small-valid/CheXpert-v1.0-small/valid/*/*/*.jpg")),
+        "mura": sorted(data.glob("mura-humerus-64/MURA-v1.1/*/XR_HUMERUS/*/*/*.jpg")),
+        "dicom": sorted(data.glob("dicom-radiographs/*.dcm")),
+        "kermany": sorted(data.glob("kermany-pneumonia/chest_xray/train/*/*.jpeg")),
+        "nih": sorted(data.glob("nih-cxr14-1000-64/images/*.png")),
+        "pneumoniamnist": sorted(data.glob("pneumoniamnist/png/*/*/*.png")),
+    }
+    return {name: _spread(paths, SAMPLE) if len(paths) > 300 else paths for name, paths in folders.items()}
+
+
+def test_every_real_image_gets_200_and_a_png_map_and_junk_gets_4xx(stack: Stack) -> None:
+    failures, counts = [], {}
+    started = time.monotonic()
+    for folder, paths in real_images().items():
+        assert paths, f"no images in {folder}"
+        counts[folder] = len(paths)
+        for path in paths:
+            answer = stack.predict(path)
+            if answer.status_code != 200:
+                failures.append(f"{path}: {answer.status_code} {answer.text[:200]}")
+                continue
+            body = answer.json()
+            if (
+                not base64.b64decode(body["attention_map"]).startswith(PNG)
+                or not 0 <= body["probability"] <= 1
+            ):
+                failures.append(f"{path}: no PNG map or a bad probability")
+    elapsed = time.monotonic() - started
+    print(f"[compose-test] /predict on {sum(counts.values())} real images {counts} in {elapsed:.0f} s")
+    assert not failures, failures[:20]
+
+    jpeg = next(iter(real_images()["chexpert-valid"])).read_bytes()
+    junk = {
+        "empty.png": b"",
+        "noise.png": random.Random(0).randbytes(4096),
+        "notes.txt": b"not an image at all",
+        "truncated.jpg": jpeg[: len(jpeg) // 3],
+        "fake.dcm": b"\0" * 128 + b"DICM" + b"\x02\x00" * 50,
+    }
+    for name, content in junk.items():
+        answer = stack.http.post("/predict", files={"file": (name, content)})
+        assert 400 <= answer.status_code < 500, f"{name}: {answer.status_code} {answer.text[:200]}"
+    assert (
+        stack.http.post("/predict", content=b"raw", headers={"Content-Type": "image/png"}).status_code < 500
+    )
+    assert httpx.get(stack.url + "/predict", timeout=10).status_code == 405
+    no_key = httpx.post(stack.url + "/predict", files={"file": ("a.jpg", jpeg)}, timeout=30)
+    assert no_key.status_code == 401
+
+
+def test_lora_on_real_mura_survives_a_kill_of_its_worker_then_is_promoted_and_served(stack: Stack) -> None:
+    """A LoRA job on the real MURA subset (foundation: the bootstrap's chest model) is killed mid-job with
+    `docker kill`; the restarted worker resumes it from its checkpoint; it publishes one version, which
+    is promoted and served."""
+    foundation = "demo-chest-fm"
+    models = stack.http.get("/models", headers=stack.admin).json()["models"]
+    versions = sorted(int(m["version"]) for m in models if m["name"] == foundation)
+    assert versions, f"no {foundation} in the store: {models}"
+    spec = {"kind": "adapt", "name": "mura-lora-compose", "config": {
+        "kind": "mura", "root": "/data/mura-humerus-64/MURA-v1.1", "foundation": f"store:{foundation}/{versions[-1]}",
+        "method": "lora", "epochs": 4, "report_on": "last", "n_bootstrap": 20, "progress_bar": False,
+        "tensorboard": False, "log_every": 1, "device": "cpu", "batch_size": 32}}  # fmt: skip
+    answer = stack.http.post("/training/jobs", json=spec, headers=stack.admin)
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["job_id"]
+    # Mid-job: running, past its first epoch (a checkpoint to resume from), not finished.
+    running = stack.wait_job(
+        job_id, lambda j: j["status"] in DONE or (j["progress"] or {}).get("epoch", 0) >= 1, timeout=900
+    )
+    assert running["status"] == "running", running
+    [trainer] = stack.containers("training")
+    subprocess.run(["docker", "kill", trainer], check=True, capture_output=True)
+    killed_at = time.monotonic()
+    # restart: unless-stopped brings the container back; its job resumes once the lock lapsed.
+    wait_until(lambda: stack.containers("training"), 120, "the training container restarted")
+    job = stack.wait_job(job_id, lambda j: j["status"] in DONE, timeout=1800)
+    print(
+        f"[compose-test] LoRA job: killed, finished {time.monotonic() - killed_at:.0f} s later: {job['status']}"
+    )
+    assert job["status"] == "done", job
+    assert job["attempts"] >= 2 and job["resumed"], job
+    name, version = job["model"]["name"], job["model"]["version"]
+    models = stack.http.get("/models", headers=stack.admin).json()["models"]
+    published = [m for m in models if m["name"] == name]
+    assert [m["version"] for m in published] == [version], published  # once, whatever happened
+    assert published[0]["format"] == "xrayfm.adapted" and not published[0]["synthetic"]
+
+    promoted = stack.http.post(f"/models/{name}/{version}/promote", headers=stack.admin)
+    assert promoted.status_code == 200, promoted.text
+    image = next(iter(real_images()["mura"]))
+
+    def served() -> bool:
+        answer = stack.predict(image, explain="false")
+        return answer.status_code == 200 and answer.json()["model"]["name"] == name
+
+    wait_until(served, 180, f"/predict served by {name}/{version}")
+    body = stack.predict(image).json()
+    assert body["model"]["version"] == version and base64.b64decode(body["attention_map"]).startswith(PNG)
+
+
+def test_two_inference_workers_both_answer(stack: Stack) -> None:
+    stack.run("up", "-d", "--no-recreate", "--scale", "inference=2")
+
+    def two_ready() -> bool:
+        ready = stack.ready()
+        return bool(ready) and len(ready["workers"]) >= 2
+
+    wait_until(two_ready, 600, "two inference workers in /ready", every=3)
+    image = next(iter(real_images()["chexpert-valid"]))
+    seen: Counter[str] = Counter()
+    deadline = time.monotonic() + 180
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=stack.url, timeout=90, headers={"X-API-Key": PREDICT_KEY}) as http:
+            while time.monotonic() < deadline and len(seen) < 2:
+                answer = http.post("/predict", files={"file": (image.name, image.read_bytes())})
+                assert answer.status_code == 200, answer.text
+                with lock:
+                    seen[answer.json()["worker"]] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"[compose-test] answers per worker: {dict(seen)}")
+    assert len(seen) == 2, seen
+
+
+def test_prometheus_lists_every_target_up(stack: Stack) -> None:
+    prometheus = f"http://127.0.0.1:{stack.ports['prometheus']}"
+
+    def all_up() -> list[dict] | None:
+        targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        jobs = Counter(t["labels"]["job"] for t in targets)
+        if (
+            jobs["xrayfm-gateway"] == 1
+            and jobs["xrayfm-inference"] == 2
+            and all(t["health"] == "up" for t in targets)
+        ):
+            return targets
+        return None
+
+    targets = wait_until(all_up, 120, "every Prometheus target up (gateway + 2 inference workers)", every=3)
+    print(f"[compose-test] Prometheus targets: {[(t['scrapeUrl'], t['health']) for t in targets]}")
+
+
+def test_redis_restart_under_load_answers_503_with_retry_after_never_hangs_then_200(stack: Stack) -> None:
+    image = next(iter(real_images()["chexpert-valid"]))
+    outcomes: list[tuple[float, int, str | None]] = []  # (time, status, Retry-After); status 0 = no answer
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=stack.url, timeout=75, headers={"X-API-Key": PREDICT_KEY}) as http:
+            while not stop.is_set():
+                try:
+                    answer = http.post("/predict", params={"explain": "false"},
+                                       files={"file": (image.name, image.read_bytes())})  # fmt: skip
+                    result = (time.monotonic(), answer.status_code, answer.headers.get("Retry-After"))
+                except httpx.HTTPError as error:
+                    result = (time.monotonic(), 0, type(error).__name__)
+                with lock:
+                    outcomes.append(result)
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    [redis] = stack.containers("redis")
+    subprocess.run(["docker", "restart", "-t", "1", redis], check=True, capture_output=True)
+    restarted = time.monotonic()
+
+    def ok_again() -> bool:
+        with lock:
+            return any(at > restarted and status == 200 for at, status, _ in outcomes)
+
+    try:
+        wait_until(ok_again, 60, "a 200 after the Redis restart", every=0.2)
+        back = min(at for at, status, _ in outcomes if at > restarted and status == 200) - restarted
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    codes = Counter(status for _, status, _ in outcomes)
+    print(f"[compose-test] Redis restart under load: {dict(codes)}; 200 again {back:.1f} s after the restart")
+    assert not any(t.is_alive() for t in threads), "a request hangs"
+    assert set(codes) <= {200, 503}, codes  # no hang (0), no 5xx but 503, no 504
+    assert all(retry for _, status, retry in outcomes if status == 503), "a 503 without Retry-After"
+    assert back <= 10, f"200 again only {back:.1f} s after the Redis restart"
+
+
+def test_frontend_answers_and_down_v_leaves_nothing(stack: Stack) -> None:
+    health = httpx.get(f"http://127.0.0.1:{stack.ports['frontend']}/_stcore/health", timeout=10)
+    assert health.status_code == 200
+    states = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Name}} {{if .State.Health}}{{.State.Health.Status}}{{end}}",
+         *stack.containers()], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    print(f"[compose-test] health: {states.split(chr(10))}")
+    assert "unhealthy" not in states, states
+    stack.run("down", "-v", "--remove-orphans")
+    assert stack.containers(running_only=False) == []
+    volumes = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert volumes == [], volumes
+    networks = subprocess.run(
+        ["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert networks == [], networks
+    print(f"[compose-test] times: {json.dumps({k: round(v) for k, v in stack.times.items()})}")
