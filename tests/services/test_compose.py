@@ -305,19 +305,11 @@ def test_workers_scale_and_share_the_volumes():
     assert set(named) <= set(COMPOSE["volumes"])
 
 
-def _section(text: str, heading: str) -> str:
-    """The text under a Markdown heading, up to the next heading of the same or a higher level."""
-    level = heading.split(" ", 1)[0]
-    start = text.index(heading + "\n")
-    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading) :], flags=re.M)
-    return text[start : start + len(heading) + (following.start() if following else len(text))]
-
-
 def test_datasets_are_a_read_only_host_folder_at_the_path_the_readme_uses():
     source = "${XRAYFM_DATA_DIR:-./data}"
     for name in ("training", "inference"):
         assert mounts(SERVICES[name])["/data"] == (source, "ro"), name
-    guide = _section((REPO / "README.md").read_text(), "## Training through the stack")
+    guide = (REPO / "docs/training-stack.md").read_text()
     assert "XRAYFM_DATA_DIR" in guide
     roots = re.findall(r'"(?:root|foundation)": "(/[^"]+)"', guide)
     assert roots and all(root.startswith("/data/") for root in roots), roots
@@ -336,7 +328,7 @@ def test_every_variable_the_docs_name_is_read_by_the_code_or_compose():
     compose = set(re.findall(r"\$\{(XRAYFM_[A-Z_]+)", (REPO / "docker-compose.yml").read_text()))
     tests = set(re.findall(r"\"(XRAYFM_[A-Z_]+)\"", (REPO / "tests/conftest.py").read_text()))  # real data
     known = env_vars_read_by_the_code() | compose | tests
-    for doc in ("README.md", "services/README.md"):
+    for doc in ("README.md", "services/README.md", "docs/training-stack.md"):
         named = set(re.findall(r"XRAYFM_[A-Z_]*[A-Z]", (REPO / doc).read_text()))
         assert not named - known, f"{doc} names variables nothing reads: {sorted(named - known)}"
 
