@@ -31,7 +31,6 @@ LAYERS = {
     "xrayfm.models": 2,
     "xrayfm.train": 3,
     "xrayfm.evaluate": 3,
-    "xrayfm.demo": 3,  # temporary alias of xrayfm.train.demo
     "xrayfm.explain": 4,
     "xrayfm.inference": 5,
     "xrayfm.commands": 6,
