@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> Path:
-    """Where the real radiographs live: $XRAYFM_SHARED_DATA, else ../shared/data next to the repo."""
-    return Path(os.environ.get("XRAYFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import shared_data_dir
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """Where the real radiographs live: $XRAYFM_SHARED_DATA, else ../shared/data next to the repo."""
+    return Path(os.environ.get("XRAYFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def make_tiny_checkpoint(folder: Path, labels: list[str], size: int = 64, **meta_extra) -> Path:

@@ -42,6 +42,7 @@ def admin_stack(tmp_path_factory: pytest.TempPathFactory):
         "XRAYFM_TRAINING_QUEUE": f"xrayfm-training-test-{uuid.uuid4().hex[:8]}",
         "XRAYFM_MODEL_STORE": str(store),
         "XRAYFM_ADMIN_KEYS": ADMIN_KEY,
+        "XRAYFM_DATA_DIRS": str(home),
     }
     launcher = stack_lib.Stack(home, env=env)
     try:

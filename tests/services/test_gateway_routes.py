@@ -33,7 +33,8 @@ def _client(fakes: tuple[FakeQueue, FakeTraining], **settings: Any) -> TestClien
 
 @pytest.fixture()
 def http(fakes, tmp_path: Path):
-    with _client(fakes, model_store=tmp_path / "store") as client:
+    open_admin = {"insecure_no_auth": True, "data_dirs": (Path("/x"), tmp_path / "data")}
+    with _client(fakes, model_store=tmp_path / "store", **open_admin) as client:
         yield client
 
 
@@ -250,10 +251,35 @@ def test_training_routes_without_redis(http, fakes):
     _error(http.get(f"/training/jobs/{uuid.uuid4()}"), 503, "queue_unavailable")
 
 
+ADMIN_ROUTES = (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/models"),
+                ("POST", "/models/rollback"), ("POST", "/models/m/1/promote"))  # fmt: skip
+
+
+def test_admin_routes_are_closed_by_default(fakes, tmp_path):
+    with _client(fakes, model_store=tmp_path) as http:
+        for method, path in ADMIN_ROUTES:
+            body = _error(http.request(method, path, json=SPEC), 403, "admin_closed")
+            assert "XRAYFM_ADMIN_KEYS" in body["detail"], body
+        assert http.post("/predict", files=_png()).status_code == 200  # predictions stay open (keys optional)
+    with _client(fakes, model_store=tmp_path, insecure_no_auth=True, admin_keys=frozenset({"a"})) as http:
+        _error(http.get("/models"), 401, "unauthorized")  # a configured key is always required
+
+
+def test_keys_are_compared_in_constant_time():
+    """Every key goes through secrets.compare_digest, with no early exit."""
+    import inspect
+
+    from xrayfm_gateway.deps import key_matches
+
+    source = inspect.getsource(key_matches)
+    assert "compare_digest" in source and "for key in keys" in source and "any(" in source
+    assert key_matches("b", frozenset({"a", "b"})) and not key_matches("c", frozenset({"a", "b"}))
+    assert not key_matches(None, frozenset({"a"})) and not key_matches("", frozenset())
+
+
 def test_admin_routes_need_an_admin_key(fakes, tmp_path):
     with _client(fakes, api_keys=frozenset({"p"}), admin_keys=frozenset({"a"}), model_store=tmp_path) as http:
-        for method, path in (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/models"),
-                             ("POST", "/models/rollback"), ("POST", "/models/m/1/promote")):  # fmt: skip
+        for method, path in ADMIN_ROUTES:
             _error(http.request(method, path), 401, "unauthorized")
             _error(http.request(method, path, headers={"X-API-Key": "p"}), 401, "unauthorized")
         assert http.get("/models", headers={"X-API-Key": "a"}).status_code == 200
@@ -282,3 +308,39 @@ def test_models_list_promote_rollback(http, tmp_path):
     (store / "serving.json").write_text("{broken")
     body = _error(http.get("/models"), 500, "store_unreadable")
     assert "{broken" not in body["detail"]  # names the file and the fault, never its contents
+
+
+# -- job specs are confined to the data folders ----------------------------------------------------------
+def test_specs_outside_the_data_folders_are_refused_at_submission(fakes, tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "ok").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.csv").write_text("path,Label\nSECRET-LINE-42,1\n")
+    (data / "escape").symlink_to(outside)  # a symlink out of the data folder
+    bad_roots = ["/proc/self/environ", "/etc/passwd", f"{data}/../outside", "../../etc", str(data / "escape"),
+                 str(data / "escape" / "secret.csv"), str(outside)]  # fmt: skip
+    secrets = [Path("/etc/passwd").read_text().splitlines()[0], "SECRET-LINE-42"]
+    with _client(fakes, model_store=tmp_path / "store", insecure_no_auth=True, data_dirs=(data,)) as http:
+        for root in bad_roots:
+            for kind, config in (
+                ("pretrain", {"kind": "csv", "root": root}),
+                ("pretrain", {"kind": "chexpert", "root": str(data / "ok"), "cache": root}),
+                ("adapt", {"kind": "mura", "root": str(data / "ok"), "foundation": root}),
+                ("evaluate", {"model": root, "kind": "mura", "root": str(data / "ok")}),
+                ("pretrain", {"kind": "chexpert", "root": str(data / "ok"), "pretrained": root}),
+            ):
+                resp = http.post("/training/jobs", json={"kind": kind, "config": config})
+                body = _error(resp, 422, "invalid_spec")
+                assert str(data) in body["detail"], body  # names the allowed folders
+                assert not any(secret in resp.text for secret in secrets)
+        timm_file = {
+            "kind": "chexpert",
+            "root": str(data / "ok"),
+            "model_kwargs": {"checkpoint_path": "/etc/x"},
+        }
+        _error(
+            http.post("/training/jobs", json={"kind": "pretrain", "config": timm_file}), 422, "invalid_spec"
+        )
+        ok = {"kind": "pretrain", "config": {"kind": "chexpert", "root": str(data / "ok" / ".." / "ok")}}
+        assert http.post("/training/jobs", json=ok).status_code == 202
+    assert [j["spec"]["config"]["root"] for j in fakes[1].jobs.values()] == [str((data / "ok").resolve())]

@@ -113,6 +113,8 @@ def training_stack(tmp_path_factory: pytest.TempPathFactory):
         "XRAYFM_TRAINING_LOCK_TTL": "3",
         "XRAYFM_BOOTSTRAP": "off",  # the first-start flow has its own test
         "XRAYFM_TORCH_THREADS": "1",
+        "XRAYFM_INSECURE_NO_AUTH": "1",
+        "XRAYFM_DATA_DIRS": str(home),
     }
     launcher = stack_lib.Stack(home, env=env)
     try:

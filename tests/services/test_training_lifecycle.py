@@ -6,6 +6,7 @@ ViT with 8 px patches) so that a run takes seconds; what is checked is the lifec
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import uuid
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import redis
 
+from helpers import shared_data_dir
 from svc_helpers import require_redis_server, stack_env
 from test_training import QUIET, _pretrain_spec, _wait
 from xrayfm_stack import local as stack_lib
@@ -119,6 +121,7 @@ def lifecycle_stack(tmp_path_factory: pytest.TempPathFactory):
         XRAYFM_BOOTSTRAP="off",
         XRAYFM_TASK_TIME_LIMIT="30",
         XRAYFM_VISIBILITY_TIMEOUT="60",
+        XRAYFM_DATA_DIRS=os.pathsep.join([str(home), str(shared_data_dir())]),
     )
     launcher = stack_lib.Stack(home, env=env)
     try:

@@ -72,6 +72,8 @@ class Target:
             self.training,
             max_upload_bytes=8 * 2**20,
             model_store=Path("/nonexistent-store"),
+            insecure_no_auth=True,  # so that specs reach their check (closed-by-default has its own test)
+            data_dirs=(Path("/data"),),
         ).__enter__()
         self.outcomes: Counter[int] = Counter()
 

@@ -191,7 +191,9 @@ class Stack:
             "--server.port", str(port), "--server.address", host, "--server.headless", "true",
             "--browser.gatherUsageStats", "false",
         ]  # fmt: skip
-        proc = self._start("frontend", argv, {"XRAYFM_GATEWAY_URL": gateway_url})
+        # viewer: no deploy button or developer menu for staff (Streamlit's STREAMLIT_CLIENT_TOOLBAR_MODE)
+        env = {"XRAYFM_GATEWAY_URL": gateway_url, "STREAMLIT_CLIENT_TOOLBAR_MODE": "viewer"}
+        proc = self._start("frontend", argv, env)
         wait_until(lambda: port_open("127.0.0.1", port), 60, f"frontend on port {port}", proc)
         return proc
 
@@ -308,7 +310,13 @@ def up() -> int:
     gateway_port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
     frontend_port = int(os.environ.get("XRAYFM_FRONTEND_PORT", "8501"))
     store = Path(os.environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))
-    stack = Stack(STACK_HOME, env={"XRAYFM_REDIS_URL": redis_url, "XRAYFM_MODEL_STORE": str(store)})
+    env = {"XRAYFM_REDIS_URL": redis_url, "XRAYFM_MODEL_STORE": str(store)}
+    # Local development: with no admin key the training and model endpoints are left open (compose keeps
+    # them closed), and jobs may read the repository's data folder (or XRAYFM_DATA_DIRS).
+    if not os.environ.get("XRAYFM_ADMIN_KEYS"):
+        env["XRAYFM_INSECURE_NO_AUTH"] = "1"
+    env["XRAYFM_DATA_DIRS"] = os.environ.get("XRAYFM_DATA_DIRS") or str(REPO / "data")
+    stack = Stack(STACK_HOME, env=env)
     if not redis_answers(redis_url):
         parsed = urlparse(redis_url)
         if parsed.hostname not in ("127.0.0.1", "localhost"):
@@ -338,6 +346,8 @@ def up() -> int:
     print(f"gateway   http://127.0.0.1:{gateway_port}  (docs: /docs, metrics: /metrics)")
     print(f"frontend  http://127.0.0.1:{frontend_port}")
     print(f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@sample_xray.png"')
+    if env.get("XRAYFM_INSECURE_NO_AUTH"):
+        print("training and model endpoints: OPEN (no XRAYFM_ADMIN_KEYS; local development only)")
     print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
     return 0
 

@@ -19,6 +19,7 @@ from xrayfm_stack.protocol import EXPLAIN_METHODS, MAX_SIDE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_STORE = Path("runs/model-store")
+DEFAULT_DATA_DIR = Path("/data")  # where compose mounts the datasets
 BOOTSTRAP_MODES = ("demo", "quick", "off")
 
 
@@ -38,6 +39,18 @@ def env_number(env: Mapping[str, str], name: str, default: float, kind: type, mi
     if value < minimum:
         raise XrayfmError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """A yes/no variable: 1, true, yes, on (any case) are yes; unset or anything else is no."""
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_paths(env: Mapping[str, str], name: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
+    """A list of folders separated by ':' or ','; `default` when unset."""
+    raw = env.get(name, "").replace(",", os.pathsep)
+    paths = tuple(Path(p.strip()) for p in raw.split(os.pathsep) if p.strip())
+    return paths or default
 
 
 def env_keys(env: Mapping[str, str], name: str) -> frozenset[str]:
@@ -207,6 +220,12 @@ class GatewaySettings:
     decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time
     admin_keys: frozenset[str] = frozenset()  # XRAYFM_ADMIN_KEYS: training and model-store endpoints
     model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: listed, promoted, rolled back
+    # XRAYFM_INSECURE_NO_AUTH=1: with no admin key, leave the training and model endpoints open (local
+    # development only; `make up` sets it). Unset, they answer 403 until XRAYFM_ADMIN_KEYS is set.
+    insecure_no_auth: bool = False
+    # XRAYFM_DATA_DIRS (':' or ','-separated): the folders training jobs may read; a spec's dataset roots,
+    # caches and foundations must lie under one of them (or be store: references).
+    data_dirs: tuple[Path, ...] = (DEFAULT_DATA_DIR,)
 
     @property
     def auth_enabled(self) -> bool:
@@ -233,6 +252,8 @@ class GatewaySettings:
             ),
             admin_keys=env_keys(env, "XRAYFM_ADMIN_KEYS"),
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
+            insecure_no_auth=env_flag(env, "XRAYFM_INSECURE_NO_AUTH"),
+            data_dirs=env_paths(env, "XRAYFM_DATA_DIRS", cls.data_dirs),
         )
         if settings.transport_side > MAX_SIDE:
             raise XrayfmError(f"XRAYFM_TRANSPORT_SIDE must be <= {MAX_SIDE}, got {settings.transport_side}")

@@ -7,10 +7,16 @@ and the training worker use this same check, built on the library's config datac
 The worker owns ``out`` (the job's run folder) and ``resume``, so a spec may not set them. An adapt
 job's ``foundation`` and an evaluate job's ``model`` may name a store version as ``"store:<name>/<version>"``;
 an evaluate job of a store version records its result with that version (see GET /models).
+
+Confinement: given the data folders a stack may read (``XRAYFM_DATA_DIRS``), every path a spec names
+(dataset roots, caches, foundations, models, initial weights) must lie under one of them once symlinks and
+``..`` are resolved, or be a ``store:`` reference; timm arguments that name files are refused. So a spec
+cannot make the worker read, or report on, any other file of its container.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,16 @@ CONFIGS: dict[str, type[JsonConfig]] = dict(
 )
 RESERVED = ("out", "resume")
 STORE_PREFIX = "store:"
+PATH_FIELDS = (
+    "root",
+    "cache",
+    "val_cache",
+    "pretrained",
+    "foundation",
+    "model",
+)  # model: evaluate's checkpoint
+STORE_FIELDS = ("foundation", "model")  # may be store:<name>/<version>
+FILE_ARGUMENT = ("path", "file", "dir", "url", "pretrained", "cfg")  # timm arguments that could name a file
 
 
 def store_ref(value: str) -> tuple[str, str] | None:
@@ -45,10 +61,49 @@ def resolve_store_ref(value: str, store: Path) -> str:
     return str(folder.resolve())
 
 
-def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
+def confine(field: str, value: str, data_dirs: Sequence[Path]) -> str:
+    """The path resolved (symlinks and ``..``); refused, naming the allowed folders, when it lies outside
+    `data_dirs`."""
+    target = Path(value).resolve()
+    for folder in data_dirs:
+        root = Path(folder).resolve()
+        if target == root or root in target.parents:
+            return str(target)
+    allowed = ", ".join(str(d) for d in data_dirs) or "none configured"
+    raise XrayfmError(
+        f"{field} {value!r} is outside the data folders this stack may read ({allowed}): put the data "
+        "there, or add its folder to XRAYFM_DATA_DIRS"
+    )
+
+
+def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) -> dict[str, str]:
+    """The config's paths, resolved and checked (the job then opens exactly what was checked)."""
+    resolved = {}
+    for field in PATH_FIELDS:
+        if kind == "pretrain" and field == "model":
+            continue  # a timm model name there, not a path
+        value = getattr(config, field, None)
+        if not value or (field == "pretrained" and value == "timm"):
+            continue
+        if field in STORE_FIELDS and store_ref(str(value)) is not None:
+            continue
+        resolved[field] = confine(field, str(value), data_dirs)
+    kwargs = getattr(config, "model_kwargs", None) or {}
+    named_files = sorted(k for k in kwargs if any(part in str(k).lower() for part in FILE_ARGUMENT))
+    if named_files:
+        raise XrayfmError(
+            f"model_kwargs may not set {named_files} in a job spec: weights come from the store"
+        )
+    return resolved
+
+
+def validate_spec(
+    spec: Any, store: Path | None = None, data_dirs: Sequence[Path] | None = None
+) -> dict[str, Any]:
     """Check a job spec; returns it normalised (config with every field). Raises XrayfmError saying why.
 
-    With `store`, a ``store:`` foundation must exist there."""
+    With `store`, a ``store:`` foundation or model must exist there. With `data_dirs` (the gateway always
+    passes them), the spec's paths are confined to those folders (see the module's docstring)."""
     if not isinstance(spec, dict):
         raise XrayfmError("a job spec is a JSON object: {'kind', 'name', 'config'}")
     unknown = sorted(set(spec) - {"kind", "name", "config"})
@@ -76,4 +131,7 @@ def validate_spec(spec: Any, store: Path | None = None) -> dict[str, Any]:
         resolve_store_ref(parsed.foundation, store)
     if store is not None and isinstance(parsed, EvaluateConfig):
         resolve_store_ref(parsed.model, store)
-    return JobSpec(kind=kind, name=name, config=parsed.to_dict()).model_dump()
+    checked = parsed.to_dict()
+    if data_dirs is not None:
+        checked.update(_confine_config(kind, parsed, data_dirs))
+    return JobSpec(kind=kind, name=name, config=checked).model_dump()

@@ -45,6 +45,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await app.state.queue.close()
 
+    if not settings.api_keys:
+        log.warning("XRAYFM_API_KEYS is not set: /predict and /jobs answer anyone who can reach this port")
+    if not settings.admin_keys:
+        log.warning(
+            "no XRAYFM_ADMIN_KEYS: the training and model endpoints are %s",
+            "OPEN (XRAYFM_INSECURE_NO_AUTH=1, local development only)"
+            if settings.insecure_no_auth
+            else "closed (403)",
+        )
     app = FastAPI(title="xrayfm gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.add_exception_handler(APIError, api_error_handler)

@@ -128,10 +128,20 @@ def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_p
         )
 
 
+CLOSED = (
+    "the training and model endpoints are closed: no admin key is configured. Set XRAYFM_ADMIN_KEYS to a "
+    "long random key on the gateway and send it in the X-API-Key header (or, for local development only, "
+    "XRAYFM_INSECURE_NO_AUTH=1)"
+)
+
+
 def require_admin_key(settings: SettingsDep, key: Annotated[str | None, Depends(_admin_key)] = None) -> None:
-    """401 unless auth is off or ``X-API-Key`` holds one of the admin keys (a prediction key is not enough)."""
-    if not (settings.api_keys or settings.admin_keys):
-        return
+    """Closed by default: 403 while no admin key is configured (unless XRAYFM_INSECURE_NO_AUTH=1), then 401
+    unless ``X-API-Key`` holds one of the admin keys (a prediction key is not enough)."""
+    if not settings.admin_keys:
+        if settings.insecure_no_auth:
+            return
+        raise APIError(403, "admin_closed", CLOSED)
     if not key_matches(key, settings.admin_keys):
         raise APIError(
             401,

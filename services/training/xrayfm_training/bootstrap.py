@@ -97,7 +97,9 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
             jobs = (state.get() or {}).get("jobs") or {}
             job_id = jobs.get(stage)  # an earlier, interrupted bootstrap's job: carry on with it
             if job_id is None or records.get(job_id) is None:
-                job_id = records.create(validate_spec(_job_spec(kind, name, root, sizes, foundation), store))
+                job_id = records.create(
+                    validate_spec(_job_spec(kind, name, root, sizes, foundation), store, [data])
+                )
             state.set(stage=stage, job_id=job_id, jobs={**jobs, stage: job_id})
             job = _finish(job_id, settings, records, run_job)
             if job.get("status") != "done":

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from xrayfm.errors import XrayfmError
-from xrayfm_gateway.deps import StoreDep, TrainingDep, require_admin_key
+from xrayfm_gateway.deps import SettingsDep, StoreDep, TrainingDep, require_admin_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_stack.jobs import LOG_LINES, TERMINAL
@@ -76,15 +76,17 @@ async def _existing(training: TrainingDep, job_id: str) -> JobRecord:
     openapi_extra=SPEC_BODY,
     summary="Queue a training job (JSON spec); 202 + job id",
 )
-async def submit_training_job(request: Request, training: TrainingDep, store: StoreDep) -> JSONResponse:
+async def submit_training_job(
+    request: Request, training: TrainingDep, store: StoreDep, settings: SettingsDep
+) -> JSONResponse:
     """Body: ``{"kind": "pretrain"|"adapt"|"evaluate", "name": "...", "config": {...}}``; 422 says what is
-    wrong."""
+    wrong, including a path outside ``XRAYFM_DATA_DIRS``."""
     try:
         spec = json.loads(await request.body() or b"null")
     except ValueError as exc:
         raise APIError(422, "invalid_spec", f"the body is not JSON: {exc}") from None
     try:
-        spec = validate_spec(spec, store)
+        spec = validate_spec(spec, store, settings.data_dirs)
     except XrayfmError as exc:
         raise APIError(422, "invalid_spec", str(exc)) from None
     try:
