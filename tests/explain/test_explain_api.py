@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from vit_reference import tiny_vit
 
+from vit_reference import tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import attention_rollout, explain, gradcam, gradient_rollout
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from helpers import make_tiny_checkpoint
 from PIL import Image
 
+from helpers import make_tiny_checkpoint
 from xrayfm.cli import main
 from xrayfm.data.labels import CHEXPERT_LABELS
 from xrayfm.data.synth import synth_bone, synth_chest

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 from peft import LoraConfig, get_peft_model
-from vit_reference import reference_grad_rollout, tiny_vit
 
+from vit_reference import reference_grad_rollout, tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import gradcam, gradient_rollout
 

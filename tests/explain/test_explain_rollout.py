@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from timm.layers import Attention
-from vit_reference import manual_forward, reference_rollout, tiny_vit
 
+from vit_reference import manual_forward, reference_rollout, tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import attention_rollout, capture_attention, predict_with_rollout, rollout_matrix
 

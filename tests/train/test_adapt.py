@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import QUIET
 
+from train_helpers import QUIET
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.models.backbones import create_model
 from xrayfm.models.lora import LoraSettings, apply_lora

@@ -6,8 +6,8 @@ import dataclasses
 import json
 
 import pytest
-from train_helpers import CHEST_LABELS, TINY_MODEL
 
+from train_helpers import CHEST_LABELS, TINY_MODEL
 from xrayfm.cli import main
 from xrayfm.train.config import AdaptConfig, PretrainConfig
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import CHEST_LABELS, TINY_MODEL
 
 import xrayfm
+from train_helpers import CHEST_LABELS, TINY_MODEL
 from xrayfm.models.backbones import create_model
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from train_helpers import QUIET
 
 import xrayfm.train.experiment as experiment
+from train_helpers import QUIET
 from xrayfm.errors import XrayfmError
 from xrayfm.train import AdaptConfig, label_efficiency
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import QUIET
 
+from train_helpers import QUIET
 from xrayfm.train import AdaptConfig, adapt
 
 
