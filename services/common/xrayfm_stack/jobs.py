@@ -138,6 +138,20 @@ class JobRecords:
         statuses = pipe.execute()
         return [i for i, s in zip(ids, statuses, strict=True) if s and json.loads(s) in ACTIVE]
 
+    def queued_ids(self, older_than_s: float = 0.0, limit: int = 1000) -> list[str]:
+        """Ids of the latest `limit` jobs that say they are queued and were last updated over `older_than_s`
+        seconds ago."""
+        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hmget(self.key(job_id), ["status", "updated"])
+        cutoff = time.time() - older_than_s
+        return [
+            job_id
+            for job_id, (status, updated) in zip(ids, pipe.execute() if ids else [], strict=True)
+            if status and json.loads(status) == "queued" and float(json.loads(updated or "0")) <= cutoff
+        ]
+
     def claim_orphan(self, job_id: str) -> str | None:
         """If the job is running/cancelling but its lock lapsed (its worker died), mark it queued again and
         return the status it had; None when it is not an orphan (finished, or a live worker holds it)."""

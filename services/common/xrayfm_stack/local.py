@@ -136,12 +136,26 @@ class Stack:
         (pids / f"{name}.pid").write_text(str(popen.pid))
         return proc
 
-    def start_redis(self, port: int) -> Proc:
-        """A private redis-server on 127.0.0.1:`port` that never writes to disk."""
+    def start_redis(self, port: int, data_dir: Path | None = None) -> Proc:
+        """A private redis-server on 127.0.0.1:`port`: it writes nothing to disk, or, with `data_dir`, keeps
+        an append-only file there (fsync every second) that a restart reads back (the training side's
+        job records and queue)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server not found: apt-get install redis-server (or brew install redis)")
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        if data_dir is None:
+            argv += ["--appendonly", "no"]
+        else:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            argv += [
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(Path(data_dir).resolve()),
+            ]
         proc = self._start(f"redis-{port}", argv)
         wait_until(lambda: port_open("127.0.0.1", port), 10, f"redis on port {port}", proc)
         return proc

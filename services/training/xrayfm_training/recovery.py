@@ -10,7 +10,9 @@ status change are one atomic Redis step (:meth:`JobRecords.claim_orphan`), so tw
 re-queue a job and a job finishing at that moment is never touched. The late redelivery of the original
 message, if it ever comes, finds the job finished or locked and is dropped (xrayfm_training.worker). The
 first-start bootstrap (xrayfm_training.bootstrap) is watched the same way: under way without its lock, it
-is queued again and carries on with the jobs it had created.
+is queued again and carries on with the jobs it had created. And a job recorded as queued whose message
+the broker lost (:func:`reconcile_queued`) is sent again, so a broker restored from an older state loses
+no job.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from xrayfm_stack.jobs import BootstrapState, JobRecords
 from xrayfm_training.joblog import JobLog
@@ -65,6 +68,45 @@ def recover_orphans(
             say(f"no worker holds it after attempt {attempts} (its worker stopped or died); queued again, "
                 "it resumes from its last saved state", logging.WARNING)  # fmt: skip
     return recovered
+
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered messages not yet acknowledged (its default name)
+
+
+def messages_held(redis: Any, queue: str) -> bytes:
+    """Every message the broker holds for `queue`: waiting (its lists) or delivered and not yet
+    acknowledged (kombu's Redis transport), as one blob to search for job ids."""
+    lists = [queue.encode(), *redis.scan_iter(match=f"{queue}\x06\x16*")]  # kombu's priority lists
+    pipe = redis.pipeline()
+    for key in lists:
+        pipe.lrange(key, 0, -1)
+    pipe.hvals(UNACKED_KEY)
+    return b"\n".join(item for items in pipe.execute() for item in items)
+
+
+def reconcile_queued(
+    records: JobRecords, queue: str, requeue: Callable[[str, int], None], older_than_s: float = 60.0
+) -> list[str]:
+    """Send again every job the records say is queued but whose message the broker no longer holds (its
+    Redis lost data, or the message was never sent); returns their ids. Jobs updated in the last
+    `older_than_s` seconds are left alone (their message may be on its way). A job sent twice runs once:
+    the second message finds it locked or finished and is dropped."""
+    pending = records.queued_ids(older_than_s)
+    if not pending:
+        return []
+    held = messages_held(records.redis, queue)
+    resent = []
+    for job_id in pending:
+        if job_id.encode() in held:
+            continue
+        requeued = int((records.get(job_id) or {}).get("requeued") or 0)
+        requeue(job_id, requeued + 1)
+        records.update(job_id, requeued=requeued + 1)
+        JobLog(records, job_id, None)(
+            "queued, but the broker held no message for it: sent again", logging.WARNING
+        )
+        resent.append(job_id)
+    return resent
 
 
 def recover_bootstrap(state: BootstrapState, records: JobRecords, requeue: Callable[[], None]) -> bool:

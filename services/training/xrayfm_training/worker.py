@@ -34,7 +34,13 @@ from xrayfm_stack.spec import CONFIGS, resolve_store_ref, store_ref
 from xrayfm_training import bootstrap
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.publish import publish_run
-from xrayfm_training.recovery import BOOTSTRAP_LOCK, OrphanWatch, recover_bootstrap, recover_orphans
+from xrayfm_training.recovery import (
+    BOOTSTRAP_LOCK,
+    OrphanWatch,
+    reconcile_queued,
+    recover_bootstrap,
+    recover_orphans,
+)
 
 settings = TrainingSettings.from_env()
 app = training_celery(settings)
@@ -136,7 +142,12 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         say.progress(info)
 
     def should_cancel() -> bool:
-        return keeper.lost.is_set() or shutting_down.is_set() or records.cancel_requested(job_id)
+        if keeper.lost.is_set() or shutting_down.is_set():
+            return True
+        try:
+            return records.cancel_requested(job_id)
+        except Exception:  # Redis restarting: keep training; the lock keeper decides if the job is lost
+            return False
 
     try:
         if spec["kind"] == "evaluate":
@@ -256,6 +267,7 @@ def _watch_orphans(sender=None, **_kwargs: Any) -> None:
     state = BootstrapState(settings.redis_url, settings.queue)
     checks = [
         lambda: recover_orphans(records, settings.max_attempts, _requeue, settings.runs_dir),
+        lambda: reconcile_queued(records, settings.queue, _requeue),
         lambda: recover_bootstrap(
             state, records, lambda: app.send_task(BOOTSTRAP_TASK, queue=settings.queue)
         ),
