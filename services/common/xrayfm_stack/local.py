@@ -321,23 +321,30 @@ def up() -> int:
         print("the stack is already running (make down first)")
         return 1
     redis_url = os.environ.get("XRAYFM_REDIS_URL", "redis://127.0.0.1:6379/0")
+    # The training side's records and queue must survive a Redis restart: a Redis of their own that keeps an
+    # append-only file under runs/stack/ (or XRAYFM_TRAINING_REDIS_URL).
+    training_redis_url = os.environ.get("XRAYFM_TRAINING_REDIS_URL", "redis://127.0.0.1:6380/0")
     gateway_port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
     frontend_port = int(os.environ.get("XRAYFM_FRONTEND_PORT", "8501"))
     store = Path(os.environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))
-    env = {"XRAYFM_REDIS_URL": redis_url, "XRAYFM_MODEL_STORE": str(store)}
+    env = {"XRAYFM_REDIS_URL": redis_url, "XRAYFM_TRAINING_REDIS_URL": training_redis_url,
+           "XRAYFM_MODEL_STORE": str(store)}  # fmt: skip
     # Local development: with no admin key the training and model endpoints are left open (compose keeps
     # them closed), and jobs may read the repository's data folder (or XRAYFM_DATA_DIRS).
     if not os.environ.get("XRAYFM_ADMIN_KEYS"):
         env["XRAYFM_INSECURE_NO_AUTH"] = "1"
     env["XRAYFM_DATA_DIRS"] = os.environ.get("XRAYFM_DATA_DIRS") or str(REPO / "data")
     stack = Stack(STACK_HOME, env=env)
-    if not redis_answers(redis_url):
-        parsed = urlparse(redis_url)
+    for url, data_dir in ((redis_url, None), (training_redis_url, STACK_HOME / "redis-training")):
+        if redis_answers(url):
+            continue
+        parsed = urlparse(url)
         if parsed.hostname not in ("127.0.0.1", "localhost"):
-            print(f"Redis at {redis_url} does not answer")
+            print(f"Redis at {url} does not answer")
             return 1
-        print(f"no Redis at {redis_url}: starting redis-server (logs in {STACK_HOME / 'logs'})")
-        stack.start_redis(parsed.port or 6379)
+        kept = f", keeping its data in {data_dir}" if data_dir else ""
+        print(f"no Redis at {url}: starting redis-server{kept} (logs in {STACK_HOME / 'logs'})")
+        stack.start_redis(parsed.port or 6379, data_dir=data_dir)
     first_start = not model_configured(store)
     stack.start_training_worker()  # with an empty store it queues the demo bootstrap job by itself
     worker = stack.start_worker()
