@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,23 @@ def test_no_patient_data_in_redis_or_logs(live_stack, client):
     assert 0 < ttl <= 300  # results expire
     logs = logs_text(live_stack)
     assert PATIENT_NAME not in logs and PATIENT_ID not in logs and filename not in logs
+
+
+def test_patient_data_in_a_malformed_dicom_reaches_no_log_redis_or_file(live_stack, client):
+    """pydicom quotes malformed values in its warnings: a file-meta UID that holds the patient id must not
+    reach a log, Redis, or any file the stack writes (its logs, pid files, model folder). The answer itself
+    may name it: it goes back to the caller who sent the file."""
+    data = bytearray(dicom_bytes(phantom(150, 150), PATIENT_NAME, PATIENT_ID))
+    uid_at = data.find(b"1.2.840.10008.1.2.1")  # the transfer syntax UID, which decoding reads
+    assert uid_at > 0
+    data[uid_at : uid_at + len(PATIENT_ID)] = PATIENT_ID.encode()  # now an invalid UID quoting the patient id
+    r = redis.Redis.from_url(live_stack.redis_url)
+    resp = post(client, bytes(data), "scan.dcm")
+    assert resp.status_code < 500, resp.text
+    snapshot = _redis_dump(r)
+    written = b"".join(p.read_bytes() for p in live_stack.stack.home.rglob("*") if p.is_file())
+    written += b"".join(
+        p.read_bytes() for p in Path(live_stack.env["XRAYFM_MODEL_PATH"]).rglob("*") if p.is_file()
+    )
+    for secret in (PATIENT_NAME.encode(), PATIENT_ID.encode()):
+        assert secret not in snapshot and secret not in written

@@ -21,8 +21,10 @@ Grey-level choices (documented here once):
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +36,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
 
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+
+# pydicom reports a malformed value by quoting it, as a warning and on its logger. Values of an uploaded
+# file (UIDs, names, dates) may identify a patient and must never reach a log, so both are silenced for
+# every pydicom module, process-wide (only pixel and LUT tags are parsed here in the first place).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+logging.getLogger("pydicom").propagate = False
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop", "stretch")
