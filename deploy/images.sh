@@ -81,29 +81,33 @@ for service in gateway frontend inference training; do
   say "xrayfm/$service:$TAG: $((SECONDS - timer)) s"
 done
 
-# 4. Sizes against the budgets.
+# 4. Sizes against the budgets. A worker's own budget counts what it adds to the torch base image it
+# shares with the other worker (the Python base + the torch layer): its dependencies and code.
 size() { docker image inspect -f '{{.Size}}' "$1"; }
-layers() { docker image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' "$1"; }
+layers() { docker image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' "$1" | grep .; }
 torch_layer=$(docker history --no-trunc --human=false --format '{{.Size}}\t{{.CreatedBy}}' "$TORCH_BASE" |
-  awk -F'\t' '$2 ~ /COPY --from=build \/opt\/venv|COPY dir:.* in \/opt\/venv/ { print $1; exit }')
+  awk -F'\t' '$2 ~ /COPY (--from=build \/opt\/venv|dir:[^ ]* in \/opt\/venv)/ { print $1; exit }')
 torch_digest=$(layers "$TORCH_BASE" | tail -1)
+base_size=$(size "$TORCH_BASE")
 status=0
-report() {  # name size budget
+report() {  # name size budget note
   local verdict=ok
   if [ "$2" -gt "$3" ]; then verdict="OVER BUDGET"; status=1; fi
-  printf '  %-28s %6d MB   budget %6d MB   %s\n' "$1" $(($2 / MB)) $(($3 / MB)) "$verdict"
+  printf '  %-26s %6d MB   budget %6d MB  %-11s %s\n' "$1" $(($2 / MB)) $(($3 / MB)) "$verdict" "${4:-}"
 }
-echo "image sizes (docker images, 1 MB = 10^6 bytes):"
+echo "image sizes (as docker images shows them, 1 MB = 10^6 bytes):"
 report "xrayfm/gateway:$TAG" "$(size xrayfm/gateway:"$TAG")" $((BUDGET_GATEWAY * MB))
 report "xrayfm/frontend:$TAG" "$(size xrayfm/frontend:"$TAG")" $((BUDGET_FRONTEND * MB))
 for worker in inference training; do
-  report "xrayfm/$worker:$TAG" "$(size xrayfm/$worker:"$TAG")" $((torch_layer + BUDGET_WORKER_EXTRA * MB))
+  worker_size=$(size xrayfm/$worker:"$TAG")
+  report "xrayfm/$worker:$TAG" "$worker_size" $((base_size + BUDGET_WORKER_EXTRA * MB)) \
+    "= torch base + $(((worker_size - base_size) / MB)) MB (torch layer alone + $(((worker_size - torch_layer) / MB)) MB)"
 done
-printf '  %-28s %6d MB   (the torch layer: %d MB; worker budget = torch layer + %d MB)\n' "$TORCH_BASE" \
-  $(($(size "$TORCH_BASE") / MB)) $((torch_layer / MB)) "$BUDGET_WORKER_EXTRA"
-shared=$(comm -12 <(layers xrayfm/inference:"$TAG" | sort) <(layers xrayfm/training:"$TAG" | sort) | grep -c "$torch_digest" || true)
-if [ "$shared" = 1 ]; then
-  echo "  the workers share the torch layer ${torch_digest:7:12} (stored once)"
+printf '  %-26s %6d MB   the Python base %d MB + the torch layer %d MB\n' "$TORCH_BASE" $((base_size / MB)) \
+  $(((base_size - torch_layer) / MB)) $((torch_layer / MB))
+shared=$(comm -12 <(layers xrayfm/inference:"$TAG" | sort) <(layers xrayfm/training:"$TAG" | sort))
+if grep -qx "$torch_digest" <<<"$shared"; then
+  echo "  the workers share the torch layer ${torch_digest:7:12} and $(($(wc -l <<<"$shared") - 1)) other layers (stored once)"
 else
   echo "  the workers do NOT share the torch layer"
   status=1

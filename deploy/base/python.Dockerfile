@@ -9,8 +9,7 @@ RUN apt-get update \
  && cp /etc/ssl/host-ca-bundle.crt /etc/ssl/certs/ca-certificates.crt \
  && rm -f /usr/lib/python3.11/EXTERNALLY-MANAGED \
  && ln -sf /usr/bin/pip3 /usr/local/bin/pip \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
- && find /usr/lib/python3* -name __pycache__ -prune -exec rm -rf {} +
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
 ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/host-ca-bundle.crt
 LABEL org.opencontainers.image.description="python:3.11-slim-compatible stand-in built from Debian packages (xrayfm deploy/base-images.sh)"
 CMD ["python3"]
