@@ -174,8 +174,10 @@ def stack():
         [str(REPO / "deploy/images.sh")], cwd=REPO, env=s.env, capture_output=True, text=True, timeout=3600
     )
     s.times["build"] = time.monotonic() - started
+    s.build = build
     print(f"\n[compose-test] deploy/images.sh: {s.times['build']:.0f} s\n{build.stdout}")
-    assert build.returncode == 0, f"deploy/images.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"
+    # 3: built, but over a size budget (test_images_are_within_their_budgets says so); else a failed build.
+    assert build.returncode in (0, 3), f"deploy/images.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"
     started = time.monotonic()
     s.run("up", "-d")
     try:
@@ -192,6 +194,11 @@ def stack():
 
 
 # -- the tests, in the order they run -----------------------------------------------------------------------
+def test_images_are_within_their_budgets(stack: Stack) -> None:
+    assert stack.build.returncode == 0, f"over budget (deploy/images.sh):\n{stack.build.stdout}"
+    assert "the workers share the torch layer" in stack.build.stdout
+
+
 def _spread(paths: list[Path], limit: int) -> list[Path]:
     if limit <= 0 or len(paths) <= limit:
         return paths
@@ -262,7 +269,7 @@ def test_lora_on_real_mura_survives_a_kill_of_its_worker_then_is_promoted_and_se
     assert versions, f"no {foundation} in the store: {models}"
     spec = {"kind": "adapt", "name": "mura-lora-compose", "config": {
         "kind": "mura", "root": "/data/mura-humerus-64/MURA-v1.1", "foundation": f"store:{foundation}/{versions[-1]}",
-        "method": "lora", "epochs": 4, "report_on": "last", "n_bootstrap": 20, "progress_bar": False,
+        "method": "lora", "epochs": 6, "report_on": "last", "n_bootstrap": 20, "progress_bar": False,
         "tensorboard": False, "log_every": 1, "device": "cpu", "batch_size": 32}}  # fmt: skip
     answer = stack.http.post("/training/jobs", json=spec, headers=stack.admin)
     assert answer.status_code == 202, answer.text
@@ -307,7 +314,7 @@ def test_two_inference_workers_both_answer(stack: Stack) -> None:
 
     def two_ready() -> bool:
         ready = stack.ready()
-        return bool(ready) and len(ready["workers"]) >= 2
+        return bool(ready) and sum(bool(w.get("ready")) for w in ready["workers"]) >= 2
 
     wait_until(two_ready, 600, "two inference workers in /ready", every=3)
     image = next(iter(real_images()["chexpert-valid"]))
@@ -351,22 +358,26 @@ def test_prometheus_lists_every_target_up(stack: Stack) -> None:
 
 
 def test_redis_restart_under_load_answers_503_with_retry_after_never_hangs_then_200(stack: Stack) -> None:
+    """`docker restart` of the inference Redis while 4 clients send /predict: every request ends (no hang):
+    200, 503 with Retry-After, or 504 (a request whose queued message died with Redis, after
+    XRAYFM_PREDICT_TIMEOUT); a request sent after the restart gets 200 within 10 s."""
     image = next(iter(real_images()["chexpert-valid"]))
-    outcomes: list[tuple[float, int, str | None]] = []  # (time, status, Retry-After); status 0 = no answer
+    outcomes: list[tuple[float, float, int, str | None]] = []  # (sent, answered, status, Retry-After)
     stop = threading.Event()
     lock = threading.Lock()
 
     def client() -> None:
         with httpx.Client(base_url=stack.url, timeout=75, headers={"X-API-Key": PREDICT_KEY}) as http:
             while not stop.is_set():
+                sent = time.monotonic()
                 try:
                     answer = http.post("/predict", params={"explain": "false"},
                                        files={"file": (image.name, image.read_bytes())})  # fmt: skip
-                    result = (time.monotonic(), answer.status_code, answer.headers.get("Retry-After"))
-                except httpx.HTTPError as error:
-                    result = (time.monotonic(), 0, type(error).__name__)
+                    status, retry = answer.status_code, answer.headers.get("Retry-After")
+                except httpx.HTTPError as error:  # 0: no answer within 75 s, or the connection failed
+                    status, retry = 0, type(error).__name__
                 with lock:
-                    outcomes.append(result)
+                    outcomes.append((sent, time.monotonic(), status, retry))
                 time.sleep(0.05)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -377,23 +388,27 @@ def test_redis_restart_under_load_answers_503_with_retry_after_never_hangs_then_
     subprocess.run(["docker", "restart", "-t", "1", redis], check=True, capture_output=True)
     restarted = time.monotonic()
 
-    def ok_again() -> bool:
+    def ok_again() -> float | None:
         with lock:
-            return any(at > restarted and status == 200 for at, status, _ in outcomes)
+            times = [
+                answered for sent, answered, status, _ in outcomes if sent >= restarted and status == 200
+            ]
+        return min(times) - restarted if times else None
 
     try:
-        wait_until(ok_again, 60, "a 200 after the Redis restart", every=0.2)
-        back = min(at for at, status, _ in outcomes if at > restarted and status == 200) - restarted
+        back = wait_until(ok_again, 60, "a 200 for a request sent after the Redis restart", every=0.2)
         time.sleep(3)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=120)
-    codes = Counter(status for _, status, _ in outcomes)
-    print(f"[compose-test] Redis restart under load: {dict(codes)}; 200 again {back:.1f} s after the restart")
+    codes = Counter(status for _, _, status, _ in outcomes)
+    slowest = max(answered - sent for sent, answered, _, _ in outcomes)
+    print(f"[compose-test] Redis restart under load: {dict(codes)}; slowest answer {slowest:.1f} s; "
+          f"200 again {back:.1f} s after the restart")  # fmt: skip
     assert not any(t.is_alive() for t in threads), "a request hangs"
-    assert set(codes) <= {200, 503}, codes  # no hang (0), no 5xx but 503, no 504
-    assert all(retry for _, status, retry in outcomes if status == 503), "a 503 without Retry-After"
+    assert set(codes) <= {200, 503, 504}, codes  # 0 = no answer in 75 s
+    assert all(retry for _, _, status, retry in outcomes if status == 503), "a 503 without Retry-After"
     assert back <= 10, f"200 again only {back:.1f} s after the Redis restart"
 
 

@@ -327,8 +327,16 @@ def test_training_worker_has_shared_memory_for_dataloader_workers_and_takes_the_
 def test_every_variable_the_docs_name_is_read_by_the_code_or_compose():
     compose = set(re.findall(r"\$\{(XRAYFM_[A-Z_]+)", (REPO / "docker-compose.yml").read_text()))
     tests = set(re.findall(r"\"(XRAYFM_[A-Z_]+)\"", (REPO / "tests/helpers.py").read_text()))  # real data
-    known = env_vars_read_by_the_code() | compose | tests
-    for doc in ("README.md", "services/README.md", "docs/training-stack.md"):
+    tests |= set(
+        re.findall(r"\"(XRAYFM_[A-Z_]+)\"", (REPO / "tests/containers/test_compose_stack.py").read_text())
+    )
+    scripts = {
+        name
+        for path in REPO.glob("deploy/*.sh")
+        for name in re.findall(r"XRAYFM_[A-Z_]*[A-Z]", path.read_text())
+    }
+    known = env_vars_read_by_the_code() | compose | tests | scripts
+    for doc in ("README.md", "services/README.md", "docs/training-stack.md", "docs/ops.md"):
         named = set(re.findall(r"XRAYFM_[A-Z_]*[A-Z]", (REPO / doc).read_text()))
         assert not named - known, f"{doc} names variables nothing reads: {sorted(named - known)}"
 
