@@ -343,4 +343,12 @@ def test_specs_outside_the_data_folders_are_refused_at_submission(fakes, tmp_pat
         )
         ok = {"kind": "pretrain", "config": {"kind": "chexpert", "root": str(data / "ok" / ".." / "ok")}}
         assert http.post("/training/jobs", json=ok).status_code == 202
-    assert [j["spec"]["config"]["root"] for j in fakes[1].jobs.values()] == [str((data / "ok").resolve())]
+        adapt = {
+            "kind": "mura",
+            "root": str(data / "ok"),
+            "foundation": str(data / "ok"),
+            "model": "vit_small",
+        }
+        resp = http.post("/training/jobs", json={"kind": "adapt", "config": adapt})
+        assert resp.status_code == 202, resp.text  # `model` names a timm model there, not a file
+    assert {j["spec"]["config"]["root"] for j in fakes[1].jobs.values()} == {str((data / "ok").resolve())}

@@ -10,14 +10,46 @@ with results (``result_extended`` off) nor shown in logs (``argsrepr``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+from redis.exceptions import RedisError
 
 from xrayfm_stack.protocol import PREDICT_TASK
 from xrayfm_stack.settings import QueueSettings, TrainingSettings
 
+log = logging.getLogger("xrayfm.celery")
+
 TRAIN_TASK = "xrayfm.train_job"
+
+
+class _QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that failing to hand unacknowledged messages back while the broker is gone
+    is not fatal. kombu 5.7 closes the channel of a lost connection by building a new client from a
+    connection it has already released (AttributeError), which made Celery stop the whole worker when Redis
+    restarted. Unacknowledged messages are redelivered after the visibility timeout anyway."""
+
+    def restore_unacked_once(self, stderr=None):  # noqa: D102 (kombu's)
+        try:
+            return super().restore_unacked_once(stderr)
+        except (AttributeError, RedisError, OSError) as exc:
+            log.warning("could not hand unacknowledged messages back now (%s); they are redelivered "
+                        "after the visibility timeout", type(exc).__name__)  # fmt: skip
+            return None
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+
+
+class RedisTransport(kombu_redis.Transport):
+    """The Redis transport both Celery apps use (``broker_transport``): kombu's, with :class:`_QoS`."""
+
+    Channel = _Channel
+
+
 BOOTSTRAP_TASK = "xrayfm.bootstrap_demo"
 
 
@@ -43,6 +75,7 @@ def reliable_queue_conf(queue: str, visibility_timeout_s: int) -> dict[str, Any]
             "socket_connect_timeout": 2,
             "socket_timeout": 10,
         },
+        "broker_transport": f"{__name__}:RedisTransport",  # survives a Redis restart (see _QoS)
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2,
         "worker_prefetch_multiplier": 1,

@@ -80,8 +80,8 @@ def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) ->
     """The config's paths, resolved and checked (the job then opens exactly what was checked)."""
     resolved = {}
     for field in PATH_FIELDS:
-        if kind == "pretrain" and field == "model":
-            continue  # a timm model name there, not a path
+        if field == "model" and kind != "evaluate":
+            continue  # a timm model name in training configs; evaluate's model is a checkpoint
         value = getattr(config, field, None)
         if not value or (field == "pretrained" and value == "timm"):
             continue

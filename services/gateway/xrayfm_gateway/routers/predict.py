@@ -155,7 +155,10 @@ async def predict(
         job = await deps.queue.wait(job_id, settings.predict_timeout_s)
     except QueueUnavailable as exc:
         raise APIError(
-            503, "queue_unavailable", f"lost Redis while waiting for job {job_id}: {exc}"
+            503,
+            "queue_unavailable",
+            f"lost Redis while waiting for job {job_id}: {exc}",
+            {"Retry-After": "5"},
         ) from None
     if job.status not in ("done", "failed"):
         PREDICTIONS.labels("timeout").inc()

@@ -31,8 +31,10 @@ def read_csv_strict(
         raise DataError(f"{path} is empty") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         bad = _bad_lines(path, header=header, expected=len(names) if names else None)
-        detail = f"lines with the wrong number of fields: {list_offenders(bad)}" if bad else str(exc)
-        raise DataError(f"malformed CSV {path}: {detail}") from exc
+        # The kind of problem and where, never the file's bytes (an error may travel to an API caller).
+        kind = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not parseable as CSV"
+        detail = f"lines with the wrong number of fields: {list_offenders(bad)}" if bad else kind
+        raise DataError(f"malformed CSV {path}: {detail}") from None
 
 
 def _bad_lines(path: Path, *, header: bool, expected: int | None) -> list[int]:
@@ -59,10 +61,10 @@ def _open_text(path: Path):
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
-    """DataError naming the missing columns (and the ones present) when any is absent."""
+    """DataError naming the missing columns when any is absent (not the file's own header: its contents)."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f"{path} lacks columns {missing}; it has {list(df.columns)}")
+        raise DataError(f"{path} lacks the columns {missing} ({len(df.columns)} columns found in its header)")
 
 
 def read_labelled_csv(
@@ -72,7 +74,7 @@ def read_labelled_csv(
 
     Labels come back as float32 [N, L] with NaN for blank. The fast path lets pandas' C parser convert
     the label columns; if any cell is not a number we re-read as text to name every offending cell.
-    Values outside ``allowed`` (``2``, ``yes``, ``1.5``) raise DataError naming rows and values.
+    Values outside ``allowed`` (``2``, ``yes``, ``1.5``) raise DataError naming their lines and columns.
     """
     head = read_csv_strict(path, nrows=0)
     require_columns(head, label_columns, path)
@@ -93,14 +95,18 @@ def read_labelled_csv(
 
 
 def _raise_unknown_values(path: Path, columns: Sequence[str], allowed) -> None:
-    """Re-read the file as text and raise DataError naming each offending cell (slow path, errors only)."""
+    """Re-read the file as text and raise DataError naming each offending cell by line and column, and the
+    kind of problem, not its value (slow path, errors only)."""
     df = read_csv_strict(path)
     problems = []
     for col in columns:
         text = df[col].str.strip()
         values = pd.to_numeric(text, errors="coerce")
         bad = ((values.isna() & (text != "")) | (values.notna() & ~values.isin(allowed))).to_numpy()
-        problems += [f"line {i + 2} {col}={df[col].iat[i]!r}" for i in np.flatnonzero(bad)[:10]]
+        problems += [
+            f"line {i + 2} {col} ({'not a number' if pd.isna(values.iat[i]) else 'a number not allowed'})"
+            for i in np.flatnonzero(bad)[:10]
+        ]
     if problems:
         raise DataError(
             f"unknown label values in {path} (allowed: {', '.join(map(str, allowed))} or blank): "
