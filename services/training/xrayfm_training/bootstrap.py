@@ -111,6 +111,9 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
     except Interrupted:
         raise  # left under way without a lock: the next worker's orphan check queues it again
     except Exception as exc:
-        state.set(stage="failed", error=f"{type(exc).__name__}: {exc}")
+        state.set(
+            stage="failed",
+            error=f"{type(exc).__name__}: {exc}" if isinstance(exc, XrayfmError) else type(exc).__name__,
+        )
         raise
     return state.get() or {}

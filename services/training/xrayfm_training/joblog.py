@@ -1,7 +1,8 @@
 """A job's own log: ``job.log`` in its run folder (whole) and its last lines in Redis (for the API and UI).
 
-Lines are the worker's events about this job (start, resume, epoch metrics, lost workers, the traceback of
-a failure); never images or patient fields. Each line also goes to the worker's log.
+Lines are the worker's events about this job (start, resume, epoch metrics, lost workers, a failure); never
+images or patient fields. Each line also goes to the worker's log. A failure's traceback, which may quote
+the data it failed on, goes to ``job.log`` and the worker's log only, not to Redis and so not to the API.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ class JobLog:
         self._last_metrics: Any = None
         self._folder_made = False
 
-    def __call__(self, message: str, level: int = logging.INFO) -> None:
-        log.log(level, "job %s: %s", self.job_id, message)
+    def __call__(self, message: str, level: int = logging.INFO, detail: str | None = None) -> None:
+        """Log `message` everywhere; `detail` (a traceback, which may quote data) only to ``job.log`` and the
+        worker's own log, never to Redis, from where the API serves the log."""
+        log.log(level, "job %s: %s%s", self.job_id, message, f"\n{detail}" if detail else "")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         line = f"{stamp} {logging.getLevelName(level)} {message}"
         try:
@@ -40,7 +43,7 @@ class JobLog:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                     self._folder_made = True
                 with self.path.open("a") as handle:
-                    handle.write(line + "\n")
+                    handle.write(line + "\n" + (detail.rstrip() + "\n" if detail else ""))
             except OSError:
                 log.warning("job %s: could not write %s", self.job_id, self.path)
 

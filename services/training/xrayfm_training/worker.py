@@ -25,6 +25,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutting_down
 from celery.utils.log import get_task_logger
 
+from xrayfm.errors import XrayfmError
 from xrayfm.utils import to_jsonable
 from xrayfm_stack import store as model_store
 from xrayfm_stack.celery import BOOTSTRAP_TASK, TRAIN_TASK, training_celery
@@ -101,6 +102,17 @@ def _holding_lock(
     finally:
         keeper.stop.set()
         records.release(lock_id, owner)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failed job's record says (and so the API): the library's own errors in full (they name paths
+    and kinds of problems, never file contents); for anything else only its type and where it was raised,
+    since its message may quote the data (the traceback is in the run folder's job.log)."""
+    if isinstance(exc, XrayfmError):
+        return f"{type(exc).__name__}: {exc}"
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" in {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return f"{type(exc).__name__}{where} (unexpected; the traceback is in job.log in the job's run folder)"
 
 
 def run_job(job_id: str, settings: TrainingSettings, records: JobRecords) -> dict[str, Any]:
@@ -187,8 +199,9 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
             f"stored as {spec['name']}/{version}")  # fmt: skip
         return {"status": "done", "model": model}
     except Exception as exc:
-        say(f"failed:\n{traceback.format_exc()}", logging.ERROR)
-        records.update(job_id, status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}")
+        error = failure_text(exc)
+        say(f"failed: {error}", logging.ERROR, detail=traceback.format_exc())
+        records.update(job_id, status="failed", finished=time.time(), error=error)
         return {"status": "failed"}
 
 
