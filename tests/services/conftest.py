@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,23 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
         return load_served_model(folder, device="cpu", name="m", version="1")
 
     return make
+
+
+@pytest.fixture()
+def records():
+    """Training job records under a fresh key prefix in the machine's Redis (db 15); skipped without one."""
+    import redis
+
+    from xrayfm_stack.jobs import JobRecords
+
+    jobs = JobRecords("redis://127.0.0.1:6379/15", f"xrayfm-test-{uuid.uuid4().hex[:8]}")
+    try:
+        jobs.redis.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    yield jobs
+    for key in jobs.redis.scan_iter(f"{jobs.queue}*"):
+        jobs.redis.delete(key)
 
 
 @pytest.fixture(scope="session")

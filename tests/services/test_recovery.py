@@ -7,24 +7,7 @@ import json
 import time
 import uuid
 
-import pytest
-import redis
-
 from xrayfm_training.recovery import UNACKED_KEY, reconcile_queued
-
-
-@pytest.fixture()
-def records():
-    from xrayfm_stack.jobs import JobRecords
-
-    jobs = JobRecords("redis://127.0.0.1:6379/15", f"xrayfm-test-{uuid.uuid4().hex[:8]}")
-    try:
-        jobs.redis.ping()
-    except redis.RedisError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield jobs
-    for key in jobs.redis.scan_iter(f"{jobs.queue}*"):
-        jobs.redis.delete(key)
 
 
 def _queued(records, age_s: float) -> str:

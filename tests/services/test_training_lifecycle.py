@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from helpers import shared_data_dir
 from svc_helpers import require_redis_server, stack_env
@@ -29,20 +28,6 @@ DONE = ("done", "failed", "cancelled")
 
 
 # -- orphan recovery, on the machine's Redis ----------------------------------------------------------------
-@pytest.fixture()
-def records():
-    from xrayfm_stack.jobs import JobRecords
-
-    jobs = JobRecords("redis://127.0.0.1:6379/15", f"xrayfm-test-{uuid.uuid4().hex[:8]}")
-    try:
-        jobs.redis.ping()
-    except redis.RedisError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield jobs
-    for key in jobs.redis.scan_iter(f"{jobs.queue}:*"):
-        jobs.redis.delete(key)
-
-
 def _job(records, status: str, attempts: int = 1) -> str:
     job_id = records.create({"kind": "pretrain", "name": "m", "config": {}})
     records.update(job_id, status=status, attempts=attempts)
