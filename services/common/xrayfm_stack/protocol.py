@@ -121,6 +121,9 @@ class ModelInfo(BaseModel):
     device: str
     synthetic: bool = Field(False, description="trained on synthetic phantoms")
     untrained: bool = Field(False, description="random weights (a placeholder, not a trained model)")
+    runtime: str | None = Field(
+        None, description="the worker's runtime for this model (torch, onnxruntime, onnxruntime-int8)"
+    )
 
 
 class Timings(BaseModel):
@@ -168,6 +171,11 @@ class WorkerAnswer(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     batch_size: int = 1
     worker: str | None = None
+    runtime: str | None = Field(
+        None,
+        description="what computed this answer (torch, onnxruntime, onnxruntime-int8); methods that need "
+        "gradients always run in torch",
+    )
 
 
 class RejectionReason(BaseModel):

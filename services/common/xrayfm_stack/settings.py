@@ -21,6 +21,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_STORE = Path("runs/model-store")
 DEFAULT_DATA_DIR = Path("/data")  # where compose mounts the datasets
 BOOTSTRAP_MODES = ("demo", "quick", "off")
+RUNTIMES = ("torch", "onnxruntime")  # XRAYFM_RUNTIME (xrayfm.inference.runtime)
+QUANTIZATIONS = ("none", "int8")  # XRAYFM_QUANTIZE
 
 
 def env_str(env: Mapping[str, str], name: str, default: str) -> str:
@@ -131,13 +133,17 @@ class InferenceSettings:
     torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
     explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: default heatmap method
     model_poll_s: float = 2.0  # XRAYFM_MODEL_POLL_S: seconds between looks at serving.json; 0 = off
+    runtime: str = "torch"  # XRAYFM_RUNTIME: torch or onnxruntime (exported once per checkpoint, cached)
+    quantize: str = "none"  # XRAYFM_QUANTIZE: none or int8 (dynamic int8 weights; onnxruntime only)
+    runtime_cache: Path | None = None  # XRAYFM_RUNTIME_CACHE: ONNX exports; None = ~/.cache/xrayfm/onnx
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> InferenceSettings:
         """Read the worker's ``XRAYFM_*`` variables (plus the queue settings)."""
         env = _environ(env)
         model_path = env_str(env, "XRAYFM_MODEL_PATH", "")
-        return cls(
+        runtime_cache = env_str(env, "XRAYFM_RUNTIME_CACHE", "")
+        settings = cls(
             queue=QueueSettings.from_env(env),
             model_path=Path(model_path) if model_path else None,
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
@@ -149,7 +155,21 @@ class InferenceSettings:
             torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
             explain_method=explain_method(env),
             model_poll_s=float(env_number(env, "XRAYFM_MODEL_POLL_S", cls.model_poll_s, float, 0)),
+            runtime=env_choice(env, "XRAYFM_RUNTIME", cls.runtime, RUNTIMES),
+            quantize=env_choice(env, "XRAYFM_QUANTIZE", cls.quantize, QUANTIZATIONS),
+            runtime_cache=Path(runtime_cache) if runtime_cache else None,
         )
+        if settings.quantize != "none" and settings.runtime == "torch":
+            raise XrayfmError(f"XRAYFM_QUANTIZE={settings.quantize} needs XRAYFM_RUNTIME=onnxruntime")
+        return settings
+
+
+def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The variable `name` (lower case) if it is one of `choices`, else a clear error; `default` when unset."""
+    value = env_str(env, name, default).lower()
+    if value not in choices:
+        raise XrayfmError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def explain_method(env: Mapping[str, str]) -> str:

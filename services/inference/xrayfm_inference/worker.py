@@ -80,7 +80,7 @@ class Runtime:
             "ready": self.served is not None and not stuck,
             "loading": self.loading,
             "error": self.error or ("a batch has run longer than the time limit" if stuck else None),
-            "model": self.served.info() if self.served is not None else None,
+            "model": model_info(self.predictor).model_dump() if self.served is not None else None,
             "swap_error": self.watcher.error if self.watcher is not None else None,
             "batch_max": SETTINGS.batch_max,
             "pid": os.getpid(),
@@ -88,6 +88,13 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+
+
+def model_info(predictor: Any) -> ModelInfo:
+    """The served model's identity with the deployment's runtime (torch, onnxruntime, onnxruntime-int8)."""
+    return ModelInfo(**{**predictor.served.info(), "runtime": predictor.runtime})
+
+
 _START_LOCK = threading.Lock()
 
 
@@ -135,7 +142,7 @@ def _run_batch(images: list, explain_maps: bool, method: str) -> list[WorkerAnsw
 
     predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
     results = predictor.predict(images, explain_maps=explain_maps, method=method)
-    model = ModelInfo(**predictor.served.info())
+    model = model_info(predictor)
     t0 = time.perf_counter()
     maps = [
         base64.b64encode(to_png_bytes(r.heatmap)).decode("ascii") if r.heatmap is not None else None
@@ -152,6 +159,7 @@ def _run_batch(images: list, explain_maps: bool, method: str) -> list[WorkerAnsw
             model=model,
             timings=Timings(**{**r.timings, "postprocess_ms": r.timings["postprocess_ms"] + encode_ms}),
             batch_size=r.batch_size,
+            runtime=r.runtime,
         )
         for r, attention_map in zip(results, maps, strict=True)
     ]
@@ -162,13 +170,20 @@ def _load_model(ref) -> None:
     served now (the swap happens only once the new model answered its warm-up)."""
     import torch
 
-    from xrayfm.inference import Predictor, load_served_model
+    from xrayfm.inference import load_served_model
+    from xrayfm.inference.runtime import make_predictor
 
     if SETTINGS.torch_threads:
         torch.set_num_threads(SETTINGS.torch_threads)
     t0 = time.perf_counter()
     served = load_served_model(ref.path, SETTINGS.device, name=ref.name, version=ref.version)
-    predictor = Predictor(served)
+    predictor = make_predictor(
+        served,
+        SETTINGS.runtime,
+        quantize=SETTINGS.quantize,
+        cache_dir=SETTINGS.runtime_cache,
+        threads=SETTINGS.torch_threads,
+    )
     predictor.predict([_warmup_image()], explain_maps=True, method=SETTINGS.explain_method)
     previous = RUNTIME.served
     RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
@@ -178,11 +193,14 @@ def _load_model(ref) -> None:
         )
     RUNTIME.error = None
     info = served.info()
-    metrics.MODEL.info({k: str(info[k]) for k in ("name", "version", "sha256", "device")})
+    metrics.MODEL.info(
+        {**{k: str(info[k]) for k in ("name", "version", "sha256", "device")}, "runtime": predictor.runtime}
+    )
     metrics.MODEL_LOADED.set(1)
     log.info(
-        "serving %s/%s (sha256 %s) on %s, loaded in %.1f s%s",
-        served.name, served.version, served.sha256[:12], served.device, time.perf_counter() - t0,
+        "serving %s/%s (sha256 %s) on %s with %s, loaded in %.1f s%s",
+        served.name, served.version, served.sha256[:12], served.device, predictor.runtime,
+        time.perf_counter() - t0,
         f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
 

@@ -8,6 +8,9 @@ or a LoRA adapter over its foundation. From ``meta.json`` inference reads ``labe
 {size, mean, std, channels, mode} and, optionally, ``threshold`` (0.5), ``negative_label`` ("Normal"),
 ``activation`` ("sigmoid" | "softmax"), ``name``/``version``, ``synthetic`` (true for models trained on
 phantoms).
+
+The :class:`Predictor` here runs the model in torch; ``xrayfm.inference.runtime`` exports it to ONNX
+(with the attention of every block, so rollout runs there too) and serves it with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ class ServedModel:
     multiclass: bool = False  # softmax over labels instead of one sigmoid per label
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+    def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Logits [B, L] -> probabilities [B, L] (softmax for multi-class heads, else per-label sigmoid)."""
-        logits = logits.detach().float().cpu()
+        logits = torch.as_tensor(logits).detach().float().cpu()
         return (torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)).numpy()
 
     def info(self) -> dict[str, Any]:
@@ -112,6 +115,7 @@ class PredictionResult(Decision):
     explain_method: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+    runtime: str = "torch"  # what computed the logits and the map ("onnxruntime", "onnxruntime-int8", ...)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -174,6 +178,8 @@ def _check_outputs(served: ServedModel) -> None:
 class Predictor:
     """Runs the served model on batches; thread-compatible (one batch at a time, from the batcher)."""
 
+    runtime = "torch"  # the name answers carry; subclasses running another runtime override it
+
     def __init__(self, served: ServedModel) -> None:
         self.served = served
         pre = served.preprocessing
@@ -202,6 +208,13 @@ class Predictor:
             logits = model(batch)
         return logits, explain(model, batch, method=method)  # class-specific: each image's top class
 
+    def run(
+        self, batch: torch.Tensor, explain_maps: bool, method: str
+    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
+        """:meth:`forward` plus the name of the runtime that ran it (a subclass may fall back to torch)."""
+        logits, maps = self.forward(batch, explain_maps, method)
+        return logits, maps, self.runtime
+
     def predict(
         self, images: list[np.ndarray], explain_maps: bool = True, method: str = "rollout"
     ) -> list[PredictionResult]:
@@ -209,7 +222,7 @@ class Predictor:
         t0 = time.perf_counter()
         batch = self.preprocess(images)
         t1 = time.perf_counter()
-        logits, maps = self.forward(batch, explain_maps, method)
+        logits, maps, runtime = self.run(batch, explain_maps, method)
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
         t2 = time.perf_counter()
@@ -233,6 +246,7 @@ class Predictor:
                 explain_method=drawn_with,
                 timings=dict(timings),
                 batch_size=len(images),
+                runtime=runtime,
             )
             for i in range(len(images))
         ]

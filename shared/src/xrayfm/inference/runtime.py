@@ -1,0 +1,240 @@
+"""Serving runtimes: the served model exported to ONNX once and run with ONNX Runtime, rollout included.
+
+The export (:func:`export_onnx`) wraps the model so that one graph gives the logits, the attention-rollout
+maps and the head-averaged attention probabilities of every block (outputs ``logits``, ``rollout``,
+``attn_0`` ... ``attn_{L-1}``): the same maths as :func:`xrayfm.explain.predict_with_rollout` (mean over
+heads, no discarding), traced through timm's unfused attention path with the library's own hooks, so the
+optimized runtime draws the rollout map too. LoRA adapters are merged into their foundation first (a copy:
+the torch model stays as it was, for the methods that need gradients).
+
+Exports are cached in a folder keyed by the checkpoint's sha256 (:func:`cached_onnx`), not written into
+the checkpoint's folder: the model store is mounted read-only in the worker containers, identical
+checkpoints share one export, and a changed checkpoint can never pick up a stale graph (the key also
+holds the input size, the opset, the quantization and the torch version that exported it). A file
+appears complete or not at all (written beside, then renamed).
+
+:class:`OnnxPredictor` is a :class:`~xrayfm.inference.Predictor` whose logits and rollout maps come from
+ONNX Runtime; methods that need gradients (``grad_rollout``, ``gradcam``) fall back to the torch model,
+and each answer's ``runtime`` says which one served it. Optional int8 dynamic quantization of the weight
+matrix products (``quantize="int8"``; the attention products between activations stay in float, so the
+attention probabilities stay close).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrayfm.errors import XrayfmError
+from xrayfm.explain import canonical_method
+from xrayfm.explain.rollout import (
+    attention_modules,
+    capture_attention,
+    find_vit,
+    rollout_matrix,
+    token_relevance_to_map,
+)
+from xrayfm.inference import Predictor, ServedModel
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnxruntime")
+QUANTIZATIONS = ("none", "int8")
+OPSET = 17
+EXPORT_FORMAT = 1  # bump when the exported graph's outputs change (part of the cache key)
+
+
+class RolloutGraph(nn.Module):
+    """What gets exported: pixels [B, C, S, S] -> (logits [B, L], rollout [B, gh, gw], attn_i [B, N, N]...)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.vit = find_vit(model)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with capture_attention(self.model, head_fusion="mean") as record:
+            logits = self.model(pixels)
+        relevance = rollout_matrix(record.attentions, protect_cls=self.vit.cls_token is not None)
+        maps = token_relevance_to_map(relevance, self.vit, (int(pixels.shape[-2]), int(pixels.shape[-1])))
+        return (logits, maps, *record.attentions)
+
+
+def mergeable_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of `model` for export: a PEFT (LoRA) model is merged into its base, on the CPU."""
+    clone = copy.deepcopy(model).cpu().eval()
+    if hasattr(clone, "merge_and_unload"):  # peft.PeftModel: W + BA folded into W, adapters dropped
+        clone = clone.merge_and_unload()
+    for param in clone.parameters():
+        param.requires_grad_(False)
+    return clone
+
+
+def export_onnx(served: ServedModel, path: str | Path, *, opset: int = OPSET) -> Path:
+    """Export `served` (merged if LoRA) to an ONNX file at `path` with the logits, rollout maps and every
+    block's attention as outputs; the batch dimension is dynamic. Raises for models without a timm ViT."""
+    model = mergeable_copy(served.model)
+    graph = RolloutGraph(model).eval()
+    blocks = len(attention_modules(model))
+    pre = served.preprocessing
+    dummy = torch.zeros(2, pre.channels, pre.size, pre.size)
+    outputs = ["logits", "rollout", *(f"attn_{i}" for i in range(blocks))]
+    path = Path(path)
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: the sizes are fixed here
+        torch.onnx.export(
+            graph,
+            (dummy,),
+            str(path),
+            dynamo=False,  # the TorchScript tracer: runs the library's hooks as they are
+            opset_version=opset,
+            input_names=["pixels"],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["pixels", *outputs]},
+            do_constant_folding=True,
+        )
+    return path
+
+
+def quantize_int8(source: Path, target: Path) -> Path:
+    """int8 dynamic quantization of the products with a weight matrix (MatMul/Gemm whose second input
+    is a constant); products between activations (q k^T, attention x v) stay in float."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    exclude = [
+        node.name
+        for node in graph.node
+        if node.op_type in ("MatMul", "Gemm") and not (len(node.input) > 1 and node.input[1] in constants)
+    ]
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=exclude,
+    )
+    return target
+
+
+def cache_key(served: ServedModel, quantize: str = "none", opset: int = OPSET) -> str:
+    """The cache file's name: checkpoint sha256, input size, opset, quantization, torch version."""
+    torch_version = torch.__version__.split("+")[0]
+    pre = served.preprocessing
+    return (
+        f"{served.sha256[:32]}-s{pre.size}c{pre.channels}-op{opset}-f{EXPORT_FORMAT}-{quantize}"
+        f"-torch{torch_version}.onnx"
+    )
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/xrayfm/onnx`` (``~/.cache/xrayfm/onnx``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "xrayfm" / "onnx"
+
+
+def cached_onnx(served: ServedModel, cache_dir: str | Path | None = None, quantize: str = "none") -> Path:
+    """The ONNX file for `served` (exported, and quantized, on first use; then read from the cache).
+
+    Written beside its final name and renamed, so concurrent workers exporting the same model at once
+    each leave a complete file (the last rename wins; both are the same graph)."""
+    if quantize not in QUANTIZATIONS:
+        raise XrayfmError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = folder / cache_key(served, quantize)
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
+        fp32 = export_onnx(served, Path(tmp) / "model.onnx")
+        made = quantize_int8(fp32, Path(tmp) / "model.int8.onnx") if quantize == "int8" else fp32
+        os.replace(made, target)
+    facts = {
+        "name": served.name,
+        "version": served.version,
+        "sha256": served.sha256,
+        "quantize": quantize,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "export_s": round(time.perf_counter() - t0, 2),
+    }
+    target.with_suffix(".json").write_text(json.dumps(facts, indent=2))
+    log.info("exported %s/%s to %s in %.1f s", served.name, served.version, target, facts["export_s"])
+    return target
+
+
+def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session with every graph optimisation, `threads` intra-op threads (0 = ORT's
+    default) and one inter-op thread (the graph is a chain; the batcher runs one batch at a time)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = max(0, int(threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxPredictor(Predictor):
+    """Logits and rollout maps from ONNX Runtime; gradient methods from the torch model."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        *,
+        cache_dir: str | Path | None = None,
+        quantize: str = "none",
+        threads: int = 0,
+        providers: list[str] | None = None,
+    ) -> None:
+        super().__init__(served)
+        self.onnx_path = cached_onnx(served, cache_dir, quantize)
+        self.session = ort_session(self.onnx_path, threads, providers)
+        self.runtime = "onnxruntime" if quantize == "none" else f"onnxruntime-{quantize}"
+
+    def run(
+        self, batch: torch.Tensor, explain_maps: bool, method: str
+    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
+        if explain_maps and canonical_method(method) != "rollout":
+            logits, maps = self.forward(batch, explain_maps, method)  # needs gradients: torch
+            return logits, maps, "torch"
+        pixels = batch.detach().cpu().numpy().astype(np.float32, copy=False)
+        wanted = ["logits", "rollout"] if explain_maps else ["logits"]
+        outputs = self.session.run(wanted, {"pixels": pixels})
+        return outputs[0], (outputs[1] if explain_maps else None), self.runtime
+
+
+def make_predictor(
+    served: ServedModel,
+    runtime: str = "torch",
+    *,
+    quantize: str = "none",
+    cache_dir: str | Path | None = None,
+    threads: int = 0,
+) -> Predictor:
+    """The predictor for a deployment's runtime (``torch`` or ``onnxruntime``)."""
+    if runtime == "torch":
+        if quantize != "none":
+            raise XrayfmError(f"quantize={quantize!r} needs the onnxruntime runtime")
+        return Predictor(served)
+    if runtime == "onnxruntime":
+        if served.device.type != "cpu":
+            raise XrayfmError("the onnxruntime runtime runs on the CPU here; set XRAYFM_DEVICE=cpu")
+        return OnnxPredictor(served, cache_dir=cache_dir, quantize=quantize, threads=threads)
+    raise XrayfmError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
