@@ -8,6 +8,12 @@ and worker heartbeats uses an asyncio Redis client, so no request thread blocks 
 first-start bootstrap's state. Its Redis calls are blocking (redis-py), so each runs in a thread.
 
 Both raise :class:`QueueUnavailable` when Redis cannot be reached; the routes answer 503.
+
+Waiting for a result does not poll: Celery's Redis result backend PUBLISHes every state it stores on a
+channel named like the result's key, so :class:`ResultListener` keeps one subscriber connection per
+gateway process, subscribes to a job's channel before reading the key once (no missed answer), and wakes
+the waiting request when its result is published. A published message that got lost (a Redis restart
+under the subscriber) costs at most ``RECHECK_S``: the wait reads the key again that often.
 """
 
 from __future__ import annotations
@@ -54,6 +60,97 @@ class JobState:
     error: str | None = None
 
 
+RECHECK_S = 0.5  # a waiting request reads its result key at least this often (lost pub/sub messages)
+WORKERS_CACHE_S = 0.25  # the live-worker list is read from Redis at most this often per gateway process
+
+
+class ResultListener:
+    """One Redis subscriber for the whole gateway process: job channel -> the futures waiting on it."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.pubsub: Any = None
+        self.waiters: dict[str, set[asyncio.Future]] = {}
+        self.task: asyncio.Task | None = None
+        self.lock = asyncio.Lock()
+
+    async def watch(self, channel: str) -> asyncio.Future:
+        """A future resolved with the next message published on `channel` (subscribed before returning)."""
+        future = asyncio.get_running_loop().create_future()
+        async with self.lock:
+            if self.pubsub is None:
+                self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            first = channel not in self.waiters
+            self.waiters.setdefault(channel, set()).add(future)
+            try:
+                if first:
+                    await self.pubsub.subscribe(channel)
+            except BaseException:
+                self._drop(channel, future)
+                raise
+            if self.task is None or self.task.done():
+                self.task = asyncio.create_task(self._listen(), name="xrayfm-result-listener")
+        return future
+
+    async def unwatch(self, channel: str, future: asyncio.Future) -> None:
+        """Stop waiting on `channel` (unsubscribes when nobody else waits on it)."""
+        async with self.lock:
+            if self._drop(channel, future) and self.pubsub is not None:
+                try:
+                    await self.pubsub.unsubscribe(channel)
+                except (RedisError, OSError):  # the connection is gone: so is the subscription
+                    pass
+
+    def _drop(self, channel: str, future: asyncio.Future) -> bool:
+        waiting = self.waiters.get(channel)
+        if waiting is not None:
+            waiting.discard(future)
+            if not waiting:
+                del self.waiters[channel]
+                return True
+        return False
+
+    async def _listen(self) -> None:
+        while self.waiters:
+            try:
+                message = await self.pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:  # waiters fall back to reading their keys (RECHECK_S)
+                log.warning("result subscriber lost Redis (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(RECHECK_S)
+                async with self.lock:
+                    await self._resubscribe()
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            for future in list(self.waiters.get(channel, ())):
+                if not future.done():
+                    future.set_result(message["data"])
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self.pubsub.aclose()
+        except (RedisError, OSError):
+            pass
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        if self.waiters:
+            try:
+                await self.pubsub.subscribe(*self.waiters)
+            except (RedisError, OSError):
+                pass  # next round
+
+    async def close(self) -> None:
+        """Stop listening and release the subscriber connection."""
+        if self.task is not None:
+            self.task.cancel()
+        if self.pubsub is not None:
+            try:
+                await self.pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
+
 class InferenceQueue:
     """Submit requests to the inference workers and collect their answers."""
 
@@ -63,13 +160,29 @@ class InferenceQueue:
         self.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=1.0, socket_timeout=3.0, health_check_interval=10
         )
+        # The subscriber's connection waits for messages: no socket timeout on it (get_message has its own).
+        self.listener = ResultListener(
+            aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, health_check_interval=10)
+        )
+        self._workers: tuple[float, list[dict[str, Any]]] | None = None
 
     async def close(self) -> None:
         """Release the Redis connections."""
+        await self.listener.close()
+        await self.listener.redis.aclose()
         await self.redis.aclose()
 
     async def workers(self) -> list[dict[str, Any]]:
-        """Live workers (heartbeat younger than its TTL) with their self-description."""
+        """Live workers (heartbeat younger than its TTL) with their self-description (read from Redis at
+        most every ``WORKERS_CACHE_S``: /predict asks on every request)."""
+        cached = self._workers
+        if cached is not None and time.monotonic() - cached[0] < WORKERS_CACHE_S:
+            return cached[1]
+        found = await self._read_workers()
+        self._workers = (time.monotonic(), found)
+        return found
+
+    async def _read_workers(self) -> list[dict[str, Any]]:
         now = time.time()
         try:
             names = await self.redis.zrangebyscore(
@@ -86,11 +199,13 @@ class InferenceQueue:
         """Queue one request; returns its job id. `record` (technical facts only: no names, no header)
         is kept with the job until it expires, so that unknown ids answer 404 and results say what came in."""
         job_id = str(uuid.uuid4())
-        try:
-            await self.redis.set(
-                self.settings.job_key(job_id), json.dumps(record), ex=self.settings.result_expires_s
+        try:  # both before the id is handed out, so /jobs/{id} never answers 404 for a queued job
+            await asyncio.gather(
+                self.redis.set(
+                    self.settings.job_key(job_id), json.dumps(record), ex=self.settings.result_expires_s
+                ),
+                anyio.to_thread.run_sync(self._send, job_id, request),
             )
-            await anyio.to_thread.run_sync(self._send, job_id, request)
         except (RedisError, OSError, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id
@@ -123,7 +238,10 @@ class InferenceQueue:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         if raw is None:
             return JobState("queued")
-        meta = backend.decode_result(raw)
+        return self._decode_state(raw)
+
+    def _decode_state(self, raw: Any) -> JobState:
+        meta = self.celery.backend.decode_result(raw)
         status = meta.get("status")
         if status == states.SUCCESS:
             return JobState("done", result=parse_worker_reply(meta.get("result")))
@@ -132,15 +250,35 @@ class InferenceQueue:
         return JobState("running" if status == states.STARTED else "queued")
 
     async def wait(self, job_id: str, timeout: float) -> JobState:
-        """Poll the job until it is done or failed, or `timeout` seconds passed (then its last state)."""
+        """Wait until the job is done or failed, or `timeout` seconds passed (then its last state).
+
+        Woken by the result backend's publication; the key is read again at least every RECHECK_S."""
         deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            job = await self.state(job_id)
-            if job.status in ("done", "failed") or time.monotonic() >= deadline:
-                return job
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 0.01)  # 10 ms at most: Redis GETs are cheap, latency matters
+        channel = self.celery.backend.get_key_for_task(job_id).decode()
+        try:
+            future = await self.listener.watch(channel)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+        try:
+            job = await self.state(job_id)  # subscribed first: an answer stored before now is read here
+            while job.status not in ("done", "failed"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return job
+                done, _ = await asyncio.wait({future}, timeout=min(left, RECHECK_S))
+                if done:
+                    job = self._decode_state(future.result())
+                    if job.status in ("done", "failed"):
+                        return job
+                    previous = future  # e.g. STARTED: re-arm (still subscribed) for the next state change
+                    future = await self.listener.watch(channel)
+                    await self.listener.unwatch(channel, previous)
+                job = await self.state(job_id)
+            return job
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+        finally:
+            await self.listener.unwatch(channel, future)
 
 
 def _error_text(result: Any) -> str:

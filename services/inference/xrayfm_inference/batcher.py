@@ -5,6 +5,11 @@ time-limit machinery), so each request stays an ordinary Celery task, run in a w
 hands its image to this batcher and waits for its own answer. One inference thread takes the first
 waiting request, waits up to `wait_s` for up to `max_batch - 1` more, and runs requests with the same
 options as one batch.
+
+With `expected` (the worker's count of requests it has taken from the queue but not yet handed here),
+the window is only waited while such requests are on their way: a lone request runs at once (no fixed
+batching delay at low load), and under load the batch fills with the requests already being decoded.
+Without it, every batch waits the full window for company.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class MicroBatcher:
         max_batch: int = 8,
         wait_s: float = 0.005,
         on_batch: Callable[[int, float, list[float]], None] | None = None,
+        expected: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -50,6 +56,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.wait_s = max(0.0, wait_s)
         self._on_batch = on_batch  # (batch size, seconds, per-item seconds waited in the batcher)
+        self._expected = expected  # requests on their way to submit() (None: always wait the window)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._busy_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="xrayfm-batcher", daemon=True)
@@ -76,10 +83,21 @@ class MicroBatcher:
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
+            if self._expected is not None:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    if left <= 0 or self._expected() <= 0:
+                        break  # nobody else is on the way: run now
+                    try:  # someone is: look again in 1 ms slices until the window closes
+                        item = self._queue.get(timeout=min(left, 0.001))
+                    except queue.Empty:
+                        continue
+            else:
+                try:
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
             if item is None:  # close(): put the sentinel back for the loop
                 self._queue.put(None)
                 break

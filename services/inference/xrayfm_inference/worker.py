@@ -90,6 +90,24 @@ class Runtime:
 RUNTIME = Runtime()
 
 
+class _OnTheWay:
+    """Requests taken from the queue whose image is not yet in the batcher (the batcher waits for them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+
+    def __call__(self) -> int:
+        return self._count
+
+
+ON_THE_WAY = _OnTheWay()
+
+
 def model_info(predictor: Any) -> ModelInfo:
     """The served model's identity with the deployment's runtime (torch, onnxruntime, onnxruntime-int8)."""
     return ModelInfo(**{**predictor.served.info(), "runtime": predictor.runtime})
@@ -189,7 +207,11 @@ def _load_model(ref) -> None:
     RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
     if RUNTIME.batcher is None:
         RUNTIME.batcher = MicroBatcher(
-            _run_batch, SETTINGS.batch_max, SETTINGS.batch_wait_ms / 1000.0, on_batch=metrics.observe_batch
+            _run_batch,
+            SETTINGS.batch_max,
+            SETTINGS.batch_wait_ms / 1000.0,
+            on_batch=metrics.observe_batch,
+            expected=ON_THE_WAY,
         )
     RUNTIME.error = None
     info = served.info()
@@ -239,18 +261,22 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
         log.warning("no model loaded (%s); requeueing %s", RUNTIME.error, self.request.id)
         time.sleep(1.0)
         raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
+    ON_THE_WAY.add(1)
     try:
-        request = PredictRequest.parse(payload)
-        image = request.image()
-        if request.method not in EXPLAIN_METHODS:
-            raise XrayfmError(
-                f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
-            )
-    except XrayfmError as exc:
-        return _rejected(str(exc))
-    queue_wait = max(0.0, picked_up - request.submitted_at)
-    metrics.QUEUE_WAIT_SECONDS.observe(queue_wait)
-    future = RUNTIME.batcher.submit(image, request.explain, request.method)
+        try:
+            request = PredictRequest.parse(payload)
+            image = request.image()
+            if request.method not in EXPLAIN_METHODS:
+                raise XrayfmError(
+                    f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
+                )
+        except XrayfmError as exc:
+            return _rejected(str(exc))
+        queue_wait = max(0.0, picked_up - request.submitted_at)
+        metrics.QUEUE_WAIT_SECONDS.observe(queue_wait)
+        future = RUNTIME.batcher.submit(image, request.explain, request.method)
+    finally:
+        ON_THE_WAY.add(-1)
     try:
         result = future.result(timeout=SETTINGS.queue.task_time_limit_s)
     except FutureTimeout:

@@ -1,0 +1,249 @@
+"""CPU inference runtimes side by side: torch eager vs ONNX Runtime (fp32, int8), rollout included; the
+int8 AUROC change on a real validation set; and the worker's footprint (start-to-ready, RSS).
+
+    .venv/bin/python bench/bench_inference.py --json                     # vit_base, batch 1, rollout
+    .venv/bin/python bench/bench_inference.py --model vit_tiny_patch16_224 --batch 8
+    .venv/bin/python bench/bench_inference.py --auroc CHECKPOINT         # int8 vs fp32 on MURA valid
+    .venv/bin/python bench/bench_inference.py --footprint                # start-to-ready + RSS table
+
+Timings: each repeat runs every runtime once on the same preprocessed batch, interleaved, so that load
+from other processes hits them alike; the medians are printed. The issue's goal: the best runtime at
+least 1.4x faster than torch eager for vit_base at batch 1 on the CPU, rollout included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("XRAYFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def make_checkpoint(folder: Path, model: str, size: int) -> Path:
+    from xrayfm.models.backbones import create_model
+    from xrayfm.models.checkpoint import save_checkpoint
+
+    spec = {"name": model, "num_classes": 1, "img_size": size}
+    meta = {
+        "model": spec,
+        "labels": ["Abnormal"],
+        "preprocessing": {"size": size, "mean": [0.5], "std": [0.25]},
+    }
+    return save_checkpoint(folder, create_model(**spec), meta)
+
+
+def real_images(n: int) -> list:
+    """CheXpert valid frontal views (grey uint8), else synthetic noise."""
+    import numpy as np
+
+    from xrayfm.data.images import read_image
+
+    found = sorted(SHARED.glob("chexpert-small-valid/CheXpert-v1.0-small/valid/*/study1/view1_frontal.jpg"))[
+        :n
+    ]
+    if found:
+        return [read_image(p.read_bytes()) for p in found]
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (390, 320), dtype=np.uint8) for _ in range(n)]
+
+
+def speed(args: argparse.Namespace, cache: Path) -> dict:
+    import torch
+
+    from xrayfm.explain import predict_with_rollout
+    from xrayfm.inference import load_served_model
+    from xrayfm.inference.runtime import OnnxPredictor
+
+    torch.set_num_threads(args.threads)
+    checkpoint = make_checkpoint(cache / "model", args.model, args.size)
+    served = load_served_model(checkpoint, device="cpu")
+    runtimes = {"onnxruntime": OnnxPredictor(served, cache_dir=cache, threads=args.threads)}
+    if not args.no_int8:
+        runtimes["onnxruntime-int8"] = OnnxPredictor(
+            served, cache_dir=cache, quantize="int8", threads=args.threads
+        )
+    images = real_images(args.batch)
+    batch = runtimes["onnxruntime"].preprocess(images)
+    paths = {
+        "torch_eager_forward": lambda: served.model(batch),
+        "torch_eager": lambda: predict_with_rollout(served.model, batch),
+        **{name: (lambda p=p: p.run(batch, True, "rollout")) for name, p in runtimes.items()},
+    }
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.inference_mode():
+        for _ in range(2):
+            for fn in paths.values():
+                fn()
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                fn()
+                samples[name].append(1000 * (time.perf_counter() - start))
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    candidates = {name: ms for name, ms in medians.items() if name.startswith("onnxruntime")}
+    best = min(candidates, key=candidates.get)
+    return {
+        "model": args.model,
+        "size": args.size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "rollout_included": True,
+        "median_ms": {k: round(v, 2) for k, v in medians.items()},
+        "torch_eager_ms": round(medians["torch_eager"], 2),
+        "best_runtime": best,
+        "best_runtime_ms": round(medians[best], 2),
+        "speedup": round(medians["torch_eager"] / medians[best], 3),
+        "fp32_speedup": round(medians["torch_eager"] / medians["onnxruntime"], 3),
+    }
+
+
+def mura_valid(root: Path) -> tuple[list[Path], list[int]]:
+    rows = (root / "valid_image_paths.csv").read_text().split()
+    paths = [root.parent / row.strip() for row in rows if row.strip()]
+    return paths, [int("positive" in str(p.parent.name)) for p in paths]
+
+
+def auroc(args: argparse.Namespace, cache: Path) -> dict:
+    """Image-level AUROC on MURA valid: torch fp32, ONNX Runtime fp32 and int8, and the changes."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from xrayfm.data.images import read_image
+    from xrayfm.inference import Predictor, load_served_model
+    from xrayfm.inference.runtime import OnnxPredictor
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.mura)
+    paths, labels = mura_valid(root)
+    images = [read_image(p.read_bytes()) for p in paths]
+    served = load_served_model(args.auroc, device="cpu")
+    predictors = {
+        "torch": Predictor(served),
+        "onnxruntime": OnnxPredictor(served, cache_dir=cache),
+        "onnxruntime-int8": OnnxPredictor(served, cache_dir=cache, quantize="int8"),
+    }
+    scores: dict[str, np.ndarray] = {}
+    for name, predictor in predictors.items():
+        probs = []
+        for i in range(0, len(images), 32):
+            probs += [r.probability for r in predictor.predict(images[i : i + 32], explain_maps=False)]
+        scores[name] = np.asarray(probs)
+    out = {name: round(float(roc_auc_score(labels, s)), 5) for name, s in scores.items()}
+    return {
+        "checkpoint": str(args.auroc),
+        "dataset": f"MURA valid ({root}), {len(labels)} images, {sum(labels)} positive, image-level",
+        "auroc": out,
+        "int8_change": round(out["onnxruntime-int8"] - out["onnxruntime"], 5),
+        "fp32_change": round(out["onnxruntime"] - out["torch"], 5),
+        "max_abs_prob_diff_fp32": float(np.abs(scores["onnxruntime"] - scores["torch"]).max()),
+        "max_abs_prob_diff_int8": float(np.abs(scores["onnxruntime-int8"] - scores["torch"]).max()),
+    }
+
+
+READY_PROBE = r"""
+import os, sys, time, json
+t0 = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+from xrayfm.inference import load_served_model
+from xrayfm.inference.runtime import make_predictor
+import numpy as np
+served = load_served_model(sys.argv[1], device="cpu")
+runtime, quantize, cache = sys.argv[2], sys.argv[3], sys.argv[4]
+p = make_predictor(served, runtime, quantize=quantize, cache_dir=cache, threads=1)
+p.predict([np.zeros((64, 64), np.uint8)])
+ready = time.perf_counter() - t0
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+print(json.dumps({"ready_s": ready, "rss_mb": rss}))
+"""
+
+
+def footprint(args: argparse.Namespace, cache: Path) -> list[dict]:
+    """Fresh interpreters doing what the worker does before it says ready: import, load, build the
+    runtime (first start: export; later starts: from the cache), warm up. Median of `rounds`."""
+    rows = []
+    for model in args.footprint_models.split(","):
+        checkpoint = make_checkpoint(cache / model, model, 224)
+        for runtime, quantize in (("torch", "none"), ("onnxruntime", "none"), ("onnxruntime", "int8")):
+            results = []
+            # round 0 exports (first start), the rest read the export from the cache
+            for _ in range(args.footprint_rounds + 1):
+                out = subprocess.run(
+                    [sys.executable, "-c", READY_PROBE, str(checkpoint), runtime, quantize, str(cache / "onnx")],
+                    capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )  # fmt: skip
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            later = results[1:] if len(results) > 1 else results
+            rows.append({
+                "model": model,
+                "runtime": runtime if quantize == "none" else f"{runtime}-{quantize}",
+                "first_start_s": round(results[0]["ready_s"], 2),
+                "ready_s": round(statistics.median(r["ready_s"] for r in later), 2),
+                "rss_mb": round(statistics.median(r["rss_mb"] for r in later), 1),
+            })  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
+    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--auroc", type=Path, help="a checkpoint trained on MURA: int8 vs fp32 AUROC")
+    parser.add_argument("--mura", default=str(SHARED / "mura-humerus-64/MURA-v1.1"))
+    parser.add_argument("--footprint", action="store_true", help="start-to-ready and RSS per runtime")
+    parser.add_argument("--footprint-models", default="vit_tiny_patch16_224,vit_base_patch16_224")
+    parser.add_argument("--footprint-rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        if args.auroc:
+            result = auroc(args, cache)
+        elif args.footprint:
+            result = {"footprint": footprint(args, cache)}
+        else:
+            result = speed(args, cache)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if "footprint" in result:
+        print(
+            "| model | runtime | first start (export) s | start-to-ready s | RSS MB |\n|---|---|---:|---:|---:|"
+        )
+        for r in result["footprint"]:
+            print(
+                f"| {r['model']} | {r['runtime']} | {r['first_start_s']} | {r['ready_s']} | {r['rss_mb']} |"
+            )
+    elif "auroc" in result:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model} @ {args.size}px, batch {args.batch}, {args.threads} thread(s), rollout included")
+        print("| path | median ms |\n|---|---:|")
+        for name, ms in result["median_ms"].items():
+            print(f"| {name} | {ms:.1f} |")
+        goal = "meets" if result["speedup"] >= 1.4 else "MISSES"
+        print(
+            f"\nbest: {result['best_runtime']} {result['speedup']:.2f}x torch eager ({goal} the >= 1.4x goal)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
