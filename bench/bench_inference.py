@@ -191,6 +191,7 @@ def footprint(args: argparse.Namespace, cache: Path) -> list[dict]:
                 "ready_s": round(statistics.median(r["ready_s"] for r in later), 2),
                 "rss_mb": round(statistics.median(r["rss_mb"] for r in later), 1),
             })  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a slow machine keeps what it measured
     return rows
 
 
