@@ -6,8 +6,9 @@ Needs a Docker engine and Compose (v2 `docker compose` or docker-compose 1.29), 
 with the reason otherwise. The images are built by deploy/images.sh (what `make images` runs: offline base images when no
 registry answers), so a warm run is a cache hit. The demo bootstrap runs with XRAYFM_BOOTSTRAP=quick
 (a tiny synthetic model in a minute or two instead of the demo's minutes): the test checks the plumbing,
-not the model. Real images are sampled: every file of the small folders, at most XRAYFM_COMPOSE_SAMPLE
-(default 150, 0 = all) of each large one, chosen evenly over the sorted list; the counts are printed.
+not the model. Every real image goes through /predict (11,000 files, about 5 minutes with 4 clients here);
+XRAYFM_COMPOSE_SAMPLE=N takes at most N of each folder of more than 300, evenly over the sorted list; the
+counts are printed.
 
 Order matters (one stack for the module): predictions, LoRA job with a kill of its worker, scaling,
 Prometheus, a Redis restart under load, and `down -v` last.
@@ -26,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(3600)
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "xrayfm-compose-test"
 PREDICT_KEY, ADMIN_KEY = "compose-test-predict-key", "compose-test-admin-key"
-SAMPLE = int(os.environ.get("XRAYFM_COMPOSE_SAMPLE", "150"))
+SAMPLE = int(os.environ.get("XRAYFM_COMPOSE_SAMPLE", "0"))
 PNG = b"\x89PNG\r\n\x1a\n"
 DONE = ("done", "failed", "cancelled")
 
@@ -220,22 +222,22 @@ def real_images() -> dict[str, list[Path]]:
 
 
 def test_every_real_image_gets_200_and_a_png_map_and_junk_gets_4xx(stack: Stack) -> None:
-    failures, counts = [], {}
+    def check(path: Path) -> str | None:
+        with httpx.Client(base_url=stack.url, timeout=90, headers={"X-API-Key": PREDICT_KEY}) as http:
+            answer = http.post("/predict", files={"file": (path.name, path.read_bytes())})
+        if answer.status_code != 200:
+            return f"{path}: {answer.status_code} {answer.text[:200]}"
+        body = answer.json()
+        if not base64.b64decode(body["attention_map"]).startswith(PNG) or not 0 <= body["probability"] <= 1:
+            return f"{path}: no PNG map or a bad probability"
+        return None
+
+    images = real_images()
+    counts = {folder: len(paths) for folder, paths in images.items()}
+    assert all(counts.values()), counts
     started = time.monotonic()
-    for folder, paths in real_images().items():
-        assert paths, f"no images in {folder}"
-        counts[folder] = len(paths)
-        for path in paths:
-            answer = stack.predict(path)
-            if answer.status_code != 200:
-                failures.append(f"{path}: {answer.status_code} {answer.text[:200]}")
-                continue
-            body = answer.json()
-            if (
-                not base64.b64decode(body["attention_map"]).startswith(PNG)
-                or not 0 <= body["probability"] <= 1
-            ):
-                failures.append(f"{path}: no PNG map or a bad probability")
+    with ThreadPoolExecutor(4) as pool:
+        failures = [f for f in pool.map(check, [p for paths in images.values() for p in paths]) if f]
     elapsed = time.monotonic() - started
     print(f"[compose-test] /predict on {sum(counts.values())} real images {counts} in {elapsed:.0f} s")
     assert not failures, failures[:20]
@@ -276,14 +278,17 @@ def test_lora_on_real_mura_survives_a_kill_of_its_worker_then_is_promoted_and_se
     job_id = answer.json()["job_id"]
     # Mid-job: running, past its first epoch (a checkpoint to resume from), not finished.
     running = stack.wait_job(
-        job_id, lambda j: j["status"] in DONE or (j["progress"] or {}).get("epoch", 0) >= 1, timeout=900
+        job_id, lambda j: j["status"] in DONE or (j.get("progress") or {}).get("epoch", 0) >= 1, timeout=900
     )
     assert running["status"] == "running", running
     [trainer] = stack.containers("training")
     subprocess.run(["docker", "kill", trainer], check=True, capture_output=True)
     killed_at = time.monotonic()
-    # restart: unless-stopped brings the container back; its job resumes once the lock lapsed.
-    wait_until(lambda: stack.containers("training"), 120, "the training container restarted")
+    # `docker kill` counts as a manual stop: the restart policy (for crashes and OOM kills) leaves it down,
+    # so it is started again as an operator would; the job resumes once its lock lapsed.
+    time.sleep(5)
+    assert not stack.containers("training")
+    subprocess.run(["docker", "start", trainer], check=True, capture_output=True)
     job = stack.wait_job(job_id, lambda j: j["status"] in DONE, timeout=1800)
     print(
         f"[compose-test] LoRA job: killed, finished {time.monotonic() - killed_at:.0f} s later: {job['status']}"
@@ -407,7 +412,11 @@ def test_redis_restart_under_load_answers_503_with_retry_after_never_hangs_then_
     print(f"[compose-test] Redis restart under load: {dict(codes)}; slowest answer {slowest:.1f} s; "
           f"200 again {back:.1f} s after the restart")  # fmt: skip
     assert not any(t.is_alive() for t in threads), "a request hangs"
-    assert set(codes) <= {200, 503, 504}, codes  # 0 = no answer in 75 s
+    if not set(codes) <= {200, 503, 504}:  # 0 = no answer in 75 s
+        log = [
+            line for line in stack.logs("gateway", 400).splitlines() if "Error" in line or "Traceback" in line
+        ]
+        raise AssertionError(f"{dict(codes)}; the gateway's log:\n" + "\n".join(log[-40:]))
     assert all(retry for _, _, status, retry in outcomes if status == 503), "a 503 without Retry-After"
     assert back <= 10, f"200 again only {back:.1f} s after the Redis restart"
 
