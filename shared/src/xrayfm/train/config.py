@@ -215,6 +215,8 @@ class PretrainConfig(TrainConfig):
                     "mae validates on a patient-level split of its pool: drop --val-split/--val-cache"
                 )
             problems += _pool_problems(self.pool)
+            if self.pool and (self.kind is not None or self.cache is not None):
+                problems.append("give either a --pool or one dataset (--kind/--root or --cache), not both")
         elif self.pool:
             problems.append("--pool is for --objective mae (supervised training needs labels)")
         if problems:
