@@ -264,8 +264,15 @@ def test_two_processes_under_torchrun_match_one_process(chest_cache, tmp_path):
     a = load_file(str(tmp_path / "ddp" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "last" / "model.safetensors"))
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
-    for h_ddp, h_one in zip(runs["ddp"]["history"], runs["single"]["history"], strict=True):
+        x, y = a[name], b[name]
+        if name.endswith("attn.qkv.bias"):  # the key bias has no true gradient (softmax ignores it): Adam
+            third = len(x) // 3  # turns rounding noise into steps, so it is compared more loosely
+            assert torch.allclose(x[third : 2 * third], y[third : 2 * third], atol=1e-4), name
+            x, y = torch.cat([x[:third], x[2 * third :]]), torch.cat([y[:third], y[2 * third :]])
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), name
+    history = [json.loads((tmp_path / r / "summary.json").read_text())["history"] for r in ("ddp", "single")]
+    assert len(history[0]) == 2
+    for h_ddp, h_one in zip(*history, strict=True):
         assert h_ddp["val_loss"] == pytest.approx(h_one["val_loss"], rel=1e-4)  # gathered from both ranks
 
 
