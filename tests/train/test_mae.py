@@ -322,7 +322,7 @@ def test_real_chest_pool_keeps_the_held_out_sets_out_and_trains(shared_data, tmp
         ],
     }
     config = PretrainConfig(
-        out=str(tmp_path / "run"), pool=pool, size=64, max_steps=2, batch_size=16, **{**TINY_MODEL, "size": 64},
+        out=str(tmp_path / "run"), pool=pool, max_steps=2, batch_size=16, **{**TINY_MODEL, "size": 64},
         **QUIET, **MAE,
     )  # fmt: skip
     summary = pretrain(config)
