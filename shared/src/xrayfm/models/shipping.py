@@ -18,6 +18,19 @@ import torch
 from xrayfm.errors import XrayfmError
 from xrayfm.models.checkpoint import META, WEIGHTS, _atomic_dir, _checkpoint_folder, file_sha256
 
+# Datasets whose terms forbid redistributing anything derived from them (Stanford research-use agreements).
+NOT_REDISTRIBUTABLE = ("chexpert", "mura")
+
+
+def training_kinds(meta: dict[str, Any]) -> set[str]:
+    """Dataset kinds a checkpoint was trained on, from its meta (pool sources and training caches)."""
+    data = meta.get("data") or {}
+    kinds = {s.get("kind") for s in (data.get("pool") or {}).get("sources", [])}
+    kinds |= {(s.get("cache") or {}).get("kind") for s in (data.get("pool") or {}).get("sources", [])}
+    train = data.get("train_cache") or {}
+    kinds |= {train.get("kind")} | {c.get("kind") for c in train.get("pool", [])}
+    return {k for k in kinds if k}
+
 
 def export_foundation(
     src: str | os.PathLike,
@@ -27,11 +40,17 @@ def export_foundation(
     card: str | os.PathLike | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``dst/`` = ``src``'s weights cast to ``dtype`` + meta.json (+ ``card`` as MODEL_CARD.md)."""
+    """Write ``dst/`` = ``src``'s weights cast to ``dtype`` + meta.json (+ ``card`` as MODEL_CARD.md).
+
+    Refuses a checkpoint trained on data that may not be redistributed (CheXpert, MURA).
+    """
     folder = _checkpoint_folder(src)
     meta = json.loads((folder / META).read_text())
     if meta.get("format") != "xrayfm.checkpoint":
         raise XrayfmError(f"{folder} is not a full model checkpoint (format {meta.get('format')!r})")
+    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
+    if banned:
+        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
     tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
     cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     with _atomic_dir(dst) as tmp:
@@ -52,4 +71,4 @@ def export_foundation(
     return Path(dst)
 
 
-__all__ = ["export_foundation"]
+__all__ = ["NOT_REDISTRIBUTABLE", "export_foundation", "training_kinds"]
