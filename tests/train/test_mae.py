@@ -34,7 +34,14 @@ MAE = {"objective": "mae", "decoder_dim": 32, "decoder_depth": 1, "decoder_heads
 
 
 def _config(out, cache, **overrides) -> PretrainConfig:
-    settings = dict(out=str(out), cache=None if cache is None else str(cache), epochs=1, batch_size=8, augment=False, drop_path_rate=0.0)
+    settings = dict(
+        out=str(out),
+        cache=None if cache is None else str(cache),
+        epochs=1,
+        batch_size=8,
+        augment=False,
+        drop_path_rate=0.0,
+    )
     return PretrainConfig(**{**settings, **TINY_MODEL, **QUIET, **MAE, **overrides})
 
 
@@ -94,9 +101,7 @@ def test_settings_that_cannot_work_are_refused(chest_cache, tmp_path):
     with pytest.raises(XrayfmError, match="mask_ratio"):
         _config(tmp_path, chest_cache, mask_ratio=1.0).validate()
     with pytest.raises(XrayfmError, match="--pool is for --objective mae"):
-        _config(
-            tmp_path, None, objective="supervised", pool={"sources": [{"cache": "x"}]}
-        ).validate()
+        _config(tmp_path, None, objective="supervised", pool={"sources": [{"cache": "x"}]}).validate()
     with pytest.raises(XrayfmError, match="needs kind and root"):
         _config(tmp_path, None, pool={"sources": [{"kind": "nih"}]}).validate()
     with pytest.raises(XrayfmError, match="not both"):
