@@ -23,7 +23,7 @@ from xrayfm.data import open_dataset
 from xrayfm.errors import DataError, XrayfmError
 from xrayfm.models.backbones import create_model
 from xrayfm.models.checkpoint import load_checkpoint
-from xrayfm.models.shipping import export_foundation
+from xrayfm.models.shipping import export_foundation, training_kinds
 from xrayfm.train import AdaptConfig, PretrainConfig, adapt, pretrain
 from xrayfm.train.distributed import DistEnv
 from xrayfm.train.mae import MaskedAutoencoder, MaskedView, patchify, split_by_noise
@@ -310,6 +310,22 @@ def test_the_mae_encoder_adapts_with_lora_and_ships_under_a_name(mae_run, bone_c
         meta = json.loads((out / "best" / "meta.json").read_text())
         assert meta["format"] == "xrayfm.adapted" and Path(meta["foundation"]["path"]).is_dir()
         assert (out / "report" / "report.json").is_file()
+
+
+def test_weights_trained_on_chexpert_or_mura_are_never_shipped(mae_run, tmp_path):
+    run, _ = mae_run
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert training_kinds(meta) == set()  # synthetic phantoms in the CheXpert layout: not CheXpert data
+    real = json.loads(json.dumps(meta))
+    real["data"]["pool"]["sources"][0]["cache"]["synthetic"] = False
+    real["data"]["train_cache"]["pool"][0]["synthetic"] = False
+    assert training_kinds(real) == {"chexpert"}
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "best", copy)
+    (copy / "meta.json").write_text(json.dumps(real))
+    with pytest.raises(XrayfmError, match="forbid shipping"):
+        export_foundation(copy, tmp_path / "shipped")
+    assert not (tmp_path / "shipped").exists()
 
 
 @pytest.mark.real_data

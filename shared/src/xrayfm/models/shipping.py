@@ -23,13 +23,12 @@ NOT_REDISTRIBUTABLE = ("chexpert", "mura")
 
 
 def training_kinds(meta: dict[str, Any]) -> set[str]:
-    """Dataset kinds a checkpoint was trained on, from its meta (pool sources and training caches)."""
+    """Dataset kinds of the real (not synthetic) data a checkpoint was trained on, from its meta."""
     data = meta.get("data") or {}
-    kinds = {s.get("kind") for s in (data.get("pool") or {}).get("sources", [])}
-    kinds |= {(s.get("cache") or {}).get("kind") for s in (data.get("pool") or {}).get("sources", [])}
     train = data.get("train_cache") or {}
-    kinds |= {train.get("kind")} | {c.get("kind") for c in train.get("pool", [])}
-    return {k for k in kinds if k}
+    caches = [train, *train.get("pool", [])]
+    caches += [s.get("cache") or {} for s in (data.get("pool") or {}).get("sources", [])]
+    return {c["kind"] for c in caches if c.get("kind") and not c.get("synthetic")}
 
 
 def export_foundation(
