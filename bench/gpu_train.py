@@ -7,11 +7,15 @@ Configurations (random data already on the GPU, so the model's compute is what i
 - ``bf16-tuned``:   bf16 autocast, fused attention (scaled_dot_product_attention), batch 128,
                     torch.compile, fused AdamW, TF32 on.
 - ``lora-tuned``:   as bf16-tuned with PEFT LoRA (rank 8 on qkv, head trainable): frozen backbone.
+- ``mae-tuned``:    as bf16-tuned, the MAE objective (``xrayfm.train.mae``): the encoder sees 25 % of the
+                    patches, a 512-wide 8-block decoder (MAE's) all of them; its own ceiling.
 - ``xrayfm-loop``:  the project's loop (`xrayfm.train.fit`: bf16, compile, DataLoader workers) on a
                     synthetic-phantom cache: adds data loading, masking, logging (skip with --no-loop).
+- ``xrayfm-loop-mae``: the same loop with ``--objective mae``.
 
 Ceiling: images/s = measured dense bf16 matmul FLOP/s / FLOP per training image (~3 x forward:
-6 N T + 12 L T^2 D for a ViT with N parameters, T tokens, L blocks, width D; ~106 GFLOP for ViT-B/16).
+6 N T + 12 L T^2 D for a ViT with N parameters, T tokens, L blocks, width D; ~106 GFLOP for ViT-B/16;
+for MAE the sum of the encoder on the visible tokens and the decoder on all tokens).
 
     python bench/gpu_train.py                 # on a GPU machine
     python bench/gpu_train.py --smoke         # tiny sizes on CPU: checks that the script works
@@ -39,6 +43,13 @@ class Setup:
     compile: bool
     fused_attn: bool
     lora: bool = False
+    mae: bool = False
+
+
+# MAE's decoder for ViT-B (He et al. 2022); the smoke run uses a tiny one.
+MAE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
+SMOKE_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
+MASK_RATIO = 0.75
 
 
 def sync(device: torch.device) -> None:
@@ -68,7 +79,21 @@ def vit_train_flops(model: torch.nn.Module) -> float:
     return 6 * n * tokens + 12 * depth * tokens**2 * width
 
 
-def build(spec: dict[str, Any], setup: Setup, device: torch.device):
+def mae_train_flops(encoder: torch.nn.Module, decoder_dim: int, decoder_depth: int) -> float:
+    """FLOP per MAE training image: the encoder on the visible tokens + the decoder on all tokens."""
+    n_enc = sum(p.numel() for p in encoder.parameters())
+    tokens = encoder.patch_embed.num_patches
+    visible = round(tokens * (1 - MASK_RATIO)) + getattr(encoder, "num_prefix_tokens", 1)
+    n_dec = decoder_depth * 12 * decoder_dim**2
+    return (
+        6 * n_enc * visible
+        + 12 * len(encoder.blocks) * visible**2 * encoder.embed_dim
+        + 6 * n_dec * tokens
+        + 12 * decoder_depth * tokens**2 * decoder_dim
+    )
+
+
+def build(spec: dict[str, Any], setup: Setup, device: torch.device, decoder: dict[str, int] | None = None):
     import timm.layers
 
     from xrayfm.models.backbones import create_model
@@ -76,7 +101,13 @@ def build(spec: dict[str, Any], setup: Setup, device: torch.device):
 
     timm.layers.set_fused_attn(setup.fused_attn)  # read when the attention modules are built
     torch.manual_seed(0)
-    model = create_model(**spec)
+    if setup.mae:
+        from xrayfm.train.mae import MaskedAutoencoder
+
+        encoder = create_model(**{**spec, "num_classes": 0})
+        model = MaskedAutoencoder(encoder, MASK_RATIO, norm_pix_loss=True, **(decoder or MAE_DECODER))
+    else:
+        model = create_model(**spec)
     if setup.lora:
         model = apply_lora(model, LoraSettings(rank=8, alpha=16, dropout=0.0, targets=("qkv",)))
     model = model.to(device).train()
@@ -86,13 +117,21 @@ def build(spec: dict[str, Any], setup: Setup, device: torch.device):
     return model, forward, optimizer, params
 
 
-def images_per_s(spec: dict[str, Any], setup: Setup, device: torch.device, steps: int, warmup: int) -> dict:
+def images_per_s(
+    spec: dict[str, Any],
+    setup: Setup,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    decoder: dict[str, int] | None = None,
+) -> dict:
     """Steady-state images/s and peak memory of one configuration."""
     torch.backends.cuda.matmul.allow_tf32 = setup.bf16
     torch.backends.cudnn.allow_tf32 = setup.bf16
-    model, forward, optimizer, params = build(spec, setup, device)
+    model, forward, optimizer, params = build(spec, setup, device, decoder)
     images = torch.randn(setup.batch, 3, spec["img_size"], spec["img_size"], device=device)
     targets = (torch.rand(setup.batch, spec["num_classes"], device=device) > 0.5).float()
+    noise = torch.rand(setup.batch, model.num_patches, device=device) if setup.mae else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if setup.bf16 else nullcontext()
@@ -101,8 +140,11 @@ def images_per_s(spec: dict[str, Any], setup: Setup, device: torch.device, steps
             sync(device)
             start = time.perf_counter()
         with autocast:
-            logits = forward(images)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+            if setup.mae:
+                loss = forward(images, noise)
+            else:
+                logits = forward(images)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -124,8 +166,10 @@ def project_loop(
     compile: bool,
     workers: int,
     device: str,
+    mae: dict[str, int] | None = None,
 ) -> float:
-    """Images/s of `xrayfm.train` on a synthetic cache (steady state, from its per-step log)."""
+    """Images/s of `xrayfm.train` on a synthetic cache (steady state, from its per-step log); ``mae``:
+    the MAE objective with this decoder."""
     import csv
 
     from xrayfm.data import open_dataset
@@ -148,7 +192,8 @@ def project_loop(
             model_kwargs={
                 k: v for k, v in spec_kwargs.items() if k not in ("name", "img_size", "num_classes")
             },
-            labels=["Cardiomegaly", "Pleural Effusion", "Lung Opacity"],
+            labels=None if mae else ["Cardiomegaly", "Pleural Effusion", "Lung Opacity"],
+            **({"objective": "mae", "mask_ratio": MASK_RATIO, **mae} if mae else {}),
             epochs=1,
             max_steps=warmup + steps,
             batch_size=batch,
@@ -204,27 +249,37 @@ def main() -> None:
         )
         base_batch, tuned_batch, steps, warmup, n = 4, 8, 2, 1, 256
         compile_ok = device.type == "cuda"  # inductor on CPU needs a compiler toolchain and minutes
+        decoder = SMOKE_DECODER
     else:
         spec = dict(name="vit_base_patch16_224", num_classes=14, img_size=224)
         base_batch, tuned_batch, steps, warmup, n = 32, args.tuned_batch, args.steps, args.warmup, 8192
         compile_ok = True
+        decoder = MAE_DECODER
 
     from xrayfm.models.backbones import create_model
 
     with torch.device("meta"):
         flops_per_image = vit_train_flops(create_model(**spec))
+        mae_flops = mae_train_flops(
+            create_model(**{**spec, "num_classes": 0}), decoder["decoder_dim"], decoder["decoder_depth"]
+        )
     peak = matmul_flops(device, n, repeats=20 if not args.smoke else 3)
-    ceiling = peak / flops_per_image
+    ceiling, mae_ceiling = peak / flops_per_image, peak / mae_flops
     setups = [
         Setup("fp32-eager", base_batch, bf16=False, compile=False, fused_attn=False),
         Setup("bf16-tuned", tuned_batch, bf16=True, compile=compile_ok, fused_attn=True),
         Setup("lora-tuned", tuned_batch, bf16=True, compile=compile_ok, fused_attn=True, lora=True),
+        Setup("mae-tuned", tuned_batch, bf16=True, compile=compile_ok, fused_attn=True, mae=True),
     ]
     rows = []
     for setup in setups:
-        r = images_per_s(spec, setup, device, steps, warmup)
-        rows.append({**setup.__dict__, **r, "of_ceiling": r["images_per_s"] / ceiling})
-    if not args.no_loop:
+        r = images_per_s(spec, setup, device, steps, warmup, decoder)
+        limit = mae_ceiling if setup.mae else ceiling
+        rows.append({**setup.__dict__, **r, "of_ceiling": r["images_per_s"] / limit})
+    loops = (
+        [] if args.no_loop else [("xrayfm-loop", None, ceiling), ("xrayfm-loop-mae", decoder, mae_ceiling)]
+    )
+    for name, mae, limit in loops:
         rate = project_loop(
             spec,
             spec["img_size"],
@@ -234,19 +289,21 @@ def main() -> None:
             compile_ok,
             0 if args.smoke else args.workers,
             device.type,
+            mae,
         )
         rows.append(
             {
-                "name": "xrayfm-loop",
+                "name": name,
                 "batch": tuned_batch,
                 "bf16": device.type == "cuda",
                 "compile": compile_ok,
                 "fused_attn": True,
                 "lora": False,
+                "mae": mae is not None,
                 "images_per_s": rate,
                 "peak_gib": None,
                 "trainable_params": None,
-                "of_ceiling": rate / ceiling,
+                "of_ceiling": rate / limit,
             }
         )
 
@@ -256,6 +313,9 @@ def main() -> None:
         "bf16_matmul_tflops": peak / 1e12,
         "train_gflop_per_image": flops_per_image / 1e9,
         "ceiling_images_per_s": ceiling,
+        "mae_decoder": decoder,
+        "mae_train_gflop_per_image": mae_flops / 1e9,
+        "mae_ceiling_images_per_s": mae_ceiling,
         "rows": rows,
         "smoke": args.smoke,
     }
@@ -264,19 +324,20 @@ def main() -> None:
         return
     print(
         f"{result['device']}: bf16 matmul {peak / 1e12:.3f} TFLOP/s; {flops_per_image / 1e9:.3f} GFLOP per training "
-        f"image -> ceiling {ceiling:,.0f} images/s"
+        f"image -> ceiling {ceiling:,.0f} images/s; MAE {mae_flops / 1e9:.3f} GFLOP -> {mae_ceiling:,.0f} images/s"
     )
     print(
-        f"{'config':12s} {'batch':>5s} {'images/s':>10s} {'of ceiling':>10s} {'peak GiB':>8s} {'trainable':>12s}"
+        f"{'config':15s} {'batch':>5s} {'images/s':>10s} {'of ceiling':>10s} {'peak GiB':>8s} {'trainable':>12s}"
     )
     for r in rows:
         mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         trainable = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         print(
-            f"{r['name']:12s} {r['batch']:5d} {r['images_per_s']:10.1f} {100 * r['of_ceiling']:9.1f}% {mem:>8s} "
+            f"{r['name']:15s} {r['batch']:5d} {r['images_per_s']:10.1f} {100 * r['of_ceiling']:9.1f}% {mem:>8s} "
             f"{trainable:>12s}"
         )
     base = rows[0]["images_per_s"]
+    print("of ceiling: MAE rows against the MAE ceiling, the others against the supervised one")
     print(
         "speed-up over fp32-eager: "
         + ", ".join(f"{r['name']} x{r['images_per_s'] / base:.2f}" for r in rows[1:])

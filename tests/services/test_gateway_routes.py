@@ -351,4 +351,9 @@ def test_specs_outside_the_data_folders_are_refused_at_submission(fakes, tmp_pat
         }
         resp = http.post("/training/jobs", json={"kind": "adapt", "config": adapt})
         assert resp.status_code == 202, resp.text  # `model` names a timm model there, not a file
+        shipped = {**adapt, "foundation": "xrayfm/no-such-model"}
+        body = _error(
+            http.post("/training/jobs", json={"kind": "adapt", "config": shipped}), 422, "invalid_spec"
+        )
+        assert "shipped model" in body["detail"]  # a package name is checked against what is shipped
     assert {j["spec"]["config"]["root"] for j in fakes[1].jobs.values()} == {str((data / "ok").resolve())}

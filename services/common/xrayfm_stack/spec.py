@@ -10,7 +10,8 @@ an evaluate job of a store version records its result with that version (see GET
 
 Confinement: given the data folders a stack may read (``XRAYFM_DATA_DIRS``), every path a spec names
 (dataset roots, caches, foundations, models, initial weights) must lie under one of them once symlinks and
-``..`` are resolved, or be a ``store:`` reference; timm arguments that name files are refused. So a spec
+``..`` are resolved, or be a ``store:`` reference or the name of a model shipped in the package
+(``xrayfm/<name>``); timm arguments that name files are refused. So a spec
 cannot make the worker read, or report on, any other file of its container.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
+from xrayfm.registry import is_registry_name, pretrained_dir
 from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig
 from xrayfm_stack.protocol import JOB_KINDS, JobSpec
 from xrayfm_stack.store import version_dir
@@ -86,6 +88,9 @@ def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) ->
         if not value or (field == "pretrained" and value == "timm"):
             continue
         if field in STORE_FIELDS and store_ref(str(value)) is not None:
+            continue
+        if field in STORE_FIELDS and is_registry_name(str(value)):
+            pretrained_dir(str(value))  # a model shipped inside the package (xrayfm/<name>): it must exist
             continue
         resolved[field] = confine(field, str(value), data_dirs)
     kwargs = getattr(config, "model_kwargs", None) or {}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from xrayfm.errors import XrayfmError, list_offenders
+from xrayfm.registry import is_registry_name, pretrained_dir
 
 # Weight files timm reads natively; .npz (JAX/big_vision) goes through the model's own `load_pretrained`.
 _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -35,7 +36,12 @@ def create_model(
     (or .pth/.pt/.bin/.npz): a local file of the same architecture; timm resizes the position embedding
     for another `img_size`, adapts the stem to `in_chans`, and drops the head when `num_classes` differs.
     Extra `kwargs` go to the timm model (e.g. `depth`, `drop_rate`).
+
+    `name="xrayfm/<model>"` is a foundation shipped in the package (see :mod:`xrayfm.registry`): its
+    architecture, with its weights when `pretrained=True` (no network) and a new `num_classes` head.
     """
+    if is_registry_name(name):
+        return _create_shipped(name, num_classes, pretrained, img_size, in_chans, drop_path_rate, kwargs)
     if not timm.is_model(name):
         raise XrayfmError(f"unknown timm model {name!r} (see timm.list_models())")
     model_kwargs: dict[str, Any] = dict(
@@ -48,6 +54,31 @@ def create_model(
     if pretrained is True:
         return _create_from_timm_weights(name, model_kwargs)
     return _create_from_file(name, Path(pretrained), model_kwargs)
+
+
+def _create_shipped(
+    name: str,
+    num_classes: int,
+    pretrained: bool | str | os.PathLike,
+    img_size: int | None,
+    in_chans: int,
+    drop_path_rate: float,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    """A shipped foundation's architecture (from its meta.json), with its weights when ``pretrained``."""
+    import json
+
+    if pretrained not in (True, False, None):
+        raise XrayfmError(f"{name} names its own weights: pass pretrained=True or False, not {pretrained!r}")
+    folder = pretrained_dir(name)
+    spec = dict(json.loads((folder / "meta.json").read_text())["model"])
+    arch = spec.pop("name")
+    spec.update(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs)
+    if img_size is not None:
+        spec["img_size"] = img_size
+    if not pretrained:
+        return create_model(arch, **spec)
+    return _create_from_file(arch, folder / "model.safetensors", spec)
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:

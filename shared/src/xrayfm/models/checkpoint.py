@@ -27,6 +27,7 @@ from torch import nn
 from xrayfm.errors import XrayfmError, list_offenders
 from xrayfm.models.backbones import create_model, new_head
 from xrayfm.models.lora import load_adapter, save_adapter
+from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.utils import atomic_dir, sha256_file, to_jsonable
 
 FORMAT_VERSION = 1
@@ -198,7 +199,7 @@ def load_adapted(
 
 def checkpoint_format(path: str | Path) -> str:
     """``xrayfm.checkpoint`` (a full model) or ``xrayfm.adapted`` (foundation + adapter)."""
-    meta_path = Path(path) / META
+    meta_path = resolve_checkpoint_dir(path) / META
     if not meta_path.is_file():
         raise XrayfmError(f"not a checkpoint folder: {meta_path} is missing")
     try:
@@ -216,8 +217,8 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str
 
 # ------------------------------------------------------------------------------------- folders & files
 def _checkpoint_folder(path: str | os.PathLike, marker: str = META) -> Path:
-    """Accept a checkpoint folder or the JSON file inside it; fail clearly when it is not one."""
-    folder = Path(path)
+    """Accept a checkpoint folder, the JSON file inside it, or a shipped model's ``xrayfm/<name>``."""
+    folder = resolve_checkpoint_dir(path)
     if folder.is_file() and folder.name == marker:
         folder = folder.parent
     if not (folder / marker).is_file():

@@ -27,6 +27,7 @@ from xrayfm.errors import XrayfmError
 from xrayfm.models.backbones import classifier_names, create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_adapted, save_checkpoint
 from xrayfm.models.lora import LoraSettings, apply_lora, merge, trainable_summary
+from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import AdaptConfig
 from xrayfm.train.data import describe_views, load_task_data, subsample
@@ -76,6 +77,8 @@ def adapt(
     ``subsample_by``); the validation split is never subsampled.
     """
     config.validate()
+    # A shipped foundation (xrayfm/<name>) is its folder inside the package from here on (lineage, meta).
+    config = dataclasses.replace(config, foundation=str(resolve_checkpoint_dir(config.foundation)))
     env, device = setup(config.device)
     try:
         foundation, fmeta = load_checkpoint(config.foundation)

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Self
 
 from xrayfm.errors import XrayfmError, list_offenders
+from xrayfm.registry import is_registry_name, list_pretrained
 
 METRICS = ("mean_auroc", "val_loss")
 LOSSES = ("bce", "focal")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("lora", "full", "linear", "scratch")
+OBJECTIVES = ("supervised", "mae")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -164,7 +166,7 @@ class TrainConfig(JsonConfig):
             )
         if self.save_every < 0 or self.log_every < 1:
             problems.append(f"save_every={self.save_every}, log_every={self.log_every}")
-        if self.kind is None and self.cache is None:
+        if self.kind is None and self.cache is None and not getattr(self, "pool", None):
             problems.append("no data: give --kind and --root, or a prepared --cache")
         if self.kind is not None and self.root is None:
             problems.append(f"--kind {self.kind} needs --root")
@@ -179,11 +181,47 @@ class PretrainConfig(TrainConfig):
     pretrained: str | None = _f(
         None, "initial weights: a local .safetensors/.pth file, or 'timm' for timm's own (no download here)"
     )
+    objective: str = _f(
+        "supervised",
+        "supervised (multi-label BCE/focal on the labels) or mae (masked autoencoder on unlabelled images: "
+        "labels ignored, best/ = the encoder with the lowest validation reconstruction loss)",
+        choices=OBJECTIVES,
+    )
+    pool: dict[str, Any] = _f(
+        {},
+        'mae: unlabelled corpus as JSON {"sources": [{"kind", "root", "split"} or {"cache"}, ...], '
+        '"exclude": [{"kind", "root", "split"}, ...]}; patients of excluded splits never enter '
+        "(default: the one --kind/--root/--split or --cache)",
+    )
+    mask_ratio: float = _f(0.75, "mae: share of the patches hidden from the encoder")
+    decoder_dim: int = _f(128, "mae: width of the (discarded) decoder")
+    decoder_depth: int = _f(2, "mae: transformer blocks of the decoder")
+    decoder_heads: int = _f(4, "mae: attention heads of the decoder")
+    norm_pix_loss: bool = _f(True, "mae: normalise each target patch to mean 0, variance 1")
 
     def validate(self) -> None:
         super().validate()
+        problems = []
         if self.size is None or self.size < 1:
-            raise XrayfmError(f"invalid PretrainConfig: size={self.size} (an image side in pixels is needed)")
+            problems.append(f"size={self.size} (an image side in pixels is needed)")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {self.objective!r} (choose {', '.join(OBJECTIVES)})")
+        if self.objective == "mae":
+            if not 0 < self.mask_ratio < 1:
+                problems.append(f"mask_ratio={self.mask_ratio} (must be in (0, 1))")
+            if min(self.decoder_dim, self.decoder_depth, self.decoder_heads) < 1:
+                problems.append("decoder_dim, decoder_depth and decoder_heads must be >= 1")
+            if self.val_split is not None or self.val_cache is not None:
+                problems.append(
+                    "mae validates on a patient-level split of its pool: drop --val-split/--val-cache"
+                )
+            problems += _pool_problems(self.pool)
+            if self.pool and (self.kind is not None or self.cache is not None):
+                problems.append("give either a --pool or one dataset (--kind/--root or --cache), not both")
+        elif self.pool:
+            problems.append("--pool is for --objective mae (supervised training needs labels)")
+        if problems:
+            raise XrayfmError("invalid PretrainConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -222,6 +260,10 @@ class AdaptConfig(TrainConfig):
         if self.foundation is None:
             problems.append(
                 "--foundation checkpoint is required (also for scratch: it fixes the architecture)"
+            )
+        elif is_registry_name(self.foundation) and self.foundation not in list_pretrained():
+            problems.append(
+                f"foundation {self.foundation!r} is not a shipped model (have: {', '.join(list_pretrained())})"
             )
         if self.report_on not in ("best", "last"):
             problems.append(f"report_on {self.report_on!r} (choose best or last)")
@@ -263,6 +305,33 @@ class EvaluateConfig(JsonConfig):
             raise XrayfmError("invalid EvaluateConfig: " + "; ".join(problems))
 
 
+POOL_KEYS = {"sources", "exclude"}
+
+
+def _pool_problems(pool: dict[str, Any]) -> list[str]:
+    """What is wrong with the structure of a ``pool`` setting (sources are read when training starts)."""
+    if not pool:
+        return []
+    problems = [f"pool: unknown keys {sorted(set(pool) - POOL_KEYS)}"] if set(pool) - POOL_KEYS else []
+    sources = pool.get("sources")
+    if not isinstance(sources, list) or not sources:
+        problems.append('pool: "sources" must be a non-empty list')
+        sources = []
+    exclude = pool.get("exclude", [])
+    if not isinstance(exclude, list):
+        problems.append('pool: "exclude" must be a list')
+        exclude = []
+    for what, items in (("source", sources), ("exclude", exclude)):
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                problems.append(f"pool {what} {i}: not an object")
+            elif what == "source" and not (item.get("cache") or (item.get("kind") and item.get("root"))):
+                problems.append(f"pool source {i}: needs kind and root, or a cache")
+            elif what == "exclude" and not (item.get("kind") and item.get("root")):
+                problems.append(f"pool exclude {i}: needs kind and root (and a split)")
+    return problems
+
+
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     """``typing.get_type_hints(cls)``, resolved once per class (the CLI asks for every field)."""
@@ -285,6 +354,7 @@ __all__ = [
     "LOSSES",
     "METHODS",
     "METRICS",
+    "OBJECTIVES",
     "PretrainConfig",
     "TrainConfig",
     "field_type",

@@ -49,6 +49,10 @@ from xrayfm.train.sampler import EpochBatches, SeededView, mix_seed, shard_batch
 
 SaveBest = Callable[[nn.Module, Path, dict[str, Any]], None]
 Progress = Callable[[dict[str, Any]], None]
+# Hooks of other objectives (e.g. MAE): the loss of one training batch (already on the device), and the
+# validation metrics of the model (they must include ``config.metric``).
+StepLoss = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+Validate = Callable[[nn.Module], dict[str, Any]]
 
 
 class WarmupCosine:
@@ -153,8 +157,15 @@ def fit(
     device: torch.device,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    step_loss: StepLoss | None = None,
+    validate: Validate | None = None,
 ) -> dict[str, Any]:
-    """Train, validate each epoch, checkpoint; returns a summary (completed, cancelled or early_stopped)."""
+    """Train, validate each epoch, checkpoint; returns a summary (completed, cancelled or early_stopped).
+
+    The default step is the labelled one (masked BCE/focal, validation AUROC). Another objective passes
+    ``step_loss(forward, batch)``: this rank's loss of its share of the global batch (DDP averages the
+    gradients over processes, so it should be a mean over an equal share), and ``validate(model)``.
+    """
     out = Path(config.out)
     last_dir, best_dir = out / "last", out / "best"
     bf16 = use_bf16(config, device)
@@ -288,13 +299,21 @@ def fit(
                     status = "cancelled"
                     break
 
-                images = batch["image"].to(device, non_blocking=True)
-                targets = batch["labels"].to(device, non_blocking=True)
-                mask = batch["mask"].to(device, non_blocking=True)
-                observed = all_reduce_sum(mask.sum(), env).clamp_min(1.0)  # labels seen by the global batch
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = forward(images)
-                loss = criterion(logits, targets, mask) * env.world_size / observed
+                if step_loss is None:
+                    images = batch["image"].to(device, non_blocking=True)
+                    targets = batch["labels"].to(device, non_blocking=True)
+                    mask = batch["mask"].to(device, non_blocking=True)
+                    observed = all_reduce_sum(mask.sum(), env).clamp_min(1.0)  # labels in the global batch
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = forward(images)
+                    loss = criterion(logits, targets, mask) * env.world_size / observed
+                else:
+                    on_device = {
+                        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                    }
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = step_loss(forward, on_device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = (
@@ -330,14 +349,17 @@ def fit(
                 break
 
             # ---- end of epoch (or of the step budget): validate, keep the best, save the state
-            logits = predict_logits(
-                model, data.val, eval_batch, env, device, bf16, config.num_workers, config.progress_bar
-            )
-            metrics = {
-                "epoch": epoch,
-                "step": step,
-                **validation_metrics(logits, data.val, data.names, criterion),
-            }
+            if validate is None:
+                logits = predict_logits(
+                    model, data.val, eval_batch, env, device, bf16, config.num_workers, config.progress_bar
+                )
+                metrics = {
+                    "epoch": epoch,
+                    "step": step,
+                    **validation_metrics(logits, data.val, data.names, criterion),
+                }
+            else:
+                metrics = {"epoch": epoch, "step": step, **validate(model)}
             improved = _improved(metrics[config.metric], best, config.metric) or best_epoch is None
             if improved:
                 best, best_epoch, bad_epochs = metrics[config.metric], epoch, 0
@@ -378,4 +400,13 @@ def fit(
     return summary
 
 
-__all__ = ["WarmupCosine", "fit", "make_optimizer", "predict_logits", "use_bf16", "validation_metrics"]
+__all__ = [
+    "StepLoss",
+    "Validate",
+    "WarmupCosine",
+    "fit",
+    "make_optimizer",
+    "predict_logits",
+    "use_bf16",
+    "validation_metrics",
+]

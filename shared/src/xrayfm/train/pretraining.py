@@ -1,4 +1,4 @@
-"""Pre-training a foundation model: multi-label classification of radiographs with the shared loop."""
+"""Pre-training a foundation model with the shared loop: multi-label classification, or MAE (self-supervised)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,13 @@ def pretrain(
 
     Writes ``OUT/config.json``, ``best/`` (model.safetensors + meta.json, by ``config.metric``),
     ``last/`` (resumable state), ``log.csv``, ``metrics.csv``, ``tensorboard/`` and ``summary.json``.
-    Under torchrun every process calls this; rank 0 writes.
+    Under torchrun every process calls this; rank 0 writes. ``objective="mae"``: see :mod:`xrayfm.train.mae`.
     """
     config.validate()
+    if config.objective == "mae":
+        from xrayfm.train.mae import pretrain_mae
+
+        return pretrain_mae(config, progress=progress, should_cancel=should_cancel)
     env, device = setup(config.device)
     try:
         out = Path(config.out)

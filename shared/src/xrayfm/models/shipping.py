@@ -1,0 +1,74 @@
+"""Turning a foundation checkpoint into a shipped one (``xrayfm/models/weights/<name>/``, see xrayfm.registry).
+
+The weights are stored in bf16 (half the bytes; they load into fp32 models unchanged in shape), the
+meta keeps the run's recipe, data and metrics, and records the new file's sha256 so that loading checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from xrayfm.errors import XrayfmError
+from xrayfm.models.checkpoint import META, WEIGHTS, _checkpoint_folder
+from xrayfm.utils import atomic_dir, sha256_file
+
+# Datasets whose terms forbid redistributing anything derived from them (Stanford research-use agreements).
+NOT_REDISTRIBUTABLE = ("chexpert", "mura")
+
+
+def training_kinds(meta: dict[str, Any]) -> set[str]:
+    """Dataset kinds of the real (not synthetic) data a checkpoint was trained on, from its meta."""
+    data = meta.get("data") or {}
+    train = data.get("train_cache") or {}
+    caches = [train, *train.get("pool", [])]
+    caches += [s.get("cache") or {} for s in (data.get("pool") or {}).get("sources", [])]
+    return {c["kind"] for c in caches if c.get("kind") and not c.get("synthetic")}
+
+
+def export_foundation(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    card: str | os.PathLike | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``dst/`` = ``src``'s weights cast to ``dtype`` + meta.json (+ ``card`` as MODEL_CARD.md).
+
+    Refuses a checkpoint trained on data that may not be redistributed (CheXpert, MURA).
+    """
+    folder = _checkpoint_folder(src)
+    meta = json.loads((folder / META).read_text())
+    if meta.get("format") != "xrayfm.checkpoint":
+        raise XrayfmError(f"{folder} is not a full model checkpoint (format {meta.get('format')!r})")
+    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
+    if banned:
+        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    with atomic_dir(dst) as tmp:
+        safetensors.torch.save_file(cast, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        meta = {
+            **meta,
+            **(extra_meta or {}),
+            "weights": {
+                "file": WEIGHTS,
+                "sha256": sha256_file(tmp / WEIGHTS),
+                "dtype": str(dtype).split(".")[-1],
+            },
+            "exported_from": {"path": str(folder.resolve()), "sha256": meta["weights"]["sha256"]},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        if card is not None:
+            shutil.copyfile(card, tmp / "MODEL_CARD.md")
+    return Path(dst)
+
+
+__all__ = ["NOT_REDISTRIBUTABLE", "export_foundation", "training_kinds"]

@@ -1,0 +1,61 @@
+"""Names of the foundation models shipped inside the package, timm style: ``xrayfm/<name>``.
+
+Each shipped model is a checkpoint folder ``xrayfm/models/weights/<name>/`` (``model.safetensors`` +
+``meta.json`` + ``MODEL_CARD.md``), so a name works wherever a checkpoint folder does::
+
+    xrayfm.models.create_model("xrayfm/cxr-vit-tiny-mae", pretrained=True, num_classes=2)
+    xrayfm adapt --foundation xrayfm/cxr-vit-tiny-mae ...
+
+Torch-free on purpose: configs and job specs check names without importing torch. Nothing is
+downloaded; a local folder of the same relative path, if one exists, takes precedence over the name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from xrayfm.errors import XrayfmError
+
+PREFIX = "xrayfm/"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
+
+
+def list_pretrained() -> list[str]:
+    """The shipped model names (``xrayfm/<name>``), sorted."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(PREFIX + p.name for p in WEIGHTS_DIR.iterdir() if (p / "meta.json").is_file())
+
+
+def is_registry_name(value: str | os.PathLike | None) -> bool:
+    """Whether ``value`` is meant as a shipped model's name (``xrayfm/...`` that is not a local path)."""
+    return isinstance(value, str) and value.startswith(PREFIX) and not Path(value).exists()
+
+
+def pretrained_dir(name: str) -> Path:
+    """The checkpoint folder of a shipped model; a clear error lists the names there are."""
+    folder = WEIGHTS_DIR / name.removeprefix(PREFIX)
+    if (
+        not name.startswith(PREFIX)
+        or "/" in name.removeprefix(PREFIX)
+        or not (folder / "meta.json").is_file()
+    ):
+        have = ", ".join(list_pretrained()) or "none in this installation"
+        raise XrayfmError(f"no shipped model {name!r} (have: {have})")
+    return folder
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself, or the folder of a shipped model when ``path`` is an ``xrayfm/<name>``."""
+    return pretrained_dir(str(path)) if is_registry_name(path) else Path(path)
+
+
+__all__ = [
+    "PREFIX",
+    "WEIGHTS_DIR",
+    "is_registry_name",
+    "list_pretrained",
+    "pretrained_dir",
+    "resolve_checkpoint_dir",
+]
