@@ -1,6 +1,8 @@
 """Print the third-party requirements of local projects, one per line, for `pip install -c constraints -r`.
 
     python deploy/pyproject_deps.py 'shared[torch]' services/common services/inference
+    python deploy/pyproject_deps.py --check-pinned requirements/constraints.txt
+
 
 Each argument is a project folder (with a pyproject.toml) and optional extras. A requirement naming one of
 the given projects (``xrayfm[render]``, ``xrayfm-stack``) is expanded into that project's own requirements
@@ -32,7 +34,32 @@ def parse(requirement: str) -> tuple[str, set[str], str]:
     return canonical(match[1]), extras, match[3].strip()
 
 
+def check_pinned(constraints: Path) -> int:
+    """Every distribution installed in this environment at the version the constraints pin (the images
+    run it after installing: a package the constraints do not name would have come at any version)."""
+    import importlib.metadata
+
+    pins = {}
+    for line in constraints.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[canonical(name)] = version.strip()
+    wrong = []
+    for dist in importlib.metadata.distributions():
+        name = canonical(dist.metadata["Name"])
+        if name.startswith("xrayfm"):
+            continue  # the local packages
+        if pins.get(name) != dist.version:
+            wrong.append(f"{name}=={dist.version} (pinned: {pins.get(name, 'nothing')})")
+    if wrong:
+        print(f"not pinned by {constraints}: " + ", ".join(sorted(wrong)), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(args: list[str]) -> int:
+    if args[:1] == ["--check-pinned"]:
+        return check_pinned(Path(args[1]))
     projects: dict[str, dict] = {}
     wanted: list[tuple[str, set[str]]] = []
     for arg in args:

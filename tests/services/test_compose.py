@@ -151,6 +151,24 @@ def test_the_constraints_are_the_versions_the_tests_run_with():
     assert installs and all("$(PIN)" in line for line in installs), installs
 
 
+def test_every_requirement_of_every_image_is_pinned():
+    """A requirement the constraints do not name would install at any version (the images also check
+    what they installed: deploy/pyproject_deps.py --check-pinned)."""
+    pinned = {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
+        for line in (REPO / "requirements/constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    images = [
+        ["shared", "services/common", "services/gateway"],
+        ["shared[render]", "services/common", "services/frontend"],
+        ["shared[torch]", "services/common", "services/inference", "services/training"],
+    ]
+    for projects in images:
+        names = {re.sub(r"[-_.]+", "-", name) for name in dependencies_of(*projects)}
+        assert names <= pinned, f"{projects}: not in requirements/constraints.txt: {sorted(names - pinned)}"
+
+
 def dependencies_of(*projects: str) -> list[str]:
     out = subprocess.run(
         [sys.executable, str(REPO / "deploy/pyproject_deps.py"), *projects],
