@@ -60,7 +60,8 @@ clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs
 
 constraints: $(STAMP)  ## rewrite requirements/constraints.txt from .venv (after changing a dependency)
-	{ sed -n '/^#/p' $(CONSTRAINTS); $(VENV)/bin/pip freeze --all --exclude-editable | grep -v '^[-#]'; } > $(CONSTRAINTS).new
+	{ sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); $(VENV)/bin/pip freeze --all --exclude-editable | grep -v '^[-#]'; \
+	  cat requirements/constraints-images.txt; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 base-images:  ## offline base images (Python, Redis, Prometheus) from Debian packages: deploy/base-images.sh
