@@ -356,3 +356,30 @@ def test_real_chest_pool_keeps_the_held_out_sets_out_and_trains(shared_data, tmp
     assert summary["pool"]["exclude"][0]["default"] and summary["pool"]["exclude"][0]["patients"] == 59
     assert nih_all["usable"] == 986 and nih_all["excluded_patient"] == 207 and nih_all["images"] == 779
     assert summary["status"] == "completed" and summary["data"]["synthetic"] is False
+
+
+SHIPPED = "xrayfm/cxr-vit-tiny-mae"
+
+
+def test_the_shipped_foundation_loads_by_name_with_no_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert SHIPPED in xrayfm.registry.list_pretrained()
+    folder = xrayfm.registry.pretrained_dir(SHIPPED)
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["objective"]["name"] == "mae" and meta["data"]["synthetic"] is False
+    assert training_kinds(meta) == {"images", "nih"}  # Kermany (CC BY 4.0) and NIH: never CheXpert or MURA
+    assert {e["split"] for e in meta["data"]["pool"]["exclude"]} == {"test"}  # the NIH test patients
+    card = (folder / "MODEL_CARD.md").read_text()
+    for needed in ("CC BY 4.0", "Kermany", "Wang", "not for clinical use", "AUROC"):
+        assert needed in card, needed
+    model = create_model(SHIPPED, pretrained=True, num_classes=2)
+    weights = load_file(str(folder / "model.safetensors"))
+    assert all(w.dtype == torch.bfloat16 for w in weights.values() if w.is_floating_point())
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, weights["blocks.3.mlp.fc1.weight"].float())
+    encoder, loaded_meta = load_checkpoint(SHIPPED)  # also as a checkpoint folder, by name
+    assert loaded_meta["weights"]["sha256"] == meta["weights"]["sha256"]
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, encoder.embed_dim) and torch.isfinite(features).all()
+    AdaptConfig(foundation=SHIPPED, cache="any").validate()
