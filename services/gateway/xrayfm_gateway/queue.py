@@ -47,6 +47,12 @@ from xrayfm_stack.settings import QueueSettings, TrainingSettings
 log = logging.getLogger("xrayfm.gateway")
 
 
+# What losing Redis raises. AttributeError too: redis-py's asyncio client raises it ("'NoneType' object
+# has no attribute 'writelines'") when the server closes a connection under a command, as a Redis restart
+# does; seen in the compose test (1 request in ~270 answered 500 before this).
+LOST = (RedisError, OSError, AttributeError)
+
+
 class QueueUnavailable(Exception):
     """Redis cannot be reached (or refused the operation)."""
 
@@ -98,7 +104,7 @@ class ResultListener:
             if self._drop(channel, future) and self.pubsub is not None:
                 try:
                     await self.pubsub.unsubscribe(channel)
-                except (RedisError, OSError):  # the connection is gone: so is the subscription
+                except LOST:  # the connection is gone: so is the subscription
                     pass
 
     def _drop(self, channel: str, future: asyncio.Future) -> bool:
@@ -114,7 +120,9 @@ class ResultListener:
         while self.waiters:
             try:
                 message = await self.pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:  # waiters fall back to reading their keys (RECHECK_S)
+            # RuntimeError: redis-py's "pubsub connection not set" after a reset. Waiters fall back to
+            # reading their keys (RECHECK_S) meanwhile.
+            except (*LOST, RuntimeError) as exc:
                 log.warning("result subscriber lost Redis (%s); reconnecting", type(exc).__name__)
                 await asyncio.sleep(RECHECK_S)
                 async with self.lock:
@@ -131,13 +139,13 @@ class ResultListener:
     async def _resubscribe(self) -> None:
         try:
             await self.pubsub.aclose()
-        except (RedisError, OSError):
+        except LOST:
             pass
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         if self.waiters:
             try:
                 await self.pubsub.subscribe(*self.waiters)
-            except (RedisError, OSError):
+            except LOST:
                 pass  # next round
 
     async def close(self) -> None:
@@ -147,7 +155,7 @@ class ResultListener:
         if self.pubsub is not None:
             try:
                 await self.pubsub.aclose()
-            except (RedisError, OSError):
+            except LOST:
                 pass
 
 
@@ -191,7 +199,7 @@ class InferenceQueue:
             if not names:
                 return []
             raw = await self.redis.mget([self.settings.worker_info_key(n.decode()) for n in names])
-        except (RedisError, OSError) as exc:
+        except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return [json.loads(item) for item in raw if item]
 
@@ -206,7 +214,7 @@ class InferenceQueue:
                 ),
                 anyio.to_thread.run_sync(self._send, job_id, request),
             )
-        except (RedisError, OSError, KombuError, OperationalError) as exc:
+        except (*LOST, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id
 
@@ -225,7 +233,7 @@ class InferenceQueue:
         """What was recorded when this gateway queued `job_id`; None if unknown or expired."""
         try:
             raw = await self.redis.get(self.settings.job_key(job_id))
-        except (RedisError, OSError) as exc:
+        except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return None if raw is None else json.loads(raw)
 
@@ -234,7 +242,7 @@ class InferenceQueue:
         backend = self.celery.backend
         try:
             raw = await self.redis.get(backend.get_key_for_task(job_id))
-        except (RedisError, OSError) as exc:
+        except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         if raw is None:
             return JobState("queued")
@@ -257,7 +265,7 @@ class InferenceQueue:
         channel = self.celery.backend.get_key_for_task(job_id).decode()
         try:
             future = await self.listener.watch(channel)
-        except (RedisError, OSError) as exc:
+        except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         try:
             job = await self.state(job_id)  # subscribed first: an answer stored before now is read here
@@ -275,7 +283,7 @@ class InferenceQueue:
                     await self.listener.unwatch(channel, previous)
                 job = await self.state(job_id)
             return job
-        except (RedisError, OSError) as exc:
+        except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         finally:
             await self.listener.unwatch(channel, future)
@@ -303,7 +311,7 @@ class TrainingQueue:
     async def _call(self, fn: Any, *args: Any) -> Any:
         try:
             return await anyio.to_thread.run_sync(fn, *args)
-        except (RedisError, OSError, KombuError, OperationalError) as exc:
+        except (*LOST, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
 
     async def submit(self, spec: dict[str, Any]) -> str:
