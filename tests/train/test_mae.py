@@ -110,6 +110,29 @@ def test_settings_that_cannot_work_are_refused(chest_cache, tmp_path):
         AdaptConfig(foundation="xrayfm/no-such-model", cache="c").validate()
 
 
+def test_a_pool_comes_from_the_command_line_and_from_a_job_spec_alike(capsys):
+    from xrayfm.cli import main
+
+    pool = {"sources": [{"kind": "nih", "root": "NIH", "split": "train"}], "exclude": []}
+    main(
+        [
+            "pretrain",
+            "--objective",
+            "mae",
+            "--pool",
+            json.dumps(pool),
+            "--mask-ratio",
+            "0.6",
+            "--print-config",
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["objective"] == "mae" and printed["pool"] == pool and printed["mask_ratio"] == 0.6
+    spec = PretrainConfig.from_dict(printed)  # what the training worker does with a job's config
+    assert spec == PretrainConfig.from_json(json.dumps(printed))
+    assert PretrainConfig().objective == "supervised"  # the default is unchanged
+
+
 # -- the pooled corpus -------------------------------------------------------------------------------------
 def test_pool_drops_excluded_patients_and_duplicates_and_counts_them(chest_root, tmp_path):
     files = sorted((chest_root / "train").rglob("*.jpg"))[:13]
