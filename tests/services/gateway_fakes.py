@@ -32,7 +32,7 @@ class FakeQueue:
         if self.down:
             raise QueueUnavailable("Redis unreachable: connection refused")
 
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self, fresh: bool = False) -> list[dict[str, Any]]:
         self._check()
         return self.workers_list
 

@@ -66,10 +66,11 @@ class ReadinessProbe:
     def __init__(self, queue: InferenceQueue, training: TrainingQueue) -> None:
         self.queue, self.training = queue, training
 
-    async def check(self) -> Readiness:
-        """The readiness report (also used by /predict, which refuses work while not ready)."""
+    async def check(self, fresh: bool = False) -> Readiness:
+        """The readiness report (also used by /predict, which refuses work while not ready). /ready asks
+        for a `fresh` read of Redis; /predict may use a worker list up to ``WORKERS_CACHE_S`` old."""
         try:
-            workers = await self.queue.workers()
+            workers = await self.queue.workers(fresh=fresh)
         except QueueUnavailable as exc:
             QUEUE_ERRORS.labels("ready").inc()
             return Readiness(ready=False, broker="unreachable", detail=str(exc))

@@ -180,11 +180,11 @@ class InferenceQueue:
         await self.listener.redis.aclose()
         await self.redis.aclose()
 
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Live workers (heartbeat younger than its TTL) with their self-description (read from Redis at
-        most every ``WORKERS_CACHE_S``: /predict asks on every request)."""
+        most every ``WORKERS_CACHE_S``: /predict asks on every request; `fresh` always reads)."""
         cached = self._workers
-        if cached is not None and time.monotonic() - cached[0] < WORKERS_CACHE_S:
+        if not fresh and cached is not None and time.monotonic() - cached[0] < WORKERS_CACHE_S:
             return cached[1]
         found = await self._read_workers()
         self._workers = (time.monotonic(), found)

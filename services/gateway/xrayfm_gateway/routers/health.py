@@ -24,7 +24,7 @@ async def health() -> dict[str, str]:
 )
 async def ready(probe: ReadinessDep) -> JSONResponse:
     """200 when Redis answers and a worker with a loaded model sends heartbeats; otherwise 503 with why."""
-    body = await probe.check()
+    body = await probe.check(fresh=True)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
