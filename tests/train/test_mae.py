@@ -22,8 +22,8 @@ from train_helpers import QUIET, SIZE, TINY_MODEL
 from xrayfm.data import open_dataset
 from xrayfm.errors import DataError, XrayfmError
 from xrayfm.models.backbones import create_model
-from xrayfm.models.checkpoint import load_checkpoint
-from xrayfm.models.shipping import export_foundation, training_kinds
+from xrayfm.models.checkpoint import load_any, load_checkpoint
+from xrayfm.models.shipping import export_adapter, export_foundation, training_kinds
 from xrayfm.train import AdaptConfig, PretrainConfig, adapt, pretrain
 from xrayfm.train.distributed import DistEnv
 from xrayfm.train.mae import MaskedAutoencoder, MaskedView, patchify, split_by_noise
@@ -333,6 +333,31 @@ def test_the_mae_encoder_adapts_with_lora_and_ships_under_a_name(mae_run, bone_c
         meta = json.loads((out / "best" / "meta.json").read_text())
         assert meta["format"] == "xrayfm.adapted" and Path(meta["foundation"]["path"]).is_dir()
         assert (out / "report" / "report.json").is_file()
+
+    # The adapter ships beside its foundation and loads by name, wherever the package lies.
+    adapted = tmp_path / "xrayfm_test-mae" / "best"
+    export_adapter(adapted, shipped / "test-lora", "xrayfm/test-mae", extra_meta={"intended_use": "tests"})
+    assert xrayfm.registry.list_pretrained() == ["xrayfm/test-lora", "xrayfm/test-mae"]
+    assert (
+        json.loads((shipped / "test-lora" / "meta.json").read_text())["foundation"]["path"] == "../test-mae"
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(shipped, moved)
+    monkeypatch.setattr(xrayfm.registry, "WEIGHTS_DIR", moved)
+    by_name, meta = load_any("xrayfm/test-lora")
+    original, _ = load_any(adapted)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(by_name(x), original(x))
+    assert meta["intended_use"] == "tests"
+    # an adapter of another foundation (the fp32 run, not the shipped bf16 one) is refused
+    with pytest.raises(XrayfmError, match="not adapted from the shipped"):
+        export_adapter(
+            tmp_path / str(run / "best").replace("/", "_") / "best", moved / "other", "xrayfm/test-mae"
+        )
+    with pytest.raises(XrayfmError, match="beside the shipped foundations"):
+        export_adapter(adapted, tmp_path / "elsewhere", "xrayfm/test-mae")
+    assert not (moved / "other").exists() and not (tmp_path / "elsewhere").exists()
 
 
 def test_weights_trained_on_chexpert_or_mura_are_never_shipped(mae_run, tmp_path):

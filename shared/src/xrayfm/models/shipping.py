@@ -16,7 +16,8 @@ import safetensors.torch
 import torch
 
 from xrayfm.errors import XrayfmError
-from xrayfm.models.checkpoint import META, WEIGHTS, _checkpoint_folder
+from xrayfm.models.checkpoint import ADAPTER_DIR, META, WEIGHTS, _checkpoint_folder
+from xrayfm.registry import pretrained_dir
 from xrayfm.utils import atomic_dir, sha256_file
 
 # Datasets whose terms forbid redistributing anything derived from them (Stanford research-use agreements).
@@ -71,4 +72,46 @@ def export_foundation(
     return Path(dst)
 
 
-__all__ = ["NOT_REDISTRIBUTABLE", "export_foundation", "training_kinds"]
+def export_adapter(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    foundation: str,
+    *,
+    card: str | os.PathLike | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``dst/`` = ``src``'s LoRA adapter (+ head) and meta.json, pointing at the shipped ``foundation``
+    (``xrayfm/<name>``) by a path relative to ``dst`` so that it loads wherever the package is installed.
+
+    Refuses an adapter trained on data that may not be redistributed, or adapted from another foundation
+    than the shipped one (the weights' sha256 must match).
+    """
+    folder = _checkpoint_folder(src)
+    meta = json.loads((folder / META).read_text())
+    if meta.get("format") != "xrayfm.adapted":
+        raise XrayfmError(f"{folder} is not an adapted checkpoint (format {meta.get('format')!r})")
+    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
+    if banned:
+        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
+    base = pretrained_dir(foundation)
+    base_sha = json.loads((base / META).read_text())["weights"]["sha256"]
+    if (meta.get("foundation") or {}).get("sha256") != base_sha:
+        raise XrayfmError(f"{folder} was not adapted from the shipped {foundation} (weights sha256 differs)")
+    dst = Path(dst)
+    if dst.resolve().parent != base.parent.resolve():
+        raise XrayfmError(f"{dst} must lie beside the shipped foundations ({base.parent})")
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(folder / ADAPTER_DIR, tmp / ADAPTER_DIR)
+        meta = {
+            **meta,
+            **(extra_meta or {}),
+            "foundation": {"path": f"../{base.name}", "name": foundation, "sha256": base_sha},
+            "exported_from": {"path": str(folder.resolve())},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        if card is not None:
+            shutil.copyfile(card, tmp / "MODEL_CARD.md")
+    return dst
+
+
+__all__ = ["NOT_REDISTRIBUTABLE", "export_adapter", "export_foundation", "training_kinds"]
