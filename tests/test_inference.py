@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from helpers import make_tiny_checkpoint
-from xrayfm.inference import Predictor, load_served_model
+from xrayfm.inference import RESEARCH_USE, Predictor, load_served_model
 
 
 def test_models_trained_on_phantoms_say_so(tmp_path):
@@ -13,6 +13,13 @@ def test_models_trained_on_phantoms_say_so(tmp_path):
     plain = make_tiny_checkpoint(tmp_path / "b", ["Abnormal"], data={"synthetic": False})
     assert load_served_model(trained_on_phantoms, device="cpu").info()["synthetic"] is True
     assert load_served_model(plain, device="cpu").info()["synthetic"] is False
+
+
+def test_every_answer_carries_the_models_intended_use(tmp_path):
+    default = load_served_model(make_tiny_checkpoint(tmp_path / "a", ["Abnormal"]), device="cpu")
+    assert default.info()["notice"] == RESEARCH_USE and "Research use only" in RESEARCH_USE
+    own = make_tiny_checkpoint(tmp_path / "b", ["Abnormal"], intended_use="Research on elbows only.")
+    assert load_served_model(own, device="cpu").info()["notice"] == "Research on elbows only."
 
 
 def test_binary_answer_shape(tmp_path):

@@ -121,6 +121,7 @@ class ModelInfo(BaseModel):
     device: str
     synthetic: bool = Field(False, description="trained on synthetic phantoms")
     untrained: bool = Field(False, description="random weights (a placeholder, not a trained model)")
+    notice: str | None = Field(None, description="the model's intended use (research only), shown with answers")
     runtime: str | None = Field(
         None, description="the worker's runtime for this model (torch, onnxruntime, onnxruntime-int8)"
     )

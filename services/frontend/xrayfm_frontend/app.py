@@ -78,6 +78,8 @@ notes = [" UNTRAINED (random weights)" if model.untrained else ""]
 notes.append(" trained on SYNTHETIC data" if model.synthetic else "")
 total_ms = answer.timings.total_ms or 0
 st.caption(f"Model {model.name} {model.version}{''.join(notes)}; {total_ms:.0f} ms")
+if model.notice:
+    st.warning(model.notice)
 
 try:
     original = original_for_display(data)

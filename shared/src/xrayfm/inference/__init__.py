@@ -7,7 +7,7 @@ Checkpoints are read with ``xrayfm.models.checkpoint`` (safetensors + JSON, neve
 or a LoRA adapter over its foundation. From ``meta.json`` inference reads ``labels``, ``preprocessing``
 {size, mean, std, channels, mode} and, optionally, ``threshold`` (0.5), ``negative_label`` ("Normal"),
 ``activation`` ("sigmoid" | "softmax"), ``name``/``version``, ``synthetic`` (true for models trained on
-phantoms).
+phantoms), ``intended_use`` (the notice every answer carries; :data:`RESEARCH_USE` when absent).
 
 The :class:`Predictor` here runs the model in torch; ``xrayfm.inference.runtime`` exports it to ONNX
 (with the attention of every block, so rollout runs there too) and serves it with ONNX Runtime.
@@ -30,6 +30,9 @@ from xrayfm.errors import XrayfmError
 from xrayfm.explain import canonical_method, explain, predict_with_rollout, upsample_heatmap
 from xrayfm.models.checkpoint import load_any
 from xrayfm.utils import sha256_folder
+
+# What every answer says of its model unless the checkpoint's meta has an `intended_use` of its own.
+RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or any clinical decision."
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class ServedModel:
             # Training writes meta["data"]["synthetic"]; a hand-made checkpoint may say it at the top level.
             "synthetic": bool(self.meta.get("synthetic") or (self.meta.get("data") or {}).get("synthetic")),
             "untrained": bool(self.meta.get("untrained", False)),
+            "notice": str(self.meta.get("intended_use") or RESEARCH_USE),
         }
 
 
