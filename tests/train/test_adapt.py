@@ -60,6 +60,10 @@ def test_each_method_trains_saves_and_reports(method, foundation, bone_caches, t
     assert set(report["groups"]) == set(valid.csv["body_part"])
     assert summary["report"]["metric"] == "study_auroc"
     assert (run / "report" / "roc_curves.png").stat().st_size > 0
+    points = report["operating_points"]["Abnormal"]  # candidate thresholds, per image and per study
+    assert {o["rule"] for o in points["image"]} >= {"youden", "sensitivity>=0.95", "specificity>=0.95"}
+    assert all(0 <= o["threshold"] <= 1 and o["sensitivity"] >= 0.95 for o in points["study"][1:2])
+    assert "## Operating points" in (run / "report" / "report.md").read_text()
 
     model, _ = load_any(run / "best")
     trained = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}

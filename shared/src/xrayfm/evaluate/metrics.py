@@ -278,3 +278,79 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 15) -> di
         return {"ece": None, "reason": NO_SAMPLES, "n": 0, "n_bins": n_bins, "bins": bins}
     gaps = np.abs(pos_sum - conf_sum)  # = count * |accuracy - confidence| per bin
     return {"ece": float(gaps.sum() / n), "n": n, "n_bins": n_bins, "bins": bins}
+
+
+def operating_points(
+    y_true: Any,
+    y_prob: Any,
+    sensitivity: float = 0.95,
+    specificity: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Sequence | np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """Candidate decision thresholds of one label (1/0 labels; NaN rows dropped), each with the
+    sensitivity and specificity it gives on these data and their percentile bootstrap CIs:
+
+    - ``youden``: the threshold of largest sensitivity + specificity - 1;
+    - ``sensitivity>=S``: the highest threshold whose sensitivity reaches ``sensitivity`` (best specificity);
+    - ``specificity>=T``: the lowest threshold whose specificity reaches ``specificity`` (best sensitivity).
+
+    The thresholds are chosen on the same data they are scored on, so the point values are optimistic;
+    the CIs (rows, or whole ``clusters`` such as studies, resampled at the fixed threshold) show the
+    spread. An empty list when a class is missing.
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    keep = ~np.isnan(y)
+    y, p = y[keep], p[keep]
+    units = None if clusters is None else np.asarray(clusters)[keep]
+    if len(np.unique(y)) < 2:
+        return []
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)  # every distinct score
+    thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is inf: nothing is positive
+    spec = 1.0 - fpr
+    chosen = [("youden", int(np.argmax(tpr - fpr)))]
+    reach = np.flatnonzero(tpr >= sensitivity)  # thresholds fall along the curve: the first is the highest
+    if reach.size:
+        chosen.append((f"sensitivity>={sensitivity:g}", int(reach[0])))
+    reach = np.flatnonzero(spec >= specificity)
+    if reach.size:
+        chosen.append((f"specificity>={specificity:g}", int(reach[-1])))
+    # Resample rows (or whole clusters) as weights: row i counts as often as its unit was drawn.
+    if units is None:
+        unit, n_units = np.arange(len(y)), len(y)
+    else:
+        _, unit = np.unique(units, return_inverse=True)
+        n_units = int(unit.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, n_units, size=(n_bootstrap, n_units))
+    counts = np.stack([np.bincount(d, minlength=n_units) for d in draws]) if n_bootstrap else None
+    weights = counts[:, unit.ravel()].astype(np.float64) if counts is not None else None
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+
+    def ci(hit: np.ndarray, among: np.ndarray) -> list[float] | None:
+        """Percentile CI of mean(hit) over the rows `among`, across the resamples that have such rows."""
+        if weights is None:
+            return None
+        den = weights[:, among].sum(axis=1)
+        num = weights[:, among & hit].sum(axis=1)
+        ok = den > 0
+        return [float(v) for v in np.percentile(num[ok] / den[ok], q)] if ok.any() else None
+
+    points = []
+    positive = y == 1
+    for rule, k in chosen:
+        t = float(thresholds[k])
+        pred = p >= t
+        points.append(
+            {
+                "rule": rule,
+                "threshold": t,
+                "sensitivity": float(pred[positive].mean()),
+                "specificity": float((~pred[~positive]).mean()),
+                "sensitivity_ci": ci(pred, positive),
+                "specificity_ci": ci(~pred, ~positive),
+            }
+        )
+    return points

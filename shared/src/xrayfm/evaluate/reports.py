@@ -264,7 +264,37 @@ def report_markdown(report: Mapping[str, Any], title: str) -> str:
         lines += _binary_markdown(report, ci_pct)
     else:
         lines += ["```json", json.dumps(to_jsonable(report), indent=2, allow_nan=False), "```"]
+    lines += _operating_points_markdown(report.get("operating_points") or {}, ci_pct)
     return "\n".join(lines) + "\n"
+
+
+def _operating_points_markdown(points: Mapping[str, Mapping[str, list]], ci_pct: int) -> list[str]:
+    """A table of the candidate thresholds (see :func:`xrayfm.evaluate.metrics.operating_points`)."""
+    rows = [
+        f"| {name} | {level} | {o['rule']} | {o['threshold']:.3f} | {_fmt_ratio(o, 'sensitivity')} "
+        f"| {_fmt_ratio(o, 'specificity')} |"
+        for name, levels in points.items()
+        for level, options in levels.items()
+        for o in options
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Operating points",
+        "",
+        f"Candidate thresholds ({ci_pct}% bootstrap CIs), chosen on this split: optimistic here, confirm them on "
+        "data of their own. A model version can carry one (`POST /models/{name}/{version}/operating-point`).",
+        "",
+        "| label | level | rule | threshold | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _fmt_ratio(point: Mapping[str, Any], key: str) -> str:
+    ci = point.get(f"{key}_ci")
+    return f"{point[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _calibrations(report: Mapping[str, Any]) -> dict[str, dict]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from xrayfm.data.transforms import build_transform
 from xrayfm.evaluate import binary_report, multilabel_report, roc_curves, study_level, write_report
+from xrayfm.evaluate.metrics import operating_points
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import EvaluateConfig, TrainConfig
 from xrayfm.train.data import ensure_cache, is_synthetic, label_columns, open_cache
@@ -36,9 +37,20 @@ def headline(report: dict[str, Any]) -> tuple[str, float | None]:
 def report_for(
     y: np.ndarray, probs: np.ndarray, names: list[str], table: pd.DataFrame, n_bootstrap: int, seed: int
 ) -> tuple[dict[str, Any], dict[str, dict]]:
-    """The report and ROC curves for labels ``y`` [N, L] (NaN = masked) and probabilities [N, L]."""
+    """The report and ROC curves for labels ``y`` [N, L] (NaN = masked) and probabilities [N, L].
+
+    The report's ``operating_points`` hold candidate thresholds per label (:func:`operating_points`) for
+    image-level decisions (what /predict answers), and for studies when the rows have study ids."""
+    studies = table["study_id"].astype(str).to_numpy() if "study_id" in table else None
+    points = {
+        name: {
+            "image": operating_points(
+                y[:, j], probs[:, j], n_bootstrap=n_bootstrap, seed=seed, clusters=studies
+            )
+        }
+        for j, name in enumerate(names)
+    }
     if len(names) == 1 and not np.isnan(y).any():
-        studies = table["study_id"].astype(str).to_numpy() if "study_id" in table else None
         groups = table["body_part"].astype(str).to_numpy() if "body_part" in table else None
         report = binary_report(
             y[:, 0], probs[:, 0], study_ids=studies, groups=groups, n_bootstrap=n_bootstrap, seed=seed
@@ -47,9 +59,10 @@ def report_for(
         if studies is not None:
             _, ys, ps = study_level(y[:, 0], probs[:, 0], studies)
             curves |= roc_curves(ys, ps, ["study"])
-        return report, curves
+            points[names[0]]["study"] = operating_points(ys, ps, n_bootstrap=n_bootstrap, seed=seed)
+        return {**report, "operating_points": points}, curves
     report = multilabel_report(y, probs, names, n_bootstrap=n_bootstrap, seed=seed)
-    return report, roc_curves(y, probs, names)
+    return {**report, "operating_points": points}, roc_curves(y, probs, names)
 
 
 def evaluate_view(
