@@ -1,4 +1,5 @@
-"""`xrayfm pretrain`, `adapt`, `evaluate` and `experiment label-efficiency`: thin layers over :mod:`xrayfm.train`.
+"""`xrayfm pretrain`, `adapt`, `evaluate`, `cv`, `tune` and `experiment label-efficiency`: thin layers over
+:mod:`xrayfm.train`.
 
 Training options are generated from the config dataclasses (:mod:`xrayfm.train.config`), so every
 setting of a JSON job spec is also a documented command-line option, with the same name and default.
@@ -16,7 +17,16 @@ from typing import Any, TypeVar
 
 from xrayfm.commands.output import print_json
 from xrayfm.errors import XrayfmError
-from xrayfm.train.config import METHODS, AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig, field_type
+from xrayfm.train.config import (
+    METHODS,
+    AdaptConfig,
+    CVConfig,
+    EvaluateConfig,
+    JsonConfig,
+    PretrainConfig,
+    TuneConfig,
+    field_type,
+)
 
 C = TypeVar("C", bound=JsonConfig)
 
@@ -173,6 +183,42 @@ def cmd_label_efficiency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    """k-fold cross-validation of an adaptation."""
+    config = config_from_args(CVConfig, args)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
+    from xrayfm.train.cv import cross_validate
+
+    result = cross_validate(config)
+    if args.json:
+        print_json({k: v for k, v in result.items()})
+    else:
+        print(open(result["files"]["markdown"]).read())
+        print(f"table: {result['files']['folds']}   out-of-fold: {result['files']['oof_predictions']}")
+        print(f"plot: {result['files']['plot']}   pooled report: {result['files']['oof_report']}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Hyper-parameter search with Optuna."""
+    config = config_from_args(TuneConfig, args)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return 0
+    from xrayfm.train.tune import tune
+
+    result = tune(config)
+    if args.json:
+        print_json(result)
+    else:
+        print(open(result["files"]["markdown"]).read())
+        print(f"trials run now: {result['trials_run']} (the study held {result['trials_before']} before)")
+        print(f"table: {result['files']['trials']}   best: {result['files']['best']}")
+    return 3 if result["cancelled"] else 0
+
+
 def _is_rank0() -> bool:
     import os
 
@@ -226,6 +272,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(p, EvaluateConfig, skip=("model",))
     p.add_argument("--json", action="store_true", help="print the report as JSON, no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "cv",
+        help="k-fold cross-validation of an adaptation, folds grouped by patient",
+        description="Cut the training split into --folds folds by patient (no patient in two folds; "
+        "stratified by the label when the task has one binary label), adapt on K-1 folds and report on the "
+        "held-out fold, for every fold. Writes folds.csv, oof_predictions.csv (every training image once), "
+        "oof_report/, cv.json, summary.md (per-fold mean ± sd, pooled out-of-fold AUROC with a bootstrap "
+        "CI over patients; study level for MURA) and cv.png under --out. Finished folds are reused.",
+    )
+    add_config_arguments(p, CVConfig, skip=("fold", "val_split", "val_cache", "val_fraction", "resume"))
+    _common_flags(p)
+    p.set_defaults(func=cmd_cv)
+
+    p = subparsers.add_parser(
+        "tune",
+        help="hyper-parameter search for adapt with Optuna (seeded TPE, median pruning, resumable)",
+        description="Search adaptation settings with Optuna: each trial is an adapt run under "
+        "OUT/trials/, scored by its best epoch's --metric on a patient-level split of --split (never a "
+        "separate split); trials below the median of earlier ones at the same epoch are pruned. The study "
+        "is stored in OUT/study.db: the same command continues it up to --trials finished trials. Writes "
+        "trials.csv, best.json (settings, value, the best trial's checkpoint), summary.md, "
+        "optimization_history.png and param_importances.png. Example space: "
+        '--space \'{"lr": {"low": 1e-4, "high": 3e-3, "log": true}, "lora_rank": [4, 8, 16]}\'.',
+    )
+    add_config_arguments(p, TuneConfig, skip=("val_split", "val_cache", "folds", "fold", "resume"))
+    _common_flags(p)
+    p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser(
         "experiment",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedGroupKFold
 
 from xrayfm.data.base import XrayDataset
 from xrayfm.errors import DataError
@@ -21,6 +21,32 @@ def split_by_patient(
     splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     train, val = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return np.sort(train), np.sort(val)
+
+
+def kfold_by_patient(
+    dataset: XrayDataset, folds: int, seed: int = 0, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """The fold (0..folds-1) of every row, each patient wholly in one fold, and whether it is stratified.
+
+    With binary ``labels`` (one per row, 1/0, both classes present) sklearn's StratifiedGroupKFold keeps
+    the share of positives alike across folds; otherwise GroupKFold balances the fold sizes. Both are
+    shuffled with ``seed``.
+    """
+    groups = dataset.csv["patient_id"].to_numpy()
+    n_patients = len(np.unique(groups))
+    if folds < 2 or n_patients < folds:
+        raise DataError(f"{folds} folds need at least {max(folds, 2)} patients; the data has {n_patients}")
+    y = None if labels is None else np.asarray(labels, dtype=np.float64)
+    stratified = y is not None and not np.isnan(y).any() and np.unique(y).size == 2
+    if stratified:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    else:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of = np.full(len(groups), -1, dtype=np.int64)
+    target = y if stratified else np.zeros(len(groups))
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(groups)), target, groups=groups)):
+        fold_of[held_out] = k
+    return fold_of, stratified
 
 
 def subsample_groups(

@@ -7,7 +7,10 @@ from xrayfm.evaluate.metrics import (
     threshold_metrics,
 )
 from xrayfm.evaluate.plots import (
+    plot_cv,
     plot_label_efficiency,
+    plot_optimization_history,
+    plot_param_importances,
     plot_reliability,
     plot_roc,
     summarise_label_efficiency,
@@ -19,7 +22,10 @@ __all__ = [
     "binary_report",
     "expected_calibration_error",
     "multilabel_report",
+    "plot_cv",
     "plot_label_efficiency",
+    "plot_optimization_history",
+    "plot_param_importances",
     "plot_reliability",
     "plot_roc",
     "roc_curves",

@@ -139,3 +139,86 @@ def plot_label_efficiency(
     if summary:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_cv(
+    fold_values: Sequence[float | None],
+    pooled: Mapping[str, Any],
+    path: str | Path,
+    ylabel: str = "AUROC",
+    title: str = "Cross-validation",
+) -> Path:
+    """Per-fold metric (bars; undefined folds empty), their mean ± sd, and the pooled value with its CI."""
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(fold_values))
+    heights = [np.nan if v is None else v for v in fold_values]
+    ax.bar(x, heights, color="#4c72b0", alpha=0.8, label="fold")
+    defined = np.array([v for v in fold_values if v is not None], dtype=float)
+    if defined.size:
+        mean, sd = defined.mean(), defined.std(ddof=1) if defined.size > 1 else 0.0
+        ax.axhline(mean, color="black", lw=1.2, label=f"mean {mean:.3f} ± sd {sd:.3f}")
+        ax.axhspan(mean - sd, mean + sd, color="black", alpha=0.08)
+    value = pooled.get("value")
+    if value is not None:
+        low, high = pooled.get("ci_low"), pooled.get("ci_high")
+        err = None if low is None else [[value - low], [high - value]]
+        ci = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+        ax.errorbar(
+            [len(fold_values)], [value], yerr=err, fmt="D", color="#c44e52", capsize=4,
+            label=f"pooled out-of-fold {value:.3f}{ci}",
+        )  # fmt: skip
+    ax.set_xticks([*x, len(fold_values)], [*(str(i) for i in x), "pooled"])
+    ax.set(xlabel="Fold", ylabel=ylabel, title=title, ylim=(0, 1.05) if "auroc" in ylabel else None)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_optimization_history(
+    trials: Sequence[Mapping[str, Any]], path: str | Path, ylabel: str = "objective", maximize: bool = True
+) -> Path:
+    """Objective per trial (``number``, ``state``, ``value``, ``last_intermediate``) and the best so far.
+
+    Complete trials are dots joined by the running best; pruned trials are crosses at the last value they
+    reported; failed trials are left out.
+    """
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    done = [(t["number"], t["value"]) for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
+    done = [(n, v) for n, v in done if np.isfinite(v)]
+    pruned = [(t["number"], t["last_intermediate"]) for t in trials if t["state"] == "PRUNED"]
+    pruned = [(n, v) for n, v in pruned if v is not None]
+    if done:
+        x, y = zip(*done, strict=True)
+        ax.scatter(x, y, color="#4c72b0", label="complete", zorder=3)
+        running = np.maximum.accumulate(y) if maximize else np.minimum.accumulate(y)
+        ax.step(x, running, where="post", color="#c44e52", label="best so far")
+    if pruned:
+        x, y = zip(*pruned, strict=True)
+        ax.scatter(x, y, marker="x", color="grey", label="pruned (last reported)", zorder=3)
+    if not done and not pruned:
+        ax.text(0.5, 0.5, "no finished trial", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="Trial", ylabel=ylabel, title="Optimization history")
+    ax.grid(True, alpha=0.3)
+    if done or pruned:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_param_importances(
+    importances: Mapping[str, float], path: str | Path, note: str | None = None
+) -> Path:
+    """Horizontal bars of parameter importances (largest on top); ``note`` says why there are none."""
+    fig = _new_figure(6.0, 0.5 * max(len(importances), 3) + 1.5)
+    ax = fig.add_subplot()
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="#4c72b0")
+        ax.set(xlim=(0, max(1.0, *importances.values())), xlabel="Importance (fANOVA, sums to 1)")
+    else:
+        ax.text(
+            0.5, 0.5, note or "no importances", ha="center", va="center", wrap=True, transform=ax.transAxes
+        )
+        ax.set_axis_off()
+    ax.set_title("Hyper-parameter importances")
+    return _save(fig, path)

@@ -3,7 +3,8 @@
     from xrayfm.train import PretrainConfig, pretrain, AdaptConfig, adapt, evaluate
     summary = pretrain(PretrainConfig(out="runs/fm", kind="chexpert", root="CheXpert-v1.0-small"))
 
-Names are imported lazily, so that ``xrayfm --help`` does not pay for torch and timm.
+Names are imported lazily, so that ``xrayfm --help`` does not pay for torch and timm. The search is
+``xrayfm.train.tune.tune`` (not re-exported here: the name would clash with its module's).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ _EXPORTS = {
     "PretrainConfig": "xrayfm.train.config",
     "AdaptConfig": "xrayfm.train.config",
     "EvaluateConfig": "xrayfm.train.config",
+    "CVConfig": "xrayfm.train.config",
+    "TuneConfig": "xrayfm.train.config",
     "pretrain": "xrayfm.train.pretraining",
     "adapt": "xrayfm.train.adaptation",
     "evaluate": "xrayfm.train.evaluation",
     "label_efficiency": "xrayfm.train.experiment",
+    "cross_validate": "xrayfm.train.cv",
     "fit": "xrayfm.train.loop",
 }
 

@@ -80,6 +80,9 @@ class JsonConfig:
 class TrainConfig(JsonConfig):
     """Settings shared by pre-training and adaptation: data, model, optimisation, system."""
 
+    # One training run (not a dataclass field): --folds then needs --fold. CVConfig runs every fold.
+    one_run: typing.ClassVar[bool] = True
+
     out: str = _f("runs/run", "run folder: best/, last/, log.csv, metrics.csv, tensorboard/, summary.json")
     # -- data
     kind: str | None = _f(
@@ -111,6 +114,12 @@ class TrainConfig(JsonConfig):
         0.1, "share of patients held out for validation when there is no validation split"
     )
     split_seed: int = _f(0, "seed of that patient-level validation split (kept apart from --seed)")
+    folds: int | None = _f(
+        None,
+        "validate on one fold of a K-fold split of the training data grouped by patient (stratified by the "
+        "label when there is one binary label), seeded by --split-seed; needs --fold",
+    )
+    fold: int | None = _f(None, "the validation fold (0 to folds-1); the other folds train")
     verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
     # -- model
     model: str = _f("vit_base_patch16_224", "timm model name")
@@ -170,8 +179,23 @@ class TrainConfig(JsonConfig):
             problems.append("no data: give --kind and --root, or a prepared --cache")
         if self.kind is not None and self.root is None:
             problems.append(f"--kind {self.kind} needs --root")
+        problems += self._fold_problems()
         if problems:
             raise XrayfmError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def _fold_problems(self) -> list[str]:
+        if self.folds is None and self.fold is None:
+            return []
+        if self.folds is None or self.folds < 2:
+            return [f"folds={self.folds} (k-fold validation needs --folds >= 2)"]
+        problems = []
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            problems.append(f"fold={self.fold} (must be in 0..{self.folds - 1})")
+        if self.fold is None and self.one_run:
+            problems.append("--folds needs --fold (the validation fold); `xrayfm cv` runs every fold")
+        if self.val_split is not None or self.val_cache is not None:
+            problems.append("--folds validates on held-out folds of --split: drop --val-split/--val-cache")
+        return problems
 
 
 @dataclass
@@ -207,6 +231,8 @@ class PretrainConfig(TrainConfig):
         if self.objective not in OBJECTIVES:
             problems.append(f"objective {self.objective!r} (choose {', '.join(OBJECTIVES)})")
         if self.objective == "mae":
+            if self.folds is not None or self.fold is not None:
+                problems.append("mae validates on a patient-level split of its pool: drop --folds/--fold")
             if not 0 < self.mask_ratio < 1:
                 problems.append(f"mask_ratio={self.mask_ratio} (must be in (0, 1))")
             if min(self.decoder_dim, self.decoder_depth, self.decoder_heads) < 1:
@@ -269,6 +295,104 @@ class AdaptConfig(TrainConfig):
             problems.append(f"report_on {self.report_on!r} (choose best or last)")
         if problems:
             raise XrayfmError("invalid AdaptConfig: " + "; ".join(problems))
+
+    def adapt_config(self) -> AdaptConfig:
+        """The plain :class:`AdaptConfig` of these settings (drops the fields of subclasses)."""
+        names = {f.name for f in dataclasses.fields(AdaptConfig)}
+        return AdaptConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass
+class CVConfig(AdaptConfig):
+    """k-fold cross-validation of an adaptation (``xrayfm cv``): one adapt run per patient-grouped fold.
+
+    Each fold trains on the other K-1 folds of ``split`` and is validated and reported on its own held-out
+    fold; the out-of-fold predictions of all folds are pooled.
+    """
+
+    one_run: typing.ClassVar[bool] = False
+    folds: int | None = _f(5, "number of folds (K >= 2), grouped by patient, seeded by --split-seed")
+    report_on: str = _f(
+        "last",
+        "weights each fold reports: last (default: no checkpoint picked on the held-out fold) or best",
+        choices=("best", "last"),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        if self.folds is None:
+            problems.append("folds: give the number of folds (>= 2)")
+        if self.fold is not None:
+            problems.append("fold: cv runs every fold; leave --fold unset")
+        if problems:
+            raise XrayfmError("invalid CVConfig: " + "; ".join(problems))
+
+
+PRUNERS = ("median", "none")
+# Settings a tuning search space may vary, and the kind of value each takes.
+TUNABLE: dict[str, type] = {
+    "lr": float,
+    "weight_decay": float,
+    "lora_rank": int,
+    "lora_alpha": int,
+    "lora_dropout": float,
+    "lora_targets": list,
+    "epochs": int,
+    "batch_size": int,
+    "warmup_fraction": float,
+    "drop_path_rate": float,
+    "focal_gamma": float,
+    "loss": str,
+    "method": str,
+}
+
+
+@dataclass
+class TuneConfig(AdaptConfig):
+    """Hyper-parameter search over adaptation settings with Optuna (``xrayfm tune``).
+
+    Every trial is one adapt run under ``OUT/trials/trial-NNNN``, validated on a patient-level split of
+    ``split`` (``val_fraction``, ``split_seed``): never on a separate (reported) split.
+    """
+
+    trials: int = _f(20, "number of finished trials (complete or pruned) the study should hold")
+    space: dict[str, Any] = _f(
+        {},
+        'search space as JSON: {NAME: {"low": L, "high": H, "log": true} or [choice, ...]} over '
+        f"{', '.join(TUNABLE)}; lora_targets choices are lists or 'qkv,proj' strings "
+        "(default: lr, weight_decay and, for lora, lora_rank/alpha/dropout/targets)",
+    )
+    tune_seed: int = _f(0, "seed of Optuna's TPE sampler (trials themselves use --seed)")
+    pruner: str = _f(
+        "median",
+        "median (stop a trial whose epoch metric is below the median of earlier trials) or none",
+        choices=PRUNERS,
+    )
+    prune_startup_trials: int = _f(2, "trials that always run to the end before pruning starts")
+    prune_warmup_epochs: int = _f(0, "epochs of each trial that are never pruned")
+
+    def validate(self) -> None:
+        super().validate()
+        problems = []
+        if self.val_split is not None or self.val_cache is not None:
+            problems.append(
+                "tune validates on a patient-level split of --split (--val-fraction, --split-seed), never "
+                "on a separate split that may be the one you report: drop --val-split/--val-cache"
+            )
+        if self.folds is not None or self.fold is not None:
+            problems.append("tune does not run folds: drop --folds/--fold")
+        if self.trials < 1:
+            problems.append(f"trials={self.trials} (must be >= 1)")
+        if self.pruner not in PRUNERS:
+            problems.append(f"pruner {self.pruner!r} (choose {', '.join(PRUNERS)})")
+        if self.prune_startup_trials < 0 or self.prune_warmup_epochs < 0:
+            problems.append("prune_startup_trials and prune_warmup_epochs must be >= 0")
+        unknown = sorted(set(self.space) - set(TUNABLE))
+        if unknown:
+            problems.append(f"space: cannot tune {list_offenders(unknown)} (tunable: {', '.join(TUNABLE)})")
+        if problems:
+            raise XrayfmError("invalid TuneConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -349,13 +473,17 @@ def field_type(cls: type, name: str) -> Any:
 
 __all__ = [
     "AdaptConfig",
+    "CVConfig",
     "EvaluateConfig",
     "JsonConfig",
     "LOSSES",
     "METHODS",
     "METRICS",
     "OBJECTIVES",
+    "PRUNERS",
     "PretrainConfig",
+    "TUNABLE",
     "TrainConfig",
+    "TuneConfig",
     "field_type",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 
 from xrayfm.data.base import SYNTHETIC_MARKER
 from xrayfm.data.cache import prepare_cache, read_manifest
-from xrayfm.data.splits import split_by_patient, subsample_groups
+from xrayfm.data.splits import kfold_by_patient, split_by_patient, subsample_groups
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.data.transforms import build_transform
 from xrayfm.errors import DataError, list_offenders
@@ -126,6 +126,19 @@ def load_task_data(config: TrainConfig, env: DistEnv, mean, std) -> TaskData:
             )
         train_rows, val_rows = np.arange(len(train_base)), np.arange(len(val_base))
         split_info = {"validation": "separate", "val_cache": cache_fingerprint(val_base)}
+    elif config.folds is not None:
+        val_base = train_base
+        fold_of, stratified = kfold_by_patient(
+            train_base, config.folds, config.split_seed, stratify_labels(train_base, columns)
+        )
+        train_rows, val_rows = np.flatnonzero(fold_of != config.fold), np.flatnonzero(fold_of == config.fold)
+        split_info = {
+            "validation": "k-fold",
+            "folds": config.folds,
+            "fold": config.fold,
+            "stratified": stratified,
+            "seed": config.split_seed,
+        }
     else:
         val_base = train_base
         train_rows, val_rows = split_by_patient(train_base, config.val_fraction, seed=config.split_seed)
@@ -142,6 +155,12 @@ def load_task_data(config: TrainConfig, env: DistEnv, mean, std) -> TaskData:
     val = SeededView(val_base, val_tf, config.seed, val_rows, columns)
     info = {"train_cache": cache_fingerprint(train_base), **split_info}
     return TaskData(train, val, names, info)
+
+
+def stratify_labels(base: CachedDataset, columns: list[int] | None) -> np.ndarray | None:
+    """The one binary target per row that k-fold splits stratify by, or None (several labels)."""
+    y = base.labels if columns is None else base.labels[:, columns]
+    return y[:, 0] if y.shape[1] == 1 else None
 
 
 def subsample(
@@ -187,5 +206,6 @@ __all__ = [
     "is_synthetic",
     "label_columns",
     "load_task_data",
+    "stratify_labels",
     "subsample",
 ]
