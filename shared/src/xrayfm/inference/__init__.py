@@ -5,7 +5,8 @@ inference worker service (which encodes the heatmap for its transport).
 
 Checkpoints are read with ``xrayfm.models.checkpoint`` (safetensors + JSON, never unpickled): a full model
 or a LoRA adapter over its foundation. From ``meta.json`` inference reads ``labels``, ``preprocessing``
-{size, mean, std, channels, mode} and, optionally, ``threshold`` (0.5), ``negative_label`` ("Normal"),
+{size, mean, std, channels, mode} and, optionally, ``threshold`` (0.5; an ``operating_point.json`` in the
+folder takes precedence, see :mod:`xrayfm.operating_point`), ``negative_label`` ("Normal"),
 ``activation`` ("sigmoid" | "softmax"), ``name``/``version``, ``synthetic`` (true for models trained on
 phantoms), ``intended_use`` (the notice every answer carries; :data:`RESEARCH_USE` when absent).
 
@@ -29,6 +30,7 @@ from xrayfm.data.transforms import build_transform
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import canonical_method, explain, predict_with_rollout, upsample_heatmap
 from xrayfm.models.checkpoint import load_any
+from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
 from xrayfm.utils import sha256_folder
 
 # What every answer says of its model unless the checkpoint's meta has an `intended_use` of its own.
@@ -72,10 +74,15 @@ class ServedModel:
     name: str
     version: str
     sha256: str
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     negative_label: str = "Normal"
     multiclass: bool = False  # softmax over labels instead of one sigmoid per label
     meta: dict[str, Any] = field(default_factory=dict)
+    threshold_source: str = DEFAULT_SOURCE  # where `threshold` comes from (xrayfm.operating_point)
+
+    def retune(self, folder: str | Path | None) -> None:
+        """Take the operating point recorded in `folder` now (or the checkpoint's, when none is)."""
+        self.threshold, self.threshold_source = served_threshold(folder, self.meta)
 
     def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Logits [B, L] -> probabilities [B, L] (softmax for multi-class heads, else per-label sigmoid)."""
@@ -95,6 +102,9 @@ class ServedModel:
             "synthetic": bool(self.meta.get("synthetic") or (self.meta.get("data") or {}).get("synthetic")),
             "untrained": bool(self.meta.get("untrained", False)),
             "notice": str(self.meta.get("intended_use") or RESEARCH_USE),
+            # one label: `threshold` decides it; several: the most probable label wins, no threshold
+            "threshold": self.threshold if len(self.labels) == 1 else None,
+            "threshold_source": self.threshold_source if len(self.labels) == 1 else "the most probable label",
         }
 
 
@@ -157,11 +167,11 @@ def load_served_model(
         name=str(meta.get("name") or name or path.name),
         version=str(meta.get("version") or version or "local"),
         sha256=sha256_folder(path),
-        threshold=float(meta.get("threshold", 0.5)),
         negative_label=str(meta.get("negative_label", "Normal")),
         multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
         meta=meta,
     )
+    served.retune(path)
     _check_outputs(served)
     return served
 
