@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -184,3 +185,21 @@ def test_cv_on_real_mura_humerus(shared_data, foundation, tmp_path):
     assert result["pooled"]["metric"] == "study_auroc" and result["pooled"]["n_units"] == 558
     assert result["stratified"] is True and result["synthetic"] is False
     assert result["pooled"]["ci_low"] <= result["pooled"]["value"] <= result["pooled"]["ci_high"]
+
+
+def test_cv_help_documents_every_option_and_prints_its_config(capsys):
+    from xrayfm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cv", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    skipped = {"fold", "val_split", "val_cache", "val_fraction", "resume"}
+    for f in dataclasses.fields(CVConfig):
+        if f.name not in skipped:
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+    argv = ["cv", "--cache", "c", "--foundation", "f", "--folds", "4", "--print-config"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["folds"] == 4 and printed["fold"] is None and printed["report_on"] == "last"

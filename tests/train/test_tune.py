@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -144,3 +145,21 @@ def test_tune_on_real_mura_humerus(shared_data, foundation, tmp_path):
     _, meta = load_any(best["checkpoint"])
     assert meta["data"]["validation"] == "patient split" and meta["data"]["synthetic"] is False
     assert best["report_metric"] == "study_auroc"  # MURA: the trial's report is study level
+
+
+def test_tune_help_documents_every_option_and_prints_its_config(capsys):
+    from xrayfm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TuneConfig):
+        if f.name not in {"val_split", "val_cache", "folds", "fold", "resume"}:
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+    space = '{"lr": {"low": 1e-4, "high": 1e-2, "log": true}, "lora_rank": [4, 8]}'
+    argv = ["tune", "--cache", "c", "--foundation", "f", "--space", space, "--trials", "3", "--print-config"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["trials"] == 3 and printed["space"]["lora_rank"] == [4, 8]
