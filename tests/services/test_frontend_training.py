@@ -306,3 +306,39 @@ def test_auto_refresh_only_while_a_job_is_active(monkeypatch, admin_stack):
     at.run()
     assert timers and set(timers) == {None}, timers
     records.update(job, status="cancelled")
+
+
+def test_operating_point_from_an_evaluation_or_typed_then_cleared(monkeypatch, admin_stack):
+    from xrayfm_stack import store as model_store
+
+    url, store, _ = admin_stack
+    candidates = {
+        "Abnormal": {"image": [{"rule": "youden", "threshold": 0.42, "sensitivity": 0.8, "specificity": 0.7}]}
+    }
+    model_store.add_evaluation(store, "m", "1", "job-eval-op", {"dataset": "mura", "split": "valid",
+                                                               "operating_points": candidates, "created": 3.0})  # fmt: skip
+    at = training_page(monkeypatch, url)
+    at.selectbox(key="op_version").set_value("m/1").run()
+    [option] = at.selectbox(key="op_candidate").options
+    assert option.startswith("youden (image, Abnormal): threshold 0.420, sensitivity 0.8")
+    next(b for b in at.button if b.label == "Use this point").click().run()
+    assert not at.error, _texts(at.error)
+    point = json.loads((store / "models/m/1/operating_point.json").read_text())
+    assert point["threshold"] == 0.42 and point["source"].startswith(
+        "youden at image level on evaluation job-eval-op"
+    )
+    models = {r["model"]: r for r in at.dataframe[-1].value.to_dict("records")}
+    assert models["m/1"]["threshold"].startswith("0.420 (youden")
+
+    at.number_input(key="op_threshold").set_value(0.3).run()
+    at.text_input(key="op_source").set_value("agreed with the clinic").run()
+    next(b for b in at.button if b.label == "Set this threshold").click().run()
+    assert (
+        json.loads((store / "models/m/1/operating_point.json").read_text())["source"]
+        == "agreed with the clinic"
+    )
+    at.text_input(key="op_source").set_value("").run()
+    next(b for b in at.button if b.label == "Set this threshold").click().run()  # no source: refused, shown
+    assert any("Cannot set the operating point" in e for e in _texts(at.error)), _texts(at.error)
+    next(b for b in at.button if b.label == "Back to 0.5 (not calibrated)").click().run()
+    assert not (store / "models/m/1/operating_point.json").exists()

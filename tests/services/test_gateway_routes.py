@@ -252,7 +252,8 @@ def test_training_routes_without_redis(http, fakes):
 
 
 ADMIN_ROUTES = (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/models"),
-                ("POST", "/models/rollback"), ("POST", "/models/m/1/promote"))  # fmt: skip
+                ("POST", "/models/rollback"), ("POST", "/models/m/1/promote"),
+                ("PUT", "/models/m/1/operating-point"), ("DELETE", "/models/m/1/operating-point"))  # fmt: skip
 
 
 def test_admin_routes_are_closed_by_default(fakes, tmp_path):
@@ -357,3 +358,53 @@ def test_specs_outside_the_data_folders_are_refused_at_submission(fakes, tmp_pat
         )
         assert "shipped model" in body["detail"]  # a package name is checked against what is shipped
     assert {j["spec"]["config"]["root"] for j in fakes[1].jobs.values()} == {str((data / "ok").resolve())}
+
+
+def test_operating_point_set_from_a_threshold_or_an_evaluation_and_cleared(http, tmp_path):
+    from helpers import make_tiny_checkpoint
+
+    store = tmp_path / "store"
+    model_store.add_version(store, "m", make_tiny_checkpoint(tmp_path / "ckpt", ["Abnormal"], size=32), {})
+    url = "/models/m/1/operating-point"
+    answer = http.put(url, json={"threshold": 0.31, "source": "chosen by the radiology lead"})
+    assert answer.status_code == 200, answer.text
+    point = answer.json()["operating_point"]
+    assert point["threshold"] == 0.31 and point["source"] == "chosen by the radiology lead"
+    assert http.get("/models").json()["models"][0]["operating_point"]["threshold"] == 0.31
+
+    # from a candidate point of an evaluate job of this version (what the training worker records)
+    candidates = {"Abnormal": {"image": [{"rule": "youden", "threshold": 0.42, "sensitivity": 0.8, "specificity": 0.7}],
+                               "study": [{"rule": "youden", "threshold": 0.47, "sensitivity": 0.85, "specificity": 0.75}]}}  # fmt: skip
+    model_store.add_evaluation(
+        store, "m", "1", "ev1", {"dataset": "mura", "split": "valid", "operating_points": candidates}
+    )
+    point = http.put(url, json={"job_id": "ev1", "rule": "youden"}).json()["operating_point"]
+    assert (point["threshold"], point["level"], point["label"]) == (0.42, "image", "Abnormal")
+    assert (
+        point["source"] == "youden at image level on evaluation ev1 (mura valid)"
+        and point["sensitivity"] == 0.8
+    )
+    assert (
+        http.put(url, json={"job_id": "ev1", "level": "study"}).json()["operating_point"]["threshold"] == 0.47
+    )
+
+    _error(http.put(url, json={"job_id": "ev9"}), 422, "invalid_operating_point")
+    body = _error(
+        http.put(url, json={"job_id": "ev1", "rule": "sensitivity>=0.99"}), 422, "invalid_operating_point"
+    )
+    assert "Abnormal/image/youden" in body["detail"]  # says which candidates there are
+    _error(http.put(url, json={"threshold": 0.3}), 422, "invalid_operating_point")  # no source
+    assert http.put(url, json={"threshold": 1.3, "source": "x"}).status_code == 422
+    assert http.put(url, json={"threshold": 0.3, "source": "x", "extra": 1}).status_code == 422
+    _error(
+        http.put("/models/m/7/operating-point", json={"threshold": 0.3, "source": "x"}), 404, "unknown_model"
+    )
+    _error(
+        http.put("/models/m/..x/operating-point", json={"threshold": 0.3, "source": "x"}), 422, "invalid_name"
+    )
+    assert (
+        http.get("/models").json()["models"][0]["operating_point"]["threshold"] == 0.47
+    )  # refusals changed nothing
+
+    assert http.delete(url).json() == {"name": "m", "version": "1", "operating_point": None}
+    assert http.get("/models").json()["models"][0]["operating_point"] is None

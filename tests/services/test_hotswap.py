@@ -165,3 +165,41 @@ def test_swap_error_names_the_version(tmp_path: Path) -> None:
     assert not watcher.check() and calls == ["1", "2"]  # not retried on every poll
     model_store.rollback(tmp_path / "store")
     assert not watcher.check() and watcher.error is None and calls == ["1", "2"]
+
+
+def test_operating_point_applies_without_a_reload(store_stack) -> None:
+    """Setting the served version's threshold through the store: within a poll every answer decides with
+    it and says so; clearing it goes back to the uncalibrated default. The model is not reloaded."""
+    running, store = store_stack
+    served = model_store.serving(store)
+    body = png_bytes(phantom(seed=3))
+
+    def answer() -> dict:
+        with running.client() as http:
+            reply = http.post("/predict", params={"explain": "false"}, files={"file": ("x.png", body)})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    first = answer()
+    assert (
+        first["model"]["threshold_source"] == "default 0.5 (not calibrated)"
+        and first["model"]["threshold"] == 0.5
+    )
+    p, label = first["probability"], first["model"]["labels"][0]
+    try:
+        for threshold, expected in ((min(1.0, p + 1e-4), "Normal"), (max(0.0, p - 1e-4), label)):
+            source = f"test threshold {threshold:.5f}"
+            model_store.set_operating_point(
+                store, served["name"], served["version"], {"threshold": threshold, "source": source}
+            )
+            deadline = time.monotonic() + 20
+            while (got := answer())["model"]["threshold_source"] != source and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert got["model"]["threshold"] == threshold and got["prediction"] == expected, got
+            assert got["probability"] == p and got["model"]["sha256"] == first["model"]["sha256"]
+    finally:
+        model_store.set_operating_point(store, served["name"], served["version"], None)
+    deadline = time.monotonic() + 20
+    while (got := answer())["model"]["threshold"] != 0.5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert got["model"]["threshold_source"] == "default 0.5 (not calibrated)"

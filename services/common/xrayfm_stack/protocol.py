@@ -121,7 +121,16 @@ class ModelInfo(BaseModel):
     device: str
     synthetic: bool = Field(False, description="trained on synthetic phantoms")
     untrained: bool = Field(False, description="random weights (a placeholder, not a trained model)")
-    notice: str | None = Field(None, description="the model's intended use (research only), shown with answers")
+    notice: str | None = Field(
+        None, description="the model's intended use (research only), shown with answers"
+    )
+    threshold: float | None = Field(
+        None, description="one-label models answer the label when its probability >= threshold"
+    )
+    threshold_source: str | None = Field(
+        None,
+        description="where the threshold comes from: a chosen operating point, or 'default 0.5 (not calibrated)'",
+    )
     runtime: str | None = Field(
         None, description="the worker's runtime for this model (torch, onnxruntime, onnxruntime-int8)"
     )
@@ -330,6 +339,30 @@ class ModelList(BaseModel):
 
     serving: ModelRefBody | None
     models: list[ModelVersion]
+
+
+class OperatingPointBody(BaseModel):
+    """``PUT /models/{name}/{version}/operating-point``: a threshold with its source, or a candidate point
+    of one of the version's evaluate jobs (``job_id`` + ``rule``; ``xrayfm evaluate`` reports them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="the decision threshold")
+    source: str | None = Field(
+        None, max_length=300, description="where it comes from (required with threshold)"
+    )
+    job_id: str | None = Field(None, description="an evaluate job of this version to take the point from")
+    rule: str | None = Field(None, description="youden, sensitivity>=0.95 or specificity>=0.95 (with job_id)")
+    level: str = Field("image", description="image (what /predict decides) or study")
+    label: str | None = Field(None, description="the label, when the model has several")
+
+
+class OperatingPointAnswer(BaseModel):
+    """The version's operating point after the change (None: back to the uncalibrated default)."""
+
+    name: str
+    version: str
+    operating_point: dict[str, Any] | None
 
 
 class ServingAnswer(BaseModel):

@@ -8,6 +8,7 @@ Layout (documented in services/README.md)::
 
     <store>/models/<name>/<version>/version.json   store facts: job, kind, metrics, lineage (training worker)
     <store>/models/<name>/<version>/evaluations/<job>.json   results of evaluate jobs on this version
+    <store>/models/<name>/<version>/operating_point.json   its chosen decision threshold (xrayfm.operating_point)
     <store>/serving-history.json          the promoted versions, oldest first (for :func:`rollback`)
 
 ``XRAYFM_MODEL_PATH`` (a checkpoint folder) wins over the store when set. Promotion = rewriting
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
+from xrayfm.operating_point import read_operating_point, write_operating_point
 from xrayfm.utils import atomic_write_json, file_lock, read_json
 
 SERVING_FILE = "serving.json"
@@ -167,10 +169,61 @@ def add_evaluation(store: Path, name: str, version: str, job_id: str, result: di
     atomic_write_json(folder / EVALUATIONS_DIR / f"{job_id}.json", {"job_id": job_id, **result})
 
 
+def set_operating_point(
+    store: Path, name: str, version: str, point: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Record the version's decision threshold (None: back to the default); the inference workers serving
+    it pick it up within a poll. A point naming an evaluate job (``job_id``, ``rule``, ``level``, ``label``)
+    takes its threshold, sensitivity and specificity from that evaluation of this version."""
+    folder = version_dir(store, name, version)
+    if not folder.is_dir():
+        raise XrayfmError(f"no version {name}/{version} in the model store")
+    if point is not None and point.get("job_id"):
+        point = {**point, **_point_from_evaluation(folder, point)}
+    with file_lock(Path(store) / LOCK_FILE):
+        return write_operating_point(folder, point)
+
+
+def _point_from_evaluation(folder: Path, ask: dict[str, Any]) -> dict[str, Any]:
+    """The candidate point `ask` names in one of the version's evaluations (see xrayfm evaluate)."""
+    job_id, rule, level = str(ask["job_id"]), ask.get("rule") or "youden", ask.get("level") or "image"
+    found = next((e for e in evaluations(folder) if e.get("job_id") == job_id), None)
+    if found is None:
+        raise XrayfmError(f"no evaluation {job_id} of this version")
+    labels = found.get("operating_points") or {}
+    label = ask.get("label") or (next(iter(labels)) if len(labels) == 1 else None)
+    options = (labels.get(label) or {}).get(level) or []
+    chosen = next((o for o in options if o.get("rule") == rule), None)
+    if chosen is None:
+        have = sorted(
+            {
+                f"{lab}/{lev}/{o['rule']}"
+                for lab, levels in labels.items()
+                for lev, opts in levels.items()
+                for o in opts
+            }
+        )
+        raise XrayfmError(f"evaluation {job_id} has no operating point {label}/{level}/{rule} (has: {have})")
+    source = f"{rule} at {level} level on evaluation {job_id} ({found.get('dataset')} {found.get('split')})"
+    return {
+        "threshold": chosen["threshold"], "rule": rule, "level": level, "label": label,
+        "sensitivity": chosen.get("sensitivity"), "specificity": chosen.get("specificity"),
+        "source": ask.get("source") or source,
+    }  # fmt: skip
+
+
 def evaluations(folder: Path) -> list[dict[str, Any]]:
     """The evaluations recorded for a version folder, oldest first."""
     found = [read_json(path, {}) for path in (Path(folder) / EVALUATIONS_DIR).glob("*.json")]
     return sorted(found, key=lambda e: e.get("created") or 0)
+
+
+def _readable_point(folder: Path) -> dict[str, Any] | None:
+    """The version's operating point; a broken file is listed as such rather than failing the listing."""
+    try:
+        return read_operating_point(folder)
+    except XrayfmError as exc:
+        return {"error": str(exc)}
 
 
 def list_versions(store: Path) -> list[dict[str, Any]]:
@@ -203,6 +256,7 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
                 "job_id": info.get("job_id"),
                 "lineage": lineage,
                 "evaluations": evaluations(folder),
+                "operating_point": _readable_point(folder),
             }
         )
     rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))

@@ -3,6 +3,7 @@ errors as readable messages."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -107,6 +108,14 @@ class GatewayClient:
     def promote(self, name: str, version: str) -> dict[str, Any]:
         """Serve this version; returns the new serving reference."""
         return self._admin("POST", f"/models/{name}/{version}/promote")
+
+    def set_operating_point(self, name: str, version: str, point: dict[str, Any] | None) -> dict[str, Any]:
+        """Set the version's decision threshold (a threshold + source, or an evaluate job's candidate); None
+        clears it. Returns the point now recorded."""
+        path = f"/models/{name}/{version}/operating-point"
+        if point is None:
+            return self._admin("DELETE", path)
+        return self._admin("PUT", path, content=json.dumps(point).encode(), json_body=True)
 
     def rollback(self) -> dict[str, Any]:
         """Serve the previously promoted version again."""

@@ -162,11 +162,68 @@ def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "synthetic": "SYNTHETIC" if m.get("synthetic") else "",
             "metrics": json.dumps(m.get("metrics")) if m.get("metrics") else "",
             "evaluation": _latest_evaluation(m),
+            "threshold": _threshold_text(m.get("operating_point")),
             "foundation": _lineage(m),
             "job": m.get("job_id") or "",
         }  # fmt: skip
         for m in models
     ]
+
+
+def _threshold_text(point: dict[str, Any] | None) -> str:
+    if not point:
+        return "0.5 (not calibrated)"
+    if "error" in point:
+        return f"unreadable: {point['error']}"
+    return f"{point['threshold']:.3f} ({point['source']})"
+
+
+def candidate_points(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The operating points the version's evaluations offer, by a readable name -> the PUT body."""
+    found = {}
+    for e in model.get("evaluations") or []:
+        for label, levels in (e.get("operating_points") or {}).items():
+            for level, options in levels.items():
+                for o in options:
+                    text = (f"{o['rule']} ({level}, {label}): threshold {o['threshold']:.3f}, sensitivity "
+                            f"{_number(o.get('sensitivity'))}, specificity {_number(o.get('specificity'))} "
+                            f"on {e.get('dataset')}/{e.get('split')} [{e['job_id'][:8]}]")  # fmt: skip
+                    found[text] = {"job_id": e["job_id"], "rule": o["rule"], "level": level, "label": label}
+    return found
+
+
+def _operating_point_form(client: GatewayClient, models: list[dict[str, Any]]) -> None:
+    """Choose a version's decision threshold: a candidate of one of its evaluations, or typed in."""
+    with st.expander("Operating point (decision threshold) of a version"):
+        names = [f"{m['name']}/{m['version']}" for m in models]
+        chosen = st.selectbox("Version", names, key="op_version")
+        model = models[names.index(chosen)]
+        st.caption(f"Now: {_threshold_text(model.get('operating_point'))}")
+        candidates = candidate_points(model)
+        if candidates:
+            pick = st.selectbox("From an evaluation of this version", list(candidates), key="op_candidate")
+            if st.button("Use this point"):
+                _set_point(client, chosen, candidates[pick])
+        else:
+            st.caption("No evaluation of this version offers candidates yet: run an evaluate job on it.")
+        threshold = st.number_input("Or a threshold", 0.0, 1.0, 0.5, 0.01, format="%.3f", key="op_threshold")
+        source = st.text_input(
+            "Where it comes from", key="op_source", placeholder="e.g. agreed with the clinic"
+        )
+        left, right = st.columns(2)
+        if left.button("Set this threshold"):
+            _set_point(client, chosen, {"threshold": threshold, "source": source})
+        if right.button("Back to 0.5 (not calibrated)"):
+            _set_point(client, chosen, None)
+
+
+def _set_point(client: GatewayClient, chosen: str, point: dict[str, Any] | None) -> None:
+    name, version = chosen.rsplit("/", 1)
+    try:
+        saved = client.set_operating_point(name, version, point)["operating_point"]
+        _flash("success", f"{chosen}: threshold {_threshold_text(saved)}")
+    except GatewayError as exc:
+        _flash("error", f"Cannot set the operating point of {chosen}: {exc}")
 
 
 def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
@@ -292,6 +349,7 @@ def _models_section(client: GatewayClient, answer: dict[str, Any]) -> None:
             _flash("success", f"Rolled back: now serving {back['name']}/{back['version']}")
         except GatewayError as exc:
             _flash("error", f"Cannot roll back: {exc}")
+    _operating_point_form(client, models)
 
 
 def _live(client: GatewayClient, interval: float | None) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -145,7 +146,7 @@ def start_runtime(hostname: str) -> Runtime:
         ):  # serving from the store: follow promotions
             served_ref = ref if RUNTIME.predictor is not None else None
             RUNTIME.watcher = ServingWatcher(
-                SETTINGS.model_store, SETTINGS.model_poll_s, _load_model, served_ref
+                SETTINGS.model_store, SETTINGS.model_poll_s, _load_model, served_ref, retune=_retune
             ).start()
         RUNTIME.heartbeat.beat()
         return RUNTIME
@@ -225,6 +226,16 @@ def _load_model(ref) -> None:
         time.perf_counter() - t0,
         f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
+
+
+def _retune(folder: Path) -> None:
+    """The served version's operating point changed: decide with it from the next batch on."""
+    predictor = RUNTIME.predictor
+    if predictor is not None:
+        predictor.served.retune(folder)
+        log.info(
+            "decision threshold now %.4f (%s)", predictor.served.threshold, predictor.served.threshold_source
+        )
 
 
 def _warmup_image():

@@ -221,6 +221,8 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
         model_store.add_evaluation(settings.model_store, *ref, job_id, {
             "dataset": config.kind or "cache", "root": config.root or config.cache, "split": config.split,
             "metric": result["metric"], "value": result["value"], "synthetic": synthetic,
+            # the candidate thresholds an admin can choose from (PUT /models/.../operating-point)
+            "operating_points": (result.get("report") or {}).get("operating_points") or {},
             "created": time.time()})  # fmt: skip
     model = {"name": ref[0], "version": ref[1]} if ref else None
     records.update(job_id, status="done", finished=time.time(), result=result, model=model)
@@ -246,7 +248,7 @@ def train_job(job_id: str) -> dict[str, Any]:
 
 @app.task(name=BOOTSTRAP_TASK)
 def bootstrap_job() -> dict[str, Any]:
-    """First start: train, publish and promote the demo model on synthetic phantoms (xrayfm_training.bootstrap)."""
+    """First start: install the shipped model, or train the demo one on phantoms (xrayfm_training.bootstrap)."""
     _prepare_process()
     records = JobRecords(settings.redis_url, settings.queue)
     with _holding_lock(records, BOOTSTRAP_LOCK, settings.lock_ttl_s, wait=False) as keeper:
@@ -290,14 +292,14 @@ def _watch_orphans(sender=None, **_kwargs: Any) -> None:
 
 @worker_ready.connect
 def _queue_bootstrap(sender=None, **_kwargs: Any) -> None:
-    """With an empty model store and no bootstrap recorded yet, queue the first-start demo job (once)."""
+    """With an empty model store and no bootstrap recorded yet, queue the first-start job (once)."""
     try:
         mode = settings.bootstrap
         if mode == "off" or not bootstrap.store_is_empty(Path(settings.model_store)):
             return
         if BootstrapState(settings.redis_url, settings.queue).claim(mode):
             log.warning(
-                "empty model store %s: queueing the demo bootstrap job (%s)", settings.model_store, mode
+                "empty model store %s: queueing the first-start bootstrap (%s)", settings.model_store, mode
             )
             app.send_task(BOOTSTRAP_TASK, queue=settings.queue)
     except Exception:  # a worker that cannot bootstrap still runs the jobs it is sent

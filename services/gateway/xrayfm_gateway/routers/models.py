@@ -1,7 +1,9 @@
-"""The model store: list versions, promote one, roll back. Admin endpoints (see routers/training.py)."""
+"""The model store: list versions, promote one, roll back, set a version's operating point. Admin
+endpoints (see routers/training.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,7 +13,14 @@ from xrayfm.errors import XrayfmError
 from xrayfm_gateway.deps import StoreDep, require_admin_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_stack import store as model_store
-from xrayfm_stack.protocol import ErrorBody, ModelList, ModelRefBody, ServingAnswer
+from xrayfm_stack.protocol import (
+    ErrorBody,
+    ModelList,
+    ModelRefBody,
+    OperatingPointAnswer,
+    OperatingPointBody,
+    ServingAnswer,
+)
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_admin_key)])
 
@@ -69,3 +78,58 @@ async def rollback_model(store: StoreDep) -> ServingAnswer:
     except XrayfmError as exc:
         raise APIError(409, "nothing_to_roll_back", str(exc)) from None
     return ServingAnswer(serving=ModelRefBody(**serving))
+
+
+POINT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorBody, "description": "no such version"},
+    422: {"model": ErrorBody, "description": "not a valid point, or no such evaluation or candidate"},
+}
+
+
+@router.put(
+    "/{name}/{version}/operating-point",
+    response_model=OperatingPointAnswer,
+    responses=POINT_ERRORS,
+    summary="Set the version's decision threshold",
+)
+async def set_operating_point(
+    name: str, version: str, body: OperatingPointBody, store: StoreDep
+) -> OperatingPointAnswer:
+    """A threshold with its `source`, or a candidate point of one of the version's evaluate jobs
+    (`job_id` + `rule`, e.g. youden). Workers serving this version decide with it within seconds, and every
+    answer states it (`model.threshold`, `model.threshold_source`)."""
+    _version_folder(store, name, version)
+    if body.job_id is None and (body.threshold is None or not body.source):
+        raise APIError(
+            422, "invalid_operating_point", "give a threshold and its source, or an evaluate job_id"
+        )
+    point = body.model_dump(exclude_none=True)
+    try:
+        saved = await anyio.to_thread.run_sync(model_store.set_operating_point, store, name, version, point)
+    except XrayfmError as exc:
+        raise APIError(422, "invalid_operating_point", str(exc)) from None
+    return OperatingPointAnswer(name=name, version=version, operating_point=saved)
+
+
+@router.delete(
+    "/{name}/{version}/operating-point",
+    response_model=OperatingPointAnswer,
+    responses=POINT_ERRORS,
+    summary="Back to the default threshold 0.5 (not calibrated)",
+)
+async def clear_operating_point(name: str, version: str, store: StoreDep) -> OperatingPointAnswer:
+    _version_folder(store, name, version)
+    await anyio.to_thread.run_sync(model_store.set_operating_point, store, name, version, None)
+    return OperatingPointAnswer(name=name, version=version, operating_point=None)
+
+
+def _version_folder(store: Path, name: str, version: str) -> Path:
+    """The version's folder: 422 for a malformed name, 404 when it is not in the store."""
+    try:
+        folder = model_store.version_dir(store, name, version)
+    except XrayfmError as exc:
+        raise APIError(422, "invalid_name", str(exc)) from None
+    if not folder.is_dir():
+        raise APIError(404, "unknown_model", f"no version {name}/{version} in the model store")
+    return folder
