@@ -108,9 +108,15 @@ def pooled_auroc(
 
 
 def cross_validate(
-    config: CVConfig, progress: Callable[[dict[str, Any]], None] | None = None
+    config: CVConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) every fold's adaptation under ``config.out``; pool the out-of-fold predictions."""
+    """Run (or reuse) every fold's adaptation under ``config.out``; pool the out-of-fold predictions.
+
+    ``progress`` gets ``{"done", "total", "last", "trained"}`` after each fold; ``should_cancel`` is
+    passed to each fold's adapt (a cancelled fold keeps its resumable state and raises XrayfmError).
+    """
     config.validate()
     out = Path(config.out)
     folds = int(config.folds)
@@ -122,7 +128,8 @@ def cross_validate(
     for k in range(folds):
         run = fold_dir(out, k)
         if not (run / "report" / "report.json").exists():
-            result = adapt(dataclasses.replace(base, **shared, out=str(run), fold=k))
+            settings = dataclasses.replace(base, **shared, out=str(run), fold=k)
+            result = adapt(settings, should_cancel=should_cancel)
             if result["status"] == "cancelled":
                 raise XrayfmError(f"fold {k} ({run}) was cancelled")
             trained.append(k)
