@@ -95,7 +95,9 @@ def main() -> None:
         train_cache,
         size=size,
     )
-    prepare_cache(CsvDataset(pneumoniamnist_test_csv(data, out), label_columns=[LABEL]), test_cache, size=size)
+    prepare_cache(
+        CsvDataset(pneumoniamnist_test_csv(data, out), label_columns=[LABEL]), test_cache, size=size
+    )
 
     run = out / "run"
     if not (run / "summary.json").is_file():  # a finished run is reused (an interrupted one resumes)
@@ -119,7 +121,8 @@ def main() -> None:
         dst,
         FOUNDATION,
         card=card if card.is_file() else None,
-        extra_meta={"name": PREFIX + args.name, "intended_use": INTENDED_USE, "test": test},
+        # not "name": a meta name would override the model store's name for the served version
+        extra_meta={"shipped_name": PREFIX + args.name, "intended_use": INTENDED_USE, "test": test},
     )
     size_kb = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) / 1024
     print(f"{PREFIX}{args.name}: {size_kb:.0f} KB in {dst}")

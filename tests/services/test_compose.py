@@ -339,7 +339,7 @@ def test_training_worker_has_shared_memory_for_dataloader_workers_and_takes_the_
     training = SERVICES["training"]
     size = re.fullmatch(r"(\d+)([kmg])b?", str(training.get("shm_size", "")).lower())
     assert size and int(size[1]) * {"k": 2**10, "m": 2**20, "g": 2**30}[size[2]] >= 2**30
-    assert training["environment"]["XRAYFM_BOOTSTRAP"] == "${XRAYFM_BOOTSTRAP:-demo}"
+    assert training["environment"]["XRAYFM_BOOTSTRAP"] == "${XRAYFM_BOOTSTRAP:-shipped}"
 
 
 def test_every_variable_the_docs_name_is_read_by_the_code_or_compose():

@@ -1,11 +1,14 @@
-"""First start from an empty model store: the training worker trains, publishes and promotes the demo model
-on synthetic phantoms, /ready says what is happening meanwhile, then /predict answers with it (synthetic).
+"""First start from an empty model store. By default (XRAYFM_BOOTSTRAP=shipped) the training worker installs
+the shipped real-data model (LoRA on the MAE foundation) and /predict answers with it, not synthetic; with
+`demo`/`quick` it trains, publishes and promotes the demo model on synthetic phantoms, /ready says what is
+happening meanwhile, then /predict answers with it (synthetic).
 
-Real Redis, a real Celery training worker, a real inference worker, real uvicorn; tiny sizes
+Real Redis, a real Celery training worker, a real inference worker, real uvicorn; tiny sizes for the demo
 (XRAYFM_BOOTSTRAP=quick: 32 px, 40 images, one epoch)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 from pathlib import Path
@@ -14,10 +17,58 @@ import httpx
 import pytest
 
 from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
+from xrayfm.errors import XrayfmError
 from xrayfm_stack import local as stack_lib
 from xrayfm_stack import store as model_store
 from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
-from xrayfm_training.bootstrap import store_is_empty
+from xrayfm_stack.settings import TrainingSettings
+from xrayfm_training.bootstrap import install_shipped, store_is_empty
+
+SHIPPED = TrainingSettings().bootstrap_model
+
+
+def test_shipped_is_the_default_and_names_a_shipped_adapter() -> None:
+    from xrayfm.registry import list_pretrained, pretrained_dir
+
+    settings = TrainingSettings.from_env({})
+    assert settings.bootstrap == "shipped" and settings.bootstrap_model == SHIPPED
+    assert SHIPPED in list_pretrained()
+    meta = json.loads((pretrained_dir(SHIPPED) / "meta.json").read_text())
+    assert meta["format"] == "xrayfm.adapted" and meta["foundation"]["path"] == "../cxr-vit-tiny-mae"
+    assert not (meta.get("data") or {}).get("synthetic") and "Research use only" in meta["intended_use"]
+    other = TrainingSettings.from_env({"XRAYFM_BOOTSTRAP": "demo", "XRAYFM_BOOTSTRAP_MODEL": "xrayfm/x"})
+    assert (other.bootstrap, other.bootstrap_model) == ("demo", "xrayfm/x")
+    with pytest.raises(XrayfmError, match="choose one of"):
+        TrainingSettings.from_env({"XRAYFM_BOOTSTRAP": "train-it"})
+
+
+def test_install_shipped_stores_the_adapter_with_its_foundation(tmp_path: Path) -> None:
+    """The stored version loads from the store alone (its foundation copied in beside it) and predicts
+    exactly what the shipped model predicts."""
+    import torch
+
+    from xrayfm.models.checkpoint import load_any
+
+    store = tmp_path / "store"
+    ref = install_shipped(store, SHIPPED)
+    assert ref == {"name": SHIPPED.removeprefix("xrayfm/"), "version": "1"}
+    names = sorted(v["name"] for v in model_store.list_versions(store))
+    assert names == sorted([ref["name"], f"{ref['name']}-foundation"])
+    folder = model_store.version_dir(store, ref["name"], ref["version"])
+    assert json.loads((folder / "meta.json").read_text())["foundation"]["path"].startswith("../../")
+    assert not list(store.glob(".publish-*"))  # staged in the store, then gone
+    stored, meta = load_any(folder)
+    shipped, _ = load_any(SHIPPED)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(stored(x), shipped(x))
+    assert meta["labels"] == ["Pneumonia"]
+
+
+def test_describe_says_what_installing_the_shipped_model_does() -> None:
+    text = describe_bootstrap({"mode": "shipped", "stage": "installing", "model": SHIPPED})
+    assert text == f"bootstrapping: installing the shipped model {SHIPPED}"
+    assert "SYNTHETIC" not in text
 
 
 def test_describe_says_what_the_bootstrap_does() -> None:
@@ -47,6 +98,47 @@ def test_bootstrap_claimed_once_and_again_after_it_finished() -> None:
             assert state.get()["stage"] == "queued" and "error" not in state.get()
     finally:
         state.redis.delete(state.key)
+
+
+@pytest.mark.slow
+def test_first_start_serves_the_shipped_real_data_model(tmp_path: Path) -> None:
+    """The default first start: no training job, the shipped adapter promoted within seconds, answers
+    marked not synthetic with the research-use notice."""
+    require_redis_server()
+    store = tmp_path / "store"
+    redis_port, gateway_port = free_port(), free_port()
+    env = stack_env(redis_port, tmp_path / "unused", XRAYFM_MODEL_STORE=str(store),
+                    XRAYFM_TRAINING_RUNS=str(tmp_path / "runs"),
+                    XRAYFM_TRAINING_QUEUE=f"xrayfm-training-test-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    del env["XRAYFM_MODEL_PATH"]  # serve from the (empty) store
+    launcher = stack_lib.Stack(tmp_path, env=env)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        launcher.start_redis(redis_port)
+        launcher.start_training_worker()
+        worker = launcher.start_worker()
+        launcher.start_gateway(gateway_port)
+        stack_lib.await_first_model(
+            launcher, url, store, worker, timeout=180, say=lambda _l: None, restart_after=5
+        )
+        with httpx.Client(base_url=url, timeout=30) as http:
+            answer = http.post("/predict", files={"file": ("x.png", png_bytes(phantom(80, 64)), "image/png")})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            model = body["model"]
+            assert model["name"] == SHIPPED.removeprefix("xrayfm/") and model["synthetic"] is False, model
+            assert "Research use only" in model["notice"] and model["labels"] == ["Pneumonia"]
+            assert body["prediction"] in ("Pneumonia", "Normal") and body["attention_map"]
+            assert http.get("/training/jobs").json()["jobs"] == []  # nothing was trained
+            listed = {m["name"]: m for m in http.get("/models").json()["models"]}
+            assert listed[model["name"]]["lineage"]["foundation"]["name"] == f"{model['name']}-foundation"
+        state = BootstrapState(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"]).get()
+        assert state["stage"] == "done" and state["mode"] == "shipped", state
+    except BaseException:
+        print("\n".join(f"--- {p.name}\n{p.log_tail(40)}" for p in launcher.procs))
+        raise
+    finally:
+        launcher.stop_all()
 
 
 @pytest.mark.slow

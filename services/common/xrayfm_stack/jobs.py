@@ -169,8 +169,9 @@ class JobRecords:
 
 # -- the first-start bootstrap's state (written by the training worker, read by the gateway's /ready) --
 class BootstrapState:
-    """The first-start record in Redis: ``stage`` (queued, synthesising, pretraining, adapting, promoting,
-    done, failed), the current ``job_id``, ``error``, and the served ``model``."""
+    """The first-start record in Redis: ``mode``, ``stage`` (queued; installing for the shipped model;
+    synthesising, pretraining, adapting for the demo; promoting, done, failed), the current ``job_id``,
+    ``error``, and the served ``model``."""
 
     def __init__(self, redis_url: str, queue: str) -> None:
         self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
@@ -222,6 +223,9 @@ def describe_bootstrap(state: dict[str, Any] | None, records: JobRecords | None 
     stage = state.get("stage")
     if stage == "failed":
         return f"bootstrap failed: {state.get('error')} (see the training worker's log)"
+    if state.get("mode") == "shipped":
+        what = {"installing": f"installing the shipped model {state.get('model')}"}.get(stage, str(stage))
+        return f"bootstrapping: {what}"
     what = {"queued": "queued", "synthesising": "drawing the synthetic phantoms",
             "pretraining": "pre-training the demo foundation on synthetic chest images",
             "adapting": "LoRA-adapting it to synthetic bone images",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from xrayfm_stack.settings import BOOTSTRAP_MODES, TrainingSettings
 from xrayfm_stack.store import SERVING_FILE
 
 REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
@@ -289,7 +290,7 @@ def await_first_model(
     say=print,
     restart_after: float = 20.0,
 ) -> Proc:
-    """Wait for the first-start bootstrap (the training worker trains and promotes the demo model).
+    """Wait for the first-start bootstrap (the training worker installs or trains a model and promotes it).
 
     Reports /ready's reason as it changes; once the store serves a version, gives the inference worker
     `restart_after` seconds to load it by itself (hot swap) and restarts it otherwise. Returns the
@@ -310,7 +311,7 @@ def await_first_model(
         if (store / SERVING_FILE).is_file():
             promoted_at = promoted_at or time.monotonic()
             if time.monotonic() - promoted_at > restart_after:
-                say("  the demo model is promoted: restarting the inference worker to load it")
+                say("  the first model is promoted: restarting the inference worker to load it")
                 stack.stop(worker)
                 stack.procs.remove(worker)
                 worker = stack.start_worker(worker.name)
@@ -350,16 +351,17 @@ def up() -> int:
         print(f"no Redis at {url}: starting redis-server{kept} (logs in {STACK_HOME / 'logs'})")
         stack.start_redis(parsed.port or 6379, data_dir=data_dir)
     first_start = not model_configured(store)
-    stack.start_training_worker()  # with an empty store it queues the demo bootstrap job by itself
+    stack.start_training_worker()  # with an empty store it queues the first-start bootstrap by itself
     worker = stack.start_worker()
     gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
     stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     try:
         if first_start:
-            print(f"empty model store {store}: training the demo model on SYNTHETIC phantoms (a few minutes)")
+            mode = TrainingSettings.from_env().bootstrap
+            print(f"empty model store {store}: first start, {BOOTSTRAP_MODES[mode]}")
             print(f"  (watch it at {gateway_url}/ready or in the UI; XRAYFM_BOOTSTRAP=off to skip)")
-            if os.environ.get("XRAYFM_BOOTSTRAP", "demo").strip().lower() == "off":
+            if mode == "off":
                 print("XRAYFM_BOOTSTRAP=off: nothing to serve until you promote a model")
                 return 1
             worker = await_first_model(stack, gateway_url, store, worker)

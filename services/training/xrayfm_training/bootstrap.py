@@ -1,12 +1,19 @@
-"""First start: with an empty model store, train, publish and promote the demo model on synthetic phantoms.
+"""First start: with an empty model store, put a model in it and promote it, so the stack serves at once.
 
-The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOTSTRAP``: ``demo``, the
-default; ``quick``, tiny sizes for tests; ``off``; see :class:`xrayfm_stack.settings.TrainingSettings`). The task draws synthetic chest and bone phantoms
-(:mod:`xrayfm.data.synth`), pre-trains a small ViT on the chest ones, LoRA-adapts it to the bone ones (both
-as ordinary training jobs, visible in ``/training/jobs``), and promotes the adapter. Its state lives in
-one Redis hash (:class:`xrayfm_stack.jobs.BootstrapState`) that the gateway's ``/ready`` reads to say
-what is happening.
-Everything it serves is built from synthetic data and says so (``meta["data"]["synthetic"]``).
+The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOTSTRAP``, see
+:class:`xrayfm_stack.settings.TrainingSettings`):
+
+- ``shipped`` (the default): publish the model shipped inside the library (``XRAYFM_BOOTSTRAP_MODEL``, by
+  default ``xrayfm/cxr-vit-tiny-mae-pneumonia-lora``: LoRA on the MAE foundation, trained on real CC BY
+  radiographs) into the store, with its foundation, and promote it. No data and no training: seconds.
+- ``demo`` / ``quick`` (tiny, for tests): draw synthetic chest and bone phantoms (:mod:`xrayfm.data.synth`),
+  pre-train a small ViT on the chest ones, LoRA-adapt it to the bone ones (both as ordinary training jobs,
+  visible in ``/training/jobs``) and promote the adapter. What it serves says it is synthetic
+  (``meta["data"]["synthetic"]``).
+- ``off``: nothing is served until someone promotes a model.
+
+Its state lives in one Redis hash (:class:`xrayfm_stack.jobs.BootstrapState`) that the gateway's ``/ready``
+reads to say what is happening.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
+from xrayfm.registry import PREFIX, pretrained_dir
 from xrayfm_stack import store as model_store
 from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
 from xrayfm_stack.settings import TrainingSettings
 from xrayfm_stack.spec import validate_spec
+from xrayfm_training.publish import publish_run
 
 CHEST_LABELS = ["Cardiomegaly", "Pleural Effusion", "Lung Opacity"]
 FOUNDATION_NAME, ADAPTED_NAME = "demo-chest-fm", "demo-bone-lora"
@@ -72,39 +81,29 @@ def _job_spec(kind: str, name: str, root: Path, sizes: dict[str, Any], foundatio
     return {"kind": kind, "name": name, "config": config}
 
 
-def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> dict[str, Any]:
-    """Synthesise, pre-train, adapt, promote (each job through `run_job`); returns the final state."""
-    from xrayfm.data.synth import synth_bone, synth_chest
+def install_shipped(store: Path, name: str) -> dict[str, str]:
+    """Publish the shipped model `name` (``xrayfm/<name>``; an adapter brings its shipped foundation along)
+    into the store as a new version of ``<name>``; returns its {"name", "version"}."""
+    short = name.removeprefix(PREFIX)
+    version, _ = publish_run(store, short, pretrained_dir(name), job_id="first-start", kind="shipped")
+    return {"name": short, "version": version}
 
+
+def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> dict[str, Any]:
+    """Install the shipped model, or synthesise, pre-train and adapt (each job through `run_job`); then
+    promote. Returns the final state."""
     state = BootstrapState(settings.redis_url, settings.queue)
     mode = (state.get() or {}).get("mode") or settings.bootstrap
     store = Path(settings.model_store)
     if model_store.serving(store) is not None:
         state.set(stage="done", model=model_store.serving(store))
         return state.get() or {}
-    sizes = demo_sizes(mode)
-    data = (Path(settings.runs_dir) / "bootstrap-data").resolve()
     try:
-        state.set(stage="synthesising", error=None)
-        chest, bone = data / "CheXpert-synthetic", data / "MURA-synthetic"
-        for root, make in ((chest, synth_chest), (bone, synth_bone)):
-            if not (root / "SYNTHETIC.md").exists():
-                make(root, n=sizes["images"], seed=sizes["seed"], size=sizes["size"], progress=False)
-        ref = None
-        for stage, kind, name, root in (("pretraining", "pretrain", FOUNDATION_NAME, chest),
-                                        ("adapting", "adapt", ADAPTED_NAME, bone)):  # fmt: skip
-            foundation = f"store:{ref['name']}/{ref['version']}" if ref else None
-            jobs = (state.get() or {}).get("jobs") or {}
-            job_id = jobs.get(stage)  # an earlier, interrupted bootstrap's job: carry on with it
-            if job_id is None or records.get(job_id) is None:
-                job_id = records.create(
-                    validate_spec(_job_spec(kind, name, root, sizes, foundation), store, [data])
-                )
-            state.set(stage=stage, job_id=job_id, jobs={**jobs, stage: job_id})
-            job = _finish(job_id, settings, records, run_job)
-            if job.get("status") != "done":
-                raise XrayfmError(f"{kind} job {job_id} ended {job.get('status')}: {job.get('error')}")
-            ref = job["model"]
+        if mode == "shipped":
+            state.set(stage="installing", model=settings.bootstrap_model, error=None)
+            ref = install_shipped(store, settings.bootstrap_model)
+        else:
+            ref = _train_demo(settings, records, run_job, state, mode, store)
         state.set(stage="promoting")
         model_store.promote(store, ref["name"], ref["version"])
         state.set(stage="done", model=ref, job_id=None)
@@ -117,3 +116,35 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
         )
         raise
     return state.get() or {}
+
+
+def _train_demo(
+    settings: TrainingSettings, records: JobRecords, run_job, state: BootstrapState, mode: str, store: Path
+) -> dict[str, Any]:
+    """Synthesise the phantoms, pre-train on the chest ones, LoRA-adapt to the bone ones; the adapter's ref."""
+    from xrayfm.data.synth import synth_bone, synth_chest
+
+    sizes = demo_sizes(mode)
+    data = (Path(settings.runs_dir) / "bootstrap-data").resolve()
+    state.set(stage="synthesising", error=None)
+    chest, bone = data / "CheXpert-synthetic", data / "MURA-synthetic"
+    for root, make in ((chest, synth_chest), (bone, synth_bone)):
+        if not (root / "SYNTHETIC.md").exists():
+            make(root, n=sizes["images"], seed=sizes["seed"], size=sizes["size"], progress=False)
+    ref: dict[str, Any] | None = None
+    for stage, kind, name, root in (("pretraining", "pretrain", FOUNDATION_NAME, chest),
+                                    ("adapting", "adapt", ADAPTED_NAME, bone)):  # fmt: skip
+        foundation = f"store:{ref['name']}/{ref['version']}" if ref else None
+        jobs = (state.get() or {}).get("jobs") or {}
+        job_id = jobs.get(stage)  # an earlier, interrupted bootstrap's job: carry on with it
+        if job_id is None or records.get(job_id) is None:
+            job_id = records.create(
+                validate_spec(_job_spec(kind, name, root, sizes, foundation), store, [data])
+            )
+        state.set(stage=stage, job_id=job_id, jobs={**jobs, stage: job_id})
+        job = _finish(job_id, settings, records, run_job)
+        if job.get("status") != "done":
+            raise XrayfmError(f"{kind} job {job_id} ended {job.get('status')}: {job.get('error')}")
+        ref = job["model"]
+    assert ref is not None
+    return ref

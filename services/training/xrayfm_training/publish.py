@@ -26,9 +26,12 @@ def _store_ref(store: Path, folder: Path) -> dict[str, str] | None:
     return {"name": rel.parts[0], "version": rel.parts[1]} if len(rel.parts) == 2 else None
 
 
-def _foundation_in_store(store: Path, name: str, lineage: dict[str, Any], job_id: str) -> dict[str, Any]:
-    """The store version of the foundation in `lineage` (copied in when it lives elsewhere)."""
-    folder = Path(lineage.get("path", ""))
+def _foundation_in_store(
+    store: Path, name: str, lineage: dict[str, Any], job_id: str, where: Path
+) -> dict[str, Any]:
+    """The store version of the foundation in `lineage` (copied in when it lives elsewhere); a relative
+    path in `lineage` (a shipped adapter's) is relative to the adapter's folder `where`."""
+    folder = where / lineage.get("path", "")
     if not (folder / "meta.json").is_file():
         raise XrayfmError(f"the foundation {folder} of this run is gone: cannot store its adapter")
     ref = _store_ref(store, folder)
@@ -48,11 +51,12 @@ def publish_run(store: Path, name: str, best: Path, job_id: str, kind: str) -> t
     """Copy the run's `best` folder into the store as the next version of `name`; returns (version, info)."""
     meta = json.loads((best / "meta.json").read_text())
     lineage: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(dir=best.parent, prefix=".publish-") as tmp:
+    Path(store).mkdir(parents=True, exist_ok=True)  # staged in the store: `best` may be read-only (shipped)
+    with tempfile.TemporaryDirectory(dir=store, prefix=".publish-") as tmp:
         staged = Path(tmp) / "v"
         shutil.copytree(best, staged)
         if isinstance(meta.get("foundation"), dict):
-            foundation = _foundation_in_store(store, name, meta["foundation"], job_id)
+            foundation = _foundation_in_store(store, name, meta["foundation"], job_id, best)
             lineage = {"foundation": {k: foundation[k] for k in ("name", "version", "sha256")}}
             if meta.get("format") == "xrayfm.adapted":  # the adapter finds its foundation in the store,
                 # by a path relative to its own folder (models/<name>/<version>), so the store can move
