@@ -34,3 +34,23 @@ def test_binary_answer_shape(tmp_path):
     (plain,) = Predictor(served).predict([image], explain_maps=False)
     assert plain.heatmap is None and plain.explain_method is None
     assert plain.probabilities == answer.probabilities
+
+
+def test_study_decision_is_the_mean_of_its_images(tmp_path):
+    from xrayfm.inference import STUDY_AGGREGATION
+    from xrayfm.operating_point import write_operating_point
+
+    folder = make_tiny_checkpoint(tmp_path / "m", ["Abnormal"])
+    rng = np.random.default_rng(1)
+    images = [(rng.random((70, 60)) * 255).astype(np.uint8) for _ in range(3)]
+    predictor = Predictor(load_served_model(folder, device="cpu"))
+    answers = predictor.predict(images, explain_maps=False)
+    study = predictor.decide_study(answers)
+    mean = float(np.mean([a.probabilities["Abnormal"] for a in answers]))
+    assert study.probabilities == {"Abnormal": round(mean, 6)} and "mean" in STUDY_AGGREGATION
+    write_operating_point(folder, {"threshold": mean + 1e-4, "source": "test"})  # just above: Normal
+    predictor.served.retune(folder)
+    assert predictor.decide_study(answers).prediction == "Normal"
+    write_operating_point(folder, {"threshold": mean - 1e-4, "source": "test"})
+    predictor.served.retune(folder)
+    assert predictor.decide_study(answers).prediction == "Abnormal"

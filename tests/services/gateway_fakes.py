@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from xrayfm_gateway.app import create_app
 from xrayfm_gateway.deps import get_queue, get_training
 from xrayfm_gateway.queue import JobState, QueueUnavailable
-from xrayfm_stack.protocol import JobRecord, ModelInfo, PredictRequest, Timings, WorkerAnswer
+from xrayfm_stack.protocol import JobRecord, ModelInfo, PredictRequest, StudyAnswer, Timings, WorkerAnswer
 from xrayfm_stack.settings import GatewaySettings
 
 MODEL = ModelInfo(name="m", version="1", sha256="0" * 64, labels=["Abnormal"], input_size=64, device="cpu")
@@ -51,18 +51,27 @@ class FakeQueue:
         if self.next_state is not None:
             return self.next_state
         request, _ = self.jobs[job_id]
+        if isinstance(request, list):  # a study: each image answered, the mean decides (as the worker does)
+            images = [self._answer(r, 0.2 + 0.3 * k) for k, r in enumerate(request)]
+            mean = sum(a.probability for a in images) / len(images)
+            study = StudyAnswer(prediction="Abnormal" if mean >= 0.5 else "Normal", probability=mean,
+                                probabilities={"Abnormal": mean}, aggregation="mean (fake)", model=MODEL, images=images)  # fmt: skip
+            return JobState("done", result=study)
+        return JobState("done", result=self._answer(request, 0.75))
+
+    @staticmethod
+    def _answer(request: PredictRequest, p: float) -> WorkerAnswer:
         image = request.image()  # the pixels the gateway sent decode exactly
-        answer = WorkerAnswer(
-            prediction="Abnormal",
-            probability=0.75,
-            probabilities={"Abnormal": 0.75},
+        return WorkerAnswer(
+            prediction="Abnormal" if p >= 0.5 else "Normal",
+            probability=p,
+            probabilities={"Abnormal": p},
             attention_map="iVBORw0KGgo=" if request.explain else None,
             explain_method=request.method if request.explain else None,
             model=MODEL,
             timings=Timings(inference_ms=3.0, queue_wait_ms=1.0),
             worker=f"fake ({image.shape[1]}x{image.shape[0]})",
         )
-        return JobState("done", result=answer)
 
     async def wait(self, job_id: str, timeout: float) -> JobState:
         return await self.state(job_id)

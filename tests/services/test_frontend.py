@@ -53,6 +53,25 @@ def test_upload_shows_prediction_heatmap_and_slider(monkeypatch, live_stack):
     assert "opacity 0.90" in [c for img in at.image for c in img.captions][1]
 
 
+def test_a_study_of_several_images_shows_the_study_answer_and_each_image(monkeypatch, live_stack):
+    at = run_app(monkeypatch, live_stack.gateway_url)
+    at.radio(key="upload_mode").set_value("A study (several images)").run()
+    for k, size in enumerate(((200, 160), (120, 150), (90, 90))):
+        at.file_uploader[0].upload(f"view{k}.png", png_bytes(phantom(*size, seed=k)), "image/png")
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    answer = at.session_state["answer"]
+    assert len(answer.images) == 3
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Study probability"]) == pytest.approx(answer.probability, abs=1e-3)
+    assert [h.value for h in at.subheader][:3] == [
+        f"view{k}.png: {a.prediction} ({a.probability:.3f})" for k, a in enumerate(answer.images)
+    ]
+    captions = [c for img in at.image for c in img.captions]
+    assert captions[0::2] == ["view0.png", "view1.png", "view2.png"]  # each original beside its heatmap
+    assert any("mean of the image probabilities" in c.value for c in at.caption)
+
+
 def test_gateway_errors_are_shown(monkeypatch, live_stack):
     at = run_app(monkeypatch, live_stack.gateway_url)
     data = png_bytes(phantom(200, 160))

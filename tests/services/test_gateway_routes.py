@@ -408,3 +408,42 @@ def test_operating_point_set_from_a_threshold_or_an_evaluation_and_cleared(http,
 
     assert http.delete(url).json() == {"name": "m", "version": "1", "operating_point": None}
     assert http.get("/models").json()["models"][0]["operating_point"] is None
+
+
+# -- studies ---------------------------------------------------------------------------------------------
+def _study(*sizes: tuple[int, int]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{k}.png", png_bytes(phantom(h, w)), "image/png")) for k, (h, w) in enumerate(sizes)]
+
+
+def test_study_answers_each_image_in_order_and_the_mean(http, fakes):
+    answer = http.post(
+        "/predict/study", files=_study((96, 80), (64, 120), (100, 100)), params={"explain": "false"}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [i["width"] for i in body["image_info"]] == [80, 120, 100]  # the order sent
+    assert [a["worker"] for a in body["images"]] == ["fake (80x96)", "fake (120x64)", "fake (100x100)"]
+    assert body["probability"] == pytest.approx((0.2 + 0.5 + 0.8) / 3) and body["prediction"] == "Abnormal"
+    assert all(a["attention_map"] is None for a in body["images"]) and body["timings"]["total_ms"] > 0
+    request, record = next(iter(fakes[0].jobs.values()))
+    assert isinstance(request, list) and len(request) == 3 and "images" in record
+    # polling the job answers the same study
+    polled = http.get(f"/jobs/{body['job_id']}").json()
+    assert polled["status"] == "done" and polled["result"]["image_info"] == body["image_info"]
+
+
+def test_study_refusals_name_the_file_by_position_and_keep_limits(fakes, tmp_path):
+    with _client(fakes, max_study_images=3, max_upload_bytes=50_000, model_store=tmp_path) as http:
+        files = _study((64, 64), (64, 64))
+        files.insert(1, ("files", ("broken.png", b"\x89PNG\r\n\x1a\n-not-really", "image/png")))
+        body = _error(http.post("/predict/study", files=files), 400, "corrupt_image")
+        assert body["detail"].startswith("file 2 of 3: ") and "broken" not in body["detail"]
+        assert not fakes[0].jobs  # nothing queued when one file is bad
+        body = _error(http.post("/predict/study", files=_study(*[(32, 32)] * 4)), 422, "several_files")
+        assert "at most 3 files" in body["detail"]
+        _error(http.post("/predict/study", files=_png()), 422, "missing_file")  # 'file', not 'files'
+        _error(http.post("/predict", files=_study((32, 32))), 422, "missing_file")
+        big = [("files", ("a.png", b"\x89PNG" + b"\0" * 60_000, "image/png"))]
+        _error(http.post("/predict/study", files=big), 413, "file_too_large")
+        fakes[0].workers_list = []
+        _error(http.post("/predict/study", files=_study((64, 64))), 503, "not_ready")

@@ -43,3 +43,27 @@ def test_real_image_gets_a_prediction_and_map(case, shared_data, client):
     scale = min(1.0, 512 / max(info["width"], info["height"]))  # transport size of the test stack
     assert heat.shape == (round(info["height"] * scale), round(info["width"] * scale))
     assert heat.max() > heat.min()
+
+
+def test_a_real_mura_study_is_answered_in_one_worker_call(shared_data, client):
+    """POST /predict/study with every image of one MURA humerus study: each image's answer is the one
+    /predict gives it alone, the study's probability is their mean, and the images were batched together."""
+    studies = sorted((shared_data / "mura-humerus-64/MURA-v1.1/valid/XR_HUMERUS").glob("*/study*"))
+    study = next((s for s in studies if len(list(s.glob("*.jpg"))) >= 2), None)
+    if study is None:
+        pytest.skip("no MURA study with two images or more")
+    paths = sorted(study.glob("*.jpg"))
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    resp = client.post("/predict/study", files=files)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert len(body["images"]) == len(paths) and "mean" in body["aggregation"]
+    label = body["model"]["labels"][0]
+    alone = [client.post("/predict", files={"file": (p.name, p.read_bytes())}).json() for p in paths]
+    for one, single in zip(body["images"], alone, strict=True):
+        assert one["probabilities"][label] == pytest.approx(single["probabilities"][label], abs=1e-4)
+        assert decode_map(one["attention_map"]).shape == decode_map(single["attention_map"]).shape
+    mean = sum(a["probabilities"][label] for a in body["images"]) / len(paths)
+    assert body["probabilities"][label] == pytest.approx(mean, abs=1e-5)
+    assert body["prediction"] == (label if mean >= body["model"]["threshold"] else "Normal")
+    assert max(a["batch_size"] for a in body["images"]) >= 2  # batched together, not one by one

@@ -17,7 +17,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import RedisError
 
-from xrayfm_stack.protocol import PREDICT_TASK
+from xrayfm_stack.protocol import PREDICT_STUDY_TASK, PREDICT_TASK
 from xrayfm_stack.settings import QueueSettings, TrainingSettings
 
 log = logging.getLogger("xrayfm.celery")
@@ -90,7 +90,7 @@ def inference_celery(settings: QueueSettings | None = None) -> Celery:
     app = Celery("xrayfm", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
         **reliable_queue_conf(settings.queue, settings.visibility_timeout_s),
-        task_routes={PREDICT_TASK: {"queue": settings.queue}},
+        task_routes={PREDICT_TASK: {"queue": settings.queue}, PREDICT_STUDY_TASK: {"queue": settings.queue}},
         task_track_started=True,
         task_time_limit=settings.task_time_limit_s + 5,  # enforced by prefork pools; threads: see worker
         result_expires=settings.result_expires_s,

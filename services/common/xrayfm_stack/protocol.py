@@ -28,6 +28,7 @@ from xrayfm.errors import XrayfmError
 from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
 
 PREDICT_TASK = "xrayfm.predict"
+PREDICT_STUDY_TASK = "xrayfm.predict_study"  # several images of one study, batched in one worker call
 MAX_SIDE = 4096  # a request larger than this on either side is refused by the worker (the gateway sends less)
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 JOB_KINDS = ("pretrain", "adapt", "evaluate")
@@ -201,10 +202,25 @@ class WorkerRejection(BaseModel):
     error: RejectionReason
 
 
-def parse_worker_reply(payload: Any) -> WorkerAnswer | WorkerRejection:
+class StudyAnswer(BaseModel):
+    """What the inference worker answers for a study: the study's decision and each image's answer."""
+
+    prediction: str = Field(description="the study's decision, from its probability")
+    probability: float = Field(description="the study's probability of the predicted label")
+    probabilities: dict[str, float] = Field(description="per label: the mean over the study's images")
+    aggregation: str = Field(description="how the study's probabilities are made from its images'")
+    model: ModelInfo
+    images: list[WorkerAnswer] = Field(description="each image's own answer, in the order sent")
+    timings: Timings = Field(default_factory=Timings)
+    worker: str | None = None
+
+
+def parse_worker_reply(payload: Any) -> WorkerAnswer | StudyAnswer | WorkerRejection:
     """A result read back from the result backend, typed."""
     if isinstance(payload, dict) and "error" in payload:
         return WorkerRejection.model_validate(payload)
+    if isinstance(payload, dict) and "images" in payload:
+        return StudyAnswer.model_validate(payload)
     return WorkerAnswer.model_validate(payload)
 
 
@@ -212,6 +228,13 @@ class Prediction(WorkerAnswer):
     """The answer to ``POST /predict``."""
 
     image: ImageInfo
+    job_id: str
+
+
+class StudyPrediction(StudyAnswer):
+    """The answer to ``POST /predict/study`` (``images[k]`` and ``image_info[k]``: the k-th file sent)."""
+
+    image_info: list[ImageInfo]
     job_id: str
 
 
@@ -228,7 +251,7 @@ class JobStatus(BaseModel):
 
     job_id: str
     status: str = Field(description="queued | running | done | failed")
-    result: Prediction | None = None
+    result: Prediction | StudyPrediction | None = None
     error: str | None = None
 
 

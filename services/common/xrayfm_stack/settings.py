@@ -20,7 +20,12 @@ from xrayfm_stack.protocol import EXPLAIN_METHODS, MAX_SIDE
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_STORE = Path("runs/model-store")
 DEFAULT_DATA_DIR = Path("/data")  # where compose mounts the datasets
-BOOTSTRAP_MODES = ("demo", "quick", "off")
+BOOTSTRAP_MODES = {  # XRAYFM_BOOTSTRAP -> what a first start with an empty model store does
+    "shipped": "installing the shipped real-data model, no training: seconds",
+    "demo": "training the demo model on SYNTHETIC phantoms: a few minutes",
+    "quick": "training a tiny demo model on SYNTHETIC phantoms: a minute or two",
+    "off": "nothing is installed",
+}
 RUNTIMES = ("torch", "onnxruntime")  # XRAYFM_RUNTIME (xrayfm.inference.runtime)
 QUANTIZATIONS = ("none", "int8")  # XRAYFM_QUANTIZE
 
@@ -197,7 +202,11 @@ class TrainingSettings:
     # XRAYFM_TRAINING_MAX_ATTEMPTS: a job whose worker died this many times fails (e.g. it runs out of memory)
     max_attempts: int = 3
     torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
-    bootstrap: str = "demo"  # XRAYFM_BOOTSTRAP: first start with an empty store: demo, quick (tests), off
+    # XRAYFM_BOOTSTRAP: first start with an empty store: shipped (install and serve the shipped real-data
+    # model, no training), demo (train one on synthetic phantoms), quick (a tiny demo, for tests), off
+    bootstrap: str = "shipped"
+    # XRAYFM_BOOTSTRAP_MODEL: the shipped model (xrayfm/<name>) that `shipped` installs
+    bootstrap_model: str = "xrayfm/cxr-vit-tiny-mae-pneumonia-lora"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrainingSettings:
@@ -220,6 +229,7 @@ class TrainingSettings:
             max_attempts=int(env_number(env, "XRAYFM_TRAINING_MAX_ATTEMPTS", cls.max_attempts, int, 1)),
             torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
             bootstrap=bootstrap,
+            bootstrap_model=env_str(env, "XRAYFM_BOOTSTRAP_MODEL", cls.bootstrap_model),
         )
 
 
@@ -230,7 +240,8 @@ class GatewaySettings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     api_keys: frozenset[str] = frozenset()  # XRAYFM_API_KEYS (comma-separated); empty = auth off
-    max_upload_bytes: int = 64 * 1024 * 1024  # XRAYFM_MAX_UPLOAD_MB
+    max_upload_bytes: int = 64 * 1024 * 1024  # XRAYFM_MAX_UPLOAD_MB (per file)
+    max_study_images: int = 12  # XRAYFM_MAX_STUDY_IMAGES: files per /predict/study (MURA studies have <= 11)
     max_pixels: int = 60_000_000  # XRAYFM_MAX_PIXELS: larger images are refused before decoding
     max_image_side: int = 20_000  # XRAYFM_MAX_IMAGE_SIDE: absurd dimensions are refused
     min_image_side: int = 8  # XRAYFM_MIN_IMAGE_SIDE
@@ -261,6 +272,7 @@ class GatewaySettings:
             training=TrainingSettings.from_env(env),
             api_keys=env_keys(env, "XRAYFM_API_KEYS"),
             max_upload_bytes=int(env_number(env, "XRAYFM_MAX_UPLOAD_MB", 64, float, 0.001) * 1024 * 1024),
+            max_study_images=int(env_number(env, "XRAYFM_MAX_STUDY_IMAGES", cls.max_study_images, int, 1)),
             max_pixels=int(env_number(env, "XRAYFM_MAX_PIXELS", cls.max_pixels, int, 1)),
             max_image_side=int(env_number(env, "XRAYFM_MAX_IMAGE_SIDE", cls.max_image_side, int, 1)),
             min_image_side=int(env_number(env, "XRAYFM_MIN_IMAGE_SIDE", cls.min_image_side, int, 1)),

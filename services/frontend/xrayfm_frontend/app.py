@@ -1,5 +1,5 @@
-"""The xrayfm web UI (Streamlit): upload a radiograph, see the prediction, the probability, and the
-attention heatmap over the image (opacity slider) next to the original; a second page (sidebar) for
+"""The xrayfm web UI (Streamlit): upload a radiograph (or the images of one study), see the prediction, the
+probability, and the attention heatmap over each image (opacity slider) next to the original; a second page (sidebar) for
 training jobs and model versions (xrayfm_frontend.training_page)."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from xrayfm.errors import XrayfmError
 from xrayfm_frontend import training_page
 from xrayfm_frontend.client import GatewayClient, GatewayError
 from xrayfm_frontend.render import heatmap_from_base64, original_for_display, overlay
-from xrayfm_stack.protocol import Prediction
+from xrayfm_stack.protocol import Prediction, StudyPrediction, WorkerAnswer
 from xrayfm_stack.settings import FrontendSettings
 
 PREDICTION, TRAINING = "Prediction", "Training & models"
+ONE_IMAGE, STUDY = "One image", "A study (several images)"
 
 
 @st.cache_resource
@@ -44,14 +45,22 @@ st.title("xrayfm: radiograph prediction")
 with st.sidebar:
     explain = st.checkbox("Attention heatmap", value=True)
     opacity = st.slider("Heatmap opacity", min_value=0.0, max_value=1.0, value=0.45, step=0.05)
+    study_mode = st.radio("Upload", [ONE_IMAGE, STUDY], key="upload_mode") == STUDY
 
-uploaded = st.file_uploader("Radiograph (PNG, JPEG or DICOM)", type=["png", "jpg", "jpeg", "dcm", "dicom"])
-if uploaded is None:
-    st.info("Upload an X-ray image to get a prediction.")
+TYPES = ["png", "jpg", "jpeg", "dcm", "dicom"]
+if study_mode:
+    files = st.file_uploader(
+        "The images of one study (PNG, JPEG or DICOM)", type=TYPES, accept_multiple_files=True
+    )
+else:
+    one = st.file_uploader("Radiograph (PNG, JPEG or DICOM)", type=TYPES)
+    files = [one] if one is not None else []
+if not files:
+    st.info("Upload an X-ray image to get a prediction." if not study_mode else "Upload the study's images.")
     st.stop()
 
-data = uploaded.getvalue()
-key = (hashlib.sha256(data).hexdigest(), explain)
+images = [(f.name, f.getvalue()) for f in files]
+key = (study_mode, tuple(hashlib.sha256(data).hexdigest() for _, data in images), explain)
 if st.session_state.get("answer_key") != key:  # the slider re-runs the script: do not predict again
     st.session_state.pop("answer", None)
     st.session_state.pop("answer_error", None)
@@ -60,7 +69,11 @@ if st.session_state.get("answer_key") != key:  # the slider re-runs the script: 
     else:
         with st.spinner("Predicting..."):
             try:
-                st.session_state["answer"] = client.predict(data, uploaded.name, explain=explain)
+                st.session_state["answer"] = (
+                    client.predict_study(images, explain=explain)
+                    if study_mode
+                    else client.predict(images[0][1], images[0][0], explain=explain)
+                )
             except GatewayError as exc:
                 st.session_state["answer_error"] = str(exc)
     st.session_state["answer_key"] = key
@@ -68,34 +81,48 @@ if st.session_state.get("answer_key") != key:  # the slider re-runs the script: 
 if "answer_error" in st.session_state:
     st.error(st.session_state["answer_error"])
     st.stop()
-answer: Prediction = st.session_state["answer"]
+answer: Prediction | StudyPrediction = st.session_state["answer"]
 model = answer.model
 
 left, right = st.columns(2)
-left.metric("Prediction", answer.prediction)
-right.metric("Probability", f"{answer.probability:.3f}")
+left.metric("Study prediction" if study_mode else "Prediction", answer.prediction)
+right.metric("Study probability" if study_mode else "Probability", f"{answer.probability:.3f}")
 notes = [" UNTRAINED (random weights)" if model.untrained else ""]
 notes.append(" trained on SYNTHETIC data" if model.synthetic else "")
 total_ms = answer.timings.total_ms or 0
-st.caption(f"Model {model.name} {model.version}{''.join(notes)}; {total_ms:.0f} ms")
+threshold = (
+    f"threshold {model.threshold:.3f}: {model.threshold_source}" if model.threshold is not None else ""
+)
+st.caption(f"Model {model.name} {model.version}{''.join(notes)}; {threshold}; {total_ms:.0f} ms")
+if isinstance(answer, StudyPrediction):
+    st.caption(f"{len(answer.images)} images; the study's probability is the {answer.aggregation}.")
 if model.notice:
     st.warning(model.notice)
 
-try:
-    original = original_for_display(data)
-except XrayfmError as exc:
-    st.error(f"Cannot display this image: {exc}")
-    st.stop()
-col_original, col_heat = st.columns(2)
-col_original.image(original, caption="Original", width="stretch", clamp=True)
-if answer.attention_map:
-    blended = overlay(original, heatmap_from_base64(answer.attention_map), opacity)
-    col_heat.image(
-        blended,
-        caption=f"Attention ({answer.explain_method}), opacity {opacity:.2f}",
-        width="stretch",
-    )
+
+def show_image(name: str, data: bytes, one: WorkerAnswer) -> None:
+    """The original beside its heatmap overlay."""
+    try:
+        original = original_for_display(data)
+    except XrayfmError as exc:
+        st.error(f"Cannot display this image: {exc}")
+        return
+    col_original, col_heat = st.columns(2)
+    col_original.image(original, caption=name, width="stretch", clamp=True)
+    if one.attention_map:
+        blended = overlay(original, heatmap_from_base64(one.attention_map), opacity)
+        col_heat.image(
+            blended, caption=f"Attention ({one.explain_method}), opacity {opacity:.2f}", width="stretch"
+        )
+    else:
+        col_heat.info("Heatmap switched off.")
+
+
+if isinstance(answer, StudyPrediction):
+    for (name, data), one in zip(images, answer.images, strict=True):
+        st.subheader(f"{name}: {one.prediction} ({one.probability:.3f})")
+        show_image(name, data, one)
 else:
-    col_heat.info("Heatmap switched off.")
+    show_image("Original", images[0][1], answer)
 st.subheader("Probabilities")
 st.bar_chart(answer.probabilities, horizontal=True)

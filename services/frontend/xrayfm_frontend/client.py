@@ -4,13 +4,15 @@ errors as readable messages."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from xrayfm_stack.protocol import Prediction
+from xrayfm_stack.protocol import Prediction, StudyPrediction
 from xrayfm_stack.settings import FrontendSettings
+
+T = TypeVar("T", bound=BaseModel)
 
 
 class GatewayError(Exception):
@@ -44,11 +46,21 @@ class GatewayClient:
         self, data: bytes, filename: str, explain: bool = True, method: str | None = None
     ) -> Prediction:
         """POST the file to /predict; returns the answer or raises GatewayError with the gateway's message."""
+        return self._post_upload("/predict", explain, method, {"file": (filename, data)}, Prediction)
+
+    def predict_study(
+        self, images: list[tuple[str, bytes]], explain: bool = True, method: str | None = None
+    ) -> StudyPrediction:
+        """POST the images of one study (name, bytes) to /predict/study; the answer or a GatewayError."""
+        files = [("files", (name, data)) for name, data in images]
+        return self._post_upload("/predict/study", explain, method, files, StudyPrediction)
+
+    def _post_upload(self, path: str, explain: bool, method: str | None, files: Any, answer: type[T]) -> T:
         params: dict[str, Any] = {"explain": str(explain).lower()}
         if method:
             params["method"] = method
         try:
-            resp = self._client.post("/predict", params=params, files={"file": (filename, data)})
+            resp = self._client.post(path, params=params, files=files)
         except httpx.TimeoutException:
             raise GatewayError(f"no answer within {self.settings.timeout_s:g} s; try again later") from None
         except httpx.HTTPError as exc:
@@ -58,7 +70,7 @@ class GatewayClient:
             detail = body.get("detail") or resp.text[:300]
             raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
         try:
-            return Prediction.model_validate(body)
+            return answer.model_validate(body)
         except ValidationError as exc:
             raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
 

@@ -35,9 +35,11 @@ from redis.exceptions import RedisError
 from xrayfm_stack.celery import inference_celery, send_training_job, training_celery
 from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
 from xrayfm_stack.protocol import (
+    PREDICT_STUDY_TASK,
     PREDICT_TASK,
     JobRecord,
     PredictRequest,
+    StudyAnswer,
     WorkerAnswer,
     WorkerRejection,
     parse_worker_reply,
@@ -62,7 +64,7 @@ class JobState:
     """A job as the API reports it: queued, running, done or failed (with the answer or the error)."""
 
     status: str
-    result: WorkerAnswer | WorkerRejection | None = None
+    result: WorkerAnswer | StudyAnswer | WorkerRejection | None = None
     error: str | None = None
 
 
@@ -203,9 +205,10 @@ class InferenceQueue:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return [json.loads(item) for item in raw if item]
 
-    async def submit(self, request: PredictRequest, record: dict[str, Any]) -> str:
-        """Queue one request; returns its job id. `record` (technical facts only: no names, no header)
-        is kept with the job until it expires, so that unknown ids answer 404 and results say what came in."""
+    async def submit(self, request: PredictRequest | list[PredictRequest], record: dict[str, Any]) -> str:
+        """Queue one request (or a study's list of them, answered in one worker call); returns its job id.
+        `record` (technical facts only: no names, no header) is kept with the job until it expires, so
+        that unknown ids answer 404 and results say what came in."""
         job_id = str(uuid.uuid4())
         try:  # both before the id is handed out, so /jobs/{id} never answers 404 for a queued job
             await asyncio.gather(
@@ -218,13 +221,15 @@ class InferenceQueue:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id
 
-    def _send(self, job_id: str, request: PredictRequest) -> None:
+    def _send(self, job_id: str, request: PredictRequest | list[PredictRequest]) -> None:
+        study = isinstance(request, list)
         self.celery.send_task(
-            PREDICT_TASK,
-            args=(request.model_dump(),),
+            PREDICT_STUDY_TASK if study else PREDICT_TASK,
+            args=([r.model_dump() for r in request],) if study else (request.model_dump(),),
             task_id=job_id,
             queue=self.settings.queue,
-            argsrepr=request.describe(),  # pixels never appear in logs or events
+            # pixels never appear in logs or events
+            argsrepr=f"<study of {len(request)} images>" if study else request.describe(),
             kwargsrepr="{}",
             expires=self.settings.result_expires_s,  # a message nobody took in time is dropped, not run
         )

@@ -26,6 +26,7 @@ from xrayfm_stack.settings import GatewaySettings
 
 log = logging.getLogger("xrayfm.gateway")
 FILE_FIELD = "file"
+STUDY_FIELD = "files"  # /predict/study: one part per image, all named so
 _MULTIPART_SLACK = 64 * 1024  # headers, boundaries and small form fields around the file
 _TYPES_BY_MIME = {
     "image/png": ".png",
@@ -39,7 +40,7 @@ _NEUTRAL_MIMES = {"", "application/octet-stream", "binary/octet-stream"}
 
 @dataclass
 class Upload:
-    """The uploaded file's bytes and what the client said about it (the name is never logged)."""
+    """An uploaded file's bytes and what the client said about it (the name is never logged)."""
 
     data: bytes
     filename: str | None
@@ -62,19 +63,18 @@ def reject(status: int, code: str, detail: str) -> APIError:
     return APIError(status, code, detail)
 
 
-class _FilePart:
-    """python-multipart callbacks that keep the `file` field in memory, within a size limit."""
+class _FileParts:
+    """python-multipart callbacks that keep the parts named `field` in memory, each within a size limit,
+    at most `max_files` of them (one more is counted, not kept, so the refusal can say so)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.chunks: list[bytes] = []
-        self.size = 0
+    def __init__(self, field: str, max_bytes: int, max_files: int) -> None:
+        self.field, self.max_bytes, self.max_files = field, max_bytes, max_files
+        self.files: list[Upload] = []
         self.found = 0
-        self.filename: str | None = None
-        self.content_type: str | None = None
+        self._chunks: list[bytes] | None = None  # the part being kept, if any
+        self._size = 0
         self._headers: dict[bytes, bytes] = {}
         self._field = self._value = b""
-        self._is_file = False
 
     def callbacks(self) -> dict:
         return {
@@ -84,13 +84,14 @@ class _FilePart:
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
         }
 
     def _extend(self, attr: str, data: bytes) -> None:
         setattr(self, attr, getattr(self, attr) + data)
 
     def _part_begin(self) -> None:
-        self._headers, self._is_file = {}, False
+        self._headers, self._chunks, self._size = {}, None, 0
 
     def _header_end(self) -> None:
         self._headers[self._field.lower()] = self._value
@@ -98,62 +99,90 @@ class _FilePart:
 
     def _headers_finished(self) -> None:
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if params.get(b"name", b"").decode("latin-1") != FILE_FIELD:
+        if params.get(b"name", b"").decode("latin-1") != self.field:
             return
         self.found += 1
-        self._is_file = self.found == 1
-        if self._is_file:
-            filename = params.get(b"filename")
-            self.filename = filename.decode("utf-8", "replace") if filename is not None else None
-            mime = self._headers.get(b"content-type")
-            self.content_type = mime.decode("latin-1").split(";")[0].strip().lower() if mime else None
+        if self.found > self.max_files:
+            return
+        filename = params.get(b"filename")
+        mime = self._headers.get(b"content-type")
+        self._chunks = []
+        self.files.append(
+            Upload(
+                data=b"",
+                filename=filename.decode("utf-8", "replace") if filename is not None else None,
+                content_type=mime.decode("latin-1").split(";")[0].strip().lower() if mime else None,
+            )
+        )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if not self._is_file:
+        if self._chunks is None:
             return
-        self.size += end - start
-        if self.size > self.max_bytes:
+        self._size += end - start
+        if self._size > self.max_bytes:
             raise reject(
                 413, "file_too_large", f"the file exceeds the upload limit of {self.max_bytes:,} bytes"
             )
-        self.chunks.append(bytes(data[start:end]))
+        self._chunks.append(bytes(data[start:end]))
+
+    def _part_end(self) -> None:
+        if self._chunks is not None:
+            self.files[-1].data = b"".join(self._chunks)
+            self._chunks = None
 
 
 async def receive_upload(request: Request, max_bytes: int) -> Upload:
-    """Read the multipart body's ``file`` field into memory, refusing oversize bodies while streaming."""
+    """Read the multipart body's one ``file`` field into memory, refusing oversize bodies while streaming."""
+    [upload] = await receive_uploads(request, max_bytes, FILE_FIELD, 1)
+    return upload
+
+
+async def receive_uploads(request: Request, max_bytes: int, field: str, max_files: int) -> list[Upload]:
+    """Read the multipart body's parts named `field` (1 to `max_files`, each at most `max_bytes`) into
+    memory, refusing oversize bodies while streaming."""
+    example = f'curl -F "{field}=@image.png"'
     mime, params = parse_options_header(request.headers.get("content-type", ""))
     if mime != b"multipart/form-data":
         raise reject(
             415,
             "not_multipart",
-            "send the image as multipart/form-data in a field named 'file' (curl -F \"file=@image.png\")",
+            f"send the image as multipart/form-data in a field named '{field}' ({example})",
         )
     boundary = params.get(b"boundary")
     if not boundary:
         raise reject(400, "bad_multipart", "multipart/form-data without a boundary")
-    limit = max_bytes + _MULTIPART_SLACK
+    limit = max_bytes * max_files + _MULTIPART_SLACK
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise reject(
             413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {max_bytes:,}"
         )
-    part = _FilePart(max_bytes)
-    parser = MultipartParser(boundary, part.callbacks())
+    parts = _FileParts(field, max_bytes, max_files)
+    parser = MultipartParser(boundary, parts.callbacks())
     total = 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
-                raise reject(413, "file_too_large", f"the upload exceeds the limit of {max_bytes:,} bytes")
+                raise reject(
+                    413,
+                    "file_too_large",
+                    f"the upload exceeds the limit of {limit - _MULTIPART_SLACK:,} bytes",
+                )
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
         raise reject(400, "bad_multipart", f"malformed multipart body: {exc}") from None
-    if part.found == 0:
-        raise reject(422, "missing_file", "no field named 'file' in the form (curl -F \"file=@image.png\")")
-    if part.found > 1:
-        raise reject(422, "several_files", "send exactly one field named 'file'")
-    return Upload(data=b"".join(part.chunks), filename=part.filename, content_type=part.content_type)
+    if parts.found == 0:
+        raise reject(422, "missing_file", f"no field named '{field}' in the form ({example})")
+    if parts.found > max_files:
+        raise reject(
+            422,
+            "several_files",
+            "send exactly one field named 'file'" if max_files == 1
+            else f"at most {max_files} files named '{field}' per request (XRAYFM_MAX_STUDY_IMAGES)",
+        )  # fmt: skip
+    return parts.files
 
 
 def _declared_suffix(upload: Upload) -> str | None:

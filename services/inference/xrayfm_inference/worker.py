@@ -29,10 +29,12 @@ from xrayfm_inference.heartbeat import Heartbeat
 from xrayfm_inference.swap import ServingWatcher
 from xrayfm_stack.celery import inference_celery
 from xrayfm_stack.protocol import (
+    PREDICT_STUDY_TASK,
     PREDICT_TASK,
     ModelInfo,
     PredictRequest,
     RejectionReason,
+    StudyAnswer,
     Timings,
     WorkerAnswer,
     WorkerRejection,
@@ -265,22 +267,11 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     cannot use is answered with a :class:`WorkerRejection`; a timeout or a missing model raises (the task
     fails with that message)."""
     picked_up = time.time()
-    if RUNTIME.batcher is None or RUNTIME.predictor is None:
-        # No model here (it failed to load): give the message back for a worker that has one. The
-        # gateway sends nothing while no worker is ready, and its own timeout bounds the caller's wait.
-        metrics.REQUESTS.labels("not_ready").inc()
-        log.warning("no model loaded (%s); requeueing %s", RUNTIME.error, self.request.id)
-        time.sleep(1.0)
-        raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
+    _require_model(self.request.id)
     ON_THE_WAY.add(1)
     try:
         try:
-            request = PredictRequest.parse(payload)
-            image = request.image()
-            if request.method not in EXPLAIN_METHODS:
-                raise XrayfmError(
-                    f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
-                )
+            request, image = _parse(payload)
         except XrayfmError as exc:
             return _rejected(str(exc))
         queue_wait = max(0.0, picked_up - request.submitted_at)
@@ -289,13 +280,7 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-1)
     try:
-        result = future.result(timeout=SETTINGS.queue.task_time_limit_s)
-    except FutureTimeout:
-        future.cancel()
-        metrics.REQUESTS.labels("timeout").inc()
-        raise InferenceTimeout(
-            f"inference did not finish within XRAYFM_TASK_TIME_LIMIT={SETTINGS.queue.task_time_limit_s} s"
-        ) from None
+        result = _result(future)
     except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
         return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc()
@@ -303,6 +288,80 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     answer.timings.queue_wait_ms = 1000 * queue_wait
     answer.timings.worker_ms = 1000 * (time.time() - picked_up)
     return answer.model_dump(mode="json")
+
+
+@app.task(name=PREDICT_STUDY_TASK, bind=True)
+def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """A study's images (a list of :class:`PredictRequest`), put through the micro-batcher together in this
+    one call: each image's answer and the study's decision from the mean of their probabilities
+    (:class:`StudyAnswer`). A request it cannot use rejects the whole study."""
+    from xrayfm.inference import STUDY_AGGREGATION, Decision
+
+    picked_up = time.time()
+    _require_model(self.request.id)
+    ON_THE_WAY.add(len(payloads))
+    try:
+        try:
+            if not isinstance(payloads, list) or not payloads:
+                raise XrayfmError("a study needs a non-empty list of images")
+            parsed = [_parse(payload) for payload in payloads]
+        except XrayfmError as exc:
+            return _rejected(str(exc))
+        queue_wait = max(0.0, picked_up - parsed[0][0].submitted_at)
+        metrics.QUEUE_WAIT_SECONDS.observe(queue_wait)
+        futures = [RUNTIME.batcher.submit(image, r.explain, r.method) for r, image in parsed]
+    finally:
+        ON_THE_WAY.add(-len(payloads) if isinstance(payloads, list) else 0)
+    try:
+        answers = [_result(future) for future in futures]
+    except XrayfmError as exc:
+        return _rejected(str(exc))
+    metrics.REQUESTS.labels("ok").inc(len(answers))
+    study = RUNTIME.predictor.decide_study(
+        [Decision(a.prediction, a.probability, a.probabilities) for a in answers]
+    )
+    worker_ms = 1000 * (time.time() - picked_up)
+    return StudyAnswer(
+        prediction=study.prediction,
+        probability=study.probability,
+        probabilities=study.probabilities,
+        aggregation=STUDY_AGGREGATION,
+        model=answers[0].model,
+        images=answers,
+        timings=Timings(queue_wait_ms=1000 * queue_wait, worker_ms=worker_ms),
+        worker=self.request.hostname,
+    ).model_dump(mode="json")
+
+
+def _require_model(task_id: str) -> None:
+    """No model here (it failed to load): give the message back for a worker that has one. The gateway
+    sends nothing while no worker is ready, and its own timeout bounds the caller's wait."""
+    if RUNTIME.batcher is None or RUNTIME.predictor is None:
+        metrics.REQUESTS.labels("not_ready").inc()
+        log.warning("no model loaded (%s); requeueing %s", RUNTIME.error, task_id)
+        time.sleep(1.0)
+        raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
+
+
+def _parse(payload: Any) -> tuple[PredictRequest, Any]:
+    """A queued request and its pixels, checked (XrayfmError when it does not follow the protocol)."""
+    request = PredictRequest.parse(payload)
+    image = request.image()
+    if request.method not in EXPLAIN_METHODS:
+        raise XrayfmError(f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}")
+    return request, image
+
+
+def _result(future) -> WorkerAnswer:
+    """The batcher's answer for one image, within XRAYFM_TASK_TIME_LIMIT (InferenceTimeout otherwise)."""
+    try:
+        return future.result(timeout=SETTINGS.queue.task_time_limit_s)
+    except FutureTimeout:
+        future.cancel()
+        metrics.REQUESTS.labels("timeout").inc()
+        raise InferenceTimeout(
+            f"inference did not finish within XRAYFM_TASK_TIME_LIMIT={SETTINGS.queue.task_time_limit_s} s"
+        ) from None
 
 
 def _rejected(message: str) -> dict[str, Any]:

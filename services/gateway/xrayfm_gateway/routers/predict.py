@@ -1,4 +1,5 @@
-"""``POST /predict``: upload an image, wait for the answer (the synchronous form)."""
+"""``POST /predict``: upload an image, wait for the answer (the synchronous form); ``POST /predict/study``:
+several images of one study, answered together."""
 
 from __future__ import annotations
 
@@ -14,13 +15,22 @@ from xrayfm_gateway.deps import DecodeSlotsDep, QueueDep, ReadinessDep, Settings
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES
 from xrayfm_gateway.queue import JobState, QueueUnavailable
-from xrayfm_gateway.uploads import decode_upload, receive_upload
+from xrayfm_gateway.uploads import (
+    STUDY_FIELD,
+    DecodedImage,
+    Upload,
+    decode_upload,
+    receive_upload,
+    receive_uploads,
+)
 from xrayfm_stack.protocol import (
     ErrorBody,
     ExplainMethod,
     ImageInfo,
     Prediction,
     PredictRequest,
+    StudyAnswer,
+    StudyPrediction,
     Timings,
     WorkerRejection,
 )
@@ -68,47 +78,101 @@ class UploadDeps:
     decode_slots: DecodeSlotsDep
 
 
+async def _decode(upload: Upload, deps: UploadDeps) -> DecodedImage:
+    async with deps.decode_slots:  # bounds the memory and CPU spent decoding at once
+        decoded = await anyio.to_thread.run_sync(decode_upload, upload, deps.settings)
+    UPLOAD_BYTES.observe(len(upload.data))
+    return decoded
+
+
+async def _submit(
+    deps: UploadDeps,
+    images: list[DecodedImage],
+    study: bool,
+    explain: bool,
+    method: str | None,
+    decode_ms: float,
+) -> tuple[str, dict[str, Any]]:
+    """Queue decoded images (one request, or a study's list) once the stack is ready; (job id, record)."""
+    ready = await deps.probe.check()
+    if not ready.ready:
+        raise APIError(
+            503, "not_ready", f"the inference stack is not ready: {ready.detail}", {"Retry-After": "5"}
+        )
+    method = method or deps.settings.explain_method
+    payloads = [PredictRequest.from_image(d.pixels, explain=explain, method=method) for d in images]
+    facts = [{"format": d.format, "width": d.width, "height": d.height} for d in images]
+    record = {
+        **({"images": facts} if study else {"image": facts[0]}),
+        "decode_ms": decode_ms,
+        "submitted": time.time(),
+    }
+    try:
+        job_id = await deps.queue.submit(payloads if study else payloads[0], record)
+    except QueueUnavailable as exc:
+        QUEUE_ERRORS.labels("submit").inc()
+        raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None
+    # Technical facts only: never the file name, the key or anything from a DICOM header.
+    log.info(
+        "queued job %s: %s, decode %.1f ms", job_id,
+        ", ".join(f"{f['format']} {f['width']}x{f['height']}" for f in facts), decode_ms,
+    )  # fmt: skip
+    return job_id, record
+
+
 async def queue_upload(
     request: Request, deps: UploadDeps, explain: bool, method: str | None
 ) -> tuple[str, dict[str, Any]]:
     """Receive, check and decode the upload, then queue its pixels; returns (job id, job record).
 
     The upload is checked before readiness, so a bad file gets its 4xx even while no worker is ready."""
-    settings = deps.settings
     started = time.perf_counter()
-    upload = await receive_upload(request, settings.max_upload_bytes)
-    async with deps.decode_slots:  # bounds the memory and CPU spent decoding at once
-        decoded = await anyio.to_thread.run_sync(decode_upload, upload, settings)
-    UPLOAD_BYTES.observe(len(upload.data))
-    decode_ms = 1000 * (time.perf_counter() - started)
-    ready = await deps.probe.check()
-    if not ready.ready:
-        raise APIError(
-            503, "not_ready", f"the inference stack is not ready: {ready.detail}", {"Retry-After": "5"}
-        )
-    payload = PredictRequest.from_image(
-        decoded.pixels, explain=explain, method=method or settings.explain_method
+    decoded = await _decode(await receive_upload(request, deps.settings.max_upload_bytes), deps)
+    return await _submit(deps, [decoded], False, explain, method, 1000 * (time.perf_counter() - started))
+
+
+async def queue_study(
+    request: Request, deps: UploadDeps, explain: bool, method: str | None
+) -> tuple[str, dict[str, Any]]:
+    """As :func:`queue_upload` for the ``files`` of one study: every file is checked before any is queued."""
+    started = time.perf_counter()
+    settings = deps.settings
+    uploads = await receive_uploads(
+        request, settings.max_upload_bytes, STUDY_FIELD, settings.max_study_images
     )
-    record = {
-        "image": {"format": decoded.format, "width": decoded.width, "height": decoded.height},
-        "decode_ms": decode_ms,
-        "submitted": time.time(),
-    }
+    decoded = []
+    for k, upload in enumerate(uploads):
+        try:
+            decoded.append(await _decode(upload, deps))
+        except APIError as exc:  # say which file of the study (by position: names are never echoed)
+            raise APIError(exc.status, exc.code, f"file {k + 1} of {len(uploads)}: {exc.detail}") from None
+    return await _submit(deps, decoded, True, explain, method, 1000 * (time.perf_counter() - started))
+
+
+async def wait_for(deps: UploadDeps, job_id: str) -> JobState:
+    """Wait for a queued job's end: 503 when Redis is lost meanwhile, 504 when it takes too long."""
+    timeout = deps.settings.predict_timeout_s
     try:
-        job_id = await deps.queue.submit(payload, record)
+        job = await deps.queue.wait(job_id, timeout)
     except QueueUnavailable as exc:
-        QUEUE_ERRORS.labels("submit").inc()
-        raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None
-    # Technical facts only: never the file name, the key or anything from a DICOM header.
-    log.info(
-        "queued job %s: %s %dx%d, %d bytes, decode %.1f ms",
-        job_id, decoded.format, decoded.width, decoded.height, len(upload.data), decode_ms,
-    )  # fmt: skip
-    return job_id, record
+        raise APIError(
+            503,
+            "queue_unavailable",
+            f"lost Redis while waiting for job {job_id}: {exc}",
+            {"Retry-After": "5"},
+        ) from None
+    if job.status not in ("done", "failed"):
+        PREDICTIONS.labels("timeout").inc()
+        raise APIError(
+            504, "timeout", f"no answer within {timeout:g} s; job {job_id} goes on: poll /jobs/{job_id}"
+        )
+    return job
 
 
-def prediction_from(job_id: str, job: JobState, record: dict, total_ms: float | None = None) -> Prediction:
-    """Turn a finished job into the API answer, or raise the matching APIError."""
+def prediction_from(
+    job_id: str, job: JobState, record: dict, total_ms: float | None = None
+) -> Prediction | StudyPrediction:
+    """Turn a finished job into the API answer (one image's, or a study's), or raise the matching APIError."""
     if job.status == "failed":
         PREDICTIONS.labels("failed").inc()
         code, status = (
@@ -125,6 +189,13 @@ def prediction_from(job_id: str, job: JobState, record: dict, total_ms: float | 
     if total_ms is not None:
         timings["total_ms"] = round(total_ms, 3)
     PREDICTIONS.labels("ok").inc()
+    if isinstance(answer, StudyAnswer):
+        return StudyPrediction(
+            **answer.model_dump(exclude={"timings"}),
+            timings=Timings(**timings),
+            image_info=[ImageInfo(**facts) for facts in record["images"]],
+            job_id=job_id,
+        )
     return Prediction(
         **answer.model_dump(exclude={"timings"}),
         timings=Timings(**timings),
@@ -149,22 +220,50 @@ async def predict(
     """Multipart field ``file`` (.png, .jpg, .jpeg, .dcm). Answers the decision, its probability, the
     probabilities per label, the heatmap (base64 PNG), the model's identity and timings."""
     started = time.perf_counter()
-    settings = deps.settings
     job_id, record = await queue_upload(request, deps, explain, method)
-    try:
-        job = await deps.queue.wait(job_id, settings.predict_timeout_s)
-    except QueueUnavailable as exc:
-        raise APIError(
-            503,
-            "queue_unavailable",
-            f"lost Redis while waiting for job {job_id}: {exc}",
-            {"Retry-After": "5"},
-        ) from None
-    if job.status not in ("done", "failed"):
-        PREDICTIONS.labels("timeout").inc()
-        raise APIError(
-            504,
-            "timeout",
-            f"no answer within {settings.predict_timeout_s:g} s; job {job_id} goes on: poll /jobs/{job_id}",
-        )
+    job = await wait_for(deps, job_id)
+    return prediction_from(job_id, job, record, 1000 * (time.perf_counter() - started))
+
+
+STUDY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [STUDY_FIELD],
+                    "properties": {
+                        STUDY_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "the study's images (.png .jpg .dcm), up to XRAYFM_MAX_STUDY_IMAGES",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/predict/study",
+    response_model=StudyPrediction,
+    responses=ERRORS,
+    openapi_extra=STUDY_BODY,
+    summary="Predict from the images of one study (waits for the answer)",
+)
+async def predict_study(
+    request: Request,
+    deps: Annotated[UploadDeps, Depends()],
+    explain: bool = Query(True, description="false skips the heatmaps (faster)"),
+    method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
+) -> StudyPrediction:
+    """Multipart fields ``files`` (one per image, up to ``XRAYFM_MAX_STUDY_IMAGES``). Answers the study's
+    decision and probability (the mean of its images' probabilities, as in the MURA paper; `aggregation`
+    says so), and each image's own answer with its heatmap, computed together in one worker call."""
+    started = time.perf_counter()
+    job_id, record = await queue_study(request, deps, explain, method)
+    job = await wait_for(deps, job_id)
     return prediction_from(job_id, job, record, 1000 * (time.perf_counter() - started))

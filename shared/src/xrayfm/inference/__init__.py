@@ -33,6 +33,8 @@ from xrayfm.models.checkpoint import load_any
 from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
 from xrayfm.utils import sha256_folder
 
+# How a study's probability is made from its images' (Predictor.decide_study); answers say so.
+STUDY_AGGREGATION = "mean of the image probabilities (as in the MURA paper)"
 # What every answer says of its model unless the checkpoint's meta has an `intended_use` of its own.
 RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or any clinical decision."
 
@@ -276,6 +278,14 @@ class Predictor:
             top = int(np.argmax(probs))
             prediction, p = labels[top], float(probs[top])
         return Decision(prediction=prediction, probability=round(p, 6), probabilities=probabilities)
+
+    def decide_study(self, images: list[Decision]) -> Decision:
+        """The decision for a study of several images: each label's probability is the mean over the
+        images (:data:`STUDY_AGGREGATION`, as the MURA paper does), decided as for one image."""
+        if not images:
+            raise XrayfmError("a study needs at least one image")
+        means = [float(np.mean([d.probabilities[label] for d in images])) for label in self.served.labels]
+        return self.decide(np.asarray(means))
 
 
 def heatmap_on_image(heat: np.ndarray, image_shape: tuple[int, ...], pre: Preprocessing) -> np.ndarray:
