@@ -27,6 +27,7 @@ class FakeQueue:
         self.jobs: dict[str, tuple[PredictRequest, dict[str, Any]]] = {}
         self.next_state: JobState | None = None  # what every job ends as (default: a real-looking answer)
         self.down = False  # Redis unreachable
+        self.kept: dict[str, bytes] = {}  # images kept for feedback (XRAYFM_FEEDBACK_KEEP_IMAGES)
 
     def _check(self) -> None:
         if self.down:
@@ -42,6 +43,14 @@ class FakeQueue:
         self.jobs[job_id] = (request, record)
         return job_id
 
+    async def keep_pixels(self, job_id: str, png: bytes) -> None:
+        self._check()
+        self.kept[job_id] = png
+
+    async def pixels(self, job_id: str) -> bytes | None:
+        self._check()
+        return self.kept.get(job_id)
+
     async def record(self, job_id: str) -> dict[str, Any] | None:
         self._check()
         return self.jobs[job_id][1] if job_id in self.jobs else None
@@ -50,6 +59,8 @@ class FakeQueue:
         self._check()
         if self.next_state is not None:
             return self.next_state
+        if job_id not in self.jobs:
+            return JobState("queued")  # as the result backend: no result key yet (or any more)
         request, _ = self.jobs[job_id]
         if isinstance(request, list):  # a study: each image answered, the mean decides (as the worker does)
             images = [self._answer(r, 0.2 + 0.3 * k) for k, r in enumerate(request)]

@@ -164,7 +164,7 @@ def start_stack(home: Path, model: Path, **extra: str) -> RunningStack:
     """Private Redis + worker + gateway; the caller stops it with `.stack.stop_all()`."""
     require_redis_server()
     redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()
-    env = stack_env(redis_port, model, **extra)
+    env = stack_env(redis_port, model, **{"XRAYFM_FEEDBACK_DIR": str(home / "feedback"), **extra})
     launcher = stack_lib.Stack(home, env=env)
     try:
         launcher.start_redis(redis_port)

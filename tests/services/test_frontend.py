@@ -72,6 +72,25 @@ def test_a_study_of_several_images_shows_the_study_answer_and_each_image(monkeyp
     assert any("mean of the image probabilities" in c.value for c in at.caption)
 
 
+def test_feedback_on_an_answer_is_recorded(monkeypatch, live_stack):
+    import json
+
+    at = run_app(monkeypatch, live_stack.gateway_url)
+    at.file_uploader[0].upload("chest.png", png_bytes(phantom(120, 100, seed=5)), "image/png")
+    at.run()
+    answer = at.session_state["answer"]
+    at.radio(key="fb_verdict").set_value("disagree").run()
+    expected = at.selectbox(key="fb_label").value
+    assert expected != answer.prediction
+    at.text_input(key="fb_comment").set_value("film rotated").run()
+    next(b for b in at.button if b.label == "Send feedback").click().run()
+    assert any("recorded (disagree" in s.value for s in at.success), [e.value for e in at.error]
+    folder = Path(live_stack.env["XRAYFM_FEEDBACK_DIR"]) / "records"
+    records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    mine = [r for r in records if r["job_id"] == answer.job_id]
+    assert len(mine) == 1 and mine[0]["label"] == expected and mine[0]["image"] is None  # not opted in
+
+
 def test_gateway_errors_are_shown(monkeypatch, live_stack):
     at = run_app(monkeypatch, live_stack.gateway_url)
     data = png_bytes(phantom(200, 160))

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import uuid
 from pathlib import Path
@@ -447,3 +450,81 @@ def test_study_refusals_name_the_file_by_position_and_keep_limits(fakes, tmp_pat
         _error(http.post("/predict/study", files=big), 413, "file_too_large")
         fakes[0].workers_list = []
         _error(http.post("/predict/study", files=_study((64, 64))), 503, "not_ready")
+
+
+# -- feedback --------------------------------------------------------------------------------------------
+def test_feedback_is_stored_without_images_by_default(fakes, tmp_path):
+    folder = tmp_path / "feedback"
+    with _client(fakes, feedback_dir=folder, model_store=tmp_path / "store", api_keys=frozenset({"staff-key"}),
+                 insecure_no_auth=True) as http:  # fmt: skip
+        key = {"X-API-Key": "staff-key"}
+        job = http.post("/predict", files=_png(), headers=key).json()["job_id"]
+        answer = http.post("/feedback", json={"job_id": job, "verdict": "disagree", "label": "Normal",
+                                              "comment": "lateral view"}, headers=key)  # fmt: skip
+        assert answer.status_code == 201, answer.text
+        body = answer.json()
+        assert (body["prediction"], body["label"], body["image"]) == ("Abnormal", "Normal", None)
+        [record] = [json.loads(p.read_text()) for p in (folder / "records").glob("*.json")]
+        assert record["key_id"] == hashlib.sha256(b"staff-key").hexdigest()[:12]  # who, never the key
+        assert "staff-key" not in json.dumps(record) and not (folder / "images").exists()
+        assert not fakes[0].kept  # nothing kept at /predict either
+        for bad in ({"job_id": job, "verdict": "disagree"}, {"job_id": job, "verdict": "disagree", "label": "Elbow"},
+                    {"job_id": job, "verdict": "agree", "label": "Normal"}):  # fmt: skip
+            _error(http.post("/feedback", json=bad, headers=key), 422, "invalid_feedback")
+        _error(
+            http.post("/feedback", json={"job_id": "nope", "verdict": "agree"}, headers=key),
+            404,
+            "unknown_job",
+        )
+        assert http.post("/feedback", json={"job_id": job, "verdict": "agree"}).status_code == 401
+        models_listed = http.get("/metrics").text
+        assert 'xrayfm_feedback_agreement{model="m",version="1"} 0.0' in models_listed
+
+
+def test_feedback_export_becomes_a_training_set_that_adapt_reads(fakes, tmp_path, tiny_model):
+    """Opted in: each answer's image is kept with its feedback; the export is a label CSV; a LoRA run on it
+    publishes a version that /models lists with the agreement rate, and it can be promoted."""
+    from xrayfm.data.cache import prepare_cache
+    from xrayfm.data.folder import CsvDataset
+    from xrayfm.train import AdaptConfig, adapt
+
+    folder, store = tmp_path / "feedback", tmp_path / "store"
+    model_store.add_version(store, "m", tiny_model, {})
+    with _client(
+        fakes, feedback_dir=folder, feedback_keep_images=True, model_store=store, insecure_no_auth=True
+    ) as http:
+        labels = []
+        for k in range(16):
+            job = http.post(
+                "/predict", files={"file": ("x.png", png_bytes(phantom(64, 64, seed=k)), "image/png")}
+            ).json()
+            label = "Abnormal" if k % 2 else "Normal"
+            verdict = (
+                {"verdict": "agree"} if label == "Abnormal" else {"verdict": "disagree", "label": "Normal"}
+            )
+            saved = http.post("/feedback", json={"job_id": job["job_id"], **verdict}).json()
+            assert saved["image"] == f"images/{saved['id']}.png"
+            labels.append(int(label == "Abnormal"))
+        export = http.get("/feedback/export", params={"model": "m"})
+        assert export.status_code == 200, export.text
+        assert export.headers["x-xrayfm-rows"] == "16" and export.headers["x-xrayfm-without-image"] == "0"
+        rows = list(csv.DictReader(io.StringIO(export.text)))
+        assert sorted(int(r["Abnormal"]) for r in rows) == sorted(labels) and list(rows[0]) == [
+            "path",
+            "Abnormal",
+        ]
+        _error(http.get("/feedback/export", params={"model": "other"}), 404, "no_feedback")
+
+        csv_path = folder / "export.csv"
+        cache = prepare_cache(CsvDataset(csv_path), tmp_path / "cache", size=64, progress=False)
+        assert cache["usable"] == 16  # every kept image decodes
+        run = tmp_path / "run"
+        summary = adapt(AdaptConfig(out=str(run), cache=str(tmp_path / "cache"), foundation=str(tiny_model),
+                                    method="lora", max_steps=2, batch_size=8, val_fraction=0.25, n_bootstrap=10,
+                                    progress_bar=False, tensorboard=False))  # fmt: skip
+        assert summary["status"] == "completed"
+        version = model_store.add_version(store, "m-feedback-lora", run / "best", {"job_id": "feedback-loop"})
+        assert http.post(f"/models/m-feedback-lora/{version}/promote").status_code == 200
+        listed = {m["name"]: m for m in http.get("/models").json()["models"]}
+        assert listed["m"]["feedback"] == {"agree": 8, "disagree": 8, "agreement": 0.5}
+        assert listed["m-feedback-lora"]["serving"] and listed["m-feedback-lora"]["feedback"] is None

@@ -118,6 +118,7 @@ class ModelInfo(BaseModel):
     version: str
     sha256: str
     labels: list[str]
+    negative_label: str = Field("Normal", description="the answer of a one-label model under its threshold")
     input_size: int
     device: str
     synthetic: bool = Field(False, description="trained on synthetic phantoms")
@@ -355,6 +356,8 @@ class ModelVersion(BaseModel):
     job_id: str | None = None
     lineage: dict[str, Any] = {}
     evaluations: list[dict[str, Any]] = []
+    operating_point: dict[str, Any] | None = None
+    feedback: dict[str, Any] | None = Field(None, description="staff verdicts: agree, disagree, agreement")
 
 
 class ModelList(BaseModel):
@@ -362,6 +365,30 @@ class ModelList(BaseModel):
 
     serving: ModelRefBody | None
     models: list[ModelVersion]
+
+
+class FeedbackBody(BaseModel):
+    """``POST /feedback``: a verdict on one answer. No patient data: the comment is free text for the
+    model's owners, so write no names or identifiers into it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(description="the answer's job_id")
+    verdict: Literal["agree", "disagree"]
+    label: str | None = Field(None, description="the correct answer (required with disagree)")
+    comment: str | None = Field(None, max_length=500, description="optional; no names or identifiers")
+
+
+class FeedbackAnswer(BaseModel):
+    """The stored feedback record (``image``: where its image was kept, when the deployment opted in)."""
+
+    id: str
+    job_id: str
+    model: dict[str, Any]
+    prediction: str
+    verdict: str
+    label: str
+    image: str | None = None
 
 
 class OperatingPointBody(BaseModel):

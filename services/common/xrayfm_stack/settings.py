@@ -257,6 +257,13 @@ class GatewaySettings:
     # XRAYFM_DATA_DIRS (':' or ','-separated): the folders training jobs may read; a spec's dataset roots,
     # caches and foundations must lie under one of them (or be store: references).
     data_dirs: tuple[Path, ...] = (DEFAULT_DATA_DIR,)
+    feedback_dir: Path = Path(
+        "runs/feedback"
+    )  # XRAYFM_FEEDBACK_DIR: staff feedback records (xrayfm.feedback)
+    # XRAYFM_FEEDBACK_KEEP_IMAGES=1: keep the (transport-sized) image of each answer given feedback, so that
+    # the feedback becomes a training set. Off by default: no uploaded image is written anywhere.
+    feedback_keep_images: bool = False
+    feedback_retention_days: float = 30.0  # XRAYFM_FEEDBACK_RETENTION_DAYS: kept images are deleted after
 
     @property
     def auth_enabled(self) -> bool:
@@ -285,6 +292,11 @@ class GatewaySettings:
             admin_keys=env_keys(env, "XRAYFM_ADMIN_KEYS"),
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
             insecure_no_auth=env_flag(env, "XRAYFM_INSECURE_NO_AUTH"),
+            feedback_dir=Path(env_str(env, "XRAYFM_FEEDBACK_DIR", str(cls.feedback_dir))),
+            feedback_keep_images=env_flag(env, "XRAYFM_FEEDBACK_KEEP_IMAGES"),
+            feedback_retention_days=env_number(
+                env, "XRAYFM_FEEDBACK_RETENTION_DAYS", cls.feedback_retention_days, float, 0.0
+            ),
             data_dirs=env_paths(env, "XRAYFM_DATA_DIRS", cls.data_dirs),
         )
         if settings.transport_side > MAX_SIDE:

@@ -126,3 +126,21 @@ else:
     show_image("Original", images[0][1], answer)
 st.subheader("Probabilities")
 st.bar_chart(answer.probabilities, horizontal=True)
+
+with st.expander("Feedback: was this answer right?"):
+    st.caption("Stored with the model version to measure agreement and, where the deployment keeps images, "
+               "to retrain. Write no names or identifiers in the comment.")  # fmt: skip
+    verdict = st.radio("Verdict", ["agree", "disagree"], horizontal=True, key="fb_verdict")
+    choices = [*model.labels, model.negative_label]
+    label = (
+        st.selectbox("Correct answer", [c for c in choices if c != answer.prediction], key="fb_label")
+        if verdict == "disagree"
+        else None
+    )
+    comment = st.text_input("Comment (optional)", max_chars=500, key="fb_comment")
+    if st.button("Send feedback"):
+        try:
+            saved = client.feedback(answer.job_id, verdict, label, comment)
+            st.success(f"Thank you: recorded ({saved['verdict']}, {saved['label']}).")
+        except GatewayError as exc:
+            st.error(f"Feedback not recorded: {exc}")

@@ -55,6 +55,20 @@ class GatewayClient:
         files = [("files", (name, data)) for name, data in images]
         return self._post_upload("/predict/study", explain, method, files, StudyPrediction)
 
+    def feedback(self, job_id: str, verdict: str, label: str | None, comment: str | None) -> dict[str, Any]:
+        """POST /feedback (with the prediction key); the stored record or a GatewayError."""
+        body = {"job_id": job_id, "verdict": verdict, "label": label, "comment": comment or None}
+        try:
+            resp = self._client.post("/feedback", json={k: v for k, v in body.items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
+        answer = _json(resp)
+        if resp.status_code != 201:
+            raise GatewayError(
+                f"{answer.get('detail') or resp.text[:300]} (HTTP {resp.status_code})", resp.status_code
+            )
+        return answer
+
     def _post_upload(self, path: str, explain: bool, method: str | None, files: Any, answer: type[T]) -> T:
         params: dict[str, Any] = {"explain": str(explain).lower()}
         if method:

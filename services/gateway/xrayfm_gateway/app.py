@@ -13,7 +13,7 @@ from xrayfm_gateway import __version__
 from xrayfm_gateway.errors import APIError, api_error_handler
 from xrayfm_gateway.metrics import MetricsMiddleware
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
-from xrayfm_gateway.routers import health, jobs, models, predict, training
+from xrayfm_gateway.routers import feedback, health, jobs, models, predict, training
 from xrayfm_stack.settings import GatewaySettings
 
 DESCRIPTION = """Predictions and attention heatmaps for radiographs (PNG, JPEG, DICOM).
@@ -58,6 +58,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(APIError, api_error_handler)
     app.add_middleware(MetricsMiddleware)
-    for router in (health.router, predict.router, jobs.router, training.router, models.router):
+    for router in (
+        health.router,
+        predict.router,
+        jobs.router,
+        training.router,
+        models.router,
+        feedback.router,
+    ):
         app.include_router(router)
     return app

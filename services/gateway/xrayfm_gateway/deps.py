@@ -8,6 +8,7 @@ the training and model routes. Keys are compared in constant time, never logged.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -134,6 +135,16 @@ CLOSED = (
     "long random key on the gateway and send it in the X-API-Key header (or, for local development only, "
     "XRAYFM_INSECURE_NO_AUTH=1)"
 )
+
+
+def key_identity(
+    settings: SettingsDep, key: Annotated[str | None, Depends(_predict_key)] = None
+) -> str | None:
+    """Who sent a request, without keeping the key: the first 12 hex digits of its SHA-256 (None when
+    auth is off)."""
+    if not settings.auth_enabled or not key:
+        return None
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def require_admin_key(settings: SettingsDep, key: Annotated[str | None, Depends(_admin_key)] = None) -> None:

@@ -194,3 +194,35 @@ async def training_exposition(records: Any, store: Path, timeout_s: float = SCRA
         QUEUE_ERRORS.labels("metrics").inc()
         return b""
     return generate_latest(_Families(training_families(snap)))
+
+
+def feedback_families(agreement: dict[tuple[str, str], dict[str, Any]]) -> list[Metric]:
+    """Staff feedback per model version: verdict counts and the agreement rate."""
+    verdicts = GaugeMetricFamily(
+        "xrayfm_feedback_verdicts",
+        "Staff verdicts on answers, per model version",
+        labels=["model", "version", "verdict"],
+    )
+    rate = GaugeMetricFamily(
+        "xrayfm_feedback_agreement",
+        "Share of staff verdicts that agree with the answer",
+        labels=["model", "version"],
+    )
+    for (name, version), row in sorted(agreement.items()):
+        for verdict in ("agree", "disagree"):
+            verdicts.add_metric([name, version, verdict], row[verdict])
+        rate.add_metric([name, version], row["agreement"])
+    return [verdicts, rate]
+
+
+async def feedback_exposition(folder: Path, timeout_s: float = SCRAPE_TIMEOUT_S) -> bytes:
+    """The feedback series, read from the feedback folder in a thread (left out when it takes too long)."""
+    from xrayfm.feedback import agreement, load_records
+
+    try:
+        with anyio.fail_after(timeout_s):
+            records = await anyio.to_thread.run_sync(load_records, folder, abandon_on_cancel=True)
+    except TimeoutError:
+        log.warning("metrics: feedback series left out: reads took over %.1f s", timeout_s)
+        return b""
+    return generate_latest(_Families(feedback_families(agreement(records))))

@@ -234,6 +234,22 @@ class InferenceQueue:
             expires=self.settings.result_expires_s,  # a message nobody took in time is dropped, not run
         )
 
+    async def keep_pixels(self, job_id: str, png: bytes) -> None:
+        """Keep a job's image (PNG) as long as its result, for feedback (deployments that opted in only)."""
+        try:
+            await self.redis.set(
+                self.settings.job_key(job_id) + ":pixels", png, ex=self.settings.result_expires_s
+            )
+        except LOST as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+
+    async def pixels(self, job_id: str) -> bytes | None:
+        """The image kept by :meth:`keep_pixels`, or None."""
+        try:
+            return await self.redis.get(self.settings.job_key(job_id) + ":pixels")
+        except LOST as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+
     async def record(self, job_id: str) -> dict[str, Any] | None:
         """What was recorded when this gateway queued `job_id`; None if unknown or expired."""
         try:

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "xrayfm.commands.train",
     "xrayfm.commands.explain",
     "xrayfm.commands.demo",
+    "xrayfm.commands.feedback",
 )
 
 

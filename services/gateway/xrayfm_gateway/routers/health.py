@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from xrayfm_gateway.deps import ReadinessDep, StoreDep, TrainingDep
-from xrayfm_gateway.metrics import training_exposition
+from xrayfm_gateway.deps import ReadinessDep, SettingsDep, StoreDep, TrainingDep
+from xrayfm_gateway.metrics import feedback_exposition, training_exposition
 from xrayfm_stack.protocol import Readiness
 
 router = APIRouter(tags=["health"])
@@ -29,8 +29,9 @@ async def ready(probe: ReadinessDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(training: TrainingDep, store: StoreDep) -> Response:
-    """The gateway's metrics in Prometheus' text format, with the training jobs and the served model
-    (left out, not failed, when Redis or the store cannot be read)."""
+async def metrics(training: TrainingDep, store: StoreDep, settings: SettingsDep) -> Response:
+    """The gateway's metrics in Prometheus' text format, with the training jobs, the served model and staff
+    feedback per model version (left out, not failed, when Redis, the store or the folder cannot be read)."""
     series = await training_exposition(training.records, store)
+    series += await feedback_exposition(settings.feedback_dir)
     return Response(generate_latest() + series, media_type=CONTENT_TYPE_LATEST)

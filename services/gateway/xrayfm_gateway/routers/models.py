@@ -9,8 +9,9 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends
 
+from xrayfm import feedback
 from xrayfm.errors import XrayfmError
-from xrayfm_gateway.deps import StoreDep, require_admin_key
+from xrayfm_gateway.deps import SettingsDep, StoreDep, require_admin_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_stack import store as model_store
 from xrayfm_stack.protocol import (
@@ -35,12 +36,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     responses={**ERRORS, 500: {"model": ErrorBody, "description": "the store cannot be read"}},
     summary="Model versions in the store, with metrics and lineage",
 )
-async def list_models(store: StoreDep) -> ModelList:
+async def list_models(store: StoreDep, settings: SettingsDep) -> ModelList:
+    """Each version with its metrics, evaluations, operating point and staff feedback (agree / disagree /
+    agreement rate; null without any)."""
     try:
         versions = await anyio.to_thread.run_sync(model_store.list_versions, store)
         serving = await anyio.to_thread.run_sync(model_store.serving, store)
     except XrayfmError as exc:
         raise APIError(500, "store_unreadable", str(exc)) from None
+    records = await anyio.to_thread.run_sync(feedback.load_records, settings.feedback_dir)
+    rates = feedback.agreement(records)
+    for row in versions:
+        row["feedback"] = rates.get((row["name"], row["version"]))
     return ModelList(serving=serving, models=versions)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 
+from xrayfm.explain.overlay import to_png_bytes
 from xrayfm_gateway.deps import DecodeSlotsDep, QueueDep, ReadinessDep, SettingsDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES
@@ -109,6 +110,9 @@ async def _submit(
     }
     try:
         job_id = await deps.queue.submit(payloads if study else payloads[0], record)
+        if deps.settings.feedback_keep_images and not study:  # opted in: feedback may keep this image
+            png = await anyio.to_thread.run_sync(to_png_bytes, images[0].pixels)
+            await deps.queue.keep_pixels(job_id, png)
     except QueueUnavailable as exc:
         QUEUE_ERRORS.labels("submit").inc()
         raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None

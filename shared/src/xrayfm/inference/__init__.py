@@ -98,6 +98,7 @@ class ServedModel:
             "version": self.version,
             "sha256": self.sha256,
             "labels": list(self.labels),
+            "negative_label": self.negative_label,
             "input_size": self.preprocessing.size,
             "device": str(self.device),
             # Training writes meta["data"]["synthetic"]; a hand-made checkpoint may say it at the top level.
