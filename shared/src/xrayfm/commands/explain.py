@@ -18,20 +18,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from xrayfm.data.images import read_image
-    from xrayfm.explain.methods import canonical_method
     from xrayfm.explain.overlay import render_overlay, to_png_bytes
     from xrayfm.inference import Predictor, heatmap_on_image, load_served_model
     from xrayfm.utils import to_jsonable
 
     served = load_served_model(args.checkpoint, device=args.device)
     predictor = Predictor(served)
+    method = predictor.method(args.method)  # None: the model's default; refused early if unsupported
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     answers, used = [], set()
     for path in map(Path, args.images):
         image = read_image(path)
         batch = predictor.preprocess([image])
-        logits, maps = predictor.forward(batch, True, args.method)
+        logits, maps = predictor.forward(batch, True, method)
         probs = served.probabilities(logits)[0]
         answer = predictor.decide(probs)
         heat = heatmap_on_image(maps[0], image.shape, served.preprocessing)
@@ -44,7 +44,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             {
                 "image": str(path),
                 **dataclasses.asdict(answer),
-                "method": canonical_method(args.method),
+                "method": method,
                 "overlay": str(out / f"{stem}_overlay.png"),
                 "map": str(out / f"{stem}_map.png"),
             }
@@ -68,7 +68,7 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
     from xrayfm.explain.methods import canonical_method
     from xrayfm.utils import to_jsonable
 
-    methods = tuple(canonical_method(m) for m in args.method or ("rollout", "grad-rollout"))
+    methods = tuple(canonical_method(m) for m in args.method) if args.method else None  # None: the model's
     result = faithfulness_table(
         args.checkpoint, args.kind, args.root, split=args.split, methods=methods, limit=args.limit,
         steps=args.steps, seed=args.seed, progress=not args.json,
@@ -96,9 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (.png, .jpg, .dcm)")
     p.add_argument("--checkpoint", required=True, help="model folder (full checkpoint or LoRA-adapted)")
-    p.add_argument("--method", choices=METHODS, default="rollout",
-                   help="rollout (attention rollout), grad-rollout (class-specific, Chefer et al.), "
-                   "gradcam (convolutional backbones); default rollout")  # fmt: skip
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="rollout (attention rollout, ViT), grad-rollout (class-specific, Chefer et al., ViT), "
+                   "gradcam (Grad-CAM on the last conv stage: ResNet, ConvNeXt, DenseNet); default: rollout "
+                   "for a ViT, gradcam for a CNN; rollout on a CNN is refused")  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1 (default 0.5)")
     p.add_argument("--out", required=True, help="folder for overlays and predictions.json")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
@@ -115,7 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="model folder (full checkpoint or LoRA-adapted)")
     p.add_argument("--split", default="valid", help="split to explain (default valid)")
     p.add_argument("--method", action="append", choices=METHODS,
-                   help="method to score; repeatable (default: rollout and grad-rollout)")  # fmt: skip
+                   help="method to score; repeatable (default: the model's: rollout and grad-rollout for a ViT, "
+                   "gradcam for a CNN)")  # fmt: skip
     p.add_argument("--limit", type=int, default=64, help="at most this many images (default 64)")
     p.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling images and random maps")

@@ -66,16 +66,18 @@ def faithfulness_table(
     kind: str,
     root: str | Path,
     split: str = "valid",
-    methods: tuple[str, ...] = ("rollout", "grad_rollout"),
+    methods: tuple[str, ...] | None = None,
     limit: int = 64,
     steps: int = 20,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One row per method: pointing game / IoU vs the masks (when present), deletion/insertion AUC vs a
-    random map, and the Spearman correlation of maps from the trained vs a re-initialised model."""
+    random map, and the Spearman correlation of maps from the trained vs a re-initialised model.
+    `methods` None: every method the model supports (ViT: rollout, grad_rollout; CNN: gradcam)."""
     served = load_served_model(checkpoint, device="cpu")
     predictor = Predictor(served)
+    methods = predictor.methods if methods is None else tuple(predictor.method(m) for m in methods)
     cases = load_cases(kind, root, split, served.labels, limit, seed)
     images = [read_image(p) for p in cases["path"]]
     batch = predictor.preprocess(images)

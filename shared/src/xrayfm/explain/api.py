@@ -11,7 +11,7 @@ from torch import nn
 from xrayfm.errors import XrayfmError
 from xrayfm.explain.gradients import Target, gradcam, gradient_rollout
 from xrayfm.explain.methods import OPTIONS, canonical_method
-from xrayfm.explain.rollout import attention_rollout
+from xrayfm.explain.rollout import attention_rollout, is_vit
 
 
 def explain(
@@ -46,4 +46,15 @@ def explain(
     return maps.detach().cpu().numpy().astype(np.float32)
 
 
-__all__ = ["explain"]
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The explanation methods `model` supports, its default first: a ViT (plain, LoRA or merged) has
+    rollout and gradient rollout; any other timm model (ResNet, ConvNeXt, DenseNet) has Grad-CAM."""
+    return ("rollout", "grad_rollout") if is_vit(model) else ("gradcam",)
+
+
+def default_method(model: nn.Module) -> str:
+    """The method used when none is named: rollout for a ViT, Grad-CAM for a CNN."""
+    return methods_for(model)[0]
+
+
+__all__ = ["default_method", "explain", "methods_for"]

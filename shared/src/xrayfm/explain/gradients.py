@@ -56,7 +56,7 @@ def gradient_rollout(model: nn.Module, images: torch.Tensor, target: Target = No
     R = I; for each block  Ā = mean_heads((∂y_t/∂A ⊙ A)⁺);  R ← R + Ā·R. Read out like plain rollout.
     """
     check_images(images)
-    vit = find_vit(model)
+    vit = find_vit(model, "gradient rollout")
     x = images.detach().clone().requires_grad_(True)  # grads flow even when every weight is frozen
     with eval_mode(model), torch.enable_grad(), capture_attention(model, keep_graph=True) as rec:
         logits = model(x)

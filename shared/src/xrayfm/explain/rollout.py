@@ -30,14 +30,21 @@ HEAD_FUSIONS = ("mean", "max", "min")
 ATTENTION_TYPES: tuple[type[nn.Module], ...] = (Attention, ParallelScalingBlock)
 
 
-def find_vit(model: nn.Module) -> VisionTransformer:
-    """Return the timm ``VisionTransformer`` inside `model` (itself, or wrapped by PEFT and the like)."""
+def is_vit(model: nn.Module) -> bool:
+    """Whether `model` is or contains a timm ``VisionTransformer`` (what the rollout methods need)."""
+    return any(isinstance(module, VisionTransformer) for module in model.modules())
+
+
+def find_vit(model: nn.Module, what: str = "attention rollout") -> VisionTransformer:
+    """Return the timm ``VisionTransformer`` inside `model` (itself, or wrapped by PEFT and the like).
+
+    Raises "<what> needs a ViT" otherwise (e.g. for a ResNet, ConvNeXt or DenseNet)."""
     for module in model.modules():
         if isinstance(module, VisionTransformer):
             return module
     raise XrayfmError(
-        f"{type(model).__name__} is not (and does not contain) a timm VisionTransformer; "
-        "attention rollout needs one (use method='gradcam' for convolutional backbones)"
+        f"{what} needs a ViT: {type(model).__name__} is not (and does not contain) a timm "
+        "VisionTransformer; use method='gradcam' for convolutional backbones (ResNet, ConvNeXt, DenseNet)"
     )
 
 

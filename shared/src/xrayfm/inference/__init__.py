@@ -28,7 +28,13 @@ from torch import nn
 from xrayfm.data.images import RESIZE_MODES, fit_square
 from xrayfm.data.transforms import build_transform
 from xrayfm.errors import XrayfmError
-from xrayfm.explain import canonical_method, explain, predict_with_rollout, upsample_heatmap
+from xrayfm.explain import (
+    canonical_method,
+    explain,
+    methods_for,
+    predict_with_rollout,
+    upsample_heatmap,
+)
 from xrayfm.models.checkpoint import load_any
 from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
 from xrayfm.utils import sha256_folder
@@ -204,6 +210,33 @@ class Predictor:
             train=False, size=pre.size, mean=pre.mean, std=pre.std, channels=pre.channels
         )
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The explanation methods this model supports, its default first (ViT: rollout, grad_rollout;
+        CNN: gradcam). The others raise an XrayfmError ("rollout needs a ViT" on a CNN)."""
+        return methods_for(self.served.model)
+
+    @property
+    def default_method(self) -> str:
+        """The method used when a caller names none (``method=None``): rollout for a ViT, gradcam for a CNN."""
+        return self.methods[0]
+
+    def method(self, method: str | None) -> str:
+        """`method` in canonical form (the model's default for None), refused when the model lacks it."""
+        name = self.default_method if method is None else canonical_method(method)
+        if name not in self.methods:
+            if name in ("rollout", "grad_rollout"):
+                what = "attention rollout" if name == "rollout" else "gradient rollout"
+                raise XrayfmError(
+                    f"{what} needs a ViT: model {self.served.name} is a convolutional network; "
+                    f"use method='gradcam'"
+                )
+            raise XrayfmError(
+                f"{name} is not available for model {self.served.name} (a Vision Transformer); "
+                f"use one of {', '.join(self.methods)}"
+            )
+        return name
+
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """uint8 H x W images -> a normalised float batch [B, C, S, S] on the model's device."""
         pre = self.served.preprocessing
@@ -211,14 +244,16 @@ class Predictor:
         return torch.stack(tensors).to(self.served.device)
 
     def forward(
-        self, batch: torch.Tensor, explain_maps: bool, method: str
+        self, batch: torch.Tensor, explain_maps: bool, method: str | None
     ) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Logits [B, L] and, when asked, explanation maps [B, h, w] in [0, 1]."""
+        """Logits [B, L] and, when asked, explanation maps [B, h, w] in [0, 1] (`method` None: the
+        model's default)."""
         model = self.served.model
         if not explain_maps:
             with torch.inference_mode():
                 return model(batch), None
-        if canonical_method(method) == "rollout":
+        method = self.method(method)
+        if method == "rollout":
             logits, maps = predict_with_rollout(model, batch)  # one pass gives both
             return logits, maps.detach().cpu().numpy()
         with torch.no_grad():
@@ -226,16 +261,21 @@ class Predictor:
         return logits, explain(model, batch, method=method)  # class-specific: each image's top class
 
     def run(
-        self, batch: torch.Tensor, explain_maps: bool, method: str
+        self, batch: torch.Tensor, explain_maps: bool, method: str | None
     ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
         """:meth:`forward` plus the name of the runtime that ran it (a subclass may fall back to torch)."""
         logits, maps = self.forward(batch, explain_maps, method)
         return logits, maps, self.runtime
 
     def predict(
-        self, images: list[np.ndarray], explain_maps: bool = True, method: str = "rollout"
+        self, images: list[np.ndarray], explain_maps: bool = True, method: str | None = "rollout"
     ) -> list[PredictionResult]:
-        """Answers for a batch of grey uint8 images, in order."""
+        """Answers for a batch of grey uint8 images, in order.
+
+        `method` None draws the model's default map (rollout for a ViT, Grad-CAM for a CNN); a method
+        the model does not support raises an XrayfmError before any work ("rollout needs a ViT")."""
+        if explain_maps:
+            method = self.method(method)
         t0 = time.perf_counter()
         batch = self.preprocess(images)
         t1 = time.perf_counter()
@@ -255,7 +295,7 @@ class Predictor:
             "inference_ms": 1000 * (t2 - t1),
             "postprocess_ms": 1000 * (t3 - t2),
         }
-        drawn_with = canonical_method(method) if maps is not None else None
+        drawn_with = method if maps is not None else None
         return [
             PredictionResult(
                 **vars(self.decide(probs[i])),

@@ -15,7 +15,9 @@ appears complete or not at all (written beside, then renamed).
 
 :class:`OnnxPredictor` is a :class:`~xrayfm.inference.Predictor` whose logits and rollout maps come from
 ONNX Runtime; methods that need gradients (``grad_rollout``, ``gradcam``) fall back to the torch model,
-and each answer's ``runtime`` says which one served it. Optional int8 dynamic quantization of the weight
+and each answer's ``runtime`` says which one served it. A CNN (ResNet, ConvNeXt, DenseNet) is exported
+with its logits alone (:class:`LogitsGraph`): ONNX Runtime gives the logits, Grad-CAM (its one method)
+runs in torch, and rollout is refused as in torch ("rollout needs a ViT"). Optional int8 dynamic quantization of the weight
 matrix products (``quantize="int8"``; the attention products between activations stay in float, so the
 attention probabilities stay close).
 """
@@ -36,11 +38,11 @@ import torch
 from torch import nn
 
 from xrayfm.errors import XrayfmError
-from xrayfm.explain import canonical_method
 from xrayfm.explain.rollout import (
     attention_modules,
     capture_attention,
     find_vit,
+    is_vit,
     rollout_matrix,
     token_relevance_to_map,
 )
@@ -70,6 +72,17 @@ class RolloutGraph(nn.Module):
         return (logits, maps, *record.attentions)
 
 
+class LogitsGraph(nn.Module):
+    """What gets exported for a model without attention (a CNN): pixels [B, C, S, S] -> logits [B, L]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+
 def mergeable_copy(model: nn.Module) -> nn.Module:
     """A plain copy of `model` for export: a PEFT (LoRA) model is merged into its base, on the CPU."""
     clone = copy.deepcopy(model).cpu().eval()
@@ -81,14 +94,17 @@ def mergeable_copy(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(served: ServedModel, path: str | Path, *, opset: int = OPSET) -> Path:
-    """Export `served` (merged if LoRA) to an ONNX file at `path` with the logits, rollout maps and every
-    block's attention as outputs; the batch dimension is dynamic. Raises for models without a timm ViT."""
+    """Export `served` (merged if LoRA) to an ONNX file at `path`: for a ViT the logits, rollout maps and
+    every block's attention as outputs, for a CNN the logits alone; the batch dimension is dynamic."""
     model = mergeable_copy(served.model)
-    graph = RolloutGraph(model).eval()
-    blocks = len(attention_modules(model))
+    if is_vit(model):
+        graph: nn.Module = RolloutGraph(model).eval()
+        blocks = len(attention_modules(model))
+        outputs = ["logits", "rollout", *(f"attn_{i}" for i in range(blocks))]
+    else:
+        graph, outputs = LogitsGraph(model).eval(), ["logits"]
     pre = served.preprocessing
     dummy = torch.zeros(2, pre.channels, pre.size, pre.size)
-    outputs = ["logits", "rollout", *(f"attn_{i}" for i in range(blocks))]
     path = Path(path)
     import warnings
 
@@ -192,7 +208,7 @@ def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None 
 
 
 class OnnxPredictor(Predictor):
-    """Logits and rollout maps from ONNX Runtime; gradient methods from the torch model."""
+    """Logits and rollout maps from ONNX Runtime; gradient methods (Grad-CAM on a CNN) from the torch model."""
 
     def __init__(
         self,
@@ -209,9 +225,9 @@ class OnnxPredictor(Predictor):
         self.runtime = "onnxruntime" if quantize == "none" else f"onnxruntime-{quantize}"
 
     def run(
-        self, batch: torch.Tensor, explain_maps: bool, method: str
+        self, batch: torch.Tensor, explain_maps: bool, method: str | None
     ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
-        if explain_maps and canonical_method(method) != "rollout":
+        if explain_maps and self.method(method) != "rollout":
             logits, maps = self.forward(batch, explain_maps, method)  # needs gradients: torch
             return logits, maps, "torch"
         pixels = batch.detach().cpu().numpy().astype(np.float32, copy=False)

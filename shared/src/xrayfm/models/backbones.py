@@ -44,9 +44,9 @@ def create_model(
         return _create_shipped(name, num_classes, pretrained, img_size, in_chans, drop_path_rate, kwargs)
     if not timm.is_model(name):
         raise XrayfmError(f"unknown timm model {name!r} (see timm.list_models())")
-    model_kwargs: dict[str, Any] = dict(
-        num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
-    )
+    model_kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if drop_path_rate:  # 0 is every timm model's default; DenseNet has no stochastic depth and refuses it
+        model_kwargs["drop_path_rate"] = drop_path_rate
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     if pretrained is False or pretrained is None:

@@ -2,7 +2,8 @@
 
 All four methods use the same data, loop and budget, so they compare fairly:
 
-- ``lora``: PEFT LoRA on the chosen attention/MLP layers + a new trainable head; the rest is frozen.
+- ``lora``: PEFT LoRA on the chosen attention/MLP layers (ViT) or block convolutions / MLPs (CNNs: see
+  :mod:`xrayfm.models.lora`) + a new trainable head; the rest is frozen.
 - ``full``: every weight trains (foundation init, new head).
 - ``linear``: a linear probe: the backbone is frozen, only the new head trains.
 - ``scratch``: the same architecture from random init (the foundation only fixes the architecture).
@@ -26,7 +27,7 @@ from torch import nn
 from xrayfm.errors import XrayfmError
 from xrayfm.models.backbones import classifier_names, create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_adapted, save_checkpoint
-from xrayfm.models.lora import LoraSettings, apply_lora, merge, trainable_summary
+from xrayfm.models.lora import LoraSettings, apply_lora, merge, resolve_lora_targets, trainable_summary
 from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import AdaptConfig
@@ -56,9 +57,8 @@ def build_adapted_model(
                 f"foundation weights do not fit {spec}: missing {not_head}, unexpected {unexpected}"
             )
     if config.method == "lora":
-        settings = LoraSettings(
-            config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(config.lora_targets)
-        )
+        targets = resolve_lora_targets(model, config.lora_targets)  # the ViT default -> the family's
+        settings = LoraSettings(config.lora_rank, config.lora_alpha, config.lora_dropout, targets)
         model = apply_lora(model, settings)
     elif config.method == "linear":
         for name, param in model.named_parameters():
@@ -93,6 +93,9 @@ def adapt(
         )
         if int(config.size) != int(prep["size"]):
             raise XrayfmError(f"size {config.size} differs from the foundation's {prep['size']} px")
+        if config.method == "lora":  # recorded as used: a CNN's own default instead of the ViT's qkv
+            targets = resolve_lora_targets(foundation, config.lora_targets)
+            config = dataclasses.replace(config, lora_targets=list(targets))
         out = Path(config.out)
         data = load_task_data(config, env, prep["mean"], prep["std"])
         data.train = subsample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,6 +27,14 @@ def model_spec(config: TrainConfig, num_classes: int) -> dict[str, Any]:
     spec = {**spec, **config.model_kwargs}
     if not _builds(spec):  # CNNs (ResNet, ConvNeXt) take any input size and have no img_size argument
         spec.pop("img_size")
+    if spec["drop_path_rate"] and not _builds(spec) and _builds({**spec, "drop_path_rate": 0.0}):
+        # DenseNet has no stochastic depth: train without it rather than refuse the default 0.1; the
+        # checkpoint's spec records the 0 that was used.
+        warnings.warn(
+            f"{config.model} has no stochastic depth: drop_path_rate {spec['drop_path_rate']} ignored",
+            stacklevel=2,
+        )
+        spec["drop_path_rate"] = 0.0
     return spec
 
 

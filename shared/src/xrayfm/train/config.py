@@ -122,7 +122,10 @@ class TrainConfig(JsonConfig):
     fold: int | None = _f(None, "the validation fold (0 to folds-1); the other folds train")
     verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
     # -- model
-    model: str = _f("vit_base_patch16_224", "timm model name")
+    model: str = _f(
+        "vit_base_patch16_224",
+        "timm model name: a ViT (vit_*) or a CNN (convnext_*, resnet*, densenet*; explained with Grad-CAM)",
+    )
     model_kwargs: dict[str, Any] = _f({}, "extra timm model arguments as JSON, e.g. '{\"depth\": 4}'")
     drop_path_rate: float = _f(0.1, "stochastic depth rate")
     channels: int = _f(3, "input channels (the grey image is repeated)")
@@ -261,7 +264,12 @@ class AdaptConfig(TrainConfig):
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / rank)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA branch")
-    lora_targets: list[str] = _f(["qkv"], "layers that get LoRA: qkv, proj, fc1, fc2 (comma-separated)")
+    lora_targets: list[str] = _f(
+        ["qkv"],
+        "layers that get LoRA (comma-separated): ViT qkv, proj, fc1, fc2; ConvNeXt fc1, fc2; ResNet conv1, "
+        "conv2, conv3; DenseNet conv1, conv2. The default qkv means each CNN family's default "
+        "(ConvNeXt fc1,fc2; ResNet/DenseNet all block convs)",
+    )
     label_fraction: float | None = _f(None, "keep this share of training studies (seeded), e.g. 0.1")
     max_studies: int | None = _f(None, "keep at most this many training studies (seeded)")
     subsample_by: str = _f(
