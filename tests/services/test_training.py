@@ -206,6 +206,23 @@ def test_pretrain_then_lora_then_promote(training_stack) -> None:
     assert http.get("/models").json()["serving"] == {"name": "bone-lora", "version": "1"}
     assert http.post("/models/rollback").json()["serving"] == {"name": "chest-fm", "version": "1"}
     assert http.post("/models/nope/3/promote").status_code == 404
+    assert entry["operating_points"]["Abnormal"]["image"][0]["rule"] == "youden"  # candidates to choose from
+
+    # a small hyper-parameter search through the queue: its best trial is published with the study's lineage
+    search = {"kind": "tune", "name": "bone-tuned", "config": {
+        "kind": "mura", "root": str(roots["bone"]), "foundation": "store:chest-fm/1", "method": "lora",
+        "trials": 3, "epochs": 1, "val_fraction": 0.25, "n_bootstrap": 10,
+        "space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "lora_rank": [4, 8]}, **QUIET}}  # fmt: skip
+    answer = http.post("/training/jobs", json=search)
+    assert answer.status_code == 202, answer.text
+    tuned = _wait(http, answer.json()["job_id"], lambda j: j["status"] in ("done", "failed"), 600, launcher)
+    assert tuned["status"] == "done" and tuned["model"] == {"name": "bone-tuned", "version": "1"}, tuned
+    row = {(m["name"], m["version"]): m for m in http.get("/models").json()["models"]}[("bone-tuned", "1")]
+    lineage = row["lineage"]
+    assert lineage["tune"]["job_id"] == tuned["job_id"] and lineage["tune"]["trial"] in (0, 1, 2)
+    assert set(lineage["tune"]["params"]) >= {"lr", "lora_rank"}
+    assert lineage["foundation"]["name"] == "chest-fm" and row["format"] == "xrayfm.adapted"
+    assert http.post("/models/bone-tuned/1/promote").status_code == 200
 
 
 def test_malformed_spec_is_422_and_not_queued(training_stack) -> None:

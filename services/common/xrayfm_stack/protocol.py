@@ -31,7 +31,8 @@ PREDICT_TASK = "xrayfm.predict"
 PREDICT_STUDY_TASK = "xrayfm.predict_study"  # several images of one study, batched in one worker call
 MAX_SIDE = 4096  # a request larger than this on either side is refused by the worker (the gateway sends less)
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
-JOB_KINDS = ("pretrain", "adapt", "evaluate")
+JobKind = Literal["pretrain", "adapt", "evaluate", "tune"]
+JOB_KINDS: tuple[str, ...] = JobKind.__args__
 
 ExplainMethod = Literal["rollout", "grad_rollout", "gradcam"]
 assert set(ExplainMethod.__args__) == set(EXPLAIN_METHODS), "ExplainMethod must list xrayfm's methods"
@@ -284,11 +285,12 @@ class ModelRefBody(BaseModel):
 
 class JobSpec(BaseModel):
     """A training job as submitted: its kind, the model name it publishes, and its config (the fields of
-    the library's ``PretrainConfig`` / ``AdaptConfig`` / ``EvaluateConfig``; see :mod:`xrayfm_stack.spec`)."""
+    the library's ``PretrainConfig`` / ``AdaptConfig`` / ``EvaluateConfig`` / ``TuneConfig``; see
+    :mod:`xrayfm_stack.spec`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["pretrain", "adapt", "evaluate"]
+    kind: JobKind
     name: str
     config: dict[str, Any]
 

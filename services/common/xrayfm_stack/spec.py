@@ -23,12 +23,12 @@ from typing import Any
 
 from xrayfm.errors import XrayfmError
 from xrayfm.registry import is_registry_name, pretrained_dir
-from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig
+from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig, TuneConfig
 from xrayfm_stack.protocol import JOB_KINDS, JobSpec
 from xrayfm_stack.store import version_dir
 
 CONFIGS: dict[str, type[JsonConfig]] = dict(
-    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig), strict=True)
+    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig, TuneConfig), strict=True)
 )
 RESERVED = ("out", "resume")
 STORE_PREFIX = "store:"

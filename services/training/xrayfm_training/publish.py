@@ -47,17 +47,20 @@ def _foundation_in_store(
     return {**ref, "path": str(path), "sha256": lineage.get("sha256")}
 
 
-def publish_run(store: Path, name: str, best: Path, job_id: str, kind: str) -> tuple[str, dict[str, Any]]:
-    """Copy the run's `best` folder into the store as the next version of `name`; returns (version, info)."""
+def publish_run(
+    store: Path, name: str, best: Path, job_id: str, kind: str, lineage: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Copy the run's `best` folder into the store as the next version of `name`; returns (version, info).
+    `lineage` adds to the version's lineage (e.g. the tuning study a trial's checkpoint came from)."""
     meta = json.loads((best / "meta.json").read_text())
-    lineage: dict[str, Any] = {}
+    lineage = dict(lineage or {})
     Path(store).mkdir(parents=True, exist_ok=True)  # staged in the store: `best` may be read-only (shipped)
     with tempfile.TemporaryDirectory(dir=store, prefix=".publish-") as tmp:
         staged = Path(tmp) / "v"
         shutil.copytree(best, staged)
         if isinstance(meta.get("foundation"), dict):
             foundation = _foundation_in_store(store, name, meta["foundation"], job_id, best)
-            lineage = {"foundation": {k: foundation[k] for k in ("name", "version", "sha256")}}
+            lineage["foundation"] = {k: foundation[k] for k in ("name", "version", "sha256")}
             if meta.get("format") == "xrayfm.adapted":  # the adapter finds its foundation in the store,
                 # by a path relative to its own folder (models/<name>/<version>), so the store can move
                 relative = f"../../{foundation['name']}/{foundation['version']}"

@@ -165,13 +165,25 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         if spec["kind"] == "evaluate":
             return _evaluate(job_id, spec, settings, records, run_dir, say)
         config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
-        if spec["kind"] == "adapt":
+        if spec["kind"] in ("adapt", "tune"):
             config_dict["foundation"] = resolve_store_ref(config_dict["foundation"], settings.model_store)
         config = CONFIGS[spec["kind"]].from_dict(config_dict)
-        from xrayfm.train import adapt, pretrain  # torch is imported here, not when the worker module loads
+        # torch (and optuna) are imported here, not when the worker module loads
+        from xrayfm.train import adapt, pretrain
+        from xrayfm.train.tune import read_best, tune
 
-        runner = pretrain if spec["kind"] == "pretrain" else adapt
+        runner = {"pretrain": pretrain, "adapt": adapt, "tune": tune}[spec["kind"]]
         summary = runner(config, progress=progress, should_cancel=should_cancel)
+        best_dir, lineage = run_dir / "best", None
+        if spec["kind"] == "tune":  # the study resumes from its SQLite file; the best trial is published
+            summary["status"] = "cancelled" if summary["cancelled"] else "completed"
+            if not summary["cancelled"]:
+                best = read_best(run_dir)
+                best_dir = Path(best["checkpoint"])
+                lineage = {"tune": {"job_id": job_id, "study": best.get("study"), "trial": best["number"],
+                                    "params": best["params"], "metric": best["metric"], "value": best["value"],
+                                    "trials": best.get("trials")}}  # fmt: skip
+                summary |= {"metric": best["metric"], "best_metric": best["value"], "step": None}
         if summary["status"] == "cancelled":
             if keeper.lost.is_set():
                 say("lost its lock; stopped (another worker resumes it)", logging.WARNING)
@@ -186,7 +198,7 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
             say(f"cancelled at step {summary.get('step')}")
             return {"status": "cancelled"}
         version, info = publish_run(
-            settings.model_store, spec["name"], run_dir / "best", job_id, spec["kind"]
+            settings.model_store, spec["name"], best_dir, job_id, spec["kind"], lineage
         )
         result = to_jsonable({"status": summary["status"], "best_metric": summary.get("best_metric"),
                         "metric": summary.get("metric"), "best_epoch": summary.get("best_epoch"),
