@@ -208,6 +208,14 @@ def prediction_from(
     )
 
 
+async def _answer(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
+    """Queue with `queue_it` (one image or a study), wait, and answer (timed from the first byte read)."""
+    started = time.perf_counter()
+    job_id, record = await queue_it(request, deps, explain, method)
+    job = await wait_for(deps, job_id)
+    return prediction_from(job_id, job, record, 1000 * (time.perf_counter() - started))
+
+
 @router.post(
     "/predict",
     response_model=Prediction,
@@ -223,10 +231,7 @@ async def predict(
 ) -> Prediction:
     """Multipart field ``file`` (.png, .jpg, .jpeg, .dcm). Answers the decision, its probability, the
     probabilities per label, the heatmap (base64 PNG), the model's identity and timings."""
-    started = time.perf_counter()
-    job_id, record = await queue_upload(request, deps, explain, method)
-    job = await wait_for(deps, job_id)
-    return prediction_from(job_id, job, record, 1000 * (time.perf_counter() - started))
+    return await _answer(queue_upload, request, deps, explain, method)
 
 
 STUDY_BODY: dict[str, Any] = {
@@ -267,7 +272,4 @@ async def predict_study(
     """Multipart fields ``files`` (one per image, up to ``XRAYFM_MAX_STUDY_IMAGES``). Answers the study's
     decision and probability (the mean of its images' probabilities, as in the MURA paper; `aggregation`
     says so), and each image's own answer with its heatmap, computed together in one worker call."""
-    started = time.perf_counter()
-    job_id, record = await queue_study(request, deps, explain, method)
-    job = await wait_for(deps, job_id)
-    return prediction_from(job_id, job, record, 1000 * (time.perf_counter() - started))
+    return await _answer(queue_study, request, deps, explain, method)

@@ -33,6 +33,19 @@ def training_kinds(meta: dict[str, Any]) -> set[str]:
     return {c["kind"] for c in caches if c.get("kind") and not c.get("synthetic")}
 
 
+def _shippable(src: str | os.PathLike, fmt: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder and meta of `src`, which must be a `fmt` checkpoint trained only on data whose
+    terms allow shipping what is derived from it."""
+    folder = _checkpoint_folder(src)
+    meta = json.loads((folder / META).read_text())
+    if meta.get("format") != fmt:
+        raise XrayfmError(f"{folder} is not a {fmt} checkpoint (format {meta.get('format')!r})")
+    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
+    if banned:
+        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
+    return folder, meta
+
+
 def export_foundation(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -45,13 +58,7 @@ def export_foundation(
 
     Refuses a checkpoint trained on data that may not be redistributed (CheXpert, MURA).
     """
-    folder = _checkpoint_folder(src)
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != "xrayfm.checkpoint":
-        raise XrayfmError(f"{folder} is not a full model checkpoint (format {meta.get('format')!r})")
-    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
-    if banned:
-        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
+    folder, meta = _shippable(src, "xrayfm.checkpoint")
     tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
     cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     with atomic_dir(dst) as tmp:
@@ -86,13 +93,7 @@ def export_adapter(
     Refuses an adapter trained on data that may not be redistributed, or adapted from another foundation
     than the shipped one (the weights' sha256 must match).
     """
-    folder = _checkpoint_folder(src)
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != "xrayfm.adapted":
-        raise XrayfmError(f"{folder} is not an adapted checkpoint (format {meta.get('format')!r})")
-    banned = sorted(training_kinds(meta) & set(NOT_REDISTRIBUTABLE))
-    if banned:
-        raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
+    folder, meta = _shippable(src, "xrayfm.adapted")
     base = pretrained_dir(foundation)
     base_sha = json.loads((base / META).read_text())["weights"]["sha256"]
     if (meta.get("foundation") or {}).get("sha256") != base_sha:
