@@ -73,7 +73,17 @@ def gradient_rollout(model: nn.Module, images: torch.Tensor, target: Target = No
 
 
 def default_cam_layer(model: nn.Module) -> nn.Module:
-    """The last feature stage of a timm CNN (``feature_info[-1]``), also inside a PEFT wrapper."""
+    """The Grad-CAM layer of a timm CNN: its last feature stage (``feature_info[-1]``), also inside a PEFT
+    wrapper. ResNet ``layer4``, ConvNeXt ``stages.3``, DenseNet ``features.norm5``.
+
+    Why this one: it is the tensor the classifier head global-pools (its output *is* ``forward_features``:
+    tested for each family), so the gradient-averaged channel weights of Grad-CAM are those of the
+    head's own decision, with the most semantic features and still a spatial grid (stride 32). An
+    earlier stage gives finer but less class-specific maps (pass ``target_layer=``). Read from timm's
+    ``feature_info`` rather than a per-family name list so that any timm CNN (and its variants: deep
+    stems, ``conv_mlp``, other depths) gets the right layer; DenseNet's is its final norm + ReLU, not the
+    last dense block, because the head pools after that norm.
+    """
     for module in model.modules():
         info = getattr(module, "feature_info", None)
         if isinstance(info, list) and info and "module" in info[-1] and hasattr(module, "forward_features"):
