@@ -9,8 +9,8 @@ the stack serves the shipped real-data model (LoRA on the shipped MAE foundation
 XRAYFM_COMPOSE_SAMPLE=N takes at most N of each folder of more than 300, evenly over the sorted list; the
 counts are printed.
 
-Order matters (one stack for the module): predictions, LoRA job with a kill of its worker, scaling,
-Prometheus, a Redis restart under load, and `down -v` last.
+Order matters (one stack for the module): predictions, LoRA job with a kill of its worker and a restart of
+the training Redis, scaling, Prometheus, a Redis restart under load, feedback, and `down -v` last.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def test_lora_on_real_mura_survives_a_kill_of_its_worker_and_a_redis_restart_the
     publishes one version, which is promoted and served."""
     spec = {"kind": "adapt", "name": "mura-lora-compose", "config": {
         "kind": "mura", "root": "/data/mura-humerus-64/MURA-v1.1", "foundation": "xrayfm/cxr-vit-tiny-mae",
-        "method": "lora", "epochs": 8, "report_on": "last", "n_bootstrap": 20, "progress_bar": False,
+        "method": "lora", "epochs": 4, "report_on": "last", "n_bootstrap": 20, "progress_bar": False,
         "tensorboard": False, "log_every": 1, "device": "cpu", "batch_size": 32}}  # fmt: skip
     answer = stack.http.post("/training/jobs", json=spec, headers=stack.admin)
     assert answer.status_code == 202, answer.text
@@ -435,6 +435,27 @@ def test_redis_restart_under_load_answers_503_with_retry_after_never_hangs_then_
         raise AssertionError(f"{dict(codes)}; the gateway's log but INFO lines:\n" + "\n".join(log[-80:]))
     assert all(retry for _, _, status, retry in outcomes if status == 503), "a 503 without Retry-After"
     assert back <= 10, f"200 again only {back:.1f} s after the Redis restart"
+
+
+def test_feedback_is_recorded_and_counted_per_version(stack: Stack) -> None:
+    """POST /feedback on an answer of the served model: stored in the feedback volume (no image: not opted
+    in), counted in /models."""
+    image = next(iter(real_images()["kermany"]))
+    answer = stack.predict(image, explain="false").json()
+    other = next(
+        c
+        for c in [*answer["model"]["labels"], answer["model"]["negative_label"]]
+        if c != answer["prediction"]
+    )
+    given = stack.http.post(
+        "/feedback", json={"job_id": answer["job_id"], "verdict": "disagree", "label": other}
+    )
+    assert given.status_code == 201 and given.json()["image"] is None, given.text
+    rows = stack.http.get("/models", headers=stack.admin).json()["models"]
+    served = next(
+        m for m in rows if m["name"] == answer["model"]["name"] and m["version"] == answer["model"]["version"]
+    )
+    assert served["feedback"]["disagree"] >= 1, served
 
 
 def test_frontend_answers_and_down_v_leaves_nothing(stack: Stack) -> None:
