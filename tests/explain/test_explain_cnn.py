@@ -77,3 +77,19 @@ def test_rollout_methods_refuse_a_cnn():
     for method in ("rollout", "grad_rollout", "grad-rollout"):
         with pytest.raises(XrayfmError, match="rollout needs a ViT.*method='gradcam'"):
             explain(model, _images(1), method)
+
+
+def test_gradcam_sign_explains_the_negated_score():
+    model = _cnn("resnet18", seed=2)
+    x = _images(2)
+    feats = model.forward_features(x)
+    score = -model.forward_head(feats)[:, 1]
+    (grad,) = torch.autograd.grad(score.sum(), feats)
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * feats).sum(1)).detach()
+    lo, hi = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
+    expected = (cam - lo) / (hi - lo).clamp_min(1e-12)
+    torch.testing.assert_close(gradcam(model, x, 1, sign=torch.tensor([-1.0, -1.0])), expected, atol=1e-5,
+                               rtol=1e-4)  # fmt: skip
+    mixed = gradcam(model, x, 1, sign=torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(mixed[0], gradcam(model, x[:1], 1)[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], expected[1], atol=1e-5, rtol=1e-4)

@@ -92,3 +92,27 @@ def test_onnxruntime_serves_cnn_logits_with_gradcam_from_torch(tmp_path, lora):
         np.testing.assert_array_equal(a.heatmap, b.heatmap)
     with pytest.raises(XrayfmError, match="rollout needs a ViT"):
         onnx.predict(grey_images(1), method="rollout")
+
+
+def test_one_output_model_maps_the_evidence_for_its_answer(tmp_path):
+    """Binary head: the label's Grad-CAM when predicted, the negated logit's when the answer is negative."""
+    import torch
+
+    from xrayfm.explain import gradcam
+
+    served = load_served_model(cnn_checkpoint(tmp_path), device="cpu")
+    served.labels = ["Effusion"]  # keep one output of the two-label test model
+    served.model.reset_classifier(1)
+    predictor = Predictor(served)
+    images = grey_images(4)
+    batch = predictor.preprocess(images)
+    with torch.no_grad():
+        p = torch.sigmoid(served.model(batch))[:, 0]
+    for threshold in (0.0, 1.01, float(p.median())):  # all positive, all negative, mixed
+        served.threshold = threshold
+        sign = torch.where(p >= threshold, 1.0, -1.0)
+        logits, maps = predictor.forward(batch, True, "gradcam")
+        np.testing.assert_allclose(maps, gradcam(served.model, batch, 0, sign=sign).numpy(), atol=1e-6)
+    assert not np.allclose(
+        predictor.forward(batch, True, "gradcam")[1], gradcam(served.model, batch, 0).numpy()
+    )

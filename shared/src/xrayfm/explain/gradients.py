@@ -100,11 +100,14 @@ def gradcam(
     target: Target = None,
     *,
     target_layer: nn.Module | str | None = None,
+    sign: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017) for output `target`: maps [B, h, w] in [0, 1] at the feature grid.
 
     `target_layer` defaults to the last stage of a timm CNN (e.g. ``layer4`` of a ResNet, ``stages.3`` of
-    a ConvNeXt); its output must be a [B, C, h, w] feature map.
+    a ConvNeXt); its output must be a [B, C, h, w] feature map. `sign` (one +1 / -1 per image) explains
+    the negated score where it is -1: the evidence *against* the output, e.g. for a "Normal" decision of
+    a one-output binary head (as pytorch-grad-cam's ``BinaryClassifierOutputTarget(0)``).
     """
     check_images(images)
     if isinstance(target_layer, str):
@@ -129,7 +132,11 @@ def gradcam(
             "for Vision Transformers use method='grad_rollout'"
         )
     feats = captured[0]
-    (grad,) = torch.autograd.grad(_target_score(logits, target), feats)
+    targets = resolve_targets(logits, target)
+    scores = logits.gather(1, targets[:, None]).squeeze(1)
+    if sign is not None:
+        scores = scores * torch.as_tensor(sign, dtype=scores.dtype, device=scores.device).reshape(-1)
+    (grad,) = torch.autograd.grad(scores.sum(), feats)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_c: global-average-pooled gradients
     cam = torch.relu((weights * feats).sum(dim=1)).detach()
     return normalize_maps(cam)

@@ -31,6 +31,7 @@ from xrayfm.errors import XrayfmError
 from xrayfm.explain import (
     canonical_method,
     explain,
+    gradcam,
     methods_for,
     predict_with_rollout,
     upsample_heatmap,
@@ -258,6 +259,13 @@ class Predictor:
             return logits, maps.detach().cpu().numpy()
         with torch.no_grad():
             logits = model(batch)
+        if method == "gradcam" and len(self.served.labels) == 1 and not self.served.multiclass:
+            # One output: map the evidence for the decision shown, the label's when it is predicted,
+            # against it (the negated logit) when the answer is the negative label. The label's own map
+            # is often all zero for a negative answer (Grad-CAM keeps positive evidence only).
+            positive = self.served.probabilities(logits)[:, 0] >= self.served.threshold
+            sign = torch.where(torch.as_tensor(positive), 1.0, -1.0)
+            return logits, gradcam(model, batch, 0, sign=sign).detach().cpu().numpy()
         return logits, explain(model, batch, method=method)  # class-specific: each image's top class
 
     def run(
