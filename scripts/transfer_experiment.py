@@ -120,6 +120,19 @@ def supervised_foundation(like: str, data: Path, out: Path, epochs: int, batch_s
     return out / "best"
 
 
+def finished_rows(arm_dir: Path, method: str, fractions: list[float], seeds: list[int]) -> list[dict]:
+    """The label_efficiency rows of the runs under `arm_dir` that finished (their report exists)."""
+    from xrayfm.train.experiment import _row_from_report, _run_dir
+
+    found = []
+    for f in fractions:
+        for s in seeds:
+            run = _run_dir(arm_dir, method, f, s)
+            if (run / "report" / "report.json").is_file() and (run / "summary.json").is_file():
+                found.append(_row_from_report(run, method, f, s, LR[method]))
+    return found
+
+
 def seed_scores(task: str, run: Path) -> tuple[pd.DataFrame, list[str]]:
     """The run's predictions, and the label names that count for the task's metric."""
     predictions = pd.read_csv(run / "report" / "predictions.csv")
@@ -192,6 +205,11 @@ def main() -> None:
     parser.add_argument(
         "--plot", help="where to write the label-efficiency figure (default OUT/label_efficiency.png)"
     )
+    parser.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="train nothing: tabulate the runs that finished (a cell says how many seeds it has)",
+    )
     args = parser.parse_args()
 
     out, data = Path(args.out), Path(args.data).resolve()
@@ -199,9 +217,11 @@ def main() -> None:
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     foundations = {"mae": args.mae}
-    if any(ARMS[a][0] == "random" for a in arms):
+    if args.aggregate_only:
+        foundations = {}
+    elif any(ARMS[a][0] == "random" for a in arms):
         foundations["random"] = str(random_foundation(args.mae, out / "foundations" / "random"))
-    if any(ARMS[a][0] == "sup" for a in arms):
+    if not args.aggregate_only and any(ARMS[a][0] == "sup" for a in arms):
         foundations["sup"] = args.supervised or str(
             supervised_foundation(
                 args.mae, data, out / "foundations" / "supervised", args.supervised_epochs, args.batch_size
@@ -212,15 +232,20 @@ def main() -> None:
     for task in args.tasks.split(","):
         for arm in arms:
             foundation, method = ARMS[arm]
-            base = AdaptConfig(
-                out=str(out / task / arm), foundation=foundations[foundation], method=method, epochs=args.epochs,
-                batch_size=args.batch_size, n_bootstrap=0, progress_bar=False, tensorboard=False, **task_settings(task, data),
-            )  # fmt: skip
-            result = label_efficiency(
-                base, methods=[method], fractions=fractions, seeds=seeds, lrs=LR, report_on="last"
-            )
+            if args.aggregate_only:  # what finished, as it is: no training
+                result = {"rows": finished_rows(out / task / arm, method, fractions, seeds)}
+            else:
+                base = AdaptConfig(
+                    out=str(out / task / arm), foundation=foundations[foundation], method=method, epochs=args.epochs,
+                    batch_size=args.batch_size, n_bootstrap=0, progress_bar=False, tensorboard=False, **task_settings(task, data),
+                )  # fmt: skip
+                result = label_efficiency(
+                    base, methods=[method], fractions=fractions, seeds=seeds, lrs=LR, report_on="last"
+                )
             for f in fractions:
                 runs = [Path(r["run"]) for r in result["rows"] if r["fraction"] == f]
+                if not runs:
+                    continue
                 tables, names = zip(*(seed_scores(task, r) for r in runs), strict=True)
                 per_seed = [metric(task, t, names[0]) for t in tables]
                 values = [m["value"] for m in per_seed]
@@ -239,7 +264,8 @@ def main() -> None:
                 rows += [
                     {**r, "task": task, "arm": arm, "value": v} for r, v in zip(run_rows, values, strict=True)
                 ]
-            write_tables(out, rows, cells, args.plot)
+            if cells:
+                write_tables(out, rows, cells, args.plot)
     print((out / "table.md").read_text())
 
 
@@ -271,7 +297,10 @@ def write_tables(out: Path, rows: list[dict], cells: list[dict], plot: str | Non
                     texts.append("—")
                     continue
                 kappa = f" (κ {r.kappa:.2f})" if r.kappa is not None and not pd.isna(r.kappa) else ""
-                texts.append(f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{kappa}")
+                fewer = (
+                    f" ({r.seeds} seed{'s' if r.seeds > 1 else ''})" if r.seeds < part["seeds"].max() else ""
+                )
+                texts.append(f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{kappa}{fewer}")
             share = 100 * arm_rows["trainable_fraction"].iloc[0]
             lines.append(f"| {arm} | {share:.2f}% | " + " | ".join(texts) + " |")
         lines.append("")
