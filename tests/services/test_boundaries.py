@@ -63,9 +63,9 @@ def test_the_library_imports_no_service():
     assert not offenders, sorted(offenders)
 
 
-def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter where importing torch, timm, peft... fails."""
-    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in HEAVY)
+def run_without_torch(code: str, also: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where importing torch, timm, peft... (and `also`) fails."""
+    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in (*HEAVY, *also))
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
     )
@@ -82,6 +82,19 @@ def test_contracts_gateway_and_frontend_import_without_torch():
         import xrayfm_frontend.client, xrayfm_frontend.render, xrayfm_frontend.training_page
         print("ok")
         """
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_gateway_imports_without_matplotlib():
+    """The gateway image installs no matplotlib (the frontend's overlays need it, the gateway does not)."""
+    result = run_without_torch(
+        """
+        import xrayfm_gateway.app
+        assert "/feedback" in xrayfm_gateway.app.create_app().openapi()["paths"]
+        print("ok")
+        """,
+        also=("matplotlib",),
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 

@@ -159,10 +159,10 @@ def _run_batch(images: list, explain_maps: bool, method: str) -> list[WorkerAnsw
 
     The library answers with heatmap arrays; encoding them (PNG, base64) for the wire is done here, and
     counted in the post-processing time."""
-    from xrayfm.explain.overlay import to_png_bytes
+    from xrayfm.data.images import to_png_bytes
 
     predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
-    results = predictor.predict(images, explain_maps=explain_maps, method=method)
+    results = predictor.predict(images, explain_maps=explain_maps, method=_method_for(predictor, method))
     model = model_info(predictor)
     t0 = time.perf_counter()
     maps = [
@@ -205,7 +205,9 @@ def _load_model(ref) -> None:
         cache_dir=SETTINGS.runtime_cache,
         threads=SETTINGS.torch_threads,
     )
-    predictor.predict([_warmup_image()], explain_maps=True, method=SETTINGS.explain_method)
+    predictor.predict(
+        [_warmup_image()], explain_maps=True, method=_method_for(predictor, SETTINGS.explain_method)
+    )
     previous = RUNTIME.served
     RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
     if RUNTIME.batcher is None:
@@ -228,6 +230,16 @@ def _load_model(ref) -> None:
         time.perf_counter() - t0,
         f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
+
+
+def _method_for(predictor: Any, method: str) -> str:
+    """The deployment's default method (XRAYFM_EXPLAIN_METHOD) means the model's own when the model cannot
+    do it (rollout on a CNN: Grad-CAM); any other method the model lacks is refused by the predictor."""
+    return (
+        predictor.default_method
+        if method == SETTINGS.explain_method and method not in predictor.methods
+        else method
+    )
 
 
 def _retune(folder: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 
-from xrayfm.explain.overlay import to_png_bytes
+from xrayfm.data.images import to_png_bytes
 from xrayfm_gateway.deps import DecodeSlotsDep, QueueDep, ReadinessDep, SettingsDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES
