@@ -76,6 +76,16 @@ def _weighted_auroc(pos: np.ndarray, groups: np.ndarray, n_groups: int, weights:
     return out
 
 
+def _resampling_units(n: int, clusters: Sequence | np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The unit a bootstrap draws for each of `n` rows (the row itself, or its cluster: e.g. its study),
+    as indices 0..n_units-1, and n_units."""
+    if clusters is None:
+        return np.arange(n), n
+    _, unit = np.unique(np.asarray(clusters), return_inverse=True)
+    unit = unit.ravel()
+    return unit, int(unit.max()) + 1 if n else 0
+
+
 def bootstrap_aurocs(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -92,12 +102,7 @@ def bootstrap_aurocs(
     y = np.asarray(y_true, dtype=np.float64)
     s = np.asarray(y_score, dtype=np.float64)
     n, n_labels = y.shape
-    if clusters is None:
-        unit, n_units = np.arange(n), n
-    else:
-        _, unit = np.unique(np.asarray(clusters), return_inverse=True)
-        unit = unit.ravel()
-        n_units = int(unit.max()) + 1 if n else 0
+    unit, n_units = _resampling_units(n, clusters)
     out = np.full((n_bootstrap, n_labels), np.nan)
     if n_bootstrap <= 0 or n == 0:
         return out
@@ -319,14 +324,10 @@ def operating_points(
     if reach.size:
         chosen.append((f"specificity>={specificity:g}", int(reach[-1])))
     # Resample rows (or whole clusters) as weights: row i counts as often as its unit was drawn.
-    if units is None:
-        unit, n_units = np.arange(len(y)), len(y)
-    else:
-        _, unit = np.unique(units, return_inverse=True)
-        n_units = int(unit.max()) + 1
+    unit, n_units = _resampling_units(len(y), units)
     draws = np.random.default_rng(seed).integers(0, n_units, size=(n_bootstrap, n_units))
     counts = np.stack([np.bincount(d, minlength=n_units) for d in draws]) if n_bootstrap else None
-    weights = counts[:, unit.ravel()].astype(np.float64) if counts is not None else None
+    weights = counts[:, unit].astype(np.float64) if counts is not None else None
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
 
     def ci(hit: np.ndarray, among: np.ndarray) -> list[float] | None:
