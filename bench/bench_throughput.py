@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,26 @@ def load_images(n: int, tmp: Path) -> tuple[str, list[tuple[str, bytes]]]:
     synth_chest(tmp / "phantoms", n=max(n, 10), size=320, valid_fraction=0.5, progress=False)
     found = sorted((tmp / "phantoms").rglob("*.jpg"))[:n]
     return "generated chest phantoms (no shared data found)", [(p.name, p.read_bytes()) for p in found]
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that ended meanwhile
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int]) -> Iterator[None]:
+    """Run this thread (the bare model: 1 thread, on the calling thread) on `cpus` for a while."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def make_checkpoint(folder: Path, model: str, size: int, depth: int | None) -> Path:
@@ -268,6 +290,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="worker threads (the compose image's 16)")
     parser.add_argument("--threads", type=int, default=1, help="model threads, in the worker and here")
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the worker on the last CPU, the clients, gateway and Redis on the others, and the bare model "
+        "measured on the worker's CPU: both get the same compute, and the load generator does not take "
+        "the worker's (Linux, >= 2 CPUs)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2-block vit_tiny @ 64 px, 2 s steps, N=1,4")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -326,6 +355,18 @@ def main() -> int:
             launcher.start_gateway(gateway_port)
             worker = launcher.start_worker("worker", concurrency=args.concurrency)
             stack_lib.wait_until(lambda: stack_lib.http_json(f"{url}/ready")[0] == 200, 300, "/ready", worker)
+            worker_cpus = others = set(os.sched_getaffinity(0))
+            if args.pin:
+                cpus = sorted(os.sched_getaffinity(0))
+                if len(cpus) < 2:
+                    raise SystemExit("--pin needs at least 2 CPUs")
+                worker_cpus, others = {cpus[-1]}, set(cpus[:-1])
+                pin(worker.popen.pid, worker_cpus)
+                for proc in launcher.procs:
+                    if proc is not worker:
+                        pin(proc.popen.pid, others)
+                pin(os.getpid(), others)
+                result["pinned"] = {"worker_and_bare": sorted(worker_cpus), "others": sorted(others)}
             result["batch_max"] = args.batch_max or "worker default"
             result["batch_wait_ms"] = (
                 args.batch_wait_ms if args.batch_wait_ms is not None else "worker default"
@@ -337,7 +378,8 @@ def main() -> int:
                 served, args.runtime, quantize=quantize, cache_dir=tmp / "onnx", threads=args.threads
             )
             pixels = [read_image(data) for _, data in images]
-            sweep = bare_sweep(predictor, pixels, sizes, args.bare_seconds)
+            with on_cpus(worker_cpus):
+                sweep = bare_sweep(predictor, pixels, sizes, args.bare_seconds)
             best = max(sweep, key=sweep.get)
             result["bare_sweep_images_per_s"] = {str(b): round(v, 2) for b, v in sweep.items()}
             result["bare_best_batch"] = best
@@ -351,13 +393,16 @@ def main() -> int:
             side = GatewaySettings.from_env({}).transport_side
             batch_max = args.batch_max or InferenceSettings.from_env({}).batch_max
             sent = [fit_within(p, side) for p in pixels]
-            result["worker_batch_in_process_images_per_s"] = {
-                str(b): round(
-                    worker_batch_rate(predictor, [sent[i % len(sent)] for i in range(b)], args.bare_seconds),
-                    2,
-                )
-                for b in sorted({best, batch_max})
-            }
+            with on_cpus(worker_cpus):
+                result["worker_batch_in_process_images_per_s"] = {
+                    str(b): round(
+                        worker_batch_rate(
+                            predictor, [sent[i % len(sent)] for i in range(b)], args.bare_seconds
+                        ),
+                        2,
+                    )
+                    for b in sorted({best, batch_max})
+                }
             say(f"worker batch in-process: {result['worker_batch_in_process_images_per_s']} img/s")
             # a few requests through every path before measuring
             asyncio.run(drive(url, images, 2, 2.0 if not args.smoke else 1.0))
@@ -369,9 +414,10 @@ def main() -> int:
                 step["worker_batches"] = batch_sizes(before, scrape(metrics_url))
                 busy = step["worker_batches"].pop("inference_s") / step["step_s"]
                 step["worker_busy_share"] = round(busy, 3)
-                bare_now = bare_rate(
-                    predictor, best_batch, max(args.bare_seconds, min(4.0, args.seconds / 5))
-                )
+                with on_cpus(worker_cpus):
+                    bare_now = bare_rate(
+                        predictor, best_batch, max(args.bare_seconds, min(4.0, args.seconds / 5))
+                    )
                 step["bare_adjacent_images_per_s"] = round(bare_now, 2)
                 step["ratio_adjacent"] = round(step["images_per_s"] / bare_now, 3)
                 step["ratio_sweep"] = round(step["images_per_s"] / sweep[best], 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from helpers import make_tiny_checkpoint
 from xrayfm.inference import RESEARCH_USE, Predictor, load_served_model
@@ -33,7 +34,8 @@ def test_binary_answer_shape(tmp_path):
     assert answer.heatmap.max() > answer.heatmap.min() and answer.explain_method == "rollout"
     (plain,) = Predictor(served).predict([image], explain_maps=False)
     assert plain.heatmap is None and plain.explain_method is None
-    assert plain.probabilities == answer.probabilities
+    # the same logits, to float rounding (rollout runs attention unfused)
+    assert plain.probabilities == pytest.approx(answer.probabilities, abs=1e-5)
 
 
 def test_study_decision_is_the_mean_of_its_images(tmp_path):
@@ -54,3 +56,20 @@ def test_study_decision_is_the_mean_of_its_images(tmp_path):
     write_operating_point(folder, {"threshold": mean - 1e-4, "source": "test"})
     predictor.served.retune(folder)
     assert predictor.decide_study(answers).prediction == "Abnormal"
+
+
+def test_drawing_later_gives_the_heatmap_predict_draws(tmp_path):
+    """The worker draws each map in the request's thread (predict(draw=False), then draw): same pixels."""
+    predictor = Predictor(load_served_model(make_tiny_checkpoint(tmp_path / "m", ["Abnormal"]), "cpu"))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((50, 30), (24, 64))]
+    drawn = predictor.predict(images)
+    later = predictor.predict(images, draw=False)
+    assert all(r.heatmap is None and r.model_map is not None for r in later)
+    for now, pending, image in zip(drawn, later, images, strict=True):
+        result = predictor.draw(pending, image.shape)
+        assert result.heatmap.shape == image.shape and result.model_map is None
+        np.testing.assert_array_equal(result.heatmap, now.heatmap)
+        assert result.probabilities == pytest.approx(now.probabilities, abs=1e-5)
+    plain = predictor.predict(images, explain_maps=False, draw=False)[0]
+    assert predictor.draw(plain, images[0].shape) is plain  # nothing to draw

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image, ImageFile, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -20,6 +20,7 @@ from xrayfm.data.images import (
     image_info,
     read_image,
     read_image_resized,
+    without_metadata,
 )
 from xrayfm.errors import ImageDecodeError
 
@@ -204,6 +205,38 @@ def test_exif_orientation_is_applied():
     out = read_image(data)
     np.testing.assert_array_equal(out, np.rot90(img, k=-1))
     assert (image_info(data)["width"], image_info(data)["height"]) == (30, 50)
+
+
+def test_without_metadata_drops_text_and_exif_and_keeps_the_pixels():
+    img = phantom(height=40, width=70)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("PatientName", "Doe^Jane")
+    exif = Image.Exif()
+    exif[0x010E] = "Doe^Jane"  # ImageDescription
+    files = {
+        "PNG": encode(Image.fromarray(img), "PNG", pnginfo=info, exif=exif),
+        "JPEG": encode(Image.fromarray(img), "JPEG", exif=exif, comment=b"Doe^Jane", quality=95),
+    }
+    for kind, data in files.items():
+        assert b"Doe^Jane" in data
+        stripped = without_metadata(data)
+        assert stripped is not None and b"Doe^Jane" not in stripped and len(stripped) < len(data), kind
+        np.testing.assert_array_equal(read_image(stripped), read_image(data))
+        assert image_info(stripped)["format"] == kind
+
+
+def test_without_metadata_loses_the_exif_orientation_and_refuses_what_it_cannot_walk():
+    img = phantom(height=30, width=50)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(Image.fromarray(img), "JPEG", exif=exif, quality=95)
+    assert (
+        read_image(without_metadata(rotated)).shape == (30, 50) != read_image(rotated).shape
+    )  # callers check
+    png = encode(Image.fromarray(img), "PNG")
+    assert without_metadata(png[:-20]) is None  # truncated: no IEND
+    assert without_metadata(rotated[:3] + b"\x00" * 10) is None  # not a marker where one must be
+    assert without_metadata(b"DICM" * 40) is None
 
 
 def test_image_info_reports_header_facts_without_pixels(tmp_path):

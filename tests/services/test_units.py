@@ -3,6 +3,8 @@ the heatmap geometry, the micro-batcher and the decision rule."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
 import time
@@ -10,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from svc_helpers import phantom
+from svc_helpers import phantom, png_bytes
 from xrayfm.errors import XrayfmError
 from xrayfm.inference import Preprocessing
 from xrayfm_gateway.uploads import fit_within
@@ -63,6 +65,51 @@ def test_protocol_rejects_malformed_requests(mutate):
     mutate(payload)
     with pytest.raises(ProtocolError):
         PredictRequest.parse(payload).image()
+
+
+def test_protocol_sends_a_smaller_file_instead_of_pixels_and_checks_it():
+    image = phantom(120, 100)
+    file = png_bytes(image)
+    assert len(file) < image.size
+    payload = PredictRequest.from_image(image, encoded=file)
+    assert payload.pixels is None and payload.encoded is not None
+    back = PredictRequest.parse(json.loads(json.dumps(payload.model_dump())))
+    np.testing.assert_array_equal(back.image(), image)
+    noise = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)
+    assert PredictRequest.from_image(noise, encoded=png_bytes(noise)).encoded is None  # larger: pixels
+    wrong = PredictRequest.from_image(phantom(121, 100), encoded=file)  # announces another size
+    with pytest.raises(ProtocolError, match="decodes to 100x120, expected 100x121"):
+        wrong.image()
+    garbage = PredictRequest.parse({**payload.model_dump(), "encoded": base64.b64encode(b"x" * 50).decode()})
+    with pytest.raises(ProtocolError, match="malformed request"):
+        garbage.image()
+    with pytest.raises(ProtocolError, match="exactly one of pixels and encoded"):
+        PredictRequest.parse({**payload.model_dump(), "pixels": "AAAA"})
+
+
+def test_gateway_sends_the_upload_stripped_only_when_it_decodes_to_the_same_pixels():
+    from PIL import Image
+
+    from xrayfm_gateway.uploads import Upload, decode_upload
+
+    settings = GatewaySettings.from_env({"XRAYFM_TRANSPORT_SIDE": "128"})
+    image = phantom(120, 100)
+
+    def upload(**save) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, **save)
+        return buf.getvalue()
+
+    plain = decode_upload(Upload(upload(format="JPEG", comment=b"Doe^Jane"), None, None), settings)
+    assert plain.encoded is not None and b"Doe^Jane" not in plain.encoded
+    np.testing.assert_array_equal(
+        PredictRequest.from_image(plain.pixels, encoded=plain.encoded).image(), plain.pixels
+    )
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down: the same shape without it, other pixels
+    assert decode_upload(Upload(upload(format="JPEG", exif=exif), None, None), settings).encoded is None
+    big = GatewaySettings.from_env({"XRAYFM_TRANSPORT_SIDE": "64"})  # resized for transport: pixels
+    assert decode_upload(Upload(upload(format="PNG"), None, None), big).encoded is None
 
 
 def test_protocol_refuses_non_grey_images():

@@ -136,6 +136,10 @@ class InferenceSettings:
     metrics_port: int = 9101  # XRAYFM_WORKER_METRICS_PORT: Prometheus endpoint; 0 = off
     metrics_addr: str = "0.0.0.0"  # XRAYFM_WORKER_METRICS_ADDR: where that endpoint listens
     torch_threads: int = 0  # XRAYFM_TORCH_THREADS: 0 = torch's default
+    # XRAYFM_HEATMAP_SIDE: the heatmap PNG's long side at most (the image's aspect ratio); 0 = the size of
+    # the image the worker got. A map of 14x14 to 28x28 patches loses nothing at 256 px, and a smaller PNG
+    # is faster to encode and to carry (38 -> ~15 KB for a 390 x 320 image).
+    heatmap_side: int = 256
     explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: default heatmap method
     model_poll_s: float = 2.0  # XRAYFM_MODEL_POLL_S: seconds between looks at serving.json; 0 = off
     runtime: str = "torch"  # XRAYFM_RUNTIME: torch or onnxruntime (exported once per checkpoint, cached)
@@ -158,6 +162,7 @@ class InferenceSettings:
             metrics_port=int(env_number(env, "XRAYFM_WORKER_METRICS_PORT", cls.metrics_port, int, 0)),
             metrics_addr=env_str(env, "XRAYFM_WORKER_METRICS_ADDR", cls.metrics_addr),
             torch_threads=int(env_number(env, "XRAYFM_TORCH_THREADS", cls.torch_threads, int, 0)),
+            heatmap_side=int(env_number(env, "XRAYFM_HEATMAP_SIDE", cls.heatmap_side, int, 0)),
             explain_method=explain_method(env),
             model_poll_s=float(env_number(env, "XRAYFM_MODEL_POLL_S", cls.model_poll_s, float, 0)),
             runtime=env_choice(env, "XRAYFM_RUNTIME", cls.runtime, RUNTIMES),

@@ -18,7 +18,7 @@ from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image
+from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, without_metadata
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import REJECTED
@@ -55,6 +55,7 @@ class DecodedImage:
     format: str
     width: int  # of the original image
     height: int
+    encoded: bytes | None = None  # the upload without its metadata, when it decodes to exactly `pixels`
 
 
 def reject(status: int, code: str, detail: str) -> APIError:
@@ -221,12 +222,27 @@ def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
         raise reject(
             400, "corrupt_image", f"cannot decode the {info['format']} pixels (truncated or corrupt?)"
         ) from None
+    fitted = fit_within(pixels, settings.transport_side)
     return DecodedImage(
-        pixels=fit_within(pixels, settings.transport_side),
+        pixels=fitted,
         format=str(info["format"]),
         width=width,
         height=height,
+        encoded=_wire_file(upload.data, fitted) if fitted.shape == pixels.shape else None,
     )
+
+
+def _wire_file(data: bytes, pixels: np.ndarray) -> bytes | None:
+    """The upload, stripped of its metadata, to send instead of its pixels: only when it is smaller and
+    decodes to exactly the same pixels (checked: a dropped EXIF orientation would turn the image)."""
+    stripped = without_metadata(data)
+    if stripped is None or len(stripped) >= pixels.size:
+        return None
+    try:
+        same = np.array_equal(read_image(stripped, max_pixels=pixels.size), pixels)
+    except ImageDecodeError:
+        return None
+    return stripped if same else None
 
 
 def _public_message(exc: ImageDecodeError) -> str:

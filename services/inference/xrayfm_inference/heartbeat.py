@@ -27,6 +27,9 @@ class Heartbeat:
         self.describe = describe
         self._client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self._stop = threading.Event()
+        # The beat thread and the worker (after loading a model) both beat: one at a time, each describing
+        # the worker as it is when it writes, so a beat computed before the load cannot land after it.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="xrayfm-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -36,16 +39,17 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Publish one heartbeat: the worker's description plus the time."""
-        info = dict(self.describe(), hostname=self.hostname, time=time.time())
-        ttl_ms = int(1000 * self.settings.heartbeat_ttl_s)
-        pipe = self._client.pipeline()
-        pipe.set(self.settings.worker_info_key(self.hostname), json.dumps(info), px=ttl_ms)
-        pipe.zadd(self.settings.workers_key, {self.hostname: info["time"]})
-        # Drop long-dead members so the set stays small (live workers re-add themselves each beat).
-        pipe.zremrangebyscore(
-            self.settings.workers_key, "-inf", info["time"] - 60 * self.settings.heartbeat_ttl_s
-        )
-        pipe.execute()
+        with self._lock:
+            info = dict(self.describe(), hostname=self.hostname, time=time.time())
+            ttl_ms = int(1000 * self.settings.heartbeat_ttl_s)
+            pipe = self._client.pipeline()
+            pipe.set(self.settings.worker_info_key(self.hostname), json.dumps(info), px=ttl_ms)
+            pipe.zadd(self.settings.workers_key, {self.hostname: info["time"]})
+            # Drop long-dead members so the set stays small (live workers re-add themselves each beat).
+            pipe.zremrangebyscore(
+                self.settings.workers_key, "-inf", info["time"] - 60 * self.settings.heartbeat_ttl_s
+            )
+            pipe.execute()
 
     def stop(self) -> None:
         """Stop beating and withdraw this worker at once (a clean shutdown is not 'gone for 3 beats')."""

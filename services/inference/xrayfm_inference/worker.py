@@ -154,36 +154,48 @@ def start_runtime(hostname: str) -> Runtime:
         return RUNTIME
 
 
-def _run_batch(images: list, explain_maps: bool, method: str) -> list[WorkerAnswer]:
-    """One batch on the predictor current at this batch boundary; each answer names that model.
+def _run_batch(images: list, explain_maps: bool, method: str) -> list[tuple[Any, Any]]:
+    """One batch on the predictor current at this batch boundary: (that predictor, its result) per image.
 
-    The library answers with heatmap arrays; encoding them (PNG, base64) for the wire is done here, and
-    counted in the post-processing time."""
+    The heatmaps stay over the model's input here; each request's own thread draws and encodes its map
+    (:func:`_answer`), so the batcher runs the next batch meanwhile."""
+    predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
+    method = _method_for(predictor, method)
+    results = predictor.predict(images, explain_maps=explain_maps, method=method, draw=False)
+    return [(predictor, result) for result in results]
+
+
+def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> WorkerAnswer:
+    """One image's answer on the wire: its heatmap drawn on the image's geometry (at most
+    XRAYFM_HEATMAP_SIDE on the long side), PNG, base64 (counted in its post-processing time); the model
+    named is the one that ran its batch."""
     from xrayfm.data.images import to_png_bytes
 
-    predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
-    results = predictor.predict(images, explain_maps=explain_maps, method=_method_for(predictor, method))
-    model = model_info(predictor)
     t0 = time.perf_counter()
-    maps = [
-        base64.b64encode(to_png_bytes(r.heatmap)).decode("ascii") if r.heatmap is not None else None
-        for r in results
-    ]
+    result = predictor.draw(result, _heatmap_shape(image_shape, SETTINGS.heatmap_side))
+    heatmap = result.heatmap
+    attention_map = None if heatmap is None else base64.b64encode(to_png_bytes(heatmap)).decode("ascii")
     encode_ms = 1000 * (time.perf_counter() - t0)
-    return [
-        WorkerAnswer(
-            prediction=r.prediction,
-            probability=r.probability,
-            probabilities=r.probabilities,
-            attention_map=attention_map,
-            explain_method=r.explain_method,
-            model=model,
-            timings=Timings(**{**r.timings, "postprocess_ms": r.timings["postprocess_ms"] + encode_ms}),
-            batch_size=r.batch_size,
-            runtime=r.runtime,
-        )
-        for r, attention_map in zip(results, maps, strict=True)
-    ]
+    return WorkerAnswer(
+        prediction=result.prediction,
+        probability=result.probability,
+        probabilities=result.probabilities,
+        attention_map=attention_map,
+        explain_method=result.explain_method,
+        model=model_info(predictor),
+        timings=Timings(**{**result.timings, "postprocess_ms": result.timings["postprocess_ms"] + encode_ms}),
+        batch_size=result.batch_size,
+        runtime=result.runtime,
+    )
+
+
+def _heatmap_shape(image_shape: tuple[int, ...], side: int) -> tuple[int, int]:
+    """The image's (height, width) scaled so that the long side is at most `side` (0: unchanged)."""
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if side <= 0 or max(height, width) <= side:
+        return height, width
+    scale = side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _load_model(ref) -> None:
@@ -292,11 +304,11 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-1)
     try:
-        result = _result(future)
+        answer = _answer(*_result(future), image.shape)
     except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
         return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc()
-    answer: WorkerAnswer = result.model_copy(update={"worker": self.request.hostname})
+    answer.worker = self.request.hostname
     answer.timings.queue_wait_ms = 1000 * queue_wait
     answer.timings.worker_ms = 1000 * (time.time() - picked_up)
     return answer.model_dump(mode="json")
@@ -325,7 +337,7 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-len(payloads) if isinstance(payloads, list) else 0)
     try:
-        answers = [_result(future) for future in futures]
+        answers = [_answer(*_result(f), image.shape) for f, (_, image) in zip(futures, parsed, strict=True)]
     except XrayfmError as exc:
         return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc(len(answers))
@@ -364,8 +376,8 @@ def _parse(payload: Any) -> tuple[PredictRequest, Any]:
     return request, image
 
 
-def _result(future) -> WorkerAnswer:
-    """The batcher's answer for one image, within XRAYFM_TASK_TIME_LIMIT (InferenceTimeout otherwise)."""
+def _result(future) -> tuple[Any, Any]:
+    """The batcher's (predictor, result) for one image, within XRAYFM_TASK_TIME_LIMIT (InferenceTimeout otherwise)."""
     try:
         return future.result(timeout=SETTINGS.queue.task_time_limit_s)
     except FutureTimeout:

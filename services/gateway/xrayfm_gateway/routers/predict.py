@@ -101,7 +101,9 @@ async def _submit(
             503, "not_ready", f"the inference stack is not ready: {ready.detail}", {"Retry-After": "5"}
         )
     method = method or deps.settings.explain_method
-    payloads = [PredictRequest.from_image(d.pixels, explain=explain, method=method) for d in images]
+    payloads = [
+        PredictRequest.from_image(d.pixels, encoded=d.encoded, explain=explain, method=method) for d in images
+    ]
     facts = [{"format": d.format, "width": d.width, "height": d.height} for d in images]
     record = {
         **({"images": facts} if study else {"image": facts[0]}),

@@ -85,6 +85,66 @@ def to_png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def without_metadata(data: bytes) -> bytes | None:
+    """The PNG or JPEG file `data` with its metadata cut out, or None (another format, or malformed).
+
+    PNG keeps its critical chunks and tRNS (text, EXIF, time and the other ancillary chunks go); JPEG keeps
+    its JFIF and Adobe segments, tables and scans (EXIF, XMP, ICC, IPTC and comments go). Hand-written:
+    Pillow re-encodes to drop metadata, which costs more than the bytes saved. Pixels may still differ
+    where the dropped metadata mattered to decoding (EXIF orientation): a caller that needs the same
+    pixels checks by decoding the result.
+    """
+    try:
+        if data.startswith(_PNG_MAGIC):
+            return _png_without_metadata(data)
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_without_metadata(data)
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def _png_without_metadata(data: bytes) -> bytes | None:
+    out, pos = [_PNG_MAGIC], len(_PNG_MAGIC)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        if kind[:1].isupper() or kind == b"tRNS":  # critical chunks (IHDR, PLTE, IDAT, IEND) and alpha
+            out.append(data[pos:end])
+        if kind == b"IEND":
+            return b"".join(out)
+        pos = end
+    return None
+
+
+_JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF; Adobe (its transform flag changes how colours decode)
+
+
+def _jpeg_without_metadata(data: bytes) -> bytes | None:
+    out, pos = [data[:2]], 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: the rest is image data (later segments are rare)
+            out.append(data[pos:])
+            return b"".join(out)
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            return None
+        if not ((0xE0 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP) or marker == 0xFE):
+            out.append(data[pos:end])
+        pos = end
+    return None
+
+
 def read_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a JPEG, PNG or DICOM (path or bytes) to a 2-D uint8 grey array.
 

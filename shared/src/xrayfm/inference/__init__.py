@@ -17,7 +17,7 @@ The :class:`Predictor` here runs the model in torch; ``xrayfm.inference.runtime`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +132,13 @@ class Decision:
 @dataclass(frozen=True)
 class PredictionResult(Decision):
     """One image's answer: the decision, its heatmap (uint8 H x W on the image's own geometry, 255 = most
-    attended; None when not asked for), the method that drew it, timings (ms, for the whole batch) and
-    the size of the batch it ran in."""
+    attended; None when not asked for), the method that drew it, timings (ms: preprocessing and inference
+    for the whole batch, postprocessing this image's decision and heatmap) and the size of the batch it
+    ran in."""
 
     heatmap: np.ndarray | None = None
     explain_method: str | None = None
+    model_map: np.ndarray | None = None  # predict(draw=False): the map over the model's input, for draw()
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
     runtime: str = "torch"  # what computed the logits and the map ("onnxruntime", "onnxruntime-int8", ...)
@@ -276,12 +278,18 @@ class Predictor:
         return logits, maps, self.runtime
 
     def predict(
-        self, images: list[np.ndarray], explain_maps: bool = True, method: str | None = "rollout"
+        self,
+        images: list[np.ndarray],
+        explain_maps: bool = True,
+        method: str | None = "rollout",
+        draw: bool = True,
     ) -> list[PredictionResult]:
         """Answers for a batch of grey uint8 images, in order.
 
         `method` None draws the model's default map (rollout for a ViT, Grad-CAM for a CNN); a method
-        the model does not support raises an XrayfmError before any work ("rollout needs a ViT")."""
+        the model does not support raises an XrayfmError before any work ("rollout needs a ViT").
+        `draw` False leaves each heatmap over the model's input (`model_map`) for :meth:`draw`: the
+        inference worker draws it in the request's own thread while the next batch runs."""
         if explain_maps:
             method = self.method(method)
         t0 = time.perf_counter()
@@ -292,29 +300,38 @@ class Predictor:
             torch.cuda.synchronize(batch.device)
         t2 = time.perf_counter()
         probs = self.served.probabilities(logits)
-        pre = self.served.preprocessing
-        heatmaps = [
-            heatmap_on_image(maps[i], image.shape, pre) if maps is not None else None
-            for i, image in enumerate(images)
-        ]
-        t3 = time.perf_counter()
         timings = {
             "preprocess_ms": 1000 * (t1 - t0),
             "inference_ms": 1000 * (t2 - t1),
-            "postprocess_ms": 1000 * (t3 - t2),
+            "postprocess_ms": 1000 * (time.perf_counter() - t2),
         }
         drawn_with = method if maps is not None else None
-        return [
+        results = [
             PredictionResult(
                 **vars(self.decide(probs[i])),
-                heatmap=heatmaps[i],
                 explain_method=drawn_with,
                 timings=dict(timings),
                 batch_size=len(images),
                 runtime=runtime,
+                model_map=maps[i] if maps is not None else None,
             )
             for i in range(len(images))
         ]
+        return (
+            [self.draw(r, image.shape) for r, image in zip(results, images, strict=True)] if draw else results
+        )
+
+    def draw(self, result: PredictionResult, image_shape: tuple[int, ...]) -> PredictionResult:
+        """`result` with its heatmap drawn on the image's own geometry from its `model_map` (the time
+        added to its postprocess_ms); a result without one is returned as it is."""
+        if result.model_map is None:
+            return result
+        t0 = time.perf_counter()
+        heatmap = heatmap_on_image(result.model_map, image_shape, self.served.preprocessing)
+        ms = result.timings.get("postprocess_ms", 0.0) + 1000 * (time.perf_counter() - t0)
+        return replace(
+            result, heatmap=heatmap, model_map=None, timings={**result.timings, "postprocess_ms": ms}
+        )
 
     def decide(self, probs: np.ndarray) -> Decision:
         """The decision for one image's probabilities (see :class:`Decision`)."""
