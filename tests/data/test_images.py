@@ -242,7 +242,9 @@ def test_without_metadata_loses_the_exif_orientation_and_refuses_what_it_cannot_
 def test_image_info_reports_header_facts_without_pixels(tmp_path):
     img = phantom(height=40, width=70)
     info = image_info(write(tmp_path / "x.jpg", encode(Image.fromarray(img), "JPEG")))
-    assert info == {"format": "JPEG", "width": 70, "height": 40, "bit_depth": 8, "channels": 1, "mode": "L"}
+    assert info == {
+        "format": "JPEG", "width": 70, "height": 40, "bit_depth": 8, "channels": 1, "mode": "L", "orientation": 1
+    }  # fmt: skip
 
 
 # -- fit_square / read_image_resized ---------------------------------------------------------------------

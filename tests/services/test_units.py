@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from svc_helpers import phantom, png_bytes
+from xrayfm.data.images import read_image
 from xrayfm.errors import XrayfmError
 from xrayfm.inference import Preprocessing
 from xrayfm_gateway.uploads import fit_within
@@ -87,7 +88,7 @@ def test_protocol_sends_a_smaller_file_instead_of_pixels_and_checks_it():
         PredictRequest.parse({**payload.model_dump(), "pixels": "AAAA"})
 
 
-def test_gateway_sends_the_upload_stripped_only_when_it_decodes_to_the_same_pixels():
+def test_gateway_sends_the_upload_without_metadata_when_that_keeps_its_pixels():
     from PIL import Image
 
     from xrayfm_gateway.uploads import Upload, decode_upload
@@ -100,13 +101,15 @@ def test_gateway_sends_the_upload_stripped_only_when_it_decodes_to_the_same_pixe
         Image.fromarray(image).save(buf, **save)
         return buf.getvalue()
 
-    plain = decode_upload(Upload(upload(format="JPEG", comment=b"Doe^Jane"), None, None), settings)
+    original = upload(format="JPEG", comment=b"Doe^Jane")
+    plain = decode_upload(Upload(original, None, None), settings)
     assert plain.encoded is not None and b"Doe^Jane" not in plain.encoded
+    np.testing.assert_array_equal(plain.pixels, read_image(original))  # the upload's own pixels
     np.testing.assert_array_equal(
         PredictRequest.from_image(plain.pixels, encoded=plain.encoded).image(), plain.pixels
     )
     exif = Image.Exif()
-    exif[0x0112] = 3  # upside down: the same shape without it, other pixels
+    exif[0x0112] = 3  # upside down: without the EXIF the file would decode to other pixels: pixels travel
     assert decode_upload(Upload(upload(format="JPEG", exif=exif), None, None), settings).encoded is None
     big = GatewaySettings.from_env({"XRAYFM_TRANSPORT_SIDE": "64"})  # resized for transport: pixels
     assert decode_upload(Upload(upload(format="PNG"), None, None), big).encoded is None

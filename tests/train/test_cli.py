@@ -80,6 +80,9 @@ def test_bad_config_files_and_values_are_clear_errors(tmp_path, capsys):
     (tmp_path / "job.json").write_text(json.dumps({"out": "x", "cache": "c", "learning_rate": 1}))
     assert main(["pretrain", "--config", str(tmp_path / "job.json")]) == 1
     assert "unknown PretrainConfig settings: learning_rate" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text(json.dumps({"kind": "mura", "root": "", "cache": ""}))
+    assert main(["pretrain", "--config", str(tmp_path / "empty.json")]) == 1  # "" is not "unset"
+    assert "empty PretrainConfig settings: cache, root" in capsys.readouterr().err
     assert main(["adapt", "--cache", "c", "--print-config"]) == 1
     assert "--foundation" in capsys.readouterr().err
     with pytest.raises(SystemExit):

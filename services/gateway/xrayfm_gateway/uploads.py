@@ -213,36 +213,44 @@ def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
         raise reject(400, "corrupt_image", "cannot read the image header (truncated or corrupt?)") from None
     width, height = int(info["width"]), int(info["height"])
     _check_dimensions(width, height, settings)
-    try:
-        pixels = read_image(upload.data, max_pixels=settings.max_pixels)
-    except ImageDecodeError as exc:
-        raise reject(400, "corrupt_image", _public_message(exc)) from None
-    except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
-        log.warning("decoder raised %s on a %s upload", type(exc).__name__, info["format"])
-        raise reject(
-            400, "corrupt_image", f"cannot decode the {info['format']} pixels (truncated or corrupt?)"
-        ) from None
+    # Decode the upload without its metadata when that cannot change the pixels (no EXIF orientation), so
+    # that the same bytes can travel to the worker (see _wire_file); else the upload as it is.
+    stripped = without_metadata(upload.data) if info.get("orientation", 1) == 1 else None
+    pixels = _decode_pixels(stripped, settings, info) if stripped is not None else None
+    if pixels is None:
+        stripped, pixels = None, _decode_pixels(upload.data, settings, info, strict=True)
     fitted = fit_within(pixels, settings.transport_side)
     return DecodedImage(
         pixels=fitted,
         format=str(info["format"]),
         width=width,
         height=height,
-        encoded=_wire_file(upload.data, fitted) if fitted.shape == pixels.shape else None,
+        encoded=_wire_file(stripped, fitted) if fitted.shape == pixels.shape else None,
     )
 
 
-def _wire_file(data: bytes, pixels: np.ndarray) -> bytes | None:
-    """The upload, stripped of its metadata, to send instead of its pixels: only when it is smaller and
-    decodes to exactly the same pixels (checked: a dropped EXIF orientation would turn the image)."""
-    stripped = without_metadata(data)
-    if stripped is None or len(stripped) >= pixels.size:
-        return None
+def _decode_pixels(
+    data: bytes, settings: GatewaySettings, info: dict, strict: bool = False
+) -> np.ndarray | None:
+    """The grey pixels of `data`; a decoding failure is a 400 when `strict`, else None (try the upload)."""
     try:
-        same = np.array_equal(read_image(stripped, max_pixels=pixels.size), pixels)
-    except ImageDecodeError:
-        return None
-    return stripped if same else None
+        return read_image(data, max_pixels=settings.max_pixels)
+    except ImageDecodeError as exc:
+        if not strict:
+            return None
+        raise reject(400, "corrupt_image", _public_message(exc)) from None
+    except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
+        if not strict:
+            return None
+        log.warning("decoder raised %s on a %s upload", type(exc).__name__, info["format"])
+        raise reject(
+            400, "corrupt_image", f"cannot decode the {info['format']} pixels (truncated or corrupt?)"
+        ) from None
+
+
+def _wire_file(stripped: bytes | None, pixels: np.ndarray) -> bytes | None:
+    """The metadata-free upload `pixels` were decoded from, to send instead of them when it is smaller."""
+    return stripped if stripped is not None and len(stripped) < pixels.size else None
 
 
 def _public_message(exc: ImageDecodeError) -> str:

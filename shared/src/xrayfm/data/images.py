@@ -200,7 +200,8 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
     """Technical header facts without decoding pixels: format, width, height, bit depth, channels...
 
     DICOM adds photometric interpretation, frames, transfer syntax and modality; no patient fields.
-    Width and height are as `read_image` returns them (after EXIF orientation).
+    Width and height are as `read_image` returns them (after EXIF orientation); PNG and JPEG say their EXIF
+    `orientation` (1 when absent).
     """
     with _opened(source) as (name, fp):
         kind = _sniff(fp, name)
@@ -235,6 +236,7 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
                     "bit_depth": 16 if im.mode.startswith("I;16") else 32 if im.mode in ("I", "F") else 8,
                     "channels": len(im.getbands()),
                     "mode": im.mode,
+                    "orientation": int(orientation),  # EXIF (1: as stored)
                 }
         if max_pixels is not None:
             _check_size(name, info["width"], info["height"], max_pixels)

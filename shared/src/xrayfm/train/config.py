@@ -54,6 +54,14 @@ class JsonConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
+        # An optional setting given as "" is a mistake, not "unset": an empty path means the working folder.
+        empty = sorted(
+            f.name for f in dataclasses.fields(cls) if f.default is None and data.get(f.name) == ""
+        )
+        if empty:
+            raise XrayfmError(
+                f"empty {cls.__name__} settings: {list_offenders(empty)} (leave them out instead)"
+            )
         config = cls(**data)
         config.validate()
         return config
