@@ -302,7 +302,8 @@ def write_tables(out: Path, rows: list[dict], cells: list[dict], plot: str | Non
                 )
                 texts.append(f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{kappa}{fewer}")
             share = 100 * arm_rows["trainable_fraction"].iloc[0]
-            lines.append(f"| {arm} | {share:.2f}% | " + " | ".join(texts) + " |")
+            shown = f"{share:.2f}%" if share >= 0.01 else f"{share:.3g}%"  # a linear probe's head
+            lines.append(f"| {arm} | {shown} | " + " | ".join(texts) + " |")
         lines.append("")
     (out / "table.md").write_text("\n".join(lines))
 

@@ -83,6 +83,15 @@ def test_bad_config_files_and_values_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty.json").write_text(json.dumps({"kind": "mura", "root": "", "cache": ""}))
     assert main(["pretrain", "--config", str(tmp_path / "empty.json")]) == 1  # "" is not "unset"
     assert "empty PretrainConfig settings: cache, root" in capsys.readouterr().err
+    (tmp_path / "typed.json").write_text(
+        json.dumps({"cache": ["c"], "epochs": 2.5, "lr": 1, "labels": ["A"]})
+    )
+    assert main(["pretrain", "--config", str(tmp_path / "typed.json")]) == 1  # a list is not a path
+    err = capsys.readouterr().err
+    assert (
+        "wrong type of PretrainConfig settings: cache (list, expected str | None), epochs (float, expected int)"
+        in err
+    )
     assert main(["adapt", "--cache", "c", "--print-config"]) == 1
     assert "--foundation" in capsys.readouterr().err
     with pytest.raises(SystemExit):

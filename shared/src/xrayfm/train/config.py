@@ -62,6 +62,14 @@ class JsonConfig:
             raise XrayfmError(
                 f"empty {cls.__name__} settings: {list_offenders(empty)} (leave them out instead)"
             )
+        hints = _type_hints(cls)
+        mistyped = [
+            f"{k} ({type(v).__name__}, expected {_type_name(hints[k])})"
+            for k, v in data.items()
+            if not _fits(v, hints[k])
+        ]
+        if mistyped:
+            raise XrayfmError(f"wrong type of {cls.__name__} settings: {list_offenders(mistyped)}")
         config = cls(**data)
         config.validate()
         return config
@@ -476,6 +484,36 @@ def _pool_problems(pool: dict[str, Any]) -> list[str]:
 def _type_hints(cls: type) -> dict[str, Any]:
     """``typing.get_type_hints(cls)``, resolved once per class (the CLI asks for every field)."""
     return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    """'int', 'str | None', 'list[str]': an annotation as a person writes it."""
+    plain = isinstance(hint, type) and not typing.get_origin(hint)
+    return hint.__name__ if plain else str(hint).replace("typing.", "")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (str, int, float, bool, None, list, dict and
+    unions of them: what the configs use); a list for a path, say, is refused before anything opens it."""
+    origin = typing.get_origin(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        return any(_fits(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list or hint is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list | tuple) and all(item is Any or _fits(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # any other annotation is the dataclass's own business
 
 
 def field_type(cls: type, name: str) -> Any:
