@@ -18,7 +18,7 @@ from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, without_metadata
+from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within, without_metadata
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import REJECTED
@@ -285,9 +285,9 @@ def _check_dimensions(width: int, height: int, settings: GatewaySettings) -> Non
 
 def fit_within(pixels: np.ndarray, side: int) -> np.ndarray:
     """Downscale (aspect kept) so that the long side is at most `side`; smaller images are unchanged."""
-    height, width = pixels.shape
-    if max(height, width) <= side:
+    height, width = shape_within(pixels.shape, side)
+    if (height, width) == pixels.shape:
         return np.ascontiguousarray(pixels)
-    scale = side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+    return np.asarray(
+        Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    )

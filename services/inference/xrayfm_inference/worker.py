@@ -169,10 +169,10 @@ def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> Worker
     """One image's answer on the wire: its heatmap drawn on the image's geometry (at most
     XRAYFM_HEATMAP_SIDE on the long side), PNG, base64 (counted in its post-processing time); the model
     named is the one that ran its batch."""
-    from xrayfm.data.images import to_png_bytes
+    from xrayfm.data.images import shape_within, to_png_bytes
 
     t0 = time.perf_counter()
-    result = predictor.draw(result, _heatmap_shape(image_shape, SETTINGS.heatmap_side))
+    result = predictor.draw(result, shape_within(image_shape, SETTINGS.heatmap_side))
     heatmap = result.heatmap
     attention_map = None if heatmap is None else base64.b64encode(to_png_bytes(heatmap)).decode("ascii")
     encode_ms = 1000 * (time.perf_counter() - t0)
@@ -187,15 +187,6 @@ def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> Worker
         batch_size=result.batch_size,
         runtime=result.runtime,
     )
-
-
-def _heatmap_shape(image_shape: tuple[int, ...], side: int) -> tuple[int, int]:
-    """The image's (height, width) scaled so that the long side is at most `side` (0: unchanged)."""
-    height, width = int(image_shape[0]), int(image_shape[1])
-    if side <= 0 or max(height, width) <= side:
-        return height, width
-    scale = side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _load_model(ref) -> None:

@@ -167,6 +167,16 @@ def read_image_resized(
     return fit_square(_decode(source, max_pixels=max_pixels, draft_size=size), size, mode)
 
 
+def shape_within(shape: tuple[int, ...], side: int) -> tuple[int, int]:
+    """(height, width) scaled, aspect kept, so that the long side is at most `side`; a shape that already
+    fits, or `side` <= 0, is unchanged. The gateway's transport size and the worker's heatmap size."""
+    height, width = int(shape[0]), int(shape[1])
+    if side <= 0 or max(height, width) <= side:
+        return height, width
+    scale = side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def fit_square(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     """Resize a 2-D uint8 image to `size` x `size`.
 
