@@ -14,7 +14,7 @@ What it does, in one run:
    realistic small serving model; the weights do not change the speed);
 2. the bare model in the bench process, with the worker's runtime and threads: preprocessed batch ->
    logits + rollout maps (`Predictor.run`, what the worker's batch costs without decoding, queueing,
-   heatmap PNGs or HTTP), at batch 1, 2, 4, 8, 16, 32 once; the best images/s is the reference;
+   packing the maps or HTTP), at batch 1, 2, 4, 8, 16, 32 once; the best images/s is the reference;
 3. for each N in `--clients`: N asyncio clients post the images in turn for `--seconds` (the first
    quarter, at most 3 s, is warm-up and not counted), then the bare model again at its best batch for a
    few seconds, so each step has a bare figure measured next to it. Per step: images/s, p50/p99 latency,
@@ -181,18 +181,18 @@ def bare_sweep(predictor, pixels: list[np.ndarray], sizes: list[int], seconds: f
 
 
 def worker_batch_rate(predictor, images: list[np.ndarray], seconds: float) -> float:
-    """Images/s of what the worker's batcher runs per batch, in-process: preprocess, logits + rollout,
-    heatmaps back on each image, PNG + base64 (``xrayfm_inference.worker._run_batch`` without the
-    answer objects)."""
-    import base64
-
+    """Images/s of what the worker runs per batch, in-process: preprocess, logits + rollout, each map
+    packed for the wire (``xrayfm_inference.worker._run_batch`` and ``_answer`` without the answer
+    objects; the gateway draws the PNGs)."""
     import torch
 
-    from xrayfm.explain.overlay import to_png_bytes
+    from xrayfm_stack.protocol import ModelMap
+
+    pre = predictor.served.preprocessing
 
     def once() -> None:
-        for r in predictor.predict(images, explain_maps=True, method="rollout"):
-            base64.b64encode(to_png_bytes(r.heatmap))
+        for r in predictor.predict(images, explain_maps=True, method="rollout", draw=False):
+            ModelMap.from_array(r.model_map, pre.size, pre.mode, (256, 256))
 
     with torch.inference_mode():
         once()
@@ -251,7 +251,7 @@ async def drive(url: str, images: list[tuple[str, bytes]], clients: int, seconds
         per_image[key.replace("_ms", "_ms_per_image")] = (
             round(statistics.median(values), 1) if values else None
         )
-    for key in ("decode_ms", "queue_wait_ms", "worker_ms"):
+    for key in ("decode_ms", "queue_wait_ms", "worker_ms", "render_ms"):
         values = [t[key] for t, _ in stages if key in t]
         per_image[key] = round(statistics.median(values), 1) if values else None
     return {
@@ -385,7 +385,7 @@ def main() -> int:
             result["bare_best_batch"] = best
             best_batch = predictor.preprocess([pixels[i % len(pixels)] for i in range(best)])
             say(f"bare: {', '.join(f'b{b} {v:.1f}' for b, v in sweep.items())} img/s; best batch {best}")
-            # the worker's whole batch (pre/post-processing, PNG) in-process, at the best bare batch and
+            # the worker's whole batch (preprocessing, decisions, maps packed) in-process, at the best bare batch and
             # at the worker's largest batch: what the worker could do with no queue, HTTP or decoding
             from xrayfm_gateway.uploads import fit_within
             from xrayfm_stack.settings import GatewaySettings, InferenceSettings
@@ -453,7 +453,7 @@ def main() -> int:
         + f" img/s; best batch {best}"
     )
     print(
-        "worker's whole batch in-process (+ pre/post-processing, PNG): "
+        "worker's whole batch in-process (+ preprocessing, decisions, maps packed): "
         + ", ".join(f"b{b} {v}" for b, v in result["worker_batch_in_process_images_per_s"].items())
         + " img/s"
     )
@@ -474,13 +474,15 @@ def main() -> int:
     print(
         "\nWhere the time goes (medians from the answers' timings; the worker's batch stages divided by "
         "the batch size):\n\n| clients | gateway decode ms | queue wait ms | worker ms | preprocess ms/img "
-        "| model + rollout ms/img | heatmaps + PNG ms/img |\n|---:|---:|---:|---:|---:|---:|---:|"
+        "| model + rollout ms/img | decisions + maps ms/img | gateway heatmap PNG ms |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for s in result["steps"]:
         m = s["stage_medians"]
         print(
             f"| {s['clients']} | {m['decode_ms']} | {m['queue_wait_ms']} | {m['worker_ms']} | "
-            f"{m['preprocess_ms_per_image']} | {m['inference_ms_per_image']} | {m['postprocess_ms_per_image']} |"
+            f"{m['preprocess_ms_per_image']} | {m['inference_ms_per_image']} | {m['postprocess_ms_per_image']} | "
+            f"{m['render_ms']} |"
         )
     if "goal" in result:
         print(f"\ngoal: {result['goal']}")

@@ -6,17 +6,34 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import numpy as np
 from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from xrayfm.data.images import shape_within
 from xrayfm_gateway.app import create_app
 from xrayfm_gateway.deps import get_queue, get_training
 from xrayfm_gateway.queue import JobState, QueueUnavailable
-from xrayfm_stack.protocol import JobRecord, ModelInfo, PredictRequest, StudyAnswer, Timings, WorkerAnswer
+from xrayfm_stack.protocol import (
+    JobRecord,
+    ModelInfo,
+    ModelMap,
+    PredictRequest,
+    StudyAnswer,
+    Timings,
+    WorkerAnswer,
+)
 from xrayfm_stack.settings import GatewaySettings
 
 MODEL = ModelInfo(name="m", version="1", sha256="0" * 64, labels=["Abnormal"], input_size=64, device="cpu")
 READY_WORKER = {"hostname": "w1", "ready": True, "model": MODEL.model_dump()}
+
+
+def _model_map(image_shape: tuple[int, int]) -> ModelMap:
+    """As the worker sends it: a 4 x 4 map, hot on the left, to draw at most 256 px on the long side."""
+    heat = np.zeros((4, 4), np.float32)
+    heat[:, :2] = 1.0
+    return ModelMap.from_array(heat, 64, "pad", shape_within(image_shape, 256))
 
 
 class FakeQueue:
@@ -77,7 +94,7 @@ class FakeQueue:
             prediction="Abnormal" if p >= 0.5 else "Normal",
             probability=p,
             probabilities={"Abnormal": p},
-            attention_map="iVBORw0KGgo=" if request.explain else None,
+            model_map=_model_map(image.shape) if request.explain else None,
             explain_method=request.method if request.explain else None,
             model=MODEL,
             timings=Timings(inference_ms=3.0, queue_wait_ms=1.0),

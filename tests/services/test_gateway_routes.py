@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -12,15 +13,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway_fakes import READY_WORKER, FakeQueue, FakeTraining, gateway_client
-from svc_helpers import phantom, png_bytes
+from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
+from svc_helpers import decode_map, phantom, png_bytes
 from xrayfm_gateway.queue import JobState, QueueUnavailable
 from xrayfm_stack import store as model_store
 from xrayfm_stack.protocol import (
+    ModelMap,
     RejectionReason,
+    WorkerAnswer,
     WorkerRejection,
 )
 
@@ -109,6 +113,51 @@ def test_predict_answers_the_typed_prediction(http, fakes):
     assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
     no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
     assert no_map["attention_map"] is None
+
+
+def test_gateway_draws_the_workers_model_map(http, fakes):
+    queue, _ = fakes
+    body = http.post("/predict", files=_png(600, 300)).json()
+    heat = decode_map(body["attention_map"])
+    assert heat.shape == (256, 128) and heat.dtype == np.uint8  # the image's aspect, 256 px at most
+    assert heat[:, :40].min() > 200 and heat[:, 90:].max() < 55  # the fake's map: hot on the left
+    assert body["timings"]["render_ms"] > 0 and "model_map" not in body
+    study = http.post("/predict/study", files=[("files", _png(600, 300)["file"])] * 2).json()
+    assert all(decode_map(a["attention_map"]).shape == (256, 128) for a in study["images"])
+    assert all("model_map" not in a and a["timings"]["render_ms"] > 0 for a in study["images"])
+
+
+def test_answer_drawn_by_an_earlier_worker_passes_unchanged(http, fakes):
+    queue, _ = fakes
+    old = WorkerAnswer(prediction="Normal", probability=0.1, probabilities={"Abnormal": 0.1},
+                       attention_map="iVBORw0KGgo=", explain_method="rollout", model=MODEL)  # fmt: skip
+    queue.next_state = JobState("done", result=old)
+    body = http.post("/predict", files=_png()).json()
+    assert body["attention_map"] == "iVBORw0KGgo=" and "render_ms" not in body["timings"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"data": "not base64!"},
+        {"data": base64.b64encode(b"\0" * 12).decode()},  # 3 floats for a 4 x 4 map
+        {"data": base64.b64encode(np.full(16, np.nan, "<f4").tobytes()).decode()},
+        {"data": base64.b64encode(np.full(16, 2.0, "<f4").tobytes()).decode()},
+        {"mode": "zoom"},
+    ],
+)
+def test_unusable_model_map_is_a_clear_500_and_the_gateway_keeps_serving(http, fakes, bad):
+    queue, _ = fakes
+    good = ModelMap.from_array(np.zeros((4, 4), np.float32), 64, "pad", (96, 80))
+    broken = WorkerAnswer(prediction="Normal", probability=0.1, probabilities={"Abnormal": 0.1},
+                          model_map=good.model_copy(update=bad), explain_method="rollout", model=MODEL)  # fmt: skip
+    queue.next_state = JobState("done", result=broken)
+    body = _error(http.post("/predict", files=_png()), 500, "inference_failed")
+    assert "model map" in body["detail"] and "nan" not in body["detail"].lower()
+    job_id = http.post("/jobs", files=_png()).json()["job_id"]
+    assert http.get(f"/jobs/{job_id}").json()["status"] == "failed"  # polled: failed, with the reason
+    queue.next_state = None
+    assert http.post("/predict", files=_png()).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from svc_helpers import phantom, png_bytes
+from svc_helpers import decode_map, phantom, png_bytes
 from xrayfm.data.images import read_image
 from xrayfm.errors import XrayfmError
-from xrayfm.inference import Preprocessing
 from xrayfm_gateway.uploads import fit_within
 from xrayfm_inference.batcher import MicroBatcher
-from xrayfm_stack.protocol import PredictRequest, ProtocolError
+from xrayfm_stack.protocol import ModelInfo, ModelMap, PredictRequest, ProtocolError, WorkerAnswer
 from xrayfm_stack.settings import GatewaySettings, InferenceSettings, QueueSettings
 from xrayfm_stack.store import promote, resolve_model, version_dir
 
@@ -141,19 +140,18 @@ def test_model_store_resolution_and_promotion(tmp_path):
 
 
 def test_heatmap_geometry_inverts_the_letterbox():
-    from xrayfm.inference import heatmap_on_image
+    from xrayfm.explain.overlay import heatmap_on_image
 
-    pre = Preprocessing(size=64, mode="pad")
     heat = np.zeros((4, 4), np.float32)
     heat[:, :2] = 1.0  # the left half of the model's square input is hot
     # A tall image (100 x 50) fills the middle half of the square (columns 16..48 of 64): its left
     # edge lies in hot patch column 1, its right edge in cold column 2 (bilinear between their centres).
-    out = heatmap_on_image(heat, (100, 50), pre)
+    out = heatmap_on_image(heat, (100, 50), 64, "pad")
     assert out.shape == (100, 50) and out.dtype == np.uint8
     assert out[:, :10].min() > 200 and out[:, 40:].max() < 55
-    stretched = heatmap_on_image(heat, (100, 50), Preprocessing(size=64, mode="stretch"))
+    stretched = heatmap_on_image(heat, (100, 50), 64, "stretch")
     assert stretched[:, :10].min() > 200 and stretched[:, 40:].max() < 55
-    cropped = heatmap_on_image(np.ones((4, 4), np.float32), (100, 50), Preprocessing(size=64, mode="crop"))
+    cropped = heatmap_on_image(np.ones((4, 4), np.float32), (100, 50), 64, "crop")
     assert cropped[:25].max() == 0 and cropped[40:60].min() == 255  # only the central square is covered
 
 
@@ -223,6 +221,29 @@ def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
         assert batch_result.probabilities == pytest.approx(single.probabilities, abs=1e-5)
         np.testing.assert_array_equal(batch_result.heatmap, single.heatmap)
     assert together[0].batch_size == 2
+
+
+def test_model_map_drawn_at_the_gateway_equals_the_library_drawing(tiny_model_factory):
+    """The worker sends the model's map (float32) and the geometry; the gateway's PNG is pixel-equal to
+    the heatmap the library draws in process, for every fitting mode."""
+    from xrayfm.inference import Predictor
+
+    for mode in ("pad", "crop", "stretch"):
+        predictor = Predictor(tiny_model_factory(["A"], preprocessing={"size": 64, "mode": mode}))
+        image = phantom(90, 50, seed=4)
+        (raw,) = predictor.predict([image], draw=False)
+        (drawn,) = predictor.predict([image])
+        pre = predictor.served.preprocessing
+        assert pre.mode == mode
+        model_map = ModelMap.from_array(raw.model_map, pre.size, pre.mode, image.shape)
+        wire = WorkerAnswer.model_validate_json(  # through JSON, as through Redis
+            WorkerAnswer(prediction=raw.prediction, probability=raw.probability,
+                         probabilities=raw.probabilities, model_map=model_map,
+                         model=ModelInfo(name="m", version="1", sha256="0" * 64, labels=["A"],
+                                         input_size=64, device="cpu")).model_dump_json()
+        )  # fmt: skip
+        assert len(base64.b64decode(wire.model_map.data)) == 4 * raw.model_map.size
+        np.testing.assert_array_equal(decode_map(wire.drawn().attention_map), drawn.heatmap)
 
 
 def test_label_count_mismatch_is_refused_at_load(tmp_path):

@@ -6,10 +6,15 @@ Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gate
                      "explain": true, "method": "rollout", "submitted_at": <unix time>}
                     or, instead of "pixels", "encoded": "<base64 of the uploaded PNG/JPEG file>" when that
                     file is smaller than its pixels and decodes to exactly them (fewer bytes on the wire)
-    WorkerAnswer    {"prediction", "probability", "probabilities", "attention_map": "<base64 PNG>" | null,
+    WorkerAnswer    {"prediction", "probability", "probabilities", "model_map": ModelMap | null,
                      "explain_method", "model": ModelInfo, "timings": Timings, "batch_size", "worker"}
+                    ModelMap: the explanation over the model's input (float32, e.g. 14 x 14) and the
+                    geometry to draw it on; the gateway draws it into "attention_map" (a base64 PNG on
+                    the image's own aspect). A worker of an earlier release sends "attention_map" drawn
+                    instead, which the gateway passes on: upgrade gateways before workers.
     WorkerRejection {"error": {"type": "bad_request", "message": "..."}}   (the request was unusable)
-    Prediction      a WorkerAnswer plus the gateway's "image" facts and "job_id": the answer of /predict
+    Prediction      an ImageAnswer (a WorkerAnswer with its map drawn) plus the gateway's "image" facts
+                    and "job_id": the answer of /predict
 
 A request is grey pixels and options, never a file name or a header. Training jobs travel as a job id;
 their :class:`JobSpec` and :class:`JobRecord` live in Redis (:mod:`xrayfm_stack.jobs`). The gateway's
@@ -26,13 +31,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from xrayfm.data.images import read_image
+from xrayfm.data.images import RESIZE_MODES, read_image, to_png_bytes
 from xrayfm.errors import ImageDecodeError, XrayfmError
 from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
 
 PREDICT_TASK = "xrayfm.predict"
 PREDICT_STUDY_TASK = "xrayfm.predict_study"  # several images of one study, batched in one worker call
 MAX_SIDE = 4096  # a request larger than this on either side is refused by the worker (the gateway sends less)
+MAX_MAP_SIDE = 1024  # a model map is a patch or feature grid: 14 x 14 for a ViT/16 at 224 px
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 JobKind = Literal["pretrain", "adapt", "evaluate", "tune"]
 JOB_KINDS: tuple[str, ...] = JobKind.__args__
@@ -180,7 +186,8 @@ class Timings(BaseModel):
     queue_wait_ms: float | None = Field(None, description="from queued to picked up by a worker")
     preprocess_ms: float | None = None
     inference_ms: float | None = Field(None, description="the model's forward pass (+ heatmap) for the batch")
-    postprocess_ms: float | None = Field(None, description="decisions and heatmap PNGs")
+    postprocess_ms: float | None = Field(None, description="decisions and packing the heatmaps (worker)")
+    render_ms: float | None = Field(None, description="drawing the heatmap PNG on the image (gateway)")
     worker_ms: float | None = Field(None, description="from picked up to answered, in the worker")
     total_ms: float | None = Field(None, description="the whole request, at the gateway (/predict only)")
 
@@ -197,8 +204,66 @@ class ImageInfo(BaseModel):
     height: int
 
 
-class WorkerAnswer(BaseModel):
-    """What the inference worker answers for one image."""
+class ModelMap(BaseModel):
+    """An explanation over the model's square input, as the model computed it, and where to draw it.
+
+    The worker sends this instead of a drawn PNG: ~1 KB against ~46 KB, and drawing (upsample, invert
+    the letterbox, PNG, base64: ~1.5 ms a map) moves from the model's CPU to the gateway's, which scale
+    apart. Float32, so the gateway draws exactly what the worker would have."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data: str = Field(description="base64 of height*width float32 (little-endian, row-major) in [0, 1]")
+    height: int = Field(ge=1, le=MAX_MAP_SIDE)
+    width: int = Field(ge=1, le=MAX_MAP_SIDE)
+    input_size: int = Field(ge=1, le=MAX_SIDE, description="the model's square input side, px")
+    mode: str = Field(description="how the image was fitted to that square: pad | crop | stretch")
+    out_height: int = Field(ge=1, le=MAX_SIDE, description="the drawn map's height (the image's aspect)")
+    out_width: int = Field(ge=1, le=MAX_SIDE)
+
+    @classmethod
+    def from_array(cls, heat: np.ndarray, input_size: int, mode: str, out_shape: tuple[int, int]) -> ModelMap:
+        """Pack a 2-D map (values in [0, 1]) computed on a `input_size` square input fitted in `mode`."""
+        arr = np.ascontiguousarray(heat, dtype="<f4")
+        if arr.ndim != 2:
+            raise ProtocolError(f"a model map is 2-D, got shape {arr.shape}")
+        return cls(
+            data=base64.b64encode(arr.tobytes()).decode("ascii"),
+            height=int(arr.shape[0]),
+            width=int(arr.shape[1]),
+            input_size=int(input_size),
+            mode=str(mode),
+            out_height=int(out_shape[0]),
+            out_width=int(out_shape[1]),
+        )
+
+    def array(self) -> np.ndarray:
+        """The map; :class:`ProtocolError` when the data does not match its size or lies outside [0, 1]."""
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"malformed model map: not base64 ({exc})") from None
+        if len(raw) != 4 * self.height * self.width:
+            raise ProtocolError(
+                f"malformed model map: {len(raw)} bytes, expected 4 x {self.height} x {self.width}"
+            )
+        heat = np.frombuffer(raw, dtype="<f4").reshape(self.height, self.width)
+        if not np.isfinite(heat).all() or heat.min() < 0.0 or heat.max() > 1.0:
+            raise ProtocolError("malformed model map: values must be finite and in [0, 1]")
+        return heat
+
+    def draw(self) -> str:
+        """The map drawn on the image's geometry: a base64 8-bit grey PNG (ProtocolError when malformed)."""
+        from xrayfm.explain.overlay import heatmap_on_image
+
+        if self.mode not in RESIZE_MODES:
+            raise ProtocolError(f"malformed model map: unknown mode {self.mode!r}")
+        heat = heatmap_on_image(self.array(), (self.out_height, self.out_width), self.input_size, self.mode)
+        return base64.b64encode(to_png_bytes(heat)).decode("ascii")
+
+
+class ImageAnswer(BaseModel):
+    """One image's answer, as callers get it."""
 
     prediction: str = Field(
         description="decision: the label (or 'Normal' under the threshold), or the top label"
@@ -207,8 +272,9 @@ class WorkerAnswer(BaseModel):
         description="probability of the predicted label (binary: of the positive label)"
     )
     attention_map: str | None = Field(
+        None,
         description="base64 8-bit grey PNG with the image's aspect ratio, 255 = most attended; "
-        "null when explain=false"
+        "null when explain=false",
     )
     probabilities: dict[str, float]
     explain_method: str | None = None
@@ -221,6 +287,23 @@ class WorkerAnswer(BaseModel):
         description="what computed this answer (torch, onnxruntime, onnxruntime-int8); methods that need "
         "gradients always run in torch",
     )
+
+
+class WorkerAnswer(ImageAnswer):
+    """What the inference worker answers for one image: an :class:`ImageAnswer` whose heatmap is still the
+    model's map (``model_map``), for the gateway to draw (:meth:`drawn`)."""
+
+    model_map: ModelMap | None = None
+
+    def drawn(self) -> ImageAnswer:
+        """The caller's answer: the model map drawn into ``attention_map`` (time in ``timings.render_ms``).
+        An answer from an earlier worker, already drawn, passes as it is."""
+        fields = self.model_dump(exclude={"model_map"})
+        if self.model_map is not None:
+            t0 = time.perf_counter()
+            fields["attention_map"] = self.model_map.draw()
+            fields["timings"]["render_ms"] = 1000 * (time.perf_counter() - t0)
+        return ImageAnswer.model_validate(fields)
 
 
 class RejectionReason(BaseModel):
@@ -258,7 +341,7 @@ def parse_worker_reply(payload: Any) -> WorkerAnswer | StudyAnswer | WorkerRejec
     return WorkerAnswer.model_validate(payload)
 
 
-class Prediction(WorkerAnswer):
+class Prediction(ImageAnswer):
     """The answer to ``POST /predict``."""
 
     image: ImageInfo
@@ -267,6 +350,8 @@ class Prediction(WorkerAnswer):
 
 class StudyPrediction(StudyAnswer):
     """The answer to ``POST /predict/study`` (``images[k]`` and ``image_info[k]``: the k-th file sent)."""
+
+    images: list[ImageAnswer] = Field(description="each image's own answer, in the order sent")
 
     image_info: list[ImageInfo]
     job_id: str

@@ -8,7 +8,6 @@ Run with a thread pool (requests wait in threads while the batcher runs the mode
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import threading
@@ -32,6 +31,7 @@ from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
     ModelInfo,
+    ModelMap,
     PredictRequest,
     RejectionReason,
     StudyAnswer,
@@ -157,8 +157,7 @@ def start_runtime(hostname: str) -> Runtime:
 def _run_batch(images: list, explain_maps: bool, method: str) -> list[tuple[Any, Any]]:
     """One batch on the predictor current at this batch boundary: (that predictor, its result) per image.
 
-    The heatmaps stay over the model's input here; each request's own thread draws and encodes its map
-    (:func:`_answer`), so the batcher runs the next batch meanwhile."""
+    The heatmaps stay over the model's input: the gateway draws them (:func:`_answer`)."""
     predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
     method = _method_for(predictor, method)
     results = predictor.predict(images, explain_maps=explain_maps, method=method, draw=False)
@@ -166,24 +165,26 @@ def _run_batch(images: list, explain_maps: bool, method: str) -> list[tuple[Any,
 
 
 def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> WorkerAnswer:
-    """One image's answer on the wire: its heatmap drawn on the image's geometry (at most
-    XRAYFM_HEATMAP_SIDE on the long side), PNG, base64 (counted in its post-processing time); the model
-    named is the one that ran its batch."""
-    from xrayfm.data.images import shape_within, to_png_bytes
+    """One image's answer on the wire, with its heatmap as the model's map and the geometry to draw it on
+    (the image's aspect, at most XRAYFM_HEATMAP_SIDE on the long side): the gateway draws the PNG, off
+    this CPU (:class:`ModelMap`). The model named is the one that ran its batch."""
+    from xrayfm.data.images import shape_within
 
     t0 = time.perf_counter()
-    result = predictor.draw(result, shape_within(image_shape, SETTINGS.heatmap_side))
-    heatmap = result.heatmap
-    attention_map = None if heatmap is None else base64.b64encode(to_png_bytes(heatmap)).decode("ascii")
-    encode_ms = 1000 * (time.perf_counter() - t0)
+    model_map = None
+    if result.model_map is not None:
+        pre = predictor.served.preprocessing
+        out_shape = shape_within(image_shape, SETTINGS.heatmap_side)
+        model_map = ModelMap.from_array(result.model_map, pre.size, pre.mode, out_shape)
+    pack_ms = 1000 * (time.perf_counter() - t0)
     return WorkerAnswer(
         prediction=result.prediction,
         probability=result.probability,
         probabilities=result.probabilities,
-        attention_map=attention_map,
+        model_map=model_map,
         explain_method=result.explain_method,
         model=model_info(predictor),
-        timings=Timings(**{**result.timings, "postprocess_ms": result.timings["postprocess_ms"] + encode_ms}),
+        timings=Timings(**{**result.timings, "postprocess_ms": result.timings["postprocess_ms"] + pack_ms}),
         batch_size=result.batch_size,
         runtime=result.runtime,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
@@ -60,6 +61,7 @@ async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
     if job.status not in ("done", "failed"):
         return JobStatus(job_id=job_id, status=job.status)
     try:
-        return JobStatus(job_id=job_id, status="done", result=prediction_from(job_id, job, record))
+        result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record)
+        return JobStatus(job_id=job_id, status="done", result=result)
     except APIError as exc:
         return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")

@@ -18,8 +18,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from xrayfm.data.images import read_image
-    from xrayfm.explain.overlay import render_overlay, to_png_bytes
-    from xrayfm.inference import Predictor, heatmap_on_image, load_served_model
+    from xrayfm.explain.overlay import heatmap_on_image, render_overlay, to_png_bytes
+    from xrayfm.inference import Predictor, load_served_model
     from xrayfm.utils import to_jsonable
 
     served = load_served_model(args.checkpoint, device=args.device)
@@ -34,7 +34,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         logits, maps = predictor.forward(batch, True, method)
         probs = served.probabilities(logits)[0]
         answer = predictor.decide(probs)
-        heat = heatmap_on_image(maps[0], image.shape, served.preprocessing)
+        pre = served.preprocessing
+        heat = heatmap_on_image(maps[0], image.shape, pre.size, pre.mode)
         overlay = render_overlay(image, heat.astype(np.float32) / 255.0, alpha=args.alpha)
         stem = path.stem if path.stem not in used else f"{path.stem}_{len(used)}"  # same names, other folders
         used.add(stem)

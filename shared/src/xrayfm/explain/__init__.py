@@ -22,6 +22,7 @@ _EXPORTS = {
     "explain": "xrayfm.explain.api",
     "methods_for": "xrayfm.explain.api",
     "Overlay": "xrayfm.explain.overlay",
+    "heatmap_on_image": "xrayfm.explain.overlay",
     "make_overlay": "xrayfm.explain.overlay",
     "render_overlay": "xrayfm.explain.overlay",
     "to_base64_png": "xrayfm.explain.overlay",

@@ -59,6 +59,33 @@ def _linear_resize(values: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     return out
 
 
+def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: str) -> np.ndarray:
+    """Map an explanation over the model's square input (`size` px, made from the image by ``fit_square``
+    in `mode`) back onto the image's own geometry: uint8 H x W, 255 = most attended.
+
+    Hand-written because it inverts ``fit_square`` (pad: cut the letterbox off; crop: the map covers the
+    central square, the cropped sides get 0; stretch: resize), which the library does not offer. Torch-free:
+    the gateway draws the worker's maps with it.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if mode == "stretch":
+        out = upsample_heatmap(heat, (height, width))
+    elif mode == "pad":
+        square = upsample_heatmap(heat, (size, size))
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        out = upsample_heatmap(square[top : top + new_h, left : left + new_w], (height, width))
+    elif mode == "crop":
+        side = min(height, width)
+        out = np.zeros((height, width), dtype=np.float32)
+        top, left = (height - side) // 2, (width - side) // 2
+        out[top : top + side, left : left + side] = upsample_heatmap(heat, (side, side))
+    else:
+        raise XrayfmError(f"unknown resize mode {mode!r}; expected pad, crop or stretch")
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     """uint8 HxW (grey), HxWx1 or HxWx3 -> HxWx3 uint8."""
     img = np.asarray(image)

@@ -32,9 +32,9 @@ from xrayfm.explain import (
     canonical_method,
     explain,
     gradcam,
+    heatmap_on_image,
     methods_for,
     predict_with_rollout,
-    upsample_heatmap,
 )
 from xrayfm.models.checkpoint import load_any
 from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
@@ -327,7 +327,8 @@ class Predictor:
         if result.model_map is None:
             return result
         t0 = time.perf_counter()
-        heatmap = heatmap_on_image(result.model_map, image_shape, self.served.preprocessing)
+        pre = self.served.preprocessing
+        heatmap = heatmap_on_image(result.model_map, image_shape, pre.size, pre.mode)
         ms = result.timings.get("postprocess_ms", 0.0) + 1000 * (time.perf_counter() - t0)
         return replace(
             result, heatmap=heatmap, model_map=None, timings={**result.timings, "postprocess_ms": ms}
@@ -352,27 +353,3 @@ class Predictor:
             raise XrayfmError("a study needs at least one image")
         means = [float(np.mean([d.probabilities[label] for d in images])) for label in self.served.labels]
         return self.decide(np.asarray(means))
-
-
-def heatmap_on_image(heat: np.ndarray, image_shape: tuple[int, ...], pre: Preprocessing) -> np.ndarray:
-    """Map an explanation over the model's square input back onto the image's own geometry: uint8 H x W.
-
-    Hand-written because it inverts ``fit_square`` (pad: cut the letterbox off; crop: the map covers the
-    central square, the cropped sides get 0; stretch: resize), which the library does not offer.
-    """
-    height, width = int(image_shape[0]), int(image_shape[1])
-    size = pre.size
-    if pre.mode == "stretch":
-        out = upsample_heatmap(heat, (height, width))
-    elif pre.mode == "pad":
-        square = upsample_heatmap(heat, (size, size))
-        scale = size / max(height, width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        out = upsample_heatmap(square[top : top + new_h, left : left + new_w], (height, width))
-    else:  # crop
-        side = min(height, width)
-        out = np.zeros((height, width), dtype=np.float32)
-        top, left = (height - side) // 2, (width - side) // 2
-        out[top : top + side, left : left + side] = upsample_heatmap(heat, (side, side))
-    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
