@@ -322,7 +322,7 @@ def write_tables(out: Path, rows: list[dict], cells: list[dict], plot: str | Non
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set(
             xlabel="fraction of training labels",
-            ylabel="study AUROC" if task == "mura" else "mean AUROC",
+            ylabel={"mura": "study AUROC", "nih": "mean AUROC"}.get(task, "AUROC"),
             title=task,
         )
         ax.grid(True, which="both", alpha=0.3)
