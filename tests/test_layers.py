@@ -114,9 +114,11 @@ def test_import_checker_sees_local_and_relative_imports() -> None:
 
 
 # -- fresh interpreters -----------------------------------------------------------------------------------
-def fresh_modules(code: str, block_torch: bool = False) -> set[str]:
-    """Run `code` in a new interpreter; return the names in its sys.modules afterwards."""
-    prelude = "import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
+def fresh_modules(code: str, block_torch: bool = False, block: tuple[str, ...] = ()) -> set[str]:
+    """Run `code` in a new interpreter (with torch and the `block` packages made unimportable); return
+    the names in its sys.modules afterwards."""
+    blocked = (("torch",) if block_torch else ()) + block
+    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
     epilogue = "\nimport json\nprint(json.dumps(sorted(sys.modules)))\n"
     result = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
@@ -210,3 +212,24 @@ def test_torch_free_modules_import_without_torch(module: str) -> None:
         block_torch=True,
     )
     assert module in modules
+
+
+@pytest.mark.slow
+def test_the_gateway_draws_heatmaps_without_torch_or_matplotlib() -> None:
+    """The gateway's image has neither: it must import, and draw a worker's map, without them."""
+    modules = fresh_modules(
+        """
+        import base64, io
+        import numpy as np
+        from PIL import Image
+        import xrayfm_gateway.app
+        from xrayfm_stack.protocol import ModelMap
+
+        heat = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+        png = base64.b64decode(ModelMap.from_array(heat, 64, "pad", (30, 20)).draw())
+        assert np.asarray(Image.open(io.BytesIO(png))).shape == (30, 20)
+        """,
+        block_torch=True,
+        block=("matplotlib",),
+    )
+    assert "xrayfm_gateway.app" in modules and "xrayfm.explain.overlay" in modules

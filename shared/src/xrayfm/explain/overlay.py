@@ -1,6 +1,8 @@
 """Render an explanation map over a radiograph: upsample, colour-map, blend; PNG bytes / base64.
 
-numpy, PIL and matplotlib only, no torch: the web frontend draws overlays without it. Maps may still be
+numpy and PIL, no torch: the web frontend draws overlays without it, and the gateway draws the workers'
+heatmaps (:func:`heatmap_on_image`) without matplotlib either (its image has none: matplotlib is imported
+only to colour an overlay). Maps may still be
 given as CPU torch tensors (anything ``np.asarray`` reads).
 """
 
@@ -10,7 +12,6 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
 import numpy as np
 
 from xrayfm.data.images import to_png_bytes
@@ -107,6 +108,8 @@ def render_overlay(
 
     `alpha` is the heat map's opacity (0 = radiograph only, 1 = heat map only). Returns HxWx3 uint8.
     """
+    import matplotlib  # here, not at the top: drawing grey heatmaps (the gateway) needs no matplotlib
+
     if not 0.0 <= alpha <= 1.0:
         raise XrayfmError(f"alpha must be in [0, 1], got {alpha}")
     try:
