@@ -172,10 +172,12 @@ def run(seconds: float, clients: int, home: Path, say=print) -> dict[str, Any]:
                         stack.procs.remove(proc)
                     redis_proc = stack.start_redis(redis_port)
                     training_redis = stack.start_redis(training_port, data_dir=home / "training-redis")
+            if worker.popen.poll() is not None:  # nothing here stops it: say why it did, and stop
+                raise RuntimeError(
+                    f"the inference worker exited ({worker.popen.returncode}):\n{worker.log_tail()}"
+                )
             memory["gateway"].append(rss_mb(gateway.pid))
             memory["worker"].append(rss_mb(worker.pid))
-            if worker.popen.poll() is not None:
-                say(f"  the inference worker exited ({worker.popen.returncode}):\n{worker.log_tail()}")
             time.sleep(1.0)
         stop.set()
         for thread in threads:

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -130,3 +131,43 @@ def test_not_ready_states_and_redis_stopped(private_stack, tmp_path):
     resp = httpx.get(f"{url}/jobs/9b2f7a1e-0000-4000-8000-000000000000", timeout=10)
     assert resp.status_code == 503
     assert time.monotonic() - start < 5.0  # quickly, not after retries or timeouts
+
+
+def test_late_ack_on_a_channel_closed_by_a_lost_connection_stops_nothing_and_keeps_the_message() -> None:
+    """kombu 5.7 closes a lost connection's channel by setting its connection to None; the late ack of a
+    task that finishes just after must not raise (Celery would stop the worker: seen in the soak) and the
+    message must stay in Redis, to be delivered again."""
+    import kombu
+
+    from xrayfm_stack.celery import inference_celery
+    from xrayfm_stack.settings import QueueSettings
+
+    url, name = "redis://127.0.0.1:6379/14", f"xrayfm-test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    app = inference_celery(QueueSettings(redis_url=url, queue=name))
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        queue = kombu.Queue(name, channel=channel)
+        queue.declare()
+        kombu.Producer(channel).publish({"n": 1}, routing_key=name, serializer="json")
+        message = queue.get(no_ack=False)
+        tag = message.delivery_tag
+        try:
+            assert client.hexists("unacked", tag) and client.llen(name) == 0  # held, not acknowledged
+            # The state Celery's consumer leaves the old channel in after a lost connection (seen in the
+            # soak's worker log): closed, no connection and no connection pool left to build a client from.
+            channel.close()
+            channel._disconnect_pools()
+            assert channel.connection is None
+            message.ack()  # the late ack: before the fix, AttributeError
+            # Not lost: handed back to the queue (Redis up, as here), or still in the unacked index
+            # (Redis down) for redelivery after the visibility timeout.
+            assert client.llen(name) == 1 or client.hexists("unacked", tag)
+        finally:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+            client.delete(name)

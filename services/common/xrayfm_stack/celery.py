@@ -26,10 +26,15 @@ TRAIN_TASK = "xrayfm.train_job"
 
 
 class _QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, except that failing to hand unacknowledged messages back while the broker is gone
-    is not fatal. kombu 5.7 closes the channel of a lost connection by building a new client from a
-    connection it has already released (AttributeError), which made Celery stop the whole worker when Redis
-    restarted. Unacknowledged messages are redelivered after the visibility timeout anyway."""
+    """kombu's Redis QoS, except that a channel whose connection is already gone does not stop the worker.
+
+    kombu 5.7 reaches Redis through ``channel.connection``, which it sets to None when it closes the channel
+    of a lost connection; anything that then touches the old channel raises AttributeError, which Celery
+    treats as unrecoverable and exits. Two paths did so when Redis restarted under load (the soak):
+    handing unacknowledged messages back, and the late ack of a task that finished just after the
+    reconnection (its message belongs to the closed channel). Either is now a warning: the message stays
+    in Redis's unacked index and is redelivered after the visibility timeout (a prediction is answered
+    twice at worst; a training job resumes from its checkpoint and publishes once)."""
 
     def restore_unacked_once(self, stderr=None):  # noqa: D102 (kombu's)
         try:
@@ -37,6 +42,16 @@ class _QoS(kombu_redis.QoS):
         except (AttributeError, RedisError, OSError) as exc:
             log.warning("could not hand unacknowledged messages back now (%s); they are redelivered "
                         "after the visibility timeout", type(exc).__name__)  # fmt: skip
+            return None
+
+    def ack(self, delivery_tag):  # noqa: D102 (kombu's)
+        try:
+            return super().ack(delivery_tag)
+        except AttributeError:
+            if self.channel.connection is not None:
+                raise  # not the closed-channel case: a real bug, keep it loud
+            log.warning("could not acknowledge a message on a channel closed by a lost connection; "
+                        "it is redelivered after the visibility timeout")  # fmt: skip
             return None
 
 
