@@ -289,7 +289,7 @@ class Predictor:
         `method` None draws the model's default map (rollout for a ViT, Grad-CAM for a CNN); a method
         the model does not support raises an XrayfmError before any work ("rollout needs a ViT").
         `draw` False leaves each heatmap over the model's input (`model_map`) for :meth:`draw`: the
-        inference worker draws it in the request's own thread while the next batch runs."""
+        inference worker sends it as it is, and the gateway draws it with :func:`heatmap_on_image`."""
         if explain_maps:
             method = self.method(method)
         t0 = time.perf_counter()
