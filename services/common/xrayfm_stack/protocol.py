@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from xrayfm.data.images import RESIZE_MODES, read_image, to_png_bytes
+from xrayfm.data.images import read_image, to_png_bytes
 from xrayfm.errors import ImageDecodeError, XrayfmError
 from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
 
@@ -256,10 +256,12 @@ class ModelMap(BaseModel):
         """The map drawn on the image's geometry: a base64 8-bit grey PNG (ProtocolError when malformed)."""
         from xrayfm.explain.overlay import heatmap_on_image
 
-        if self.mode not in RESIZE_MODES:
-            raise ProtocolError(f"malformed model map: unknown mode {self.mode!r}")
-        heat = heatmap_on_image(self.array(), (self.out_height, self.out_width), self.input_size, self.mode)
-        return base64.b64encode(to_png_bytes(heat)).decode("ascii")
+        heat = self.array()
+        try:  # its own checks (the fitting mode) name what is wrong
+            drawn = heatmap_on_image(heat, (self.out_height, self.out_width), self.input_size, self.mode)
+        except XrayfmError as exc:
+            raise ProtocolError(f"malformed model map: {exc}") from None
+        return base64.b64encode(to_png_bytes(drawn)).decode("ascii")
 
 
 class ImageAnswer(BaseModel):

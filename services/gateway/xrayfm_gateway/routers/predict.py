@@ -202,10 +202,12 @@ def prediction_from(
         ) from None
     timings = {key: round(float(value), 3) for key, value in answer.timings.model_dump().items()}
     timings["decode_ms"] = round(float(record.get("decode_ms", 0.0)), 3)
+    if not isinstance(answer, StudyAnswer) and drawn[0].timings.render_ms is not None:
+        timings["render_ms"] = round(drawn[0].timings.render_ms, 3)  # a study's images keep their own
+    if started is not None:
+        timings["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
     PREDICTIONS.labels("ok").inc()
     if isinstance(answer, StudyAnswer):
-        if started is not None:
-            timings["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return StudyPrediction(
             **answer.model_dump(exclude={"timings", "images"}),
             images=drawn,
@@ -213,12 +215,8 @@ def prediction_from(
             image_info=[ImageInfo(**facts) for facts in record["images"]],
             job_id=job_id,
         )
-    image = drawn[0]
-    timings.update({k: round(float(v), 3) for k, v in image.timings.model_dump().items() if k == "render_ms"})
-    if started is not None:
-        timings["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
     return Prediction(
-        **image.model_dump(exclude={"timings"}),
+        **drawn[0].model_dump(exclude={"timings"}),
         timings=Timings(**timings),
         image=ImageInfo(**record["image"]),
         job_id=job_id,
