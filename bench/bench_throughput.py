@@ -115,7 +115,8 @@ _SAMPLE = re.compile(r'^(xrayfm_worker_\w+?)(?:\{le="([^"]+)"\})?\s+([0-9.eE+-]+
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The worker's batch-size histogram (buckets, sum, count) and inference seconds, as flat keys."""
+    """The worker's batch-size histogram (buckets, sum, count), inference seconds and batch max, as flat
+    keys."""
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
@@ -127,6 +128,7 @@ def scrape(url: str) -> dict[str, float]:
         if name == "xrayfm_worker_batch_size_bucket" and le is not None:
             out[f"le_{le.removesuffix('.0')}"] = float(value)
         elif name in (
+            "xrayfm_worker_batch_max",
             "xrayfm_worker_batch_size_sum",
             "xrayfm_worker_batch_size_count",
             "xrayfm_worker_inference_seconds_sum",
@@ -155,29 +157,6 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict:
 
 
 # -- the bare model ------------------------------------------------------------------------------------
-
-
-def bare_rate(predictor, batch, seconds: float) -> float:
-    """Images/s of `predictor.run` (logits + rollout) on a preprocessed batch: one warm-up, then repeats
-    for at least `seconds` (and at least 2)."""
-    import torch
-
-    with torch.inference_mode():
-        predictor.run(batch, True, "rollout")
-        runs, start = 0, time.perf_counter()
-        while runs < 2 or time.perf_counter() - start < seconds:
-            predictor.run(batch, True, "rollout")
-            runs += 1
-        elapsed = time.perf_counter() - start
-    return runs * int(batch.shape[0]) / elapsed
-
-
-def bare_sweep(predictor, pixels: list[np.ndarray], sizes: list[int], seconds: float) -> dict[int, float]:
-    out = {}
-    for b in sizes:
-        batch = predictor.preprocess([pixels[i % len(pixels)] for i in range(b)])
-        out[b] = bare_rate(predictor, batch, seconds)
-    return out
 
 
 def worker_batch_rate(predictor, images: list[np.ndarray], seconds: float) -> float:
@@ -284,7 +263,10 @@ def main() -> int:
     parser.add_argument("--bare-sizes", default="1,2,4,8,16,32")
     parser.add_argument("--bare-seconds", type=float, default=2.0, help="per batch size in the sweep")
     parser.add_argument(
-        "--batch-max", type=int, default=None, help="XRAYFM_BATCH_MAX (default: the worker's)"
+        "--batch-max",
+        type=int,
+        default=None,
+        help="XRAYFM_BATCH_MAX (default: auto, the worker measures its model at load)",
     )
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="XRAYFM_BATCH_WAIT_MS")
     parser.add_argument("--concurrency", type=int, default=16, help="worker threads (the compose image's 16)")
@@ -312,7 +294,7 @@ def main() -> int:
     import torch
 
     from xrayfm.data.images import read_image
-    from xrayfm.inference import load_served_model
+    from xrayfm.inference import batching, load_served_model
     from xrayfm.inference.runtime import make_predictor
 
     torch.set_num_threads(args.threads)
@@ -367,7 +349,8 @@ def main() -> int:
                         pin(proc.popen.pid, others)
                 pin(os.getpid(), others)
                 result["pinned"] = {"worker_and_bare": sorted(worker_cpus), "others": sorted(others)}
-            result["batch_max"] = args.batch_max or "worker default"
+            batch_max = int(scrape(metrics_url)["xrayfm_worker_batch_max"])  # auto: what it measured
+            result["batch_max"] = batch_max if args.batch_max else f"{batch_max} (auto)"
             result["batch_wait_ms"] = (
                 args.batch_wait_ms if args.batch_wait_ms is not None else "worker default"
             )
@@ -379,7 +362,7 @@ def main() -> int:
             )
             pixels = [read_image(data) for _, data in images]
             with on_cpus(worker_cpus):
-                sweep = bare_sweep(predictor, pixels, sizes, args.bare_seconds)
+                sweep = batching.sweep(predictor, pixels, sizes, args.bare_seconds)
             best = max(sweep, key=sweep.get)
             result["bare_sweep_images_per_s"] = {str(b): round(v, 2) for b, v in sweep.items()}
             result["bare_best_batch"] = best
@@ -388,10 +371,9 @@ def main() -> int:
             # the worker's whole batch (preprocessing, decisions, maps packed) in-process, at the best bare batch and
             # at the worker's largest batch: what the worker could do with no queue, HTTP or decoding
             from xrayfm_gateway.uploads import fit_within
-            from xrayfm_stack.settings import GatewaySettings, InferenceSettings
+            from xrayfm_stack.settings import GatewaySettings
 
             side = GatewaySettings.from_env({}).transport_side
-            batch_max = args.batch_max or InferenceSettings.from_env({}).batch_max
             sent = [fit_within(p, side) for p in pixels]
             with on_cpus(worker_cpus):
                 result["worker_batch_in_process_images_per_s"] = {
@@ -415,7 +397,7 @@ def main() -> int:
                 busy = step["worker_batches"].pop("inference_s") / step["step_s"]
                 step["worker_busy_share"] = round(busy, 3)
                 with on_cpus(worker_cpus):
-                    bare_now = bare_rate(
+                    bare_now = batching.throughput(
                         predictor, best_batch, max(args.bare_seconds, min(4.0, args.seconds / 5))
                     )
                 step["bare_adjacent_images_per_s"] = round(bare_now, 2)
@@ -444,7 +426,7 @@ def main() -> int:
         return 0
     print(
         f"\n{result['model']} @ {args.size}px, {result['runtime']}, {args.threads} thread(s), worker "
-        f"concurrency {args.concurrency}, batch max {args.batch_max or 'default'}, wait "
+        f"concurrency {args.concurrency}, batch max {result['batch_max']}, wait "
         f"{args.batch_wait_ms if args.batch_wait_ms is not None else 'default'} ms; images: {result['images']}"
     )
     print(

@@ -222,6 +222,8 @@ def test_no_patient_data_in_redis_or_logs(live_stack, client):
     assert 0 < ttl <= 300  # results expire
     logs = logs_text(live_stack)
     assert PATIENT_NAME not in logs and PATIENT_ID not in logs and filename not in logs
+    # nor the answers: Celery would log each task's return value ("succeeded in 0.1s: {'prediction': ...")
+    assert "succeeded in" not in logs and "'probability'" not in logs
 
 
 def test_patient_data_in_a_malformed_dicom_reaches_no_log_redis_or_file(live_stack, client):

@@ -37,8 +37,11 @@ def test_settings_from_env_and_clear_errors():
         GatewaySettings.from_env({"XRAYFM_EXPLAIN_METHOD": "lime"})
     worker = InferenceSettings.from_env({"XRAYFM_BATCH_MAX": "4", "XRAYFM_MODEL_PATH": "/m"})
     assert worker.batch_max == 4 and str(worker.model_path) == "/m"
-    with pytest.raises(XrayfmError, match="XRAYFM_BATCH_MAX must be >= 1"):
-        InferenceSettings.from_env({"XRAYFM_BATCH_MAX": "0"})
+    assert InferenceSettings.from_env({}).batch_max is None  # auto: measured at load
+    assert InferenceSettings.from_env({"XRAYFM_BATCH_MAX": " Auto "}).batch_max is None
+    for bad in ("0", "-2", "eight", "2.5"):
+        with pytest.raises(XrayfmError, match="XRAYFM_BATCH_MAX must be auto or a whole number >= 1"):
+            InferenceSettings.from_env({"XRAYFM_BATCH_MAX": bad})
 
 
 def test_protocol_round_trip_is_json_and_pixel_exact():

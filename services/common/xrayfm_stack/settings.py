@@ -131,7 +131,11 @@ class InferenceSettings:
     model_path: Path | None = None  # XRAYFM_MODEL_PATH: a checkpoint folder; wins over the store
     model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE (layout in xrayfm_stack.store)
     device: str = "auto"  # XRAYFM_DEVICE: auto (cuda when present), cpu, cuda, cuda:1...
-    batch_max: int = 8  # XRAYFM_BATCH_MAX: 1 disables batching
+    # XRAYFM_BATCH_MAX: the most images per model batch; 1 disables batching; "auto" (None here): the worker
+    # measures its model at load and picks a size (xrayfm.inference.batching.auto_batch_max)
+    batch_max: int | None = None
+    # XRAYFM_BATCH_TUNE_S: the time that measurement may take, at most
+    batch_tune_s: float = 10.0
     batch_wait_ms: float = 5.0  # XRAYFM_BATCH_WAIT_MS: how long a batch waits for company
     metrics_port: int = 9101  # XRAYFM_WORKER_METRICS_PORT: Prometheus endpoint; 0 = off
     metrics_addr: str = "0.0.0.0"  # XRAYFM_WORKER_METRICS_ADDR: where that endpoint listens
@@ -157,7 +161,8 @@ class InferenceSettings:
             model_path=Path(model_path) if model_path else None,
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
             device=env_str(env, "XRAYFM_DEVICE", cls.device),
-            batch_max=int(env_number(env, "XRAYFM_BATCH_MAX", cls.batch_max, int, 1)),
+            batch_max=batch_max(env),
+            batch_tune_s=env_number(env, "XRAYFM_BATCH_TUNE_S", cls.batch_tune_s, float, 0),
             batch_wait_ms=env_number(env, "XRAYFM_BATCH_WAIT_MS", cls.batch_wait_ms, float, 0),
             metrics_port=int(env_number(env, "XRAYFM_WORKER_METRICS_PORT", cls.metrics_port, int, 0)),
             metrics_addr=env_str(env, "XRAYFM_WORKER_METRICS_ADDR", cls.metrics_addr),
@@ -179,6 +184,20 @@ def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[s
     value = env_str(env, name, default).lower()
     if value not in choices:
         raise XrayfmError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def batch_max(env: Mapping[str, str]) -> int | None:
+    """``XRAYFM_BATCH_MAX``: a whole number >= 1, or ``auto`` (the default) as None."""
+    raw = env_str(env, "XRAYFM_BATCH_MAX", "auto")
+    if raw.lower() == "auto":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise XrayfmError(f"XRAYFM_BATCH_MAX must be auto or a whole number >= 1, got {raw!r}")
     return value
 
 

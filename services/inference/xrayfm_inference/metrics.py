@@ -19,6 +19,9 @@ QUEUE_WAIT_SECONDS = Histogram(
 BATCHER_WAIT_SECONDS = Histogram(
     "xrayfm_worker_batcher_wait_seconds", "Time a request waited for its batch to start", buckets=_LATENCY
 )
+BATCH_MAX = Gauge(
+    "xrayfm_worker_batch_max", "Most images per model batch (XRAYFM_BATCH_MAX, or measured with auto)"
+)
 MODEL_LOADED = Gauge("xrayfm_worker_model_loaded", "1 when the served model is loaded and answering")
 MODEL = Info("xrayfm_worker_model", "The served model (name, version, sha256, device)")
 

@@ -69,6 +69,7 @@ class Runtime:
     watcher: ServingWatcher | None = None
     error: str | None = None
     loading: bool = True
+    threads: int | None = None  # the Celery pool's threads: no batch can be larger
 
     @property
     def served(self) -> Any:
@@ -85,7 +86,7 @@ class Runtime:
             "error": self.error or ("a batch has run longer than the time limit" if stuck else None),
             "model": model_info(self.predictor).model_dump() if self.served is not None else None,
             "swap_error": self.watcher.error if self.watcher is not None else None,
-            "batch_max": SETTINGS.batch_max,
+            "batch_max": self.batcher.max_batch if self.batcher is not None else SETTINGS.batch_max,
             "pid": os.getpid(),
         }
 
@@ -109,6 +110,7 @@ class _OnTheWay:
 
 
 ON_THE_WAY = _OnTheWay()
+AUTO_BATCH_LIMIT = 64  # XRAYFM_BATCH_MAX=auto measures sizes up to this (and the pool's threads)
 
 
 def model_info(predictor: Any) -> ModelInfo:
@@ -119,11 +121,13 @@ def model_info(predictor: Any) -> ModelInfo:
 _START_LOCK = threading.Lock()
 
 
-def start_runtime(hostname: str) -> Runtime:
-    """Load the model, start the batcher, the metrics endpoint and the heartbeat (once per process)."""
+def start_runtime(hostname: str, threads: int | None = None) -> Runtime:
+    """Load the model, start the batcher, the metrics endpoint and the heartbeat (once per process);
+    `threads` is the Celery pool's size (it bounds the batches)."""
     with _START_LOCK:
         if RUNTIME.heartbeat is not None:
             return RUNTIME
+        RUNTIME.threads = threads
         if SETTINGS.metrics_port:
             from prometheus_client import start_http_server
 
@@ -212,16 +216,19 @@ def _load_model(ref) -> None:
     predictor.predict(
         [_warmup_image()], explain_maps=True, method=_method_for(predictor, SETTINGS.explain_method)
     )
+    batch_max = _batch_max_for(predictor)
     previous = RUNTIME.served
     RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
     if RUNTIME.batcher is None:
         RUNTIME.batcher = MicroBatcher(
             _run_batch,
-            SETTINGS.batch_max,
+            batch_max,
             SETTINGS.batch_wait_ms / 1000.0,
             on_batch=metrics.observe_batch,
             expected=ON_THE_WAY,
         )
+    RUNTIME.batcher.max_batch = batch_max  # a swapped-in model may want another size
+    metrics.BATCH_MAX.set(batch_max)
     RUNTIME.error = None
     info = served.info()
     metrics.MODEL.info(
@@ -234,6 +241,23 @@ def _load_model(ref) -> None:
         time.perf_counter() - t0,
         f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
+
+
+def _batch_max_for(predictor: Any) -> int:
+    """XRAYFM_BATCH_MAX, or with ``auto`` the size this model runs best at here, measured now (within
+    XRAYFM_BATCH_TUNE_S; at most the pool's threads, since each thread brings one image)."""
+    if SETTINGS.batch_max is not None:
+        return SETTINGS.batch_max
+    from xrayfm.inference.batching import auto_batch_max
+
+    limit = min(AUTO_BATCH_LIMIT, RUNTIME.threads or AUTO_BATCH_LIMIT)
+    method = _method_for(predictor, SETTINGS.explain_method)
+    size, rates = auto_batch_max(predictor, limit, method=method, budget_s=SETTINGS.batch_tune_s)
+    measured = ", ".join(f"{b}: {rate:.1f}" for b, rate in rates.items())
+    log.info(
+        "batch max %d (XRAYFM_BATCH_MAX=auto; images/s by batch size, %s maps: %s)", size, method, measured
+    )
+    return size
 
 
 def _method_for(predictor: Any, method: str) -> str:
@@ -262,9 +286,20 @@ def _warmup_image():
     return np.zeros((64, 64), dtype=np.uint8)
 
 
-@signals.worker_init.connect
-def _on_worker_init(sender=None, **_kwargs: Any) -> None:
-    start_runtime(getattr(sender, "hostname", None) or f"worker@{os.getpid()}")
+@signals.after_setup_logger.connect
+def _quiet_task_logs(**_kwargs: Any) -> None:
+    """Celery logs every task at INFO: "received", then "succeeded" with its return value, which here is
+    a patient's prediction. Those lines go (patient data stays out of logs, and at hundreds of requests
+    a second they cost the worker's CPU); requests are counted in the metrics, and failures still log."""
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@signals.celeryd_after_setup.connect
+def _on_worker_setup(sender=None, instance=None, **_kwargs: Any) -> None:
+    """Load the model once Celery has set up logging (``worker_init`` comes before it, and the lines
+    saying what is served, and how fast, would be lost) and before the consumer takes any task."""
+    start_runtime(sender or f"worker@{os.getpid()}", getattr(instance, "concurrency", None))
 
 
 @signals.worker_shutdown.connect
