@@ -162,15 +162,19 @@ served = load_served_model(sys.argv[1], device="cpu")
 runtime, quantize, cache = sys.argv[2], sys.argv[3], sys.argv[4]
 p = make_predictor(served, runtime, quantize=quantize, cache_dir=cache, threads=1)
 p.predict([np.zeros((64, 64), np.uint8)])
+warm = time.perf_counter() - t0
+from xrayfm.inference.batching import auto_batch_max  # XRAYFM_BATCH_MAX=auto, the worker's default
+batch, _ = auto_batch_max(p, 16, budget_s=10.0)  # at most the image's 16 Celery threads
 ready = time.perf_counter() - t0
 rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-print(json.dumps({"ready_s": ready, "rss_mb": rss}))
+print(json.dumps({"ready_s": ready, "tune_s": ready - warm, "batch": batch, "rss_mb": rss}))
 """
 
 
 def footprint(args: argparse.Namespace, cache: Path) -> list[dict]:
     """Fresh interpreters doing what the worker does before it says ready: import, load, build the
-    runtime (first start: export; later starts: from the cache), warm up. Median of `rounds`."""
+    runtime (first start: export; later starts: from the cache), warm up, measure its batch size
+    (``XRAYFM_BATCH_MAX=auto``). Median of `rounds`."""
     rows = []
     for model in args.footprint_models.split(","):
         checkpoint = make_checkpoint(cache / model, model, 224)
@@ -189,6 +193,8 @@ def footprint(args: argparse.Namespace, cache: Path) -> list[dict]:
                 "runtime": runtime if quantize == "none" else f"{runtime}-{quantize}",
                 "first_start_s": round(results[0]["ready_s"], 2),
                 "ready_s": round(statistics.median(r["ready_s"] for r in later), 2),
+                "of_which_auto_batch_s": round(statistics.median(r["tune_s"] for r in later), 2),
+                "auto_batch": [r["batch"] for r in results],
                 "rss_mb": round(statistics.median(r["rss_mb"] for r in later), 1),
             })  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a slow machine keeps what it measured
@@ -226,11 +232,13 @@ def main() -> int:
         return 0
     if "footprint" in result:
         print(
-            "| model | runtime | first start (export) s | start-to-ready s | RSS MB |\n|---|---|---:|---:|---:|"
+            "| model | runtime | first start (export) s | start-to-ready s | of which batch tuning s "
+            "| batch chosen (each start) | RSS MB |\n|---|---|---:|---:|---:|---|---:|"
         )
         for r in result["footprint"]:
             print(
-                f"| {r['model']} | {r['runtime']} | {r['first_start_s']} | {r['ready_s']} | {r['rss_mb']} |"
+                f"| {r['model']} | {r['runtime']} | {r['first_start_s']} | {r['ready_s']} | "
+                f"{r['of_which_auto_batch_s']} | {', '.join(map(str, r['auto_batch']))} | {r['rss_mb']} |"
             )
     elif "auroc" in result:
         print(json.dumps(result, indent=2))

@@ -5,7 +5,8 @@
 - ONNX Runtime with the TensorRT / CUDA providers when the installed onnxruntime has them (the export
   carries the rollout outputs, so rollout runs there too);
 - the worker's whole predict() (preprocess + runtime + heatmaps on the image's geometry) at the same batch
-  sizes, and its ratio to the bare model.
+  sizes, and its ratio to the bare model;
+- the batch size the worker's ``XRAYFM_BATCH_MAX=auto`` would choose there, with the rates it measured.
 
     .venv/bin/python bench/gpu_serving.py                  # on a GPU: vit_base, batches 1, 8, 32, 64
     .venv/bin/python bench/gpu_serving.py --smoke          # on the CPU: tiny model, tiny sizes (a check)
@@ -153,6 +154,14 @@ def main() -> int:
                     "images_per_s": round(b / med, 1),
                     "vs_bare_bf16_rollout": round(bare / med, 3),
                 })  # fmt: skip
+        # what the worker's XRAYFM_BATCH_MAX=auto would choose on this device (the image's 16 threads)
+        from xrayfm.inference.batching import auto_batch_max
+
+        chosen, rates = auto_batch_max(predictor, 4 if args.smoke else 16, budget_s=10.0)
+        results["auto_batch_max"] = {
+            "chosen": chosen,
+            "images_per_s": {str(b): round(r, 1) for b, r in rates.items()},
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{results['model']} @ {size}px on {results.get('gpu', device)}\n")
@@ -163,6 +172,7 @@ def main() -> int:
         print(
             f"| {r['batch']} | {r['path']} | {r['median_ms']:.2f} | {r['images_per_s']} | {r['vs_bare_bf16_rollout']} |"
         )
+    print(f"\nXRAYFM_BATCH_MAX=auto would choose {results['auto_batch_max']}")
     for key, value in results.items():
         if key.endswith("error"):
             print(f"{key}: {value}")
