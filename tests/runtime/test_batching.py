@@ -92,6 +92,21 @@ def test_auto_stays_within_its_time_budget(clock):
     assert batching.auto_batch_max(model, limit=64, budget_s=0.0)[0] == 1
 
 
+def test_a_size_that_fails_ends_the_sweep_and_the_sizes_that_ran_count(clock, caplog):
+    """Out of memory at batch 8 (a GPU): the worker still loads, with the best size that ran."""
+
+    def cost(b: int) -> float:
+        if b >= 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 0.010 + 0.001 * b
+
+    size, rates = batching.auto_batch_max(TimedModel(clock, cost), limit=64, budget_s=100)
+    assert sorted(rates) == [1, 2, 4] and size == 4
+    assert "batch of 8 failed while measuring" in caplog.text
+    with pytest.raises(RuntimeError, match="out of memory"):  # not even one image: the model cannot serve
+        batching.auto_batch_max(TimedModel(clock, lambda b: cost(8)), limit=64)
+
+
 def test_auto_on_a_real_model(tmp_path):
     """A real tiny checkpoint through the torch predictor: a size within the limit and a rate per size."""
     served = load_served_model(make_tiny_checkpoint(tmp_path / "m", ["Effusion"]), device="cpu")

@@ -13,11 +13,14 @@ worker's batcher makes, which no benchmarking library wraps any better.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 TOLERANCE = 0.05  # sizes within 5% of the best rate count as equal; the smallest of them wins (latency)
 
@@ -70,9 +73,11 @@ def auto_batch_max(
     """Measure batches of 1, 2, 4, ... up to `limit` on noise images of the model's input size and pick
     one with :func:`choose`; also returns the rates measured.
 
-    The sweep stops at the first size that would overrun `budget_s` (estimated from the last size's rate)
-    and after two sizes in a row slower than the best so far (a bigger batch will not recover). The
-    contents of the images do not change the speed of a dense model; noise keeps it honest anyway."""
+    The sweep stops at the first size that would overrun `budget_s` (estimated from the last size's rate),
+    after two sizes in a row slower than the best so far (a bigger batch will not recover), and at the
+    first size that fails to run (out of GPU memory, say: the sizes that ran are kept; batch 1 failing
+    raises). The contents of the images do not change the speed of a dense model; noise keeps it honest
+    anyway."""
     side = predictor.served.preprocessing.size
     images = list(np.random.default_rng(0).integers(0, 256, (2, side, side), dtype=np.uint8))
     rates: dict[int, float] = {}
@@ -83,7 +88,15 @@ def auto_batch_max(
             expected = batch_s + max(2 * batch_s, seconds)  # a warm-up, then the runs of throughput()
             if time.perf_counter() - started + expected > budget_s:
                 break
-        rates[size] = sweep(predictor, images, [size], seconds, method)[size]
+        try:
+            rates[size] = sweep(predictor, images, [size], seconds, method)[size]
+        except Exception as exc:  # noqa: BLE001 (any failure ends the sweep; the model runs at smaller sizes)
+            if not rates:
+                raise
+            log.warning("batch of %d failed while measuring (%s); batches stay below it", size, exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
         worse = worse + 1 if rates[size] < max(rates.values()) else 0
         if worse >= 2:
             break
