@@ -114,9 +114,11 @@ def make_checkpoint(folder: Path, model: str, size: int, depth: int | None) -> P
 _SAMPLE = re.compile(r'^(xrayfm_worker_\w+?)(?:\{le="([^"]+)"\})?\s+([0-9.eE+-]+)$')
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str | None) -> dict[str, float]:
     """The worker's batch-size histogram (buckets, sum, count), inference seconds and batch max, as flat
-    keys."""
+    keys ({} without a URL: a stack whose worker metrics this machine cannot reach)."""
+    if url is None:
+        return {}
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
@@ -185,7 +187,9 @@ def worker_batch_rate(predictor, images: list[np.ndarray], seconds: float) -> fl
 # -- the clients ---------------------------------------------------------------------------------------
 
 
-async def drive(url: str, images: list[tuple[str, bytes]], clients: int, seconds: float) -> dict:
+async def drive(
+    url: str, images: list[tuple[str, bytes]], clients: int, seconds: float, headers: dict | None = None
+) -> dict:
     """`clients` callers post in turn for `seconds`; the first quarter (at most 3 s) is warm-up.
     Throughput counts answers finished inside the measured window; latencies are those of requests
     started inside it (the ones still running at the end are awaited)."""
@@ -219,7 +223,7 @@ async def drive(url: str, images: list[tuple[str, bytes]], clients: int, seconds
                 answer = resp.json()
                 stages.append((answer.get("timings", {}), answer.get("batch_size") or 1))
 
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     drained = time.perf_counter() - t0
     window = seconds - warmup
@@ -244,6 +248,66 @@ async def drive(url: str, images: list[tuple[str, bytes]], clients: int, seconds
         "p99_ms": float(np.percentile(lat, 99)),
         "errors": errors,
     }
+
+
+# -- the stack under test -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_stack(
+    args: argparse.Namespace, tmp: Path, checkpoint: Path, quantize: str, result: dict
+) -> Iterator[tuple[str, str, set[int]]]:
+    """Redis, the gateway and one worker serving `checkpoint`, started here (pinned with ``--pin``);
+    yields (gateway URL, worker metrics URL, the worker's CPUs), and stops them afterwards."""
+    redis_port, gateway_port, metrics_port = (stack_lib.free_port() for _ in range(3))
+    env = {
+        "XRAYFM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "XRAYFM_QUEUE": f"bench-{uuid.uuid4().hex[:6]}",
+        "XRAYFM_MODEL_PATH": str(checkpoint),
+        "XRAYFM_WORKER_METRICS_PORT": str(metrics_port),
+        "XRAYFM_WORKER_METRICS_ADDR": "127.0.0.1",
+        "XRAYFM_TORCH_THREADS": str(args.threads),
+        "XRAYFM_RUNTIME": args.runtime,
+        "XRAYFM_QUANTIZE": quantize,
+        "XRAYFM_RUNTIME_CACHE": str(tmp / "onnx"),
+        "XRAYFM_MODEL_POLL_S": "0",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    if args.batch_max is not None:
+        env["XRAYFM_BATCH_MAX"] = str(args.batch_max)
+    if args.batch_wait_ms is not None:
+        env["XRAYFM_BATCH_WAIT_MS"] = str(args.batch_wait_ms)
+    launcher = stack_lib.Stack(tmp / "stack", env=env)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        launcher.start_redis(redis_port)
+        launcher.start_gateway(gateway_port)
+        worker = launcher.start_worker("worker", concurrency=args.concurrency)
+        stack_lib.wait_until(lambda: stack_lib.http_json(f"{url}/ready")[0] == 200, 300, "/ready", worker)
+        worker_cpus = set(os.sched_getaffinity(0))
+        if args.pin:
+            cpus = sorted(worker_cpus)
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs at least 2 CPUs")
+            worker_cpus, others = {cpus[-1]}, set(cpus[:-1])
+            pin(worker.popen.pid, worker_cpus)
+            for proc in launcher.procs:
+                if proc is not worker:
+                    pin(proc.popen.pid, others)
+            pin(os.getpid(), others)
+            result["pinned"] = {"worker_and_bare": sorted(worker_cpus), "others": sorted(others)}
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics", worker_cpus
+    finally:
+        launcher.stop_all()
+
+
+@contextlib.contextmanager
+def running_stack(args: argparse.Namespace) -> Iterator[tuple[str, str | None, set[int]]]:
+    """A stack running already (``--url``: ``make up``, Docker Compose); nothing is started or stopped."""
+    status, body = stack_lib.http_json(f"{args.url}/ready", timeout=10)
+    if status != 200:
+        raise SystemExit(f"{args.url}/ready answered {status or 'nothing'}: {body.get('detail', body)}")
+    yield args.url, args.worker_metrics, set(os.sched_getaffinity(0))
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -280,9 +344,27 @@ def main() -> int:
         "the worker's (Linux, >= 2 CPUs)",
     )
     parser.add_argument("--smoke", action="store_true", help="2-block vit_tiny @ 64 px, 2 s steps, N=1,4")
+    parser.add_argument(
+        "--url",
+        help="drive a stack that runs already (make up: http://127.0.0.1:8000; Docker Compose) instead of "
+        "starting one; give --checkpoint, and --runtime/--quantize/--threads as the deployment's worker",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="with --url: the served model (a checkpoint folder or a shipped name), for the bare model",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("XRAYFM_API_KEY"), help="with --url: default $XRAYFM_API_KEY"
+    )
+    parser.add_argument(
+        "--worker-metrics", help="with --url: a worker's /metrics URL, for its batches and busy share"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.url and not args.checkpoint:
+        parser.error("--url needs --checkpoint (the served model, for the bare comparison)")
+    headers = {"X-API-Key": args.api_key} if args.api_key else None
     if args.smoke:
         args.size, args.depth, args.seconds, args.clients = 64, 2, 2.0, "1,4"
         args.bare_sizes, args.bare_seconds, args.images = "1,4,16", 0.5, 16
@@ -310,46 +392,19 @@ def main() -> int:
         tmp = Path(tmp_name)
         source, images = load_images(args.images, tmp)
         result["images"] = f"{len(images)} from {source}"
-        checkpoint = make_checkpoint(tmp / "model", args.model, args.size, args.depth or None)
-        redis_port, gateway_port, metrics_port = (stack_lib.free_port() for _ in range(3))
-        env = {
-            "XRAYFM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "XRAYFM_QUEUE": f"bench-{uuid.uuid4().hex[:6]}",
-            "XRAYFM_MODEL_PATH": str(checkpoint),
-            "XRAYFM_WORKER_METRICS_PORT": str(metrics_port),
-            "XRAYFM_WORKER_METRICS_ADDR": "127.0.0.1",
-            "XRAYFM_TORCH_THREADS": str(args.threads),
-            "XRAYFM_RUNTIME": args.runtime,
-            "XRAYFM_QUANTIZE": quantize,
-            "XRAYFM_RUNTIME_CACHE": str(tmp / "onnx"),
-            "XRAYFM_MODEL_POLL_S": "0",
-            "OMP_WAIT_POLICY": "PASSIVE",
-        }
-        if args.batch_max is not None:
-            env["XRAYFM_BATCH_MAX"] = str(args.batch_max)
-        if args.batch_wait_ms is not None:
-            env["XRAYFM_BATCH_WAIT_MS"] = str(args.batch_wait_ms)
-        launcher = stack_lib.Stack(tmp / "stack", env=env)
-        url = f"http://127.0.0.1:{gateway_port}"
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        try:
-            launcher.start_redis(redis_port)
-            launcher.start_gateway(gateway_port)
-            worker = launcher.start_worker("worker", concurrency=args.concurrency)
-            stack_lib.wait_until(lambda: stack_lib.http_json(f"{url}/ready")[0] == 200, 300, "/ready", worker)
-            worker_cpus = others = set(os.sched_getaffinity(0))
-            if args.pin:
-                cpus = sorted(os.sched_getaffinity(0))
-                if len(cpus) < 2:
-                    raise SystemExit("--pin needs at least 2 CPUs")
-                worker_cpus, others = {cpus[-1]}, set(cpus[:-1])
-                pin(worker.popen.pid, worker_cpus)
-                for proc in launcher.procs:
-                    if proc is not worker:
-                        pin(proc.popen.pid, others)
-                pin(os.getpid(), others)
-                result["pinned"] = {"worker_and_bare": sorted(worker_cpus), "others": sorted(others)}
-            batch_max = int(scrape(metrics_url)["xrayfm_worker_batch_max"])  # auto: what it measured
+        if args.url:
+            from xrayfm.registry import resolve_checkpoint_dir
+
+            checkpoint, cache = resolve_checkpoint_dir(args.checkpoint), None
+            result.update(model=f"{checkpoint.name} (the stack at {args.url})", worker_concurrency="its own")
+            stack = running_stack(args)
+        else:
+            checkpoint = make_checkpoint(tmp / "model", args.model, args.size, args.depth or None)
+            cache = tmp / "onnx"
+            stack = private_stack(args, tmp, checkpoint, quantize, result)
+        with stack as (url, metrics_url, worker_cpus):
+            workers = stack_lib.http_json(f"{url}/ready")[1].get("workers") or [{}]
+            batch_max = int(workers[0].get("batch_max") or 1)  # with auto: what the worker measured
             result["batch_max"] = batch_max if args.batch_max else f"{batch_max} (auto)"
             result["batch_wait_ms"] = (
                 args.batch_wait_ms if args.batch_wait_ms is not None else "worker default"
@@ -358,7 +413,7 @@ def main() -> int:
             # the bare model: the worker's runtime and threads, reading the export the worker cached
             served = load_served_model(checkpoint, device="cpu")
             predictor = make_predictor(
-                served, args.runtime, quantize=quantize, cache_dir=tmp / "onnx", threads=args.threads
+                served, args.runtime, quantize=quantize, cache_dir=cache, threads=args.threads
             )
             pixels = [read_image(data) for _, data in images]
             with on_cpus(worker_cpus):
@@ -387,15 +442,15 @@ def main() -> int:
                 }
             say(f"worker batch in-process: {result['worker_batch_in_process_images_per_s']} img/s")
             # a few requests through every path before measuring
-            asyncio.run(drive(url, images, 2, 2.0 if not args.smoke else 1.0))
+            asyncio.run(drive(url, images, 2, 2.0 if not args.smoke else 1.0, headers))
             steps = []
             for n in clients:
                 say(f"{n} clients for {args.seconds:g} s ...")
                 before = scrape(metrics_url)
-                step = asyncio.run(drive(url, images, n, args.seconds))
+                step = asyncio.run(drive(url, images, n, args.seconds, headers))
                 step["worker_batches"] = batch_sizes(before, scrape(metrics_url))
                 busy = step["worker_batches"].pop("inference_s") / step["step_s"]
-                step["worker_busy_share"] = round(busy, 3)
+                step["worker_busy_share"] = round(busy, 3) if metrics_url else None
                 with on_cpus(worker_cpus):
                     bare_now = batching.throughput(
                         predictor, best_batch, max(args.bare_seconds, min(4.0, args.seconds / 5))
@@ -411,8 +466,6 @@ def main() -> int:
                 )
                 steps.append(step)
             result["steps"] = steps
-        finally:
-            launcher.stop_all()
     result["load_after"] = os.getloadavg()
     goal_steps = [s for s in result["steps"] if s["clients"] >= GOAL_CLIENTS]
     if goal_steps:
@@ -447,10 +500,11 @@ def main() -> int:
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
     )
     for s in result["steps"]:
-        hist = " ".join(f"{k}:{v}" for k, v in s["worker_batches"]["histogram"].items())
+        hist = " ".join(f"{k}:{v}" for k, v in s["worker_batches"]["histogram"].items()) or "n/a"
+        busy = "n/a" if s["worker_busy_share"] is None else f"{s['worker_busy_share']:.0%}"
         print(
             f"| {s['clients']} | {s['images_per_s']} | {s['p50_ms']} | {s['p99_ms']} | {hist} | "
-            f"{s['worker_batches']['mean']} | {s['worker_busy_share']:.0%} | {s['bare_adjacent_images_per_s']} "
+            f"{s['worker_batches']['mean']} | {busy} | {s['bare_adjacent_images_per_s']} "
             f"| **{s['ratio_adjacent']:.2f}** | {s['ratio_sweep']:.2f} | {s['errors'] or ''} |"
         )
     print(
