@@ -412,6 +412,7 @@ def main() -> int:
             say(f"stack ready ({result['runtime']}); bare sweep at batches {sizes} ...")
             # the bare model: the worker's runtime and threads, reading the export the worker cached
             served = load_served_model(checkpoint, device="cpu")
+            result["size"] = served.preprocessing.size
             predictor = make_predictor(
                 served, args.runtime, quantize=quantize, cache_dir=cache, threads=args.threads
             )
@@ -478,7 +479,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(
-        f"\n{result['model']} @ {args.size}px, {result['runtime']}, {args.threads} thread(s), worker "
+        f"\n{result['model']} @ {result['size']}px, {result['runtime']}, {args.threads} thread(s), worker "
         f"concurrency {args.concurrency}, batch max {result['batch_max']}, wait "
         f"{args.batch_wait_ms if args.batch_wait_ms is not None else 'default'} ms; images: {result['images']}"
     )
