@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_throughput.py --smoke                        # tiny model, 2 s steps, N=1,4
     .venv/bin/python bench/bench_throughput.py --runtime onnxruntime --quantize int8   # vit_tiny @ 224
     .venv/bin/python bench/bench_throughput.py --runtime torch --clients 1,16 --seconds 30 --json
+    .venv/bin/python bench/bench_throughput.py --url http://127.0.0.1:8000 --api-key KEY \
+        --checkpoint xrayfm/cxr-vit-tiny-mae-pneumonia-lora --runtime torch --threads 2   # a running stack
 
 What it does, in one run:
 
@@ -21,6 +23,10 @@ What it does, in one run:
    errors, the batch sizes the worker formed (`xrayfm_worker_batch_size` from the worker's Prometheus
    endpoint, before/after), the worker's busy share (`xrayfm_worker_inference_seconds`), and the ratio to
    the bare batched throughput (adjacent and from the sweep).
+
+With ``--url`` it drives a stack that runs already (``make up``, Docker Compose) instead of step 1, and
+measures the bare model from ``--checkpoint`` (give ``--runtime``, ``--quantize`` and ``--threads`` as
+the deployment's worker runs); the worker's batches and busy share need ``--worker-metrics``.
 
 Images: CheXpert v1.0-small valid JPEGs from `$XRAYFM_SHARED_DATA` or ../shared/data; generated chest
 phantoms (`xrayfm.data.synth`) when that is absent. Client, gateway, Redis and worker share this
@@ -480,7 +486,7 @@ def main() -> int:
         return 0
     print(
         f"\n{result['model']} @ {result['size']}px, {result['runtime']}, {args.threads} thread(s), worker "
-        f"concurrency {args.concurrency}, batch max {result['batch_max']}, wait "
+        f"concurrency {result['worker_concurrency']}, batch max {result['batch_max']}, wait "
         f"{args.batch_wait_ms if args.batch_wait_ms is not None else 'default'} ms; images: {result['images']}"
     )
     print(
