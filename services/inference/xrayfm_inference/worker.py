@@ -218,6 +218,8 @@ def _load_model(ref) -> None:
     )
     batch_max = _batch_max_for(predictor)
     previous = RUNTIME.served
+    if RUNTIME.batcher is not None:  # a swap: the new model's size first, so a heartbeat naming it shows it
+        RUNTIME.batcher.max_batch = batch_max
     RUNTIME.predictor = predictor  # the atomic swap: the next batch runs on the new model
     if RUNTIME.batcher is None:
         RUNTIME.batcher = MicroBatcher(
@@ -227,7 +229,6 @@ def _load_model(ref) -> None:
             on_batch=metrics.observe_batch,
             expected=ON_THE_WAY,
         )
-    RUNTIME.batcher.max_batch = batch_max  # a swapped-in model may want another size
     metrics.BATCH_MAX.set(batch_max)
     RUNTIME.error = None
     info = served.info()
