@@ -121,8 +121,8 @@ _SAMPLE = re.compile(r'^(xrayfm_worker_\w+?)(?:\{le="([^"]+)"\})?\s+([0-9.eE+-]+
 
 
 def scrape(url: str | None) -> dict[str, float]:
-    """The worker's batch-size histogram (buckets, sum, count), inference seconds and batch max, as flat
-    keys ({} without a URL: a stack whose worker metrics this machine cannot reach)."""
+    """The worker's batch-size histogram (buckets, sum, count) and inference seconds, as flat keys ({}
+    without a URL: a stack whose worker metrics this machine cannot reach)."""
     if url is None:
         return {}
     with urllib.request.urlopen(url, timeout=5) as resp:
@@ -136,7 +136,6 @@ def scrape(url: str | None) -> dict[str, float]:
         if name == "xrayfm_worker_batch_size_bucket" and le is not None:
             out[f"le_{le.removesuffix('.0')}"] = float(value)
         elif name in (
-            "xrayfm_worker_batch_max",
             "xrayfm_worker_batch_size_sum",
             "xrayfm_worker_batch_size_count",
             "xrayfm_worker_inference_seconds_sum",
