@@ -112,7 +112,7 @@ def stack_env(redis_port: int, model: Path, **extra: str) -> dict[str, str]:
         "XRAYFM_MAX_UPLOAD_MB": "8",
         "XRAYFM_RESULT_EXPIRES": "300",
         "XRAYFM_TORCH_THREADS": "1",
-        # fixed, so that tests of batching do not hang on a measurement (test_worker_batching covers auto)
+        # fixed, so that tests of batching do not depend on a measurement (test_worker_batching covers auto)
         "XRAYFM_BATCH_MAX": "8",
         "XRAYFM_INSECURE_NO_AUTH": "1",  # a local test stack: its training and model endpoints are open
         **extra,
