@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse
 from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
-from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, UploadDeps, prediction_from, queue_upload
+from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, UploadDepsDep, prediction_from, queue_upload
 from xrayfm_stack.protocol import ErrorBody, ExplainMethod, JobStatus, JobSubmitted
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -28,7 +27,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 )
 async def submit_job(
     request: Request,
-    deps: Annotated[UploadDeps, Depends()],
+    deps: UploadDepsDep,
     explain: bool = Query(True, description="false skips the heatmap"),
     method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
 ) -> JSONResponse:

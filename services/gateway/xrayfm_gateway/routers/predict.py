@@ -13,10 +13,17 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from xrayfm.data.images import to_png_bytes
 from xrayfm.errors import XrayfmError
-from xrayfm_gateway.deps import DecodeSlotsDep, QueueDep, ReadinessDep, SettingsDep, require_api_key
+from xrayfm_gateway.deps import (
+    DecodeSlotsDep,
+    QueueDep,
+    ReadinessDep,
+    ReadinessProbe,
+    SettingsDep,
+    require_api_key,
+)
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES
-from xrayfm_gateway.queue import JobState, QueueUnavailable
+from xrayfm_gateway.queue import InferenceQueue, JobState, QueueUnavailable
 from xrayfm_gateway.uploads import (
     STUDY_FIELD,
     DecodedImage,
@@ -36,6 +43,7 @@ from xrayfm_stack.protocol import (
     Timings,
     WorkerRejection,
 )
+from xrayfm_stack.settings import GatewaySettings
 
 log = logging.getLogger("xrayfm.gateway")
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
@@ -74,10 +82,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 class UploadDeps:
     """Everything a prediction route needs to take an upload: its dependencies, resolved."""
 
-    settings: SettingsDep
-    queue: QueueDep
-    probe: ReadinessDep
-    decode_slots: DecodeSlotsDep
+    settings: GatewaySettings
+    queue: InferenceQueue
+    probe: ReadinessProbe
+    decode_slots: anyio.CapacityLimiter
+
+
+async def upload_deps(
+    settings: SettingsDep, queue: QueueDep, probe: ReadinessDep, decode_slots: DecodeSlotsDep
+) -> UploadDeps:
+    """The :class:`UploadDeps` of a request (a coroutine: FastAPI would run a class in its thread pool)."""
+    return UploadDeps(settings, queue, probe, decode_slots)
+
+
+UploadDepsDep = Annotated[UploadDeps, Depends(upload_deps)]
 
 
 async def _decode(upload: Upload, deps: UploadDeps) -> DecodedImage:
@@ -240,7 +258,7 @@ async def _answer(queue_it, request: Request, deps: UploadDeps, explain: bool, m
 )
 async def predict(
     request: Request,
-    deps: Annotated[UploadDeps, Depends()],
+    deps: UploadDepsDep,
     explain: bool = Query(True, description="false skips the heatmap (faster)"),
     method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
 ) -> Prediction:
@@ -280,7 +298,7 @@ STUDY_BODY: dict[str, Any] = {
 )
 async def predict_study(
     request: Request,
-    deps: Annotated[UploadDeps, Depends()],
+    deps: UploadDepsDep,
     explain: bool = Query(True, description="false skips the heatmaps (faster)"),
     method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
 ) -> StudyPrediction:

@@ -1,0 +1,128 @@
+"""The stack's Celery pieces on the machine's real Redis (db 14): the result backend that stores a state in
+one call (:class:`xrayfm_stack.celery.ResultBackend`) and kombu's channel with one reused client."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import redis
+from celery import states
+
+from xrayfm_stack.celery import ResultBackend, inference_celery
+from xrayfm_stack.settings import QueueSettings
+
+URL = "redis://127.0.0.1:6379/14"
+
+
+def published(pubsub, timeout: float) -> dict | None:
+    """The next message published on `pubsub`'s channels within `timeout` s (subscribe replies skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None:
+            return json.loads(message["data"])
+    return None
+
+
+@pytest.fixture()
+def client() -> redis.Redis:
+    client = redis.Redis.from_url(URL)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    return client
+
+
+@pytest.fixture()
+def app(client: redis.Redis):
+    return inference_celery(
+        QueueSettings(redis_url=URL, queue=f"xrayfm-test-{uuid.uuid4().hex[:8]}", result_expires_s=77)
+    )
+
+
+def test_each_state_is_stored_published_and_expires(app, client: redis.Redis) -> None:
+    backend = app.backend
+    assert isinstance(backend, ResultBackend)
+    task_id = str(uuid.uuid4())
+    key = backend.get_key_for_task(task_id)
+    pubsub = client.pubsub()
+    pubsub.subscribe(key)
+    try:
+        backend.store_result(task_id, {"pid": 1}, states.STARTED)
+        assert (published(pubsub, 2) or {}).get("status") == "STARTED"
+        assert 0 < client.ttl(key) <= 77  # result_expires
+        backend.store_result(task_id, {"probability": 0.7}, states.SUCCESS)
+        meta = backend.get_task_meta(task_id, cache=False)
+        assert (meta["status"], meta["result"]) == ("SUCCESS", {"probability": 0.7})
+        assert (published(pubsub, 2) or {}).get("status") == "SUCCESS"
+    finally:
+        pubsub.close()
+        client.delete(key)
+
+
+def test_a_stored_answer_is_never_overwritten(app, client: redis.Redis) -> None:
+    """Celery's rule (a task run twice, e.g. redelivered after a lost worker, must not replace the answer),
+    now inside Redis: a later STARTED or FAILURE leaves the SUCCESS and publishes nothing."""
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    key = backend.get_key_for_task(task_id)
+    try:
+        backend.store_result(task_id, {"probability": 0.7}, states.SUCCESS)
+        pubsub = client.pubsub()
+        pubsub.subscribe(key)
+        backend.store_result(task_id, {"pid": 2}, states.STARTED)
+        backend.mark_as_failure(task_id, RuntimeError("second run"))
+        assert published(pubsub, 0.5) is None
+        pubsub.close()
+        meta = json.loads(client.get(key))
+        assert (meta["status"], meta["result"]) == ("SUCCESS", {"probability": 0.7})
+        client.set(key, b"not json")  # what Celery would overwrite, it still does
+        backend.store_result(task_id, {"pid": 3}, states.STARTED)
+        assert json.loads(client.get(key))["status"] == "STARTED"
+    finally:
+        client.delete(key)
+
+
+def test_storing_survives_redis_forgetting_the_script(app, client: redis.Redis) -> None:
+    """A restarted Redis has no scripts loaded: the next store loads it again instead of failing."""
+    backend = app.backend
+    task_id = str(uuid.uuid4())
+    key = backend.get_key_for_task(task_id)
+    try:
+        backend.store_result(task_id, {"pid": 1}, states.STARTED)
+        client.script_flush()
+        backend.store_result(task_id, {"probability": 0.1}, states.SUCCESS)
+        assert json.loads(client.get(key))["status"] == "SUCCESS"
+    finally:
+        client.delete(key)
+
+
+def test_the_channel_reuses_one_client_until_its_pool_is_replaced(app, client: redis.Redis) -> None:
+    """Publishing, taking and acknowledging go through one client object; after kombu replaces the
+    connection pool (as on a lost connection) the client is rebuilt on the new pool and messages flow."""
+    import kombu
+
+    name = app.conf.task_default_queue
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        queue = kombu.Queue(name, channel=channel)
+        queue.declare()
+        try:
+            first = channel._create_client()
+            assert channel._create_client() is first and first.connection_pool is channel.pool
+            for n in (1, 2):
+                kombu.Producer(channel).publish({"n": n}, routing_key=name, serializer="json")
+                message = queue.get(no_ack=False)
+                assert message.payload == {"n": n}
+                message.ack()
+                assert not client.hexists("unacked", message.delivery_tag)
+                channel._disconnect_pools()  # the next round runs on a new pool
+            assert channel._create_client() is not first
+            assert channel._create_client().connection_pool is channel.pool
+        finally:
+            client.delete(name)
+            channel.close()
