@@ -84,3 +84,39 @@ def test_upsample_matches_torch_bilinear_interpolation() -> None:
         np.testing.assert_allclose(upsample_heatmap(heat, dst), ref, rtol=0, atol=2e-6)
     as_tensor = upsample_heatmap(torch.from_numpy(heat), (5, 5))  # CPU tensors are accepted as they are
     np.testing.assert_array_equal(as_tensor, upsample_heatmap(heat, (5, 5)))
+
+
+def test_heatmap_on_image_matches_the_steps_done_one_by_one_in_torch() -> None:
+    """The composed resize (one pair of matrices) equals doing the steps in torch: interpolate the map to
+    the model's square, cut the letterbox (pad) or take it whole (stretch: straight to the image; crop: the
+    central square), interpolate to the image. At most 1 grey level apart (float32 rounding at .5)."""
+    torch = pytest.importorskip("torch")
+    from xrayfm.explain.overlay import heatmap_on_image
+
+    def interp(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
+        return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[
+            0, 0
+        ].numpy()
+
+    rng = np.random.default_rng(5)
+    for (height, width), size, grid in [((390, 320), 224, 14), ((256, 210), 224, 14), ((64, 200), 64, 4)]:
+        heat = rng.random((grid, grid)).astype(np.float32)
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        side = min(height, width)
+        crop = np.zeros((height, width), np.float32)
+        crop[(height - side) // 2 :][:side, (width - side) // 2 :][:, :side] = interp(heat, (side, side))
+        expected = {
+            "pad": interp(
+                interp(heat, (size, size))[top : top + new_h, left : left + new_w], (height, width)
+            ),
+            "stretch": interp(heat, (height, width)),
+            "crop": crop,
+        }
+        for mode, ref in expected.items():
+            out = heatmap_on_image(heat, (height, width), size, mode)
+            want = np.rint(np.clip(ref, 0, 1) * 255).astype(int)
+            assert out.shape == (height, width)
+            assert np.abs(out.astype(int) - want).max() <= 1, mode

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,12 @@ def upsample_heatmap(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
     Half-pixel centres, as torch's ``F.interpolate(mode="bilinear", align_corners=False)``: the same
     values to float32 rounding, for enlarging and shrinking alike (no antialiasing).
     """
+    heat = _checked_map(heatmap)
+    height, width = _checked_size(size)
+    return _resized(heat, _resize_matrix(heat.shape[0], height), _resize_matrix(heat.shape[1], width))
+
+
+def _checked_map(heatmap: Any) -> np.ndarray:
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.ndim != 2 or min(heat.shape) == 0:
         raise XrayfmError(f"heatmap must be a non-empty 2-D array, got shape {tuple(heat.shape)}")
@@ -34,30 +41,42 @@ def upsample_heatmap(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
             f"heatmap values must lie in [0, 1] (got {float(heat.min()):.3g}..{float(heat.max()):.3g}); "
             "normalise it first (xrayfm.explain.normalize_maps)"
         )
-    height, width = (int(n) for n in size)
+    return heat
+
+
+def _checked_size(size: tuple[int, ...]) -> tuple[int, int]:
+    height, width = (int(n) for n in size[:2])
     if height < 1 or width < 1:
         raise XrayfmError(f"size must be positive (H, W), got {tuple(size)}")
-    out = _linear_resize(_linear_resize(heat, width, axis=1), height, axis=0)  # columns first, as torch
-    return np.clip(out, 0.0, 1.0, out=out)
+    return height, width
 
 
-def _linear_resize(values: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Linear interpolation along one axis onto `n_out` samples with half-pixel centres (float32)."""
-    n_in = values.shape[axis]
+@lru_cache(maxsize=256)
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of linear interpolation with half-pixel centres: output sample i is
+    ``weights[i] @ input`` (two neighbours, weights summing to 1; the edges repeat the border sample).
+    Cached (read-only): a deployment sees the same few geometries again and again."""
     scale = np.float32(n_in) / np.float32(n_out)
     source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
     low = np.minimum(source.astype(np.int64), n_in - 1)  # source >= 0: truncation is floor
     high = np.minimum(low + 1, n_in - 1)
     w_high = (source - low).astype(np.float32)
-    w_low = np.float32(1.0) - w_high
-    shape = [1, 1]
-    shape[axis] = n_out
-    out = np.take(values, low, axis=axis)
-    out *= w_low.reshape(shape)
-    upper = np.take(values, high, axis=axis)
-    upper *= w_high.reshape(shape)
-    out += upper
-    return out
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    weights[rows, low] = np.float32(1.0) - w_high
+    weights[rows, high] += w_high  # += : at the last sample low == high and the two weights add up to 1
+    weights.setflags(write=False)
+    return weights
+
+
+def _resized(heat: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``rows @ heat @ cols.T``, clipped to [0, 1]: the map resized along both axes by weight matrices.
+
+    Matrices rather than per-axis gathers: a resize, a crop and a second resize compose into one pair of
+    small matrices (:func:`heatmap_on_image`), and the gateway draws every answer's map this way (~0.2 ms
+    for 14 x 14 -> 256 x 210, against ~1.4 ms for the two resizes through the model's 224 x 224 square)."""
+    out = (rows @ heat) @ cols.T
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: str) -> np.ndarray:
@@ -66,25 +85,31 @@ def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: s
 
     Hand-written because it inverts ``fit_square`` (pad: cut the letterbox off; crop: the map covers the
     central square, the cropped sides get 0; stretch: resize), which the library does not offer. Torch-free:
-    the gateway draws the worker's maps with it.
+    the gateway draws the workers' maps with it. The map is first brought to the `size` square, as the model
+    saw it, then cut and resized to the image: each step a linear map, composed into one (:func:`_resized`).
     """
-    height, width = int(image_shape[0]), int(image_shape[1])
+    heat = _checked_map(heat)
+    height, width = _checked_size(image_shape)
+    map_h, map_w = heat.shape
     if mode == "stretch":
-        out = upsample_heatmap(heat, (height, width))
+        out = _resized(heat, _resize_matrix(map_h, height), _resize_matrix(map_w, width))
     elif mode == "pad":
-        square = upsample_heatmap(heat, (size, size))
         scale = size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         top, left = (size - new_h) // 2, (size - new_w) // 2
-        out = upsample_heatmap(square[top : top + new_h, left : left + new_w], (height, width))
+        rows = _resize_matrix(new_h, height) @ _resize_matrix(map_h, size)[top : top + new_h]
+        cols = _resize_matrix(new_w, width) @ _resize_matrix(map_w, size)[left : left + new_w]
+        out = _resized(heat, rows, cols)
     elif mode == "crop":
         side = min(height, width)
         out = np.zeros((height, width), dtype=np.float32)
         top, left = (height - side) // 2, (width - side) // 2
-        out[top : top + side, left : left + side] = upsample_heatmap(heat, (side, side))
+        out[top : top + side, left : left + side] = _resized(
+            heat, _resize_matrix(map_h, side), _resize_matrix(map_w, side)
+        )
     else:
         raise XrayfmError(f"unknown resize mode {mode!r}; expected pad, crop or stretch")
-    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.rint(out * 255.0).astype(np.uint8)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
