@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse
 from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
-from xrayfm_gateway.routers.predict import ERRORS, UPLOAD_BODY, UploadDepsDep, prediction_from, queue_upload
+from xrayfm_gateway.routers.predict import (
+    ERRORS,
+    IN_PROGRESS,
+    UPLOAD_BODY,
+    UploadDepsDep,
+    prediction_from,
+    queue_upload,
+)
 from xrayfm_stack.protocol import ErrorBody, ExplainMethod, JobStatus, JobSubmitted
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -32,7 +39,8 @@ async def submit_job(
     method: ExplainMethod | None = Query(None, description="heatmap method (default: XRAYFM_EXPLAIN_METHOD)"),
 ) -> JSONResponse:
     """Same input as ``POST /predict``; the result waits in Redis until ``XRAYFM_RESULT_EXPIRES``."""
-    job_id, _ = await queue_upload(request, deps, explain, method)
+    with IN_PROGRESS.one():
+        job_id, _ = await queue_upload(request, deps, explain, method)
     url = f"/jobs/{job_id}"
     body = JobSubmitted(job_id=job_id, status_url=url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
