@@ -126,3 +126,17 @@ def test_the_channel_reuses_one_client_until_its_pool_is_replaced(app, client: r
         finally:
             client.delete(name)
             channel.close()
+
+
+def test_sending_does_not_subscribe_yet_results_can_still_be_awaited(app, client: redis.Redis) -> None:
+    """The gateway waits through its own subscriber, so sending a task subscribes to nothing; a caller
+    that does wait with ``AsyncResult.get()`` still gets the result (stored before or after it asks)."""
+    task_id = str(uuid.uuid4())
+    result = app.send_task("xrayfm.never_run", args=(1,), task_id=task_id, queue=app.conf.task_default_queue)
+    try:
+        key = app.backend.get_key_for_task(task_id)
+        assert client.pubsub_numsub(key) == [(key, 0)]
+        app.backend.store_result(task_id, {"answer": 42}, states.SUCCESS)
+        assert result.get(timeout=5) == {"answer": 42}
+    finally:
+        client.delete(app.conf.task_default_queue, app.backend.get_key_for_task(task_id))
