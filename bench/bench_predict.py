@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -68,10 +69,18 @@ def make_checkpoint(folder: Path, model: str, size: int) -> Path:
     return save_checkpoint(folder, create_model(**spec), meta)
 
 
-def side_by_side(checkpoint: Path, url: str, name: str, data: bytes, n: int, transport_side: int) -> dict:
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds used so far by each named process."""
+    return {key: sum(proc.cpu_times()[:2]) for key, proc in processes.items()}
+
+
+def side_by_side(
+    checkpoint: Path, url: str, name: str, data: bytes, n: int, transport_side: int, pids: dict[str, int]
+) -> dict:
     """Interleaved, one request at a time: the bare forward + rollout of the preprocessed tensor, the
     worker's whole predict() in this process, and /predict through the stack, so that load from other
-    processes on the machine hits the three alike."""
+    processes on the machine hits the three alike. Also the CPU time each stack process (`pids`) spent
+    per /predict, read around each request: on a small machine that CPU is latency (and caps throughput)."""
     from xrayfm.data.images import read_image
     from xrayfm.explain import predict_with_rollout
     from xrayfm.inference import Predictor, load_served_model
@@ -87,6 +96,8 @@ def side_by_side(checkpoint: Path, url: str, name: str, data: bytes, n: int, tra
         "stack_predict": [],
     }
     stages: dict[str, list[float]] = {}  # the answers' own timings: where the stack's time went
+    processes = {key: psutil.Process(pid) for key, pid in pids.items()}
+    cpu_used = dict.fromkeys(pids, 0.0)
     with httpx.Client(base_url=url, timeout=120) as http:
         for _ in range(3):  # warm-up of every path
             predict_with_rollout(served.model, batch)
@@ -99,14 +110,18 @@ def side_by_side(checkpoint: Path, url: str, name: str, data: bytes, n: int, tra
             start = time.perf_counter()
             predictor.predict([image])
             samples["worker_predict_in_process"].append(time.perf_counter() - start)
+            before = cpu_seconds(processes)
             start = time.perf_counter()
             resp = http.post("/predict", files={"file": (name, data)})
             samples["stack_predict"].append(time.perf_counter() - start)
+            after = cpu_seconds(processes)
+            cpu_used = {key: cpu_used[key] + after[key] - before[key] for key in cpu_used}
             resp.raise_for_status()
             for stage, ms in resp.json()["timings"].items():
                 stages.setdefault(stage, []).append(ms)
     results: dict = {key: percentiles(values) for key, values in samples.items()}
     results["stack_stages_p50_ms"] = {stage: float(np.median(ms)) for stage, ms in sorted(stages.items())}
+    results["stack_cpu_ms_per_request"] = {key: 1000 * used / n for key, used in cpu_used.items()}
     return results
 
 
@@ -179,8 +194,8 @@ def main() -> int:
             "torch_threads": threads,
         }
         try:
-            launcher.start_redis(redis_port)
-            launcher.start_gateway(gateway_port)
+            redis_proc = launcher.start_redis(redis_port)
+            gateway = launcher.start_gateway(gateway_port)
             for batch_max in (8, 1):
                 worker = launcher.start_worker(
                     f"w{batch_max}", extra_env={"XRAYFM_BATCH_MAX": str(batch_max)}
@@ -190,7 +205,15 @@ def main() -> int:
                 )
                 if batch_max == 8:
                     results.update(
-                        side_by_side(checkpoint, url, name, data, args.requests, transport_side=512)
+                        side_by_side(
+                            checkpoint,
+                            url,
+                            name,
+                            data,
+                            args.requests,
+                            transport_side=512,
+                            pids={"gateway": gateway.pid, "worker": worker.pid, "redis": redis_proc.pid},
+                        )  # fmt: skip
                     )
                 key = "batching" if batch_max > 1 else "no_batching"
                 results[f"throughput_{key}"] = throughput(url, name, data, args.clients, args.seconds)
@@ -208,6 +231,8 @@ def main() -> int:
         print(f"| {key} | {results[key]['p50_ms']:.1f} | {results[key]['p95_ms']:.1f} |")
     stages = ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in results["stack_stages_p50_ms"].items())
     print(f"\nstack stages, p50 ms (the answers' timings): {stages}")
+    cpu = ", ".join(f"{k} {v:.1f}" for k, v in results["stack_cpu_ms_per_request"].items())
+    print(f"CPU ms per /predict, by process: {cpu}")
     goal = "meets" if results["stack_over_bare_p50"] <= 1.25 else "MISSES"
     print(f"\nstack / bare at p50: {results['stack_over_bare_p50']:.2f}x ({goal} the <= 1.25x goal)")
     for key in ("batching", "no_batching"):
