@@ -188,15 +188,12 @@ class Stack:
         name: str = "gateway",
         extra_env: dict[str, str] | None = None,
     ) -> Proc:
-        """The FastAPI gateway under uvicorn.
+        """The FastAPI gateway under uvicorn (``XRAYFM_GATEWAY_WORKERS`` processes, :mod:`xrayfm_gateway.serve`).
 
         MALLOC_ARENA_MAX=2: decoding large uploads in several threads makes glibc keep one heap per thread;
         two arenas halve the gateway's memory under a mix of real radiographs (about 200-290 MB instead of
         410-540 MB, same throughput: services/README.md, "Soak")."""
-        argv = [
-            str(VENV_BIN / "python"), "-m", "uvicorn", "xrayfm_gateway.app:create_app", "--factory",
-            "--host", host, "--port", str(port), "--no-access-log",
-        ]  # fmt: skip
+        argv = [str(VENV_BIN / "python"), "-m", "xrayfm_gateway.serve", "--host", host, "--port", str(port)]
         proc = self._start(name, argv, {"MALLOC_ARENA_MAX": "2", **(extra_env or {})})
         wait_until(
             lambda: http_json(f"http://127.0.0.1:{port}/health")[0] == 200, 30, "gateway /health", proc

@@ -272,7 +272,8 @@ class GatewaySettings:
     transport_side: int = 512  # XRAYFM_TRANSPORT_SIDE: longest side of the pixels sent to the worker
     predict_timeout_s: float = 60.0  # XRAYFM_PREDICT_TIMEOUT: /predict waits this long, then 504 + job id
     explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: the default heatmap method
-    decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time
+    decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time (per process)
+    workers: int = 1  # XRAYFM_GATEWAY_WORKERS: gateway processes sharing the port (xrayfm_gateway.serve)
     admin_keys: frozenset[str] = frozenset()  # XRAYFM_ADMIN_KEYS: training and model-store endpoints
     model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: listed, promoted, rolled back
     # XRAYFM_INSECURE_NO_AUTH=1: with no admin key, leave the training and model endpoints open (local
@@ -313,6 +314,7 @@ class GatewaySettings:
             decode_concurrency=int(
                 env_number(env, "XRAYFM_DECODE_CONCURRENCY", cls.decode_concurrency, int, 1)
             ),
+            workers=int(env_number(env, "XRAYFM_GATEWAY_WORKERS", cls.workers, int, 1)),
             admin_keys=env_keys(env, "XRAYFM_ADMIN_KEYS"),
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
             insecure_no_auth=env_flag(env, "XRAYFM_INSECURE_NO_AUTH"),

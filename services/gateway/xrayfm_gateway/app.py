@@ -1,4 +1,5 @@
-"""The FastAPI application: ``uvicorn xrayfm_gateway.app:create_app --factory --port 8000``."""
+"""The FastAPI application: ``uvicorn xrayfm_gateway.app:create_app --factory --port 8000`` (one process), or
+``python -m xrayfm_gateway.serve`` (``XRAYFM_GATEWAY_WORKERS`` processes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from xrayfm_gateway import __version__
 from xrayfm_gateway.errors import APIError, api_error_handler
-from xrayfm_gateway.metrics import MetricsMiddleware
+from xrayfm_gateway.metrics import MetricsMiddleware, process_stopped
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
 from xrayfm_gateway.routers import feedback, health, jobs, models, predict, training
 from xrayfm_stack.settings import GatewaySettings
@@ -49,6 +50,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.queue.close()
+            process_stopped()
 
     if not settings.api_keys:
         log.warning("XRAYFM_API_KEYS is not set: /predict and /jobs answer anyone who can reach this port")

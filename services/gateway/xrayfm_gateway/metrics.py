@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
-from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +31,10 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-IN_FLIGHT = Gauge("xrayfm_gateway_requests_in_flight", "HTTP requests being handled")
+# livesum: with several gateway processes (xrayfm_gateway.serve), the sum over the running ones
+IN_FLIGHT = Gauge(
+    "xrayfm_gateway_requests_in_flight", "HTTP requests being handled", multiprocess_mode="livesum"
+)
 REJECTED = Counter("xrayfm_gateway_rejected_uploads_total", "Uploads refused at the gateway", ["reason"])
 UPLOAD_BYTES = Histogram(
     "xrayfm_gateway_upload_bytes", "Size of accepted uploads", buckets=(1e4, 1e5, 1e6, 4e6, 1.6e7, 6.4e7)
@@ -39,6 +43,24 @@ QUEUE_ERRORS = Counter(
     "xrayfm_gateway_queue_errors_total", "Redis/queue failures seen by the gateway", ["kind"]
 )
 PREDICTIONS = Counter("xrayfm_gateway_predictions_total", "Answers by outcome", ["outcome"])
+
+
+def gateway_exposition() -> bytes:
+    """The gateway's own series in Prometheus' text format: this process's, or, when several gateway
+    processes share the port (``PROMETHEUS_MULTIPROC_DIR`` set by :mod:`xrayfm_gateway.serve`), all of
+    theirs added up, whichever process answers the scrape."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def process_stopped() -> None:
+    """Drop this process's live gauges from the shared folder (several processes only), so that a stopped
+    process's requests in flight stop counting."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
 
 
 class MetricsMiddleware:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from xrayfm_gateway.deps import ReadinessDep, SettingsDep, StoreDep, TrainingDep
-from xrayfm_gateway.metrics import feedback_exposition, training_exposition
+from xrayfm_gateway.metrics import feedback_exposition, gateway_exposition, training_exposition
 from xrayfm_stack.protocol import Readiness
 
 router = APIRouter(tags=["health"])
@@ -34,4 +34,4 @@ async def metrics(training: TrainingDep, store: StoreDep, settings: SettingsDep)
     feedback per model version (left out, not failed, when Redis, the store or the folder cannot be read)."""
     series = await training_exposition(training.records, store)
     series += await feedback_exposition(settings.feedback_dir)
-    return Response(generate_latest() + series, media_type=CONTENT_TYPE_LATEST)
+    return Response(gateway_exposition() + series, media_type=CONTENT_TYPE_LATEST)
