@@ -282,6 +282,7 @@ def private_stack(
         env["XRAYFM_BATCH_MAX"] = str(args.batch_max)
     if args.batch_wait_ms is not None:
         env["XRAYFM_BATCH_WAIT_MS"] = str(args.batch_wait_ms)
+    env["XRAYFM_GATEWAY_WORKERS"] = str(args.gateway_workers)
     launcher = stack_lib.Stack(tmp / "stack", env=env)
     url = f"http://127.0.0.1:{gateway_port}"
     try:
@@ -339,6 +340,9 @@ def main() -> int:
     )
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="XRAYFM_BATCH_WAIT_MS")
     parser.add_argument("--concurrency", type=int, default=16, help="worker threads (the compose image's 16)")
+    parser.add_argument(
+        "--gateway-workers", type=int, default=1, help="gateway processes (XRAYFM_GATEWAY_WORKERS), default 1"
+    )
     parser.add_argument("--threads", type=int, default=1, help="model threads, in the worker and here")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument(
@@ -485,7 +489,8 @@ def main() -> int:
         return 0
     print(
         f"\n{result['model']} @ {result['size']}px, {result['runtime']}, {args.threads} thread(s), worker "
-        f"concurrency {result['worker_concurrency']}, batch max {result['batch_max']}, wait "
+        f"concurrency {result['worker_concurrency']}, gateway processes {args.gateway_workers}, "
+        f"batch max {result['batch_max']}, wait "
         f"{args.batch_wait_ms if args.batch_wait_ms is not None else 'default'} ms; images: {result['images']}"
     )
     print(
