@@ -11,8 +11,8 @@ Both raise :class:`QueueUnavailable` when Redis cannot be reached; the routes an
 
 Waiting for a result does not poll: Celery's Redis result backend PUBLISHes every state it stores on a
 channel named like the result's key, so :class:`ResultListener` keeps one subscriber connection per
-gateway process, subscribes to a job's channel before reading the key once (no missed answer), and wakes
-the waiting request when its result is published. A published message that got lost (a Redis restart
+gateway process, subscribes to a job's channel before reading the key once (no missed answer), and hands
+each published state to the waiting request. A published message that got lost (a Redis restart
 under the subscriber) costs at most ``RECHECK_S``: the wait reads the key again that often.
 """
 
@@ -73,46 +73,50 @@ WORKERS_CACHE_S = 0.25  # the live-worker list is read from Redis at most this o
 
 
 class ResultListener:
-    """One Redis subscriber for the whole gateway process: job channel -> the futures waiting on it."""
+    """One Redis subscriber for the whole gateway process: job channel -> the waiters' message queues.
+
+    Each waiter gets a queue rather than a future, so that every state published while it waits reaches
+    it (STARTED, then the answer) without re-subscribing or reading the key again in between."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self.pubsub: Any = None
-        self.waiters: dict[str, set[asyncio.Future]] = {}
+        self.waiters: dict[str, set[asyncio.Queue]] = {}
         self.task: asyncio.Task | None = None
         self.lock = asyncio.Lock()
 
-    async def watch(self, channel: str) -> asyncio.Future:
-        """A future resolved with the next message published on `channel` (subscribed before returning)."""
-        future = asyncio.get_running_loop().create_future()
+    async def watch(self, channel: str) -> asyncio.Queue:
+        """A queue that gets every message published on `channel` from now on (subscribed before
+        returning); give it back with :meth:`unwatch`."""
+        inbox: asyncio.Queue = asyncio.Queue()
         async with self.lock:
             if self.pubsub is None:
                 self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             first = channel not in self.waiters
-            self.waiters.setdefault(channel, set()).add(future)
+            self.waiters.setdefault(channel, set()).add(inbox)
             try:
                 if first:
                     await self.pubsub.subscribe(channel)
             except BaseException:
-                self._drop(channel, future)
+                self._drop(channel, inbox)
                 raise
             if self.task is None or self.task.done():
                 self.task = asyncio.create_task(self._listen(), name="xrayfm-result-listener")
-        return future
+        return inbox
 
-    async def unwatch(self, channel: str, future: asyncio.Future) -> None:
+    async def unwatch(self, channel: str, inbox: asyncio.Queue) -> None:
         """Stop waiting on `channel` (unsubscribes when nobody else waits on it)."""
         async with self.lock:
-            if self._drop(channel, future) and self.pubsub is not None:
+            if self._drop(channel, inbox) and self.pubsub is not None:
                 try:
                     await self.pubsub.unsubscribe(channel)
                 except LOST:  # the connection is gone: so is the subscription
                     pass
 
-    def _drop(self, channel: str, future: asyncio.Future) -> bool:
+    def _drop(self, channel: str, inbox: asyncio.Queue) -> bool:
         waiting = self.waiters.get(channel)
         if waiting is not None:
-            waiting.discard(future)
+            waiting.discard(inbox)
             if not waiting:
                 del self.waiters[channel]
                 return True
@@ -134,9 +138,8 @@ class ResultListener:
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
-            for future in list(self.waiters.get(channel, ())):
-                if not future.done():
-                    future.set_result(message["data"])
+            for inbox in list(self.waiters.get(channel, ())):
+                inbox.put_nowait(message["data"])
 
     async def _resubscribe(self) -> None:
         try:
@@ -281,11 +284,11 @@ class InferenceQueue:
     async def wait(self, job_id: str, timeout: float) -> JobState:
         """Wait until the job is done or failed, or `timeout` seconds passed (then its last state).
 
-        Woken by the result backend's publication; the key is read again at least every RECHECK_S."""
+        Woken by the result backend's publications; the key is read again at least every RECHECK_S."""
         deadline = time.monotonic() + timeout
         channel = self.celery.backend.get_key_for_task(job_id).decode()
         try:
-            future = await self.listener.watch(channel)
+            inbox = await self.listener.watch(channel)
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         try:
@@ -294,20 +297,15 @@ class InferenceQueue:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return job
-                done, _ = await asyncio.wait({future}, timeout=min(left, RECHECK_S))
-                if done:
-                    job = self._decode_state(future.result())
-                    if job.status in ("done", "failed"):
-                        return job
-                    previous = future  # e.g. STARTED: re-arm (still subscribed) for the next state change
-                    future = await self.listener.watch(channel)
-                    await self.listener.unwatch(channel, previous)
-                job = await self.state(job_id)
+                try:
+                    job = self._decode_state(await asyncio.wait_for(inbox.get(), min(left, RECHECK_S)))
+                except TimeoutError:  # nothing published for a while: read the key (a lost message)
+                    job = await self.state(job_id)
             return job
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         finally:
-            await self.listener.unwatch(channel, future)
+            await self.listener.unwatch(channel, inbox)
 
 
 def _error_text(result: Any) -> str:
