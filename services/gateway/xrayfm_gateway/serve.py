@@ -17,15 +17,21 @@ as prometheus_client requires, before any worker imports the metrics.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
 from xrayfm.errors import XrayfmError
 from xrayfm_stack.settings import GatewaySettings
 
+log = logging.getLogger("uvicorn.error")  # uvicorn's own start-up lines go there
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -38,6 +44,27 @@ def prepare_metrics_dir(env: MutableMapping[str, str]) -> Path:
         stale.unlink()
     env[MULTIPROC_ENV] = str(folder)
     return folder
+
+
+class TcpConfig(uvicorn.Config):
+    """uvicorn's settings, except that the one listening socket bound for several processes says it is TCP.
+
+    uvicorn 0.54 creates that socket with ``proto`` 0. Accepted connections inherit it, and asyncio only
+    turns Nagle's algorithm off (``TCP_NODELAY``) on sockets that say ``IPPROTO_TCP``. Every keep-alive
+    response then waited for the client's delayed ACK: +47 ms per ``/predict`` here with 2 processes
+    (uvicorn issue #3149, open). One process is not affected: asyncio binds that socket itself."""
+
+    def bind_socket(self) -> socket.socket:  # noqa: D102 (uvicorn's)
+        family = socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(f"cannot listen on {self.host}:{self.port}: {exc}") from None
+        sock.set_inheritable(True)
+        return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,18 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         settings = GatewaySettings.from_env()
     except XrayfmError as exc:
         parser.error(str(exc))
-    if settings.workers > 1:
-        prepare_metrics_dir(os.environ)
-    import uvicorn
-
-    uvicorn.run(
-        "xrayfm_gateway.app:create_app",
+    app = "xrayfm_gateway.app:create_app"
+    if settings.workers == 1:
+        uvicorn.run(app, factory=True, host=args.host, port=args.port, access_log=args.access_log)
+        return 0
+    prepare_metrics_dir(os.environ)
+    config = TcpConfig(
+        app,
         factory=True,
         host=args.host,
         port=args.port,
-        workers=settings.workers if settings.workers > 1 else None,
+        workers=settings.workers,
         access_log=args.access_log,
     )
+    sock = config.bind_socket()
+    log.info("gateway: %d processes on %s:%d", settings.workers, args.host, sock.getsockname()[1])
+    Multiprocess(config, sockets=[sock]).run()  # as uvicorn.run does, with this socket
     return 0
 
 
