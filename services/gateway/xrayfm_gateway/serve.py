@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except XrayfmError as exc:
         parser.error(str(exc))
     app = "xrayfm_gateway.app:create_app"
-    if settings.workers == 1:
+    if settings.workers == 1 and not os.environ.get(MULTIPROC_ENV):
         uvicorn.run(app, factory=True, host=args.host, port=args.port, access_log=args.access_log)
         return 0
-    prepare_metrics_dir(os.environ)
+    own_folder = not os.environ.get(MULTIPROC_ENV)  # a temporary one, removed when the gateway stops
+    folder = prepare_metrics_dir(os.environ)
     config = TcpConfig(
         app,
         factory=True,
@@ -99,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         access_log=args.access_log,
     )
     sock = config.bind_socket()
-    log.info("gateway: %d processes on %s:%d", settings.workers, args.host, sock.getsockname()[1])
-    Multiprocess(config, sockets=[sock]).run()  # as uvicorn.run does, with this socket
+    log.info("gateway: %d process(es) on %s:%d", settings.workers, args.host, sock.getsockname()[1])
+    try:
+        if settings.workers == 1:  # PROMETHEUS_MULTIPROC_DIR set by the deployment: one process still
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            Multiprocess(config, sockets=[sock]).run()  # as uvicorn.run does, with this socket
+    finally:
+        if own_folder:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
