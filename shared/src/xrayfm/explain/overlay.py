@@ -25,9 +25,7 @@ def upsample_heatmap(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
     Half-pixel centres, as torch's ``F.interpolate(mode="bilinear", align_corners=False)``: the same
     values to float32 rounding, for enlarging and shrinking alike (no antialiasing).
     """
-    heat = _checked_map(heatmap)
-    height, width = _checked_size(size)
-    return _resized(heat, _resize_matrix(heat.shape[0], height), _resize_matrix(heat.shape[1], width))
+    return _upsampled(_checked_map(heatmap), _checked_size(size))
 
 
 def _checked_map(heatmap: Any) -> np.ndarray:
@@ -45,7 +43,7 @@ def _checked_map(heatmap: Any) -> np.ndarray:
 
 
 def _checked_size(size: tuple[int, ...]) -> tuple[int, int]:
-    height, width = (int(n) for n in size[:2])
+    height, width = (int(n) for n in size)
     if height < 1 or width < 1:
         raise XrayfmError(f"size must be positive (H, W), got {tuple(size)}")
     return height, width
@@ -79,6 +77,11 @@ def _resized(heat: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _upsampled(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A checked map resized to `size` (H, W)."""
+    return _resized(heat, _resize_matrix(heat.shape[0], size[0]), _resize_matrix(heat.shape[1], size[1]))
+
+
 def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: str) -> np.ndarray:
     """Map an explanation over the model's square input (`size` px, made from the image by ``fit_square``
     in `mode`) back onto the image's own geometry: uint8 H x W, 255 = most attended.
@@ -89,10 +92,10 @@ def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: s
     saw it, then cut and resized to the image: each step a linear map, composed into one (:func:`_resized`).
     """
     heat = _checked_map(heat)
-    height, width = _checked_size(image_shape)
+    height, width = _checked_size(image_shape[:2])
     map_h, map_w = heat.shape
     if mode == "stretch":
-        out = _resized(heat, _resize_matrix(map_h, height), _resize_matrix(map_w, width))
+        out = _upsampled(heat, (height, width))
     elif mode == "pad":
         scale = size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
@@ -104,9 +107,7 @@ def heatmap_on_image(heat: Any, image_shape: tuple[int, ...], size: int, mode: s
         side = min(height, width)
         out = np.zeros((height, width), dtype=np.float32)
         top, left = (height - side) // 2, (width - side) // 2
-        out[top : top + side, left : left + side] = _resized(
-            heat, _resize_matrix(map_h, side), _resize_matrix(map_w, side)
-        )
+        out[top : top + side, left : left + side] = _upsampled(heat, (side, side))
     else:
         raise XrayfmError(f"unknown resize mode {mode!r}; expected pad, crop or stretch")
     return np.rint(out * 255.0).astype(np.uint8)
