@@ -45,6 +45,7 @@ class FakeQueue:
         self.next_state: JobState | None = None  # what every job ends as (default: a real-looking answer)
         self.down = False  # Redis unreachable
         self.kept: dict[str, bytes] = {}  # images kept for feedback (XRAYFM_FEEDBACK_KEEP_IMAGES)
+        self.sent_alone: list[bool] = []  # submit()'s `alone`, per request
 
     def _check(self) -> None:
         if self.down:
@@ -54,10 +55,11 @@ class FakeQueue:
         self._check()
         return self.workers_list
 
-    async def submit(self, request: PredictRequest, record: dict[str, Any]) -> str:
+    async def submit(self, request: PredictRequest, record: dict[str, Any], alone: bool = False) -> str:
         self._check()
         job_id = str(uuid.uuid4())
         self.jobs[job_id] = (request, record)
+        self.sent_alone.append(alone)
         return job_id
 
     async def keep_pixels(self, job_id: str, png: bytes) -> None:

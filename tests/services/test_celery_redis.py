@@ -140,3 +140,36 @@ def test_sending_does_not_subscribe_yet_results_can_still_be_awaited(app, client
         assert result.get(timeout=5) == {"answer": 42}
     finally:
         client.delete(app.conf.task_default_queue, app.backend.get_key_for_task(task_id))
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_the_gateway_queues_a_request_inline_or_from_a_thread(client: redis.Redis, alone: bool) -> None:
+    """`InferenceQueue.submit` sends on the event loop when the request is alone and from a worker thread
+    otherwise: either way the Celery message is in the queue under the job's id and the job record is
+    written; with Redis gone, either way answers QueueUnavailable."""
+    import asyncio
+
+    import numpy as np
+
+    from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable
+    from xrayfm_stack.protocol import PredictRequest
+
+    settings = QueueSettings(redis_url=URL, queue=f"xrayfm-test-{uuid.uuid4().hex[:8]}")
+    request = PredictRequest.from_image(np.zeros((8, 8), dtype=np.uint8))
+
+    async def submit(queue: InferenceQueue) -> str:
+        try:
+            return await queue.submit(request, {"decode_ms": 1.0}, alone=alone)
+        finally:
+            await queue.close()
+
+    job_id = asyncio.run(submit(InferenceQueue(settings)))
+    try:
+        [message] = client.lrange(settings.queue, 0, -1)
+        assert json.loads(message)["headers"]["id"] == job_id
+        assert json.loads(client.get(settings.job_key(job_id))) == {"decode_ms": 1.0}
+    finally:
+        client.delete(settings.queue, settings.job_key(job_id))
+    gone = QueueSettings(redis_url="redis://127.0.0.1:9/0", queue=settings.queue)
+    with pytest.raises(QueueUnavailable):
+        asyncio.run(submit(InferenceQueue(gone)))

@@ -111,6 +111,7 @@ def test_predict_answers_the_typed_prediction(http, fakes):
     assert None not in body["timings"].values()
     (request, _record), *_ = queue.jobs.values()
     assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
+    assert queue.sent_alone == [True]  # the only request in progress: sent on the event loop
     no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
     assert no_map["attention_map"] is None
 
@@ -237,7 +238,7 @@ def test_predict_when_the_stack_cannot_answer(http, fakes):
     assert "rollout needs a ViT" in _error(http.post("/predict", files=_png()), 422, "bad_request")["detail"]
     queue.next_state = None
 
-    async def refuse(*_args):
+    async def refuse(*_args, **_kwargs):
         raise QueueUnavailable("cannot queue the request: connection refused")
 
     queue.submit = refuse

@@ -208,18 +208,28 @@ class InferenceQueue:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return [json.loads(item) for item in raw if item]
 
-    async def submit(self, request: PredictRequest | list[PredictRequest], record: dict[str, Any]) -> str:
+    async def submit(
+        self, request: PredictRequest | list[PredictRequest], record: dict[str, Any], alone: bool = False
+    ) -> str:
         """Queue one request (or a study's list of them, answered in one worker call); returns its job id.
         `record` (technical facts only: no names, no header) is kept with the job until it expires, so
-        that unknown ids answer 404 and results say what came in."""
+        that unknown ids answer 404 and results say what came in.
+
+        Celery sends with a blocking client, so the send runs in a worker thread, beside the record's
+        write; or, when the caller is `alone` (no other prediction in progress), right here: ~1.4 ms with
+        nobody else waiting on the event loop, where the thread's hand-off and its contention for the GIL
+        with the loop cost about as much again on a 2-core machine."""
         job_id = str(uuid.uuid4())
+        key, expires = self.settings.job_key(job_id), self.settings.result_expires_s
         try:  # both before the id is handed out, so /jobs/{id} never answers 404 for a queued job
-            await asyncio.gather(
-                self.redis.set(
-                    self.settings.job_key(job_id), json.dumps(record), ex=self.settings.result_expires_s
-                ),
-                anyio.to_thread.run_sync(self._send, job_id, request),
-            )
+            if alone:
+                self._send(job_id, request)
+                await self.redis.set(key, json.dumps(record), ex=expires)
+            else:
+                await asyncio.gather(
+                    self.redis.set(key, json.dumps(record), ex=expires),
+                    anyio.to_thread.run_sync(self._send, job_id, request),
+                )
         except (*LOST, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id
