@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery import states
 
-from xrayfm_stack.celery import ResultBackend, inference_celery
+from xrayfm_stack.celery import ResultBackend, inference_celery, inputs_key
 from xrayfm_stack.settings import QueueSettings
 
 URL = "redis://127.0.0.1:6379/14"
@@ -62,6 +62,24 @@ def test_each_state_is_stored_published_and_expires(app, client: redis.Redis) ->
     finally:
         pubsub.close()
         client.delete(key)
+
+
+@pytest.mark.parametrize("final", [states.SUCCESS, states.FAILURE])
+def test_a_final_state_deletes_the_tasks_inputs_and_no_other_does(app, client: redis.Redis, final) -> None:
+    """The images waiting in a task's inputs key go when its answer (or failure) is stored, not when it
+    starts: a task that dies before its answer is redelivered with its image still there."""
+    backend, task_id = app.backend, str(uuid.uuid4())
+    inputs = inputs_key(task_id)
+    client.hset(inputs, "0", b"\x00\xff raw pixels")
+    try:
+        backend.store_result(task_id, {"pid": 1}, states.STARTED)
+        assert client.hget(inputs, "0") == b"\x00\xff raw pixels"
+        result = {"probability": 0.7} if final == states.SUCCESS else ValueError("no")
+        backend.store_result(task_id, result, final)
+        assert not client.exists(inputs)
+        assert backend.get_task_meta(task_id, cache=False)["status"] == final
+    finally:
+        client.delete(inputs, backend.get_key_for_task(task_id))
 
 
 def test_a_stored_answer_is_never_overwritten(app, client: redis.Redis) -> None:

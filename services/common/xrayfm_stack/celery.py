@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
@@ -85,7 +85,9 @@ class RedisTransport(kombu_redis.Transport):
 
 # Store a task state unless a SUCCESS is stored already, and publish it: Celery's rule (a redelivered task
 # must not overwrite an answer), applied inside Redis. Unparsable stored values are overwritten, as Celery does.
+# A final state also deletes the task's inputs key (KEYS[2], when given: see inputs_key).
 _STORE_STATE = """
+if KEYS[2] then redis.call('DEL', KEYS[2]) end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
@@ -117,15 +119,29 @@ class ResultBackend(RedisBackend):
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):  # noqa: D102
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
-        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        expires = self.failure_expires if state == states.FAILURE else None  # as Celery's _set_with_state
+        inputs = inputs_key(bytes_to_str(task_id)) if state in states.READY_STATES else None
+        self.ensure(self._set, (self.get_key_for_task(task_id), self.encode(meta), expires, inputs))
         return result
 
-    def _set(self, key, value, expires=None):  # noqa: D102 (Celery's: called through ensure(), with retries)
+    def _set(self, key, value, expires=None, inputs=None):  # noqa: D102 (Celery's, through ensure(): retries)
         expires = self.expires if expires is None else expires
         script = self.__dict__.get("_xrayfm_store")
         if script is None:  # redis-py's Script: EVALSHA, loading the script again after a Redis restart
             script = self.__dict__["_xrayfm_store"] = self.client.register_script(_STORE_STATE)
-        script(keys=[key], args=[value, int(expires or 0)], client=self.client)
+        keys = [key] if inputs is None else [key, inputs]
+        script(keys=keys, args=[value, int(expires or 0)], client=self.client)
+
+
+INPUTS_PREFIX = "xrayfm-task-inputs-"
+
+
+def inputs_key(task_id: str) -> str:
+    """The Redis key (a hash) where a task's large inputs wait beside its message, raw, out of its JSON:
+    the images of a prediction (``PredictRequest.stored``). The gateway writes it before sending the task,
+    with the message's expiry; :class:`ResultBackend` deletes it when it stores the task's final state, so
+    that an image stays in Redis exactly as long as the message that needs it would be redelivered."""
+    return f"{INPUTS_PREFIX}{task_id}"
 
 
 def backend_url(redis_url: str) -> str:

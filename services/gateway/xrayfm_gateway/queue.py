@@ -32,7 +32,7 @@ from celery import states
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
-from xrayfm_stack.celery import inference_celery, send_training_job, training_celery
+from xrayfm_stack.celery import inference_celery, inputs_key, send_training_job, training_celery
 from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
@@ -209,11 +209,17 @@ class InferenceQueue:
         return [json.loads(item) for item in raw if item]
 
     async def submit(
-        self, request: PredictRequest | list[PredictRequest], record: dict[str, Any], alone: bool = False
+        self,
+        request: PredictRequest | list[PredictRequest],
+        record: dict[str, Any],
+        alone: bool = False,
+        inputs: list[bytes] | None = None,
     ) -> str:
         """Queue one request (or a study's list of them, answered in one worker call); returns its job id.
         `record` (technical facts only: no names, no header) is kept with the job until it expires, so
-        that unknown ids answer 404 and results say what came in.
+        that unknown ids answer 404 and results say what came in. `inputs`: the images of ``stored``
+        requests, in order, written raw to the job's inputs key (:func:`xrayfm_stack.celery.inputs_key`)
+        before the message that names them is sent; they expire with it, and go when the answer is stored.
 
         Celery sends with a blocking client, so the send runs in a worker thread, beside the record's
         write; or, when the caller is `alone` (no other prediction in progress), right here: ~1.4 ms with
@@ -221,8 +227,18 @@ class InferenceQueue:
         with the loop cost about as much again on a 2-core machine."""
         job_id = str(uuid.uuid4())
         key, expires = self.settings.job_key(job_id), self.settings.result_expires_s
-        try:  # both before the id is handed out, so /jobs/{id} never answers 404 for a queued job
-            if alone:
+        try:  # all before the id is handed out, so /jobs/{id} never answers 404 for a queued job
+            if inputs is not None:  # one round trip for the record and the images, then the message
+                async with self.redis.pipeline(transaction=False) as writes:
+                    writes.set(key, json.dumps(record), ex=expires)
+                    writes.hset(inputs_key(job_id), mapping={str(i): data for i, data in enumerate(inputs)})
+                    writes.expire(inputs_key(job_id), expires)
+                    await writes.execute()
+                if alone:
+                    self._send(job_id, request)
+                else:
+                    await anyio.to_thread.run_sync(self._send, job_id, request)
+            elif alone:
                 self._send(job_id, request)
                 await self.redis.set(key, json.dumps(record), ex=expires)
             else:

@@ -26,7 +26,7 @@ from xrayfm_inference import metrics
 from xrayfm_inference.batcher import MicroBatcher
 from xrayfm_inference.heartbeat import Heartbeat
 from xrayfm_inference.swap import ServingWatcher
-from xrayfm_stack.celery import inference_celery
+from xrayfm_stack.celery import inference_celery, inputs_key
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
@@ -88,6 +88,7 @@ class Runtime:
             "swap_error": self.watcher.error if self.watcher is not None else None,
             "batch_max": self.batcher.max_batch if self.batcher is not None else SETTINGS.batch_max,
             "pid": os.getpid(),
+            "stored_inputs": True,  # reads a request's image from its inputs key (PredictRequest.stored)
         }
 
 
@@ -323,7 +324,7 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     ON_THE_WAY.add(1)
     try:
         try:
-            request, image = _parse(payload)
+            [(request, image)] = _parse_all([payload], self.request.id)
         except XrayfmError as exc:
             return _rejected(str(exc))
         queue_wait = max(0.0, picked_up - request.submitted_at)
@@ -356,7 +357,7 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
         try:
             if not isinstance(payloads, list) or not payloads:
                 raise XrayfmError("a study needs a non-empty list of images")
-            parsed = [_parse(payload) for payload in payloads]
+            parsed = _parse_all(payloads, self.request.id)
         except XrayfmError as exc:
             return _rejected(str(exc))
         queue_wait = max(0.0, picked_up - parsed[0][0].submitted_at)
@@ -395,13 +396,21 @@ def _require_model(task_id: str) -> None:
         raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
 
 
-def _parse(payload: Any) -> tuple[PredictRequest, Any]:
-    """A queued request and its pixels, checked (XrayfmError when it does not follow the protocol)."""
-    request = PredictRequest.parse(payload)
-    image = request.image()
-    if request.method not in EXPLAIN_METHODS:
-        raise XrayfmError(f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}")
-    return request, image
+def _parse_all(payloads: list[Any], task_id: str) -> list[tuple[PredictRequest, Any]]:
+    """A task's queued requests and their pixels, checked (XrayfmError when one does not follow the protocol).
+    The images of ``stored`` requests are read from the task's inputs key, all in one call."""
+    requests = [PredictRequest.parse(payload) for payload in payloads]
+    stored: list[Any] = [None] * len(requests)
+    if any(r.stored is not None for r in requests):
+        stored = app.backend.client.hmget(inputs_key(task_id), [str(i) for i in range(len(requests))])
+    parsed = []
+    for request, data in zip(requests, stored, strict=True):
+        if request.method not in EXPLAIN_METHODS:
+            raise XrayfmError(
+                f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
+            )
+        parsed.append((request, request.image(data)))
+    return parsed
 
 
 def _result(future) -> tuple[Any, Any]:

@@ -155,9 +155,18 @@ async def _submit(
             503, "not_ready", f"the inference stack is not ready: {ready.detail}", {"Retry-After": "5"}
         )
     method = method or deps.settings.explain_method
-    payloads = [
-        PredictRequest.from_image(d.pixels, encoded=d.encoded, explain=explain, method=method) for d in images
-    ]
+    inputs: list[bytes] | None = None
+    if all(w.get("stored_inputs") for w in ready.workers):  # every live worker reads images from Redis keys
+        packed = [
+            PredictRequest.to_store(d.pixels, encoded=d.encoded, explain=explain, method=method)
+            for d in images
+        ]
+        payloads, inputs = [p[0] for p in packed], [p[2] for p in packed]
+    else:  # a worker of an earlier release: the images inside the message
+        payloads = [
+            PredictRequest.from_image(d.pixels, encoded=d.encoded, explain=explain, method=method)
+            for d in images
+        ]
     facts = [{"format": d.format, "width": d.width, "height": d.height} for d in images]
     record = {
         **({"images": facts} if study else {"image": facts[0]}),
@@ -166,7 +175,7 @@ async def _submit(
     }
     try:
         job_id = await deps.queue.submit(
-            payloads if study else payloads[0], record, alone=IN_PROGRESS.count <= 1
+            payloads if study else payloads[0], record, alone=IN_PROGRESS.count <= 1, inputs=inputs
         )
         if deps.settings.feedback_keep_images and not study:  # opted in: feedback may keep this image
             png = await anyio.to_thread.run_sync(to_png_bytes, images[0].pixels)
