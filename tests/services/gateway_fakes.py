@@ -46,6 +46,7 @@ class FakeQueue:
         self.down = False  # Redis unreachable
         self.kept: dict[str, bytes] = {}  # images kept for feedback (XRAYFM_FEEDBACK_KEEP_IMAGES)
         self.sent_alone: list[bool] = []  # submit()'s `alone`, per request
+        self.inputs: dict[str, list[bytes] | None] = {}
 
     def _check(self) -> None:
         if self.down:
@@ -55,11 +56,14 @@ class FakeQueue:
         self._check()
         return self.workers_list
 
-    async def submit(self, request: PredictRequest, record: dict[str, Any], alone: bool = False) -> str:
+    async def submit(
+        self, request: PredictRequest, record: dict[str, Any], alone: bool = False, inputs: list | None = None
+    ) -> str:
         self._check()
         job_id = str(uuid.uuid4())
         self.jobs[job_id] = (request, record)
         self.sent_alone.append(alone)
+        self.inputs[job_id] = inputs  # the raw images of `stored` requests, as the inputs key holds them
         return job_id
 
     async def keep_pixels(self, job_id: str, png: bytes) -> None:
@@ -81,17 +85,18 @@ class FakeQueue:
         if job_id not in self.jobs:
             return JobState("queued")  # as the result backend: no result key yet (or any more)
         request, _ = self.jobs[job_id]
+        stored = self.inputs.get(job_id) or [None] * (len(request) if isinstance(request, list) else 1)
         if isinstance(request, list):  # a study: each image answered, the mean decides (as the worker does)
-            images = [self._answer(r, 0.2 + 0.3 * k) for k, r in enumerate(request)]
+            images = [self._answer(r, 0.2 + 0.3 * k, stored[k]) for k, r in enumerate(request)]
             mean = sum(a.probability for a in images) / len(images)
             study = StudyAnswer(prediction="Abnormal" if mean >= 0.5 else "Normal", probability=mean,
                                 probabilities={"Abnormal": mean}, aggregation="mean (fake)", model=MODEL, images=images)  # fmt: skip
             return JobState("done", result=study)
-        return JobState("done", result=self._answer(request, 0.75))
+        return JobState("done", result=self._answer(request, 0.75, stored[0]))
 
     @staticmethod
-    def _answer(request: PredictRequest, p: float) -> WorkerAnswer:
-        image = request.image()  # the pixels the gateway sent decode exactly
+    def _answer(request: PredictRequest, p: float, stored: bytes | None = None) -> WorkerAnswer:
+        image = request.image(stored)  # the pixels the gateway sent decode exactly
         return WorkerAnswer(
             prediction="Abnormal" if p >= 0.5 else "Normal",
             probability=p,

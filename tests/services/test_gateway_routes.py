@@ -112,8 +112,34 @@ def test_predict_answers_the_typed_prediction(http, fakes):
     (request, _record), *_ = queue.jobs.values()
     assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
     assert queue.sent_alone == [True]  # the only request in progress: sent on the event loop
+    assert request.pixels is not None and queue.inputs[body["job_id"]] is None  # this worker: in the message
     no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
     assert no_map["attention_map"] is None
+
+
+def test_images_go_to_the_inputs_key_only_when_every_worker_reads_it(http, fakes):
+    """Workers that say ``stored_inputs`` get the raw pixels beside the message (a study's in order); while
+    one live worker does not (an earlier release, mid-upgrade), every image stays inside its message."""
+    queue, _ = fakes
+    queue.workers_list = [
+        {**READY_WORKER, "stored_inputs": True},
+        {**READY_WORKER, "hostname": "w2", "stored_inputs": True},
+    ]
+    body = http.post("/predict", files=_png(600, 300)).json()
+    (request, _record) = queue.jobs[body["job_id"]]
+    [raw] = queue.inputs[body["job_id"]]
+    assert request.stored == "pixels" and request.pixels is None and request.encoded is None
+    assert len(raw) == request.height * request.width and body["attention_map"]
+    study = http.post(
+        "/predict/study", files=[("files", _png(64, 32)["file"]), ("files", _png(32, 64)["file"])]
+    )
+    assert study.status_code == 200, study.text
+    sent, _ = queue.jobs[study.json()["job_id"]]
+    assert [len(raw) for raw in queue.inputs[study.json()["job_id"]]] == [r.height * r.width for r in sent]
+    queue.workers_list[1] = READY_WORKER  # an earlier release joins
+    body = http.post("/predict", files=_png(600, 300)).json()
+    (request, _record) = queue.jobs[body["job_id"]]
+    assert request.stored is None and queue.inputs[body["job_id"]] is None
 
 
 def test_gateway_draws_the_workers_model_map(http, fakes):

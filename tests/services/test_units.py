@@ -90,25 +90,23 @@ def test_protocol_sends_a_smaller_file_instead_of_pixels_and_checks_it():
         PredictRequest.parse({**payload.model_dump(), "pixels": "AAAA"})
 
 
-def test_protocol_keeps_a_stored_requests_bytes_apart_raw():
-    """``to_store``: the request names the form (the smaller of file and pixels, as ``from_image`` chooses)
-    and carries no image; the raw bytes, read back from the inputs key, give the very pixels."""
+def test_protocol_keeps_a_stored_requests_pixels_apart_raw():
+    """``to_store``: the request carries no image, only its size and options; the raw pixels, read back
+    from the inputs key, give the very image."""
     image = phantom(120, 100)
-    file = png_bytes(image)
-    noise = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)
-    for arr, encoded, form in ((image, file, "encoded"), (noise, png_bytes(noise), "pixels")):
-        request, got_form, data = PredictRequest.to_store(arr, encoded=encoded, method="gradcam")
-        assert got_form == form and request.stored == form and request.method == "gradcam"
-        assert request.pixels is None and request.encoded is None
-        assert data == (encoded if form == "encoded" else arr.tobytes())
-        back = PredictRequest.parse(json.loads(json.dumps(request.model_dump())))
-        np.testing.assert_array_equal(back.image(data), arr)
-        with pytest.raises(ProtocolError, match="not in Redis"):
-            back.image(None)
+    request, data = PredictRequest.to_store(image, method="gradcam")
+    assert request.stored == "pixels" and request.method == "gradcam"
+    assert request.pixels is None and request.encoded is None and data == image.tobytes()
+    back = PredictRequest.parse(json.loads(json.dumps(request.model_dump())))
+    np.testing.assert_array_equal(back.image(data), image)
+    with pytest.raises(ProtocolError, match="not in Redis"):
+        back.image(None)
     with pytest.raises(ProtocolError, match="pixel buffer has 3 bytes"):
-        PredictRequest.to_store(noise)[0].image(b"abc")
+        back.image(b"abc")
     with pytest.raises(ProtocolError, match="exactly one"):
         PredictRequest.parse({**request.model_dump(), "pixels": "AAAA"})
+    with pytest.raises(ProtocolError, match="stored"):
+        PredictRequest.parse({**request.model_dump(), "stored": "encoded"})
 
 
 def test_gateway_sends_the_upload_without_metadata_when_that_keeps_its_pixels():

@@ -6,7 +6,7 @@ Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gate
                      "explain": true, "method": "rollout", "submitted_at": <unix time>}
                     or, instead of "pixels", "encoded": "<base64 of the uploaded PNG/JPEG file>" when that
                     file is smaller than its pixels and decodes to exactly them (fewer bytes on the wire)
-                    or "stored": "pixels" | "encoded": the same bytes, raw, in the job's inputs key in Redis
+                    or "stored": "pixels": the H*W pixels, raw, in the job's inputs key in Redis
                     (xrayfm_stack.celery.inputs_key) rather than in the message; sent only while every
                     live worker's heartbeat says "stored_inputs" (upgrade workers before gateways)
     WorkerAnswer    {"prediction", "probability", "probabilities", "model_map": ModelMap | null,
@@ -57,6 +57,14 @@ class ProtocolError(XrayfmError):
 # ----------------------------------------------------------------------------------------------- requests
 
 
+def _grey_image(image: np.ndarray) -> np.ndarray:
+    """`image` as a contiguous non-empty 2-D uint8 array (ProtocolError otherwise)."""
+    arr = np.ascontiguousarray(image)
+    if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
+        raise ProtocolError(f"expected a non-empty 2-D uint8 image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
 class PredictRequest(BaseModel):
     """One image to predict: 2-D uint8 grey pixels (base64), or the PNG/JPEG file they decode from, and
     the options.
@@ -72,8 +80,8 @@ class PredictRequest(BaseModel):
     encoded: str | None = Field(
         None, description="instead of pixels: base64 of a PNG or JPEG file that decodes to height x width"
     )
-    stored: Literal["pixels", "encoded"] | None = Field(
-        None, description="instead of both: which of the two forms lies, raw, in the job's inputs key"
+    stored: Literal["pixels"] | None = Field(
+        None, description="instead of both: the pixels lie, raw, in the job's inputs key"
     )
     height: int = Field(ge=1, le=MAX_SIDE)
     width: int = Field(ge=1, le=MAX_SIDE)
@@ -99,37 +107,41 @@ class PredictRequest(BaseModel):
     ) -> PredictRequest:
         """Pack a 2-D uint8 grey image and options. `encoded`: the PNG/JPEG file `image` was decoded from,
         sent instead of the pixels when it is smaller (the caller vouches that it decodes to `image`)."""
-        request, form, data = cls.to_store(
-            image, encoded=encoded, explain=explain, method=method, submitted_at=submitted_at
-        )
-        return request.model_copy(update={"stored": None, form: base64.b64encode(data).decode("ascii")})
-
-    @classmethod
-    def to_store(
-        cls,
-        image: np.ndarray,
-        *,
-        encoded: bytes | None = None,
-        explain: bool = True,
-        method: str = "rollout",
-        submitted_at: float | None = None,
-    ) -> tuple[PredictRequest, str, bytes]:
-        """As :meth:`from_image`, with the image's bytes kept out of the request: (the request, which form
-        the bytes are, the bytes) for the job's inputs key. Raw bytes in their own key skip the base64 and
-        the JSON of the Celery message, and its copy in kombu's unacknowledged index."""
-        arr = np.ascontiguousarray(image)
-        if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
-            raise ProtocolError(f"expected a non-empty 2-D uint8 image, got {arr.dtype} {arr.shape}")
-        form = "encoded" if encoded is not None and len(encoded) < arr.size else "pixels"
-        request = cls(
-            stored=form,
+        arr = _grey_image(image)
+        small = encoded is not None and len(encoded) < arr.size
+        return cls(
+            pixels=None if small else base64.b64encode(arr.tobytes()).decode("ascii"),
+            encoded=base64.b64encode(encoded).decode("ascii") if small else None,
             height=int(arr.shape[0]),
             width=int(arr.shape[1]),
             explain=bool(explain),
             method=str(method),
             submitted_at=time.time() if submitted_at is None else float(submitted_at),
         )
-        return request, form, encoded if form == "encoded" else arr.tobytes()
+
+    @classmethod
+    def to_store(
+        cls,
+        image: np.ndarray,
+        *,
+        explain: bool = True,
+        method: str = "rollout",
+        submitted_at: float | None = None,
+    ) -> tuple[PredictRequest, bytes]:
+        """As :meth:`from_image`, with the pixels kept out of the request: (the request, its raw pixels) for
+        the job's inputs key. Raw bytes in their own key skip the base64 and the JSON of the Celery message
+        and its copy in kombu's unacknowledged index; and raw pixels skip the worker's decoding a file. A
+        request holds at most XRAYFM_TRANSPORT_SIDE squared bytes (256 KB at 512) in Redis meanwhile."""
+        arr = _grey_image(image)
+        request = cls(
+            stored="pixels",
+            height=int(arr.shape[0]),
+            width=int(arr.shape[1]),
+            explain=bool(explain),
+            method=str(method),
+            submitted_at=time.time() if submitted_at is None else float(submitted_at),
+        )
+        return request, arr.tobytes()
 
     @classmethod
     def parse(cls, payload: Any) -> PredictRequest:
@@ -150,14 +162,13 @@ class PredictRequest(BaseModel):
         if self.stored is not None:
             if stored is None:
                 raise ProtocolError("the request's image is not in Redis (expired, or already answered)")
-            raw, form = bytes(stored), self.stored
+            raw = bytes(stored)
         else:
-            form = "pixels" if self.encoded is None else "encoded"
             try:
                 raw = base64.b64decode(self.pixels if self.encoded is None else self.encoded, validate=True)
             except (ValueError, binascii.Error) as exc:
                 raise ProtocolError(f"malformed request: the image is not base64 ({exc})") from None
-        if form == "encoded":
+        if self.encoded is not None:
             try:  # the gateway's decoder; never more pixels than the request announced
                 arr = read_image(raw, max_pixels=self.height * self.width)
             except ImageDecodeError as exc:

@@ -157,11 +157,8 @@ async def _submit(
     method = method or deps.settings.explain_method
     inputs: list[bytes] | None = None
     if all(w.get("stored_inputs") for w in ready.workers):  # every live worker reads images from Redis keys
-        packed = [
-            PredictRequest.to_store(d.pixels, encoded=d.encoded, explain=explain, method=method)
-            for d in images
-        ]
-        payloads, inputs = [p[0] for p in packed], [p[2] for p in packed]
+        packed = [PredictRequest.to_store(d.pixels, explain=explain, method=method) for d in images]
+        payloads, inputs = [p[0] for p in packed], [p[1] for p in packed]
     else:  # a worker of an earlier release: the images inside the message
         payloads = [
             PredictRequest.from_image(d.pixels, encoded=d.encoded, explain=explain, method=method)
