@@ -177,7 +177,7 @@ def dependencies_of(*projects: str) -> list[str]:
         text=True,
         check=True,
     ).stdout
-    return [re.split(r"[<>=\[ ;]", line, maxsplit=1)[0].lower() for line in out.split()]
+    return [re.split(r"[<>=\[ ;]", line, maxsplit=1)[0].lower() for line in out.splitlines() if line.strip()]
 
 
 def test_gateway_and_frontend_images_install_no_torch_and_the_workers_share_their_layers():
