@@ -191,3 +191,30 @@ def test_the_gateway_queues_a_request_inline_or_from_a_thread(client: redis.Redi
     gone = QueueSettings(redis_url="redis://127.0.0.1:9/0", queue=settings.queue)
     with pytest.raises(QueueUnavailable):
         asyncio.run(submit(InferenceQueue(gone)))
+
+
+def test_started_and_the_inputs_in_one_call(app, client: redis.Redis) -> None:
+    """``start_and_read_inputs`` stores and publishes STARTED as Celery's ``track_started`` would (pid and
+    host name), leaves the inputs in place, and gives them back in order (None for a missing one)."""
+    import os
+
+    backend, task_id = app.backend, str(uuid.uuid4())
+    key, inputs = backend.get_key_for_task(task_id), inputs_key(task_id)
+    client.hset(inputs, mapping={"0": b"first", "1": b"second"})
+    pubsub = client.pubsub()
+    pubsub.subscribe(key)
+    try:
+        assert backend.start_and_read_inputs(task_id, "w1@host", 3) == [b"first", b"second", None]
+        meta = backend.get_task_meta(task_id, cache=False)
+        assert meta["status"] == states.STARTED and meta["result"] == {
+            "pid": os.getpid(),
+            "hostname": "w1@host",
+        }
+        assert (published(pubsub, 2) or {}).get("status") == "STARTED"
+        assert 0 < client.ttl(key) <= 77 and client.exists(inputs)
+        backend.store_result(task_id, {"probability": 0.7}, states.SUCCESS)
+        assert backend.start_and_read_inputs(task_id, "w1@host", 0) == []  # a redelivery: SUCCESS stays
+        assert backend.get_task_meta(task_id, cache=False)["status"] == states.SUCCESS
+    finally:
+        pubsub.close()
+        client.delete(key, inputs)

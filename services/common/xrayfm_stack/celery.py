@@ -11,6 +11,7 @@ with results (``result_extended`` off) nor shown in logs (``argsrepr``).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery, states
@@ -123,6 +124,29 @@ class ResultBackend(RedisBackend):
         inputs = inputs_key(bytes_to_str(task_id)) if state in states.READY_STATES else None
         self.ensure(self._set, (self.get_key_for_task(task_id), self.encode(meta), expires, inputs))
         return result
+
+    def start_and_read_inputs(self, task_id: str, hostname: str, count: int) -> list[bytes | None]:
+        """Store what Celery's ``track_started`` stores (STARTED, with this process's pid and `hostname`)
+        and read the task's first `count` inputs (:func:`inputs_key`), in one round trip where Celery's
+        STARTED and the read took two, both before a prediction can start. Tasks that call this at their
+        start are declared with ``track_started=False``."""
+        meta = self._get_result_meta(
+            result={"pid": os.getpid(), "hostname": hostname},
+            state=states.STARTED,
+            traceback=None,
+            request=None,
+        )
+        meta["task_id"] = task_id
+        # EVAL, not the registered script's EVALSHA: redis-py checks a pipeline's scripts with one more
+        # round trip (SCRIPT EXISTS) on every execute; Redis finds the compiled script by its hash anyway.
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.eval(
+                _STORE_STATE, 1, self.get_key_for_task(task_id), self.encode(meta), int(self.expires or 0)
+            )
+            if count:
+                pipe.hmget(inputs_key(task_id), [str(i) for i in range(count)])
+            replies = pipe.execute()
+        return replies[1] if count else []
 
     def _set(self, key, value, expires=None, inputs=None):  # noqa: D102 (Celery's, through ensure(): retries)
         expires = self.expires if expires is None else expires

@@ -26,7 +26,7 @@ from xrayfm_inference import metrics
 from xrayfm_inference.batcher import MicroBatcher
 from xrayfm_inference.heartbeat import Heartbeat
 from xrayfm_inference.swap import ServingWatcher
-from xrayfm_stack.celery import inference_celery, inputs_key
+from xrayfm_stack.celery import inference_celery
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
@@ -314,7 +314,7 @@ def _on_worker_shutdown(**_kwargs: Any) -> None:
         RUNTIME.batcher.close()
 
 
-@app.task(name=PREDICT_TASK, bind=True)
+@app.task(name=PREDICT_TASK, bind=True, track_started=False)  # STARTED: _parse_all, with the image
 def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     """One request (a :class:`PredictRequest`): grey pixels in, a :class:`WorkerAnswer` out. A request it
     cannot use is answered with a :class:`WorkerRejection`; a timeout or a missing model raises (the task
@@ -324,7 +324,7 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     ON_THE_WAY.add(1)
     try:
         try:
-            [(request, image)] = _parse_all([payload], self.request.id)
+            [(request, image)] = _parse_all([payload], self.request)
         except XrayfmError as exc:
             return _rejected(str(exc))
         queue_wait = max(0.0, picked_up - request.submitted_at)
@@ -343,7 +343,7 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     return answer.model_dump(mode="json")
 
 
-@app.task(name=PREDICT_STUDY_TASK, bind=True)
+@app.task(name=PREDICT_STUDY_TASK, bind=True, track_started=False)
 def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """A study's images (a list of :class:`PredictRequest`), put through the micro-batcher together in this
     one call: each image's answer and the study's decision from the mean of their probabilities
@@ -357,7 +357,7 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
         try:
             if not isinstance(payloads, list) or not payloads:
                 raise XrayfmError("a study needs a non-empty list of images")
-            parsed = _parse_all(payloads, self.request.id)
+            parsed = _parse_all(payloads, self.request)
         except XrayfmError as exc:
             return _rejected(str(exc))
         queue_wait = max(0.0, picked_up - parsed[0][0].submitted_at)
@@ -396,13 +396,15 @@ def _require_model(task_id: str) -> None:
         raise Reject(WorkerNotReady(RUNTIME.error or "no model loaded"), requeue=True)
 
 
-def _parse_all(payloads: list[Any], task_id: str) -> list[tuple[PredictRequest, Any]]:
+def _parse_all(payloads: list[Any], task: Any) -> list[tuple[PredictRequest, Any]]:
     """A task's queued requests and their pixels, checked (XrayfmError when one does not follow the protocol).
-    The images of ``stored`` requests are read from the task's inputs key, all in one call."""
+    Marks the task STARTED and reads the images of ``stored`` requests from its inputs key, in one round
+    trip (`task`: Celery's request context)."""
     requests = [PredictRequest.parse(payload) for payload in payloads]
-    stored: list[Any] = [None] * len(requests)
-    if any(r.stored is not None for r in requests):
-        stored = app.backend.client.hmget(inputs_key(task_id), [str(i) for i in range(len(requests))])
+    count = len(requests) if any(r.stored is not None for r in requests) else 0
+    stored: list[Any] = app.backend.start_and_read_inputs(task.id, task.hostname, count) or [None] * len(
+        requests
+    )
     parsed = []
     for request, data in zip(requests, stored, strict=True):
         if request.method not in EXPLAIN_METHODS:
