@@ -8,7 +8,7 @@ Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gate
                     file is smaller than its pixels and decodes to exactly them (fewer bytes on the wire)
                     or "stored": "pixels": the H*W pixels, raw, in the job's inputs key in Redis
                     (xrayfm_stack.celery.inputs_key) rather than in the message; sent only while every
-                    live worker's heartbeat says "stored_inputs" (upgrade workers before gateways)
+                    live worker's heartbeat says "stored_inputs", so the two upgrade in either order
     WorkerAnswer    {"prediction", "probability", "probabilities", "model_map": ModelMap | null,
                      "explain_method", "model": ModelInfo, "timings": Timings, "batch_size", "worker"}
                     ModelMap: the explanation over the model's input (float32, e.g. 14 x 14) and the

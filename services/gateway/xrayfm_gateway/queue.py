@@ -227,25 +227,27 @@ class InferenceQueue:
         with the loop cost about as much again on a 2-core machine."""
         job_id = str(uuid.uuid4())
         key, expires = self.settings.job_key(job_id), self.settings.result_expires_s
+        facts = json.dumps(record)
+
+        async def send() -> None:
+            if alone:
+                self._send(job_id, request)
+            else:
+                await anyio.to_thread.run_sync(self._send, job_id, request)
+
         try:  # all before the id is handed out, so /jobs/{id} never answers 404 for a queued job
             if inputs is not None:  # one round trip for the record and the images, then the message
                 async with self.redis.pipeline(transaction=False) as writes:
-                    writes.set(key, json.dumps(record), ex=expires)
+                    writes.set(key, facts, ex=expires)
                     writes.hset(inputs_key(job_id), mapping={str(i): data for i, data in enumerate(inputs)})
                     writes.expire(inputs_key(job_id), expires)
                     await writes.execute()
-                if alone:
-                    self._send(job_id, request)
-                else:
-                    await anyio.to_thread.run_sync(self._send, job_id, request)
-            elif alone:
-                self._send(job_id, request)
-                await self.redis.set(key, json.dumps(record), ex=expires)
+                await send()
+            elif alone:  # the send blocks the loop: the record's write would wait behind it anyway
+                await send()
+                await self.redis.set(key, facts, ex=expires)
             else:
-                await asyncio.gather(
-                    self.redis.set(key, json.dumps(record), ex=expires),
-                    anyio.to_thread.run_sync(self._send, job_id, request),
-                )
+                await asyncio.gather(self.redis.set(key, facts, ex=expires), send())
         except (*LOST, KombuError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot queue the request: {exc}") from None
         return job_id

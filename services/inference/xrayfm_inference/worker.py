@@ -402,9 +402,8 @@ def _parse_all(payloads: list[Any], task: Any) -> list[tuple[PredictRequest, Any
     trip (`task`: Celery's request context)."""
     requests = [PredictRequest.parse(payload) for payload in payloads]
     count = len(requests) if any(r.stored is not None for r in requests) else 0
-    stored: list[Any] = app.backend.start_and_read_inputs(task.id, task.hostname, count) or [None] * len(
-        requests
-    )
+    found = app.backend.start_and_read_inputs(task.id, task.hostname, count)  # always: it stores STARTED
+    stored: list[Any] = found if count else [None] * len(requests)
     parsed = []
     for request, data in zip(requests, stored, strict=True):
         if request.method not in EXPLAIN_METHODS:

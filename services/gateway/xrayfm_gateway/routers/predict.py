@@ -107,6 +107,11 @@ class InProgress:
     def __init__(self) -> None:
         self.count = 0
 
+    @property
+    def alone(self) -> bool:
+        """No other prediction request is in progress (the caller's own is counted)."""
+        return self.count <= 1
+
     @contextmanager
     def one(self) -> Iterator[None]:
         """Count one request while the block runs."""
@@ -126,7 +131,7 @@ async def off_loop(fn: Callable[..., T], *args: Any, small: bool = True) -> T:
     requests go on meanwhile; or right here when it is `small` and this is the only prediction request in
     progress: nobody waits on the event loop then, and a thread hand-off costs ~0.3 ms on a 2-core machine,
     twice per /predict."""
-    if small and IN_PROGRESS.count <= 1:
+    if small and IN_PROGRESS.alone:
         return fn(*args)
     return await anyio.to_thread.run_sync(fn, *args)
 
@@ -172,7 +177,7 @@ async def _submit(
     }
     try:
         job_id = await deps.queue.submit(
-            payloads if study else payloads[0], record, alone=IN_PROGRESS.count <= 1, inputs=inputs
+            payloads if study else payloads[0], record, alone=IN_PROGRESS.alone, inputs=inputs
         )
         if deps.settings.feedback_keep_images and not study:  # opted in: feedback may keep this image
             png = await anyio.to_thread.run_sync(to_png_bytes, images[0].pixels)
