@@ -69,6 +69,19 @@ def make_checkpoint(folder: Path, model: str, size: int) -> Path:
     return save_checkpoint(folder, create_model(**spec), meta)
 
 
+def stack_env(redis_port: int, checkpoint: Path, threads: int) -> dict[str, str]:
+    """The environment of a private benchmark stack: its own Redis and queue, the checkpoint, no worker
+    metrics port, `threads` torch threads, and OpenMP threads that sleep when idle."""
+    return {
+        "XRAYFM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "XRAYFM_QUEUE": f"bench-{uuid.uuid4().hex[:6]}",
+        "XRAYFM_MODEL_PATH": str(checkpoint),
+        "XRAYFM_WORKER_METRICS_PORT": "0",
+        "XRAYFM_TORCH_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+
+
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
     """User + system CPU seconds used so far by each named process."""
     return {key: sum(proc.cpu_times()[:2]) for key, proc in processes.items()}
@@ -177,14 +190,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / "model", args.model, args.size)
         redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()
-        env = {
-            "XRAYFM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "XRAYFM_QUEUE": f"bench-{uuid.uuid4().hex[:6]}",
-            "XRAYFM_MODEL_PATH": str(checkpoint),
-            "XRAYFM_WORKER_METRICS_PORT": "0",
-            "XRAYFM_TORCH_THREADS": str(threads),  # the same threads as the in-process measurement
-            "OMP_WAIT_POLICY": "PASSIVE",
-        }
+        env = stack_env(redis_port, checkpoint, threads)  # the same threads as the in-process measurement
         launcher = stack_lib.Stack(Path(tmp) / "stack", env=env)
         url = f"http://127.0.0.1:{gateway_port}"
         results: dict = {

@@ -20,13 +20,12 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import psutil
-from bench_predict import bench_image, cpu_seconds, make_checkpoint
+from bench_predict import bench_image, cpu_seconds, make_checkpoint, stack_env
 from tqdm import tqdm
 
 from xrayfm_stack import local as stack_lib
@@ -82,15 +81,7 @@ def main() -> int:
         try:
             for label, checkout in checkouts.items():
                 redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()
-                env = {
-                    "XRAYFM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                    "XRAYFM_QUEUE": f"ab-{uuid.uuid4().hex[:6]}",
-                    "XRAYFM_MODEL_PATH": str(checkpoint),
-                    "XRAYFM_WORKER_METRICS_PORT": "0",
-                    "XRAYFM_TORCH_THREADS": "1",
-                    "OMP_WAIT_POLICY": "PASSIVE",
-                    "XRAYFM_BATCH_MAX": "8",
-                }
+                env = {**stack_env(redis_port, checkpoint, threads=1), "XRAYFM_BATCH_MAX": "8"}
                 stack = launcher_of(checkout).Stack(Path(tmp) / label, env=env)
                 stacks.append(stack)
                 redis_proc = stack.start_redis(redis_port)
