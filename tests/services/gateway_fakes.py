@@ -45,7 +45,6 @@ class FakeQueue:
         self.next_state: JobState | None = None  # what every job ends as (default: a real-looking answer)
         self.down = False  # Redis unreachable
         self.kept: dict[str, bytes] = {}  # images kept for feedback (XRAYFM_FEEDBACK_KEEP_IMAGES)
-        self.sent_alone: list[bool] = []  # submit()'s `alone`, per request
         self.inputs: dict[str, list[bytes] | None] = {}
 
     def _check(self) -> None:
@@ -57,12 +56,11 @@ class FakeQueue:
         return self.workers_list
 
     async def submit(
-        self, request: PredictRequest, record: dict[str, Any], alone: bool = False, inputs: list | None = None
+        self, request: PredictRequest, record: dict[str, Any], inputs: list | None = None
     ) -> str:
         self._check()
         job_id = str(uuid.uuid4())
         self.jobs[job_id] = (request, record)
-        self.sent_alone.append(alone)
         self.inputs[job_id] = inputs  # the raw images of `stored` requests, as the inputs key holds them
         return job_id
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery import states
 
-from xrayfm_stack.celery import ResultBackend, inference_celery, inputs_key
+from xrayfm_stack.celery import ResultBackend, collected_publishes, inference_celery, inputs_key
 from xrayfm_stack.settings import QueueSettings
 
 URL = "redis://127.0.0.1:6379/14"
@@ -160,11 +160,36 @@ def test_sending_does_not_subscribe_yet_results_can_still_be_awaited(app, client
         client.delete(app.conf.task_default_queue, app.backend.get_key_for_task(task_id))
 
 
-@pytest.mark.parametrize("alone", [True, False])
-def test_the_gateway_queues_a_request_inline_or_from_a_thread(client: redis.Redis, alone: bool) -> None:
-    """`InferenceQueue.submit` sends on the event loop when the request is alone and from a worker thread
-    otherwise: either way the Celery message is in the queue under the job's id and the job record is
-    written; with Redis gone, either way answers QueueUnavailable."""
+def test_a_collected_publish_is_the_message_kombu_would_have_sent(app, client: redis.Redis) -> None:
+    """Inside ``collected_publishes`` nothing reaches Redis: the commands kombu would have run come back
+    (an LPUSH onto the queue), and the message they push is the one ``send_task`` sends outside it, but
+    for its own id and delivery tag."""
+    queue = app.conf.task_default_queue
+    options = {"args": ({"x": 1},), "queue": queue, "argsrepr": "<x>", "kwargsrepr": "{}", "expires": 60}
+    try:
+        with collected_publishes() as commands:
+            app.send_task("xrayfm.never_run", task_id="collected", **options)
+        assert client.llen(queue) == 0
+        [(name, (key, payload))] = commands
+        assert (name, key) == ("lpush", queue)
+        app.send_task("xrayfm.never_run", task_id="sent", **options)
+        [sent] = client.lrange(queue, 0, -1)
+    finally:
+        client.delete(queue)
+    collected, sent = json.loads(payload), json.loads(sent)
+    for message, task_id in ((collected, "collected"), (sent, "sent")):
+        assert message["headers"].pop("id") == message["properties"].pop("correlation_id") == task_id
+        message["headers"].pop("root_id")
+        message["headers"].pop("expires")  # a time stamp: now + 60 s
+        message["properties"].pop("delivery_tag")
+    assert collected == sent
+    with pytest.raises(RuntimeError, match="kombu sent the message itself"), collected_publishes():
+        pass  # nothing published: as if this kombu had sent it (no publish batches)
+
+
+def test_the_gateway_queues_record_inputs_and_message_in_one_go(client: redis.Redis) -> None:
+    """`InferenceQueue.submit` writes the job record and the inputs and pushes the Celery message, all from
+    its asyncio client: the message is in the queue under the job's id; with Redis gone, QueueUnavailable."""
     import asyncio
 
     import numpy as np
@@ -173,11 +198,11 @@ def test_the_gateway_queues_a_request_inline_or_from_a_thread(client: redis.Redi
     from xrayfm_stack.protocol import PredictRequest
 
     settings = QueueSettings(redis_url=URL, queue=f"xrayfm-test-{uuid.uuid4().hex[:8]}")
-    request = PredictRequest.from_image(np.zeros((8, 8), dtype=np.uint8))
+    request, pixels = PredictRequest.to_store(np.full((8, 8), 7, dtype=np.uint8))
 
     async def submit(queue: InferenceQueue) -> str:
         try:
-            return await queue.submit(request, {"decode_ms": 1.0}, alone=alone)
+            return await queue.submit(request, {"decode_ms": 1.0}, inputs=[pixels])
         finally:
             await queue.close()
 
@@ -186,8 +211,10 @@ def test_the_gateway_queues_a_request_inline_or_from_a_thread(client: redis.Redi
         [message] = client.lrange(settings.queue, 0, -1)
         assert json.loads(message)["headers"]["id"] == job_id
         assert json.loads(client.get(settings.job_key(job_id))) == {"decode_ms": 1.0}
+        assert client.hgetall(inputs_key(job_id)) == {b"0": pixels}
+        assert 0 < client.ttl(inputs_key(job_id)) <= settings.result_expires_s
     finally:
-        client.delete(settings.queue, settings.job_key(job_id))
+        client.delete(settings.queue, settings.job_key(job_id), inputs_key(job_id))
     gone = QueueSettings(redis_url="redis://127.0.0.1:9/0", queue=settings.queue)
     with pytest.raises(QueueUnavailable):
         asyncio.run(submit(InferenceQueue(gone)))

@@ -111,7 +111,6 @@ def test_predict_answers_the_typed_prediction(http, fakes):
     assert None not in body["timings"].values()
     (request, _record), *_ = queue.jobs.values()
     assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
-    assert queue.sent_alone == [True]  # the only request in progress: sent on the event loop
     assert request.pixels is not None and queue.inputs[body["job_id"]] is None  # this worker: in the message
     no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
     assert no_map["attention_map"] is None

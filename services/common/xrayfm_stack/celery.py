@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from celery import Celery, states
@@ -58,8 +61,41 @@ class _QoS(kombu_redis.QoS):
             return None
 
 
+class PublishCommands:
+    """The Redis commands that send a message, as kombu's Redis channel makes them (``("lpush", (key,
+    message))``...), kept instead of sent: see :func:`collected_publishes`. It is the interface of kombu's
+    own publish batches (``Channel._put(..., _publish_batch=...)``), which hand each command to ``add``."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, tuple[Any, ...]]] = []
+
+    def add(self, name: str, *args: Any) -> None:  # noqa: D102 (kombu's PublishBatch.add)
+        self.commands.append((name, args))
+
+
+_COLLECTING: ContextVar[PublishCommands | None] = ContextVar("xrayfm_collecting", default=None)
+
+
+@contextmanager
+def collected_publishes() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
+    """Inside the block, whatever this module's Redis transport publishes (``send_task``) is not sent: its
+    Redis commands, built by Celery and kombu as always, land in the list yielded, for the caller to send
+    in a round trip of its own (the gateway sends them from its asyncio client, in one pipeline with the
+    job's record and inputs). Raises :class:`RuntimeError` if nothing was collected (a kombu without
+    publish batches would have sent it already)."""
+    collected = PublishCommands()
+    token = _COLLECTING.set(collected)
+    try:
+        yield collected.commands
+    finally:
+        _COLLECTING.reset(token)
+    if not collected.commands:
+        raise RuntimeError("kombu sent the message itself: this kombu has no Redis publish batches")
+
+
 class _Channel(kombu_redis.Channel):
-    """kombu's Redis channel with :class:`_QoS`, and one client object for its blocking commands.
+    """kombu's Redis channel with :class:`_QoS`, one client object for its blocking commands, and its
+    publishes collected instead of sent inside :func:`collected_publishes`.
 
     kombu builds a new ``redis.Redis`` around the channel's connection pool for every publish, every
     message taken (recording it as unacknowledged) and every acknowledgement; building one took ~0.2 ms here
@@ -76,6 +112,12 @@ class _Channel(kombu_redis.Channel):
         if cached is None or cached.connection_pool is not self.pool:
             cached = self._xrayfm_client = super()._create_client()
         return cached
+
+    def _put(self, queue, message, **kwargs):  # noqa: D102 (kombu's: LPUSH the message)
+        collecting = _COLLECTING.get()
+        if collecting is not None and kwargs.get("_publish_batch") is None:
+            kwargs["_publish_batch"] = collecting
+        return super()._put(queue, message, **kwargs)
 
 
 class RedisTransport(kombu_redis.Transport):

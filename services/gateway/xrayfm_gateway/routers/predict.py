@@ -176,9 +176,7 @@ async def _submit(
         "submitted": time.time(),
     }
     try:
-        job_id = await deps.queue.submit(
-            payloads if study else payloads[0], record, alone=IN_PROGRESS.alone, inputs=inputs
-        )
+        job_id = await deps.queue.submit(payloads if study else payloads[0], record, inputs=inputs)
         if deps.settings.feedback_keep_images and not study:  # opted in: feedback may keep this image
             png = await anyio.to_thread.run_sync(to_png_bytes, images[0].pixels)
             await deps.queue.keep_pixels(job_id, png)
