@@ -126,9 +126,10 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
-# Store a task state unless a SUCCESS is stored already, and publish it: Celery's rule (a redelivered task
-# must not overwrite an answer), applied inside Redis. Unparsable stored values are overwritten, as Celery does.
-# A final state also deletes the task's inputs key (KEYS[2], when given: see inputs_key).
+# Store a task state unless a SUCCESS is stored already, and publish it (unless ARGV[3] is '0'): Celery's rule
+# (a redelivered task must not overwrite an answer), applied inside Redis. Unparsable stored values are
+# overwritten, as Celery does. A final state also deletes the task's inputs key (KEYS[2], when given: see
+# inputs_key).
 _STORE_STATE = """
 if KEYS[2] then redis.call('DEL', KEYS[2]) end
 local current = redis.call('GET', KEYS[1])
@@ -138,7 +139,7 @@ if current then
 end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('SETEX', KEYS[1], ttl, ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+if ARGV[3] ~= '0' then redis.call('PUBLISH', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -171,7 +172,11 @@ class ResultBackend(RedisBackend):
         """Store what Celery's ``track_started`` stores (STARTED, with this process's pid and `hostname`)
         and read the task's first `count` inputs (:func:`inputs_key`), in one round trip where Celery's
         STARTED and the read took two, both before a prediction can start. Tasks that call this at their
-        start are declared with ``track_started=False``."""
+        start are declared with ``track_started=False``.
+
+        STARTED is stored, not published: nobody waits for it (the gateway's waiters want the answer, and
+        ``/jobs/{id}`` reads the key), and its publication woke the waiting gateway for nothing, on the
+        CPU the prediction was starting on."""
         meta = self._get_result_meta(
             result={"pid": os.getpid(), "hostname": hostname},
             state=states.STARTED,
@@ -183,7 +188,7 @@ class ResultBackend(RedisBackend):
         # round trip (SCRIPT EXISTS) on every execute; Redis finds the compiled script by its hash anyway.
         with self.client.pipeline(transaction=False) as pipe:
             pipe.eval(
-                _STORE_STATE, 1, self.get_key_for_task(task_id), self.encode(meta), int(self.expires or 0)
+                _STORE_STATE, 1, self.get_key_for_task(task_id), self.encode(meta), int(self.expires or 0), 0
             )
             if count:
                 pipe.hmget(inputs_key(task_id), [str(i) for i in range(count)])
@@ -196,7 +201,7 @@ class ResultBackend(RedisBackend):
         if script is None:  # redis-py's Script: EVALSHA, loading the script again after a Redis restart
             script = self.__dict__["_xrayfm_store"] = self.client.register_script(_STORE_STATE)
         keys = [key] if inputs is None else [key, inputs]
-        script(keys=keys, args=[value, int(expires or 0)], client=self.client)
+        script(keys=keys, args=[value, int(expires or 0), 1], client=self.client)
 
 
 INPUTS_PREFIX = "xrayfm-task-inputs-"
