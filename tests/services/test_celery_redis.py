@@ -246,3 +246,38 @@ def test_started_and_the_inputs_in_one_call(app, client: redis.Redis) -> None:
     finally:
         pubsub.close()
         client.delete(key, inputs)
+
+
+def test_waiters_get_the_answer_and_the_channel_is_let_go(client: redis.Redis) -> None:
+    """Two requests waiting on one job both get its answer, published after they began waiting; once both
+    have it, the gateway's subscriber leaves the job's channel (in the background: the answers go first)."""
+    import asyncio
+
+    from xrayfm_gateway.queue import InferenceQueue
+
+    settings = QueueSettings(redis_url=URL, queue=f"xrayfm-test-{uuid.uuid4().hex[:8]}")
+    job_id, reply = str(uuid.uuid4()), {"error": {"type": "bad_request", "message": "no"}}
+
+    async def scenario() -> tuple[list, list]:
+        queue = InferenceQueue(settings)
+        backend = queue.celery.backend
+        channel = backend.get_key_for_task(job_id).decode()
+        try:
+            waiting = [asyncio.create_task(queue.wait(job_id, 10)) for _ in range(2)]
+            while client.pubsub_numsub(channel)[0][1] == 0:  # both subscribed through one connection
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(backend.store_result, job_id, reply, states.SUCCESS)
+            jobs = await asyncio.gather(*waiting)
+            for _ in range(100):
+                if client.pubsub_numsub(channel)[0][1] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return jobs, client.pubsub_numsub(channel)
+        finally:
+            await queue.close()
+            client.delete(backend.get_key_for_task(job_id))
+
+    jobs, subscribers = asyncio.run(scenario())
+    assert [job.status for job in jobs] == ["done", "done"]
+    assert all(job.result.error.message == "no" for job in jobs)
+    assert subscribers[0][1] == 0

@@ -90,10 +90,11 @@ class ResultListener:
         self.waiters: dict[str, set[asyncio.Queue]] = {}
         self.task: asyncio.Task | None = None
         self.lock = asyncio.Lock()
+        self.unsubscribing: set[asyncio.Task] = set()
 
     async def watch(self, channel: str) -> asyncio.Queue:
         """A queue that gets every message published on `channel` from now on (subscribed before
-        returning); give it back with :meth:`unwatch`."""
+        returning); give it back with :meth:`release`."""
         inbox: asyncio.Queue = asyncio.Queue()
         async with self.lock:
             if self.pubsub is None:
@@ -110,14 +111,23 @@ class ResultListener:
                 self.task = asyncio.create_task(self._listen(), name="xrayfm-result-listener")
         return inbox
 
-    async def unwatch(self, channel: str, inbox: asyncio.Queue) -> None:
-        """Stop waiting on `channel` (unsubscribes when nobody else waits on it)."""
+    def release(self, channel: str, inbox: asyncio.Queue) -> None:
+        """Stop waiting on `channel` with `inbox`, at once. When nobody else waits on it, the channel is
+        unsubscribed in a task of its own, which runs once the caller awaits next (a waiting request:
+        once its answer is on its way) and skips a channel watched again meanwhile."""
+        if self._drop(channel, inbox):
+            task = asyncio.create_task(self._unsubscribe(channel))
+            self.unsubscribing.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.unsubscribing.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
         async with self.lock:
-            if self._drop(channel, inbox) and self.pubsub is not None:
-                try:
-                    await self.pubsub.unsubscribe(channel)
-                except LOST:  # the connection is gone: so is the subscription
-                    pass
+            if channel in self.waiters or self.pubsub is None:
+                return
+            try:
+                await self.pubsub.unsubscribe(channel)
+            except LOST:  # the connection is gone: so is the subscription
+                pass
 
     def _drop(self, channel: str, inbox: asyncio.Queue) -> bool:
         waiting = self.waiters.get(channel)
@@ -161,8 +171,9 @@ class ResultListener:
 
     async def close(self) -> None:
         """Stop listening and release the subscriber connection."""
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, *self.unsubscribing):
+            if task is not None:
+                task.cancel()
         if self.pubsub is not None:
             try:
                 await self.pubsub.aclose()
@@ -328,7 +339,7 @@ class InferenceQueue:
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         finally:
-            await self.listener.unwatch(channel, inbox)
+            self.listener.release(channel, inbox)
 
 
 def _error_text(result: Any) -> str:
