@@ -2,8 +2,8 @@
 
 One process by default. ``XRAYFM_GATEWAY_WORKERS=N`` starts N (uvicorn's ``workers``) sharing the port:
 each has its own event loop, so uploads are decoded, results awaited and heatmaps drawn on N cores. One
-process used ~12 ms of CPU per ``/predict`` on a 2-core machine, about 80 requests a second at most,
-which a small model on a GPU worker outruns.
+process uses ~9 ms of CPU per ``/predict`` on a 2-core machine (12 ms before the fourth and fifth passes
+on serving speed), about 110 requests a second at most, which a small model on a GPU worker outruns.
 
 Several processes keep separate Prometheus counters, and ``/metrics`` is answered by whichever process
 takes the connection. They therefore use prometheus_client's multiprocess mode: each writes its values

@@ -245,7 +245,8 @@ def prediction_from(
 ) -> Prediction | StudyPrediction:
     """Turn a finished job into the API answer (one image's, or a study's), its heatmaps drawn from the
     worker's model maps, or raise the matching APIError. `started` (``perf_counter`` at the first byte
-    read) gives ``timings.total_ms``. Drawing costs ~1.5 ms an image: async routes call this in a thread."""
+    read) gives ``timings.total_ms``. Drawing costs ~0.4 ms an image: async routes call this in a thread
+    (:func:`off_loop`)."""
     if job.status == "failed":
         PREDICTIONS.labels("failed").inc()
         code, status = (
