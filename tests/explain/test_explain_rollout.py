@@ -153,3 +153,22 @@ def test_errors_for_unsupported_input() -> None:
         attention_rollout(tiny_vit(), _images(1), discard_ratio=1.0)
     with pytest.raises(XrayfmError, match=r"\[B, C, H, W\]"):
         attention_rollout(tiny_vit(), torch.zeros(3, 32, 32))
+
+
+def test_eval_mode_leaves_an_eval_model_alone_and_restores_a_mixed_one() -> None:
+    """A model all in eval mode is not touched (no module's train() is called); one with any module in
+    training mode is switched whole and each module gets its own flag back."""
+    from xrayfm.explain.rollout import eval_mode
+
+    vit = tiny_vit().eval()
+    calls: list[bool] = []
+    vit.blocks[0].train = lambda mode=True: calls.append(mode)  # type: ignore[method-assign]
+    with eval_mode(vit):
+        assert not any(m.training for m in vit.modules())
+    assert calls == []
+    del vit.blocks[0].train
+    vit.blocks[1].train()  # one block in training mode, the rest not
+    with eval_mode(vit):
+        assert not any(m.training for m in vit.modules())
+    assert vit.blocks[1].training and all(m.training for m in vit.blocks[1].modules())
+    assert not vit.training and not vit.blocks[0].training
