@@ -55,12 +55,19 @@ def test_png_and_base64_decode_to_the_same_image() -> None:
     assert bundle.heatmap.shape == (40, 56) and bundle.heatmap.dtype == np.float32
 
 
+@pytest.mark.parametrize("deflater", ["isal", "zlib"])
 @pytest.mark.parametrize(
     "shape", [(1, 1), (1, 9), (9, 1), (210, 256), (33, 17, 3)], ids=["1x1", "row", "column", "map", "rgb"]
 )
-def test_png_bytes_decode_exactly_with_pillow(shape: tuple[int, ...]) -> None:
-    """The hand-written encoder (Up filter, zlib) gives files Pillow verifies and decodes to the very pixels:
-    random values (every byte difference wraps around modulo 256) and a smooth map."""
+def test_png_bytes_decode_exactly_with_pillow(shape: tuple[int, ...], deflater: str, monkeypatch) -> None:
+    """The hand-written encoder (Up filter; ISA-L's deflate where installed, as in the gateway, else zlib)
+    gives files Pillow verifies and decodes to the very pixels: random values (every byte difference wraps
+    around modulo 256) and a smooth map."""
+    from xrayfm.data import images
+
+    monkeypatch.setattr(
+        images, "deflate", pytest.importorskip({"isal": "isal.isal_zlib"}.get(deflater, deflater))
+    )
     rng = np.random.default_rng(sum(shape))
     noise = rng.integers(0, 256, size=shape, dtype=np.uint8)
     y, x = np.mgrid[0 : shape[0], 0 : shape[1]]

@@ -136,7 +136,8 @@ def test_the_shared_socket_gives_connections_without_nagle_delays() -> None:
 
 def test_uvicorn_serves_with_its_fast_loop_and_parser_and_redis_with_hiredis() -> None:
     """The gateway's dependencies bring uvloop, httptools and hiredis, and uvicorn's "auto" settings (what
-    serve.py leaves them at) pick the first two: together ~0.7 ms less per /predict (services/README.md)."""
+    serve.py leaves them at) pick the first two: together ~0.7 ms less per /predict (services/README.md).
+    They bring ISA-L too, which the library's PNG writer then uses for the heatmaps drawn there."""
     import asyncio
 
     import uvicorn
@@ -157,3 +158,6 @@ def test_uvicorn_serves_with_its_fast_loop_and_parser_and_redis_with_hiredis() -
         loop.close()
         plain.close()
     assert HIREDIS_AVAILABLE
+    from xrayfm.data import images
+
+    assert images.deflate.__name__ == "isal.isal_zlib"  # the gateway's heatmap PNGs (to_png_bytes)

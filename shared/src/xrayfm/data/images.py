@@ -32,11 +32,15 @@ from typing import IO, Any
 
 import numpy as np
 import pydicom
-from isal import isal_zlib
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
 
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError, XrayfmError
+
+try:  # ISA-L's deflate (the gateway installs it: it draws every answer's heatmap); the same format as zlib's
+    from isal import isal_zlib as deflate
+except ImportError:  # elsewhere (the web UI, the workers) zlib writes the same PNGs, ~5x slower
+    import zlib as deflate
 
 # pydicom reports a malformed value by quoting it, as a warning and on its logger. Values of an uploaded
 # file (UIDs, names, dates) may identify a patient and must never reach a log, so both are silenced for
@@ -74,15 +78,15 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 # -- public API -------------------------------------------------------------------------------------------
 def to_png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an HxWx3 (or HxW) uint8 array as PNG bytes: every row with PNG's "Up" filter, deflated by
-    ISA-L (``isal``) at level 1.
+    """Encode an HxWx3 (or HxW) uint8 array as PNG bytes: every row with PNG's "Up" filter, deflated at
+    level 1 by ISA-L (``isal``) when installed, else zlib.
 
     A heatmap is encoded on every answer. Pillow (level 1 already: 8.6 ms against 13.5 ms at its default 6
     for a 390x320 map) chooses a filter for each row by trying all five, and offers no way to fix one. On
     a drawn 256x210 map here that took 0.95 ms and 14.1 KB; one filter (Up: each byte minus the byte
     above, which suits smooth maps) took 0.44 ms for 10.9 KB with zlib; ISA-L's deflate (the same format,
-    any inflater reads it) takes 0.14 ms against zlib's 0.70 at level 1 for a 54 KB filtered map, and
-    writes 17.7 KB against 18.5. Any PNG reader decodes it (tests/explain/test_explain_overlay.py reads it
+    any inflater reads it), used where ``isal`` is installed (the gateway), takes 0.14 ms against zlib's
+    0.70 at level 1 for a 54 KB filtered map, and writes 17.7 KB against 18.5. Any PNG reader decodes it (tests/explain/test_explain_overlay.py reads it
     back with Pillow)."""
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
@@ -101,7 +105,7 @@ def to_png_bytes(rgb: np.ndarray) -> bytes:
         (
             b"\x89PNG\r\n\x1a\n",
             _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), 1)),
+            _png_chunk(b"IDAT", deflate.compress(filtered.tobytes(), 1)),
             _png_chunk(b"IEND", b""),
         )
     )
@@ -109,7 +113,7 @@ def to_png_bytes(rgb: np.ndarray) -> bytes:
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     """One PNG chunk: length, type, data, CRC-32 of type and data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", isal_zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", deflate.crc32(kind + data))
 
 
 def without_metadata(data: bytes) -> bytes | None:
