@@ -65,6 +65,19 @@ def _grey_image(image: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _request_fields(
+    arr: np.ndarray, explain: bool, method: str, submitted_at: float | None
+) -> dict[str, Any]:
+    """A request's fields besides its image: the image's size, the options, the time it was queued."""
+    return {
+        "height": int(arr.shape[0]),
+        "width": int(arr.shape[1]),
+        "explain": bool(explain),
+        "method": str(method),
+        "submitted_at": time.time() if submitted_at is None else float(submitted_at),
+    }
+
+
 class PredictRequest(BaseModel):
     """One image to predict: 2-D uint8 grey pixels (base64), or the PNG/JPEG file they decode from, and
     the options.
@@ -112,11 +125,7 @@ class PredictRequest(BaseModel):
         return cls(
             pixels=None if small else base64.b64encode(arr.tobytes()).decode("ascii"),
             encoded=base64.b64encode(encoded).decode("ascii") if small else None,
-            height=int(arr.shape[0]),
-            width=int(arr.shape[1]),
-            explain=bool(explain),
-            method=str(method),
-            submitted_at=time.time() if submitted_at is None else float(submitted_at),
+            **_request_fields(arr, explain, method, submitted_at),
         )
 
     @classmethod
@@ -133,15 +142,7 @@ class PredictRequest(BaseModel):
         and its copy in kombu's unacknowledged index; and raw pixels skip the worker's decoding a file. A
         request holds at most XRAYFM_TRANSPORT_SIDE squared bytes (256 KB at 512) in Redis meanwhile."""
         arr = _grey_image(image)
-        request = cls(
-            stored="pixels",
-            height=int(arr.shape[0]),
-            width=int(arr.shape[1]),
-            explain=bool(explain),
-            method=str(method),
-            submitted_at=time.time() if submitted_at is None else float(submitted_at),
-        )
-        return request, arr.tobytes()
+        return cls(stored="pixels", **_request_fields(arr, explain, method, submitted_at)), arr.tobytes()
 
     @classmethod
     def parse(cls, payload: Any) -> PredictRequest:

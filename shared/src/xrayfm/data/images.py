@@ -86,8 +86,8 @@ def to_png_bytes(rgb: np.ndarray) -> bytes:
     a drawn 256x210 map here that took 0.95 ms and 14.1 KB; one filter (Up: each byte minus the byte
     above, which suits smooth maps) took 0.44 ms for 10.9 KB with zlib; ISA-L's deflate (the same format,
     any inflater reads it), used where ``isal`` is installed (the gateway), takes 0.14 ms against zlib's
-    0.70 at level 1 for a 54 KB filtered map, and writes 17.7 KB against 18.5. Any PNG reader decodes it (tests/explain/test_explain_overlay.py reads it
-    back with Pillow)."""
+    0.70 at level 1 for a 54 KB filtered map, and writes 17.7 KB against 18.5. Any PNG reader decodes it
+    (tests/explain/test_explain_overlay.py reads it back with Pillow)."""
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise XrayfmError(f"expected a uint8 HxW or HxWx3 array, got {arr.dtype} {arr.shape}")
