@@ -281,3 +281,69 @@ def test_waiters_get_the_answer_and_the_channel_is_let_go(client: redis.Redis) -
     assert [job.status for job in jobs] == ["done", "done"]
     assert all(job.result.error.message == "no" for job in jobs)
     assert subscribers[0][1] == 0
+
+
+def test_the_gateway_reads_a_stored_failure_by_its_type(app, client: redis.Redis) -> None:
+    """A failure stored by the real result backend reaches the gateway with its exception's type, whether
+    the gateway imports that type (the protocol's InferenceTimeout and JobLost) or not (a worker's own):
+    Celery's decoding hands back an exception object, not the stored dict."""
+    import asyncio
+
+    from xrayfm_gateway.queue import InferenceQueue
+    from xrayfm_stack.protocol import InferenceTimeout, JobLost
+
+    class WorkerOnly(Exception):
+        pass
+
+    WorkerOnly.__module__, WorkerOnly.__qualname__ = "xrayfm_inference.not_imported_here", "WorkerOnly"
+    failures = [InferenceTimeout("did not finish"), JobLost("image gone"), WorkerOnly("boom")]
+    ids = [str(uuid.uuid4()) for _ in failures]
+    for task_id, exc in zip(ids, failures, strict=True):
+        app.backend.mark_as_failure(task_id, exc)
+
+    async def read() -> list:
+        queue = InferenceQueue(QueueSettings(redis_url=URL, queue=app.conf.task_default_queue))
+        try:
+            return [await queue.state(task_id) for task_id in ids]
+        finally:
+            await queue.close()
+
+    try:
+        jobs = asyncio.run(read())
+    finally:
+        client.delete(*(app.backend.get_key_for_task(task_id) for task_id in ids))
+    assert [(job.status, job.error_type) for job in jobs] == [
+        ("failed", "InferenceTimeout"),
+        ("failed", "JobLost"),
+        ("failed", "WorkerOnly"),
+    ]
+    assert [job.error for job in jobs] == [
+        "InferenceTimeout: did not finish",
+        "JobLost: image gone",
+        "WorkerOnly: boom",
+    ]
+
+
+def test_starting_a_task_waits_out_a_redis_restart(tmp_path) -> None:
+    """``start_and_read_inputs`` retries a lost Redis as Celery retries its stores: the call made while
+    Redis is down returns once Redis is back (here ~1.5 s later) instead of failing the task."""
+    import threading
+
+    from svc_helpers import require_redis_server
+    from xrayfm_stack import local as stack_lib
+
+    require_redis_server()
+    port, stack = stack_lib.free_port(), stack_lib.Stack(tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    backend = inference_celery(QueueSettings(redis_url=url, queue="xrayfm-test-restart")).backend
+    task_id = str(uuid.uuid4())
+    later = threading.Timer(1.5, stack.start_redis, (port,))
+    later.start()
+    try:
+        started = time.monotonic()
+        assert backend.start_and_read_inputs(task_id, "w1@host", 1) == [None]
+        assert time.monotonic() - started >= 1.0  # it did wait for Redis
+        assert backend.get_task_meta(task_id, cache=False)["status"] == states.STARTED
+    finally:
+        later.join()
+        stack.stop_all()

@@ -159,6 +159,26 @@ def test_async_job_that_fails_says_why(client):
     assert status["error"].startswith("bad_request: ") and len(status["error"]) > 20
 
 
+def test_a_job_whose_image_went_with_redis_fails_as_lost_not_as_the_requests_fault(live_stack, client):
+    """A queued request whose image is no longer in Redis when the worker takes it (Redis restarted without
+    its data, as in the soak) fails as ``JobLost``; the gateway reads the failure back by its type and
+    answers "queue_unavailable" (503 on /predict: send it again), not a rejection of the request (422)
+    nor a model failure (500)."""
+    from xrayfm_stack.celery import inference_celery
+    from xrayfm_stack.protocol import PREDICT_TASK, PredictRequest
+    from xrayfm_stack.settings import QueueSettings
+
+    settings = QueueSettings(redis_url=live_stack.redis_url, queue=live_stack.queue)
+    request, _ = PredictRequest.to_store(phantom(seed=9))  # its inputs key is never written
+    job_id = "6a1c0d8e-0000-4000-8000-00000000105d"
+    redis.Redis.from_url(live_stack.redis_url).set(settings.job_key(job_id), json.dumps({}), ex=60)
+    inference_celery(settings).send_task(PREDICT_TASK, args=(request.model_dump(),), task_id=job_id)
+    status = wait_job(client, f"/jobs/{job_id}")
+    assert status["status"] == "failed", status
+    assert status["error"].startswith(f"queue_unavailable: job {job_id} lost: JobLost: "), status["error"]
+    assert "no longer in Redis" in status["error"]
+
+
 def test_health_ready_openapi(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")

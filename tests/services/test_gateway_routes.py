@@ -253,9 +253,12 @@ def test_predict_when_the_stack_cannot_answer(http, fakes):
     queue.workers_list = [READY_WORKER]
     queue.next_state = JobState("queued")
     _error(http.post("/predict", files=_png()), 504, "timeout")
-    queue.next_state = JobState("failed", error="InferenceTimeout: inference did not finish")
+    queue.next_state = JobState("failed", "InferenceTimeout: did not finish", error_type="InferenceTimeout")
     _error(http.post("/predict", files=_png()), 504, "timeout")
-    queue.next_state = JobState("failed", error="RuntimeError: boom")
+    queue.next_state = JobState("failed", error="JobLost: image not in Redis", error_type="JobLost")
+    resp = http.post("/predict", files=_png())
+    assert _error(resp, 503, "queue_unavailable") and resp.headers["Retry-After"] == "5"
+    queue.next_state = JobState("failed", error="RuntimeError: boom", error_type="RuntimeError")
     _error(http.post("/predict", files=_png()), 500, "inference_failed")
     queue.next_state = JobState(
         "done", result=WorkerRejection(error=RejectionReason(message="rollout needs a ViT"))

@@ -17,7 +17,7 @@ from xrayfm.data.images import read_image
 from xrayfm.errors import XrayfmError
 from xrayfm_gateway.uploads import fit_within
 from xrayfm_inference.batcher import MicroBatcher
-from xrayfm_stack.protocol import ModelInfo, ModelMap, PredictRequest, ProtocolError, WorkerAnswer
+from xrayfm_stack.protocol import JobLost, ModelInfo, ModelMap, PredictRequest, ProtocolError, WorkerAnswer
 from xrayfm_stack.settings import GatewaySettings, InferenceSettings, QueueSettings
 from xrayfm_stack.store import promote, resolve_model, version_dir
 
@@ -99,7 +99,7 @@ def test_protocol_keeps_a_stored_requests_pixels_apart_raw():
     assert request.pixels is None and request.encoded is None and data == image.tobytes()
     back = PredictRequest.parse(json.loads(json.dumps(request.model_dump())))
     np.testing.assert_array_equal(back.image(data), image)
-    with pytest.raises(ProtocolError, match="not in Redis"):
+    with pytest.raises(JobLost, match="no longer in Redis"):  # not the request's fault: not a rejection
         back.image(None)
     with pytest.raises(ProtocolError, match="pixel buffer has 3 bytes"):
         back.image(b"abc")

@@ -176,7 +176,13 @@ class ResultBackend(RedisBackend):
 
         STARTED is stored, not published: nobody waits for it (the gateway's waiters want the answer, and
         ``/jobs/{id}`` reads the key), and its publication woke the waiting gateway for nothing, on the
-        CPU the prediction was starting on."""
+        CPU the prediction was starting on.
+
+        Lost Redis is retried as Celery retries every store (``ensure``: ~20 s), so that a Redis restart
+        is a pause, as it was with ``track_started``; then the connection error is raised."""
+        return self.ensure(self._start_and_read_inputs, (task_id, hostname, count))
+
+    def _start_and_read_inputs(self, task_id: str, hostname: str, count: int) -> list[bytes | None]:
         meta = self._get_result_meta(
             result={"pid": os.getpid(), "hostname": hostname},
             state=states.STARTED,

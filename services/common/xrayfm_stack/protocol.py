@@ -54,6 +54,21 @@ class ProtocolError(XrayfmError):
     """A queued request that does not follow the protocol (not the caller's image: a client bug)."""
 
 
+# The failures a worker reports as such (a task FAILURE of this type), which the gateway maps by type name:
+# Celery stores a failure as its exception's type and message, and the gateway reads the type back.
+
+
+class InferenceTimeout(XrayfmError):
+    """The model did not answer within the task time limit (the gateway answers 504)."""
+
+
+class JobLost(RuntimeError):
+    """The job's stored state or image went away with Redis (restarted without its data, or unreachable
+    for longer than the result backend retries) before the worker could run it. Nothing is wrong with the
+    request: the gateway answers 503 with Retry-After, for the caller to send it again. Not an
+    :class:`XrayfmError`, which the worker answers as a rejection of the request (422)."""
+
+
 # ----------------------------------------------------------------------------------------------- requests
 
 
@@ -159,10 +174,11 @@ class PredictRequest(BaseModel):
 
     def image(self, stored: bytes | None = None) -> np.ndarray:
         """The H x W uint8 image, from the request or, for a ``stored`` one, from the bytes read from its
-        inputs key (`stored`); :class:`ProtocolError` when the data is missing or does not match the size."""
+        inputs key (`stored`): :class:`JobLost` when those are missing, :class:`ProtocolError` when the data
+        does not match the size."""
         if self.stored is not None:
             if stored is None:
-                raise ProtocolError("the request's image is not in Redis (expired, or already answered)")
+                raise JobLost("the request's image is no longer in Redis (lost in a restart, or expired)")
             raw = bytes(stored)
         else:
             try:

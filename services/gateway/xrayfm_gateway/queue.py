@@ -71,7 +71,8 @@ class JobState:
 
     status: str
     result: WorkerAnswer | StudyAnswer | WorkerRejection | None = None
-    error: str | None = None
+    error: str | None = None  # "Type: message"
+    error_type: str | None = None  # the failure's exception type, by name (e.g. protocol.InferenceTimeout)
 
 
 RECHECK_S = 0.5  # a waiting request reads its result key at least this often (lost pub/sub messages)
@@ -316,7 +317,7 @@ class InferenceQueue:
         if status == states.SUCCESS:
             return JobState("done", result=parse_worker_reply(meta.get("result")))
         if status in states.EXCEPTION_STATES:
-            return JobState("failed", error=_error_text(meta.get("result")))
+            return _failed(meta.get("result"))
         return JobState("running" if status == states.STARTED else "queued")
 
     async def wait(self, job_id: str, timeout: float) -> JobState:
@@ -346,14 +347,19 @@ class InferenceQueue:
             self.listener.release(channel, inbox)
 
 
-def _error_text(result: Any) -> str:
-    """A failed task's error as text (Celery stores the exception as type + message in JSON)."""
-    if isinstance(result, dict):
-        message = result.get("exc_message", "")
+def _failed(result: Any) -> JobState:
+    """A failed task's state. Celery stores the exception as type + message (JSON); its ``decode_result``
+    hands it back as an exception: the class itself where its module is imported here, else a stand-in of
+    the same name (the worker's own exceptions). A raw stored dict is read too."""
+    if isinstance(result, BaseException):
+        kind, message = type(result).__name__, str(result)
+    elif isinstance(result, dict):
+        kind, message = str(result.get("exc_type", "Error")), result.get("exc_message", "")
         if isinstance(message, list | tuple):
             message = " ".join(str(part) for part in message)
-        return f"{result.get('exc_type', 'Error')}: {message}".strip()
-    return str(result)
+    else:
+        kind, message = "Error", str(result)
+    return JobState("failed", error=f"{kind}: {message}".strip(), error_type=kind)
 
 
 class TrainingQueue:

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import signals
 from celery.exceptions import Reject
+from redis.exceptions import RedisError
 
 from xrayfm.errors import XrayfmError
 from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
@@ -30,6 +31,8 @@ from xrayfm_stack.celery import inference_celery
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
+    InferenceTimeout,
+    JobLost,
     ModelInfo,
     ModelMap,
     PredictRequest,
@@ -46,10 +49,6 @@ log = logging.getLogger("xrayfm.worker")
 
 SETTINGS = InferenceSettings.from_env()
 app = inference_celery(SETTINGS.queue)
-
-
-class InferenceTimeout(XrayfmError):
-    """The model did not answer within the task time limit."""
 
 
 class WorkerNotReady(XrayfmError):
@@ -406,19 +405,25 @@ def _require_model(task_id: str) -> None:
 def _parse_all(payloads: list[Any], task: Any) -> list[tuple[PredictRequest, Any]]:
     """A task's queued requests and their pixels, checked (XrayfmError when one does not follow the protocol).
     Marks the task STARTED and reads the images of ``stored`` requests from its inputs key, in one round
-    trip (`task`: Celery's request context)."""
+    trip (`task`: Celery's request context). Redis lost for longer than the result backend retries, or
+    back without the images: :class:`JobLost` (the gateway answers 503, for the caller to send it again),
+    never a rejection of the request."""
     requests = [PredictRequest.parse(payload) for payload in payloads]
-    count = len(requests) if any(r.stored is not None for r in requests) else 0
-    found = app.backend.start_and_read_inputs(task.id, task.hostname, count)  # always: it stores STARTED
-    stored: list[Any] = found if count else [None] * len(requests)
-    parsed = []
-    for request, data in zip(requests, stored, strict=True):
+    for request in requests:
         if request.method not in EXPLAIN_METHODS:
             raise XrayfmError(
                 f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
             )
-        parsed.append((request, request.image(data)))
-    return parsed
+    count = len(requests) if any(r.stored is not None for r in requests) else 0
+    try:  # always: it stores STARTED
+        found = app.backend.start_and_read_inputs(task.id, task.hostname, count)
+        stored: list[Any] = found if count else [None] * len(requests)
+        return [(request, request.image(data)) for request, data in zip(requests, stored, strict=True)]
+    except (RedisError, JobLost) as exc:
+        metrics.REQUESTS.labels("lost").inc(len(requests))
+        if isinstance(exc, JobLost):
+            raise
+        raise JobLost(f"Redis unreachable: {exc}") from None
 
 
 def _result(future) -> tuple[Any, Any]:

@@ -38,6 +38,8 @@ from xrayfm_stack.protocol import (
     ErrorBody,
     ExplainMethod,
     ImageInfo,
+    InferenceTimeout,
+    JobLost,
     Prediction,
     PredictRequest,
     StudyAnswer,
@@ -75,8 +77,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "upload over the size limit",
         415: "not a PNG, JPEG or DICOM; not multipart/form-data",
         422: "absurd dimensions, too many pixels, no 'file' field, bad parameters",
-        503: "Redis unreachable or no worker ready",
-        504: "no answer in time (the job goes on: poll /jobs/{job_id})",
+        503: "Redis unreachable, no worker ready, or the job lost with Redis (send it again)",
+        504: "no answer in time (the job goes on: poll /jobs/{job_id}), or the model timed out",
     }.items()
 }
 
@@ -249,9 +251,10 @@ def prediction_from(
     (:func:`off_loop`)."""
     if job.status == "failed":
         PREDICTIONS.labels("failed").inc()
-        code, status = (
-            ("timeout", 504) if "InferenceTimeout" in (job.error or "") else ("inference_failed", 500)
-        )
+        if job.error_type == JobLost.__name__:  # not the request's fault nor the model's: send it again
+            raise APIError(503, "queue_unavailable", f"job {job_id} lost: {job.error}", {"Retry-After": "5"})
+        timeout = job.error_type == InferenceTimeout.__name__
+        code, status = ("timeout", 504) if timeout else ("inference_failed", 500)
         raise APIError(status, code, f"job {job_id} failed: {job.error}")
     if isinstance(job.result, WorkerRejection):
         PREDICTIONS.labels("rejected").inc()
