@@ -347,3 +347,35 @@ def test_starting_a_task_waits_out_a_redis_restart(tmp_path) -> None:
     finally:
         later.join()
         stack.stop_all()
+
+
+def test_a_wait_notices_a_job_lost_with_redis(client: redis.Redis) -> None:
+    """A queued job nobody takes is waited for until the timeout (then still "queued": the gateway's 504);
+    once its record is gone too, as when Redis restarted without its data, the wait ends within a recheck
+    as failed ``JobLost`` (the gateway's 503: send it again) instead of running out the timeout."""
+    import asyncio
+
+    import numpy as np
+
+    from xrayfm_gateway.queue import RECHECK_S, InferenceQueue
+    from xrayfm_stack.protocol import PredictRequest
+
+    settings = QueueSettings(redis_url=URL, queue=f"xrayfm-test-{uuid.uuid4().hex[:8]}")
+    request, pixels = PredictRequest.to_store(np.full((8, 8), 7, dtype=np.uint8))
+
+    async def scenario() -> tuple:
+        queue = InferenceQueue(settings)
+        try:
+            job_id = await queue.submit(request, {}, inputs=[pixels])
+            waited = await queue.wait(job_id, 2 * RECHECK_S + 0.2)  # no worker: still queued
+            client.delete(settings.queue, settings.job_key(job_id), inputs_key(job_id))  # "restarted"
+            started = time.monotonic()
+            lost = await queue.wait(job_id, 30)
+            return waited, lost, time.monotonic() - started
+        finally:
+            await queue.close()
+
+    waited, lost, seconds = asyncio.run(scenario())
+    assert waited.status == "queued"
+    assert (lost.status, lost.error_type) == ("failed", "JobLost") and "no longer in Redis" in lost.error
+    assert seconds < 5

@@ -43,6 +43,7 @@ from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
+    JobLost,
     JobRecord,
     PredictRequest,
     StudyAnswer,
@@ -311,6 +312,23 @@ class InferenceQueue:
             return JobState("queued")
         return self._decode_state(raw)
 
+    async def _recheck(self, job_id: str) -> JobState:
+        """:meth:`state`, read while waiting; and a job whose record is gone as well was lost with Redis
+        (restarted without its data, taking the queued message and the image along): failed as
+        :class:`JobLost` at once (503: send it again) rather than waited for until the timeout (504)."""
+        key = self.celery.backend.get_key_for_task(job_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as reads:
+                raw, recorded = await reads.get(key).exists(self.settings.job_key(job_id)).execute()
+        except LOST as exc:
+            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
+        if raw is not None:
+            return self._decode_state(raw)
+        if not recorded:
+            lost = "the job's record and message are no longer in Redis (restarted without its data)"
+            return JobState("failed", error=f"{JobLost.__name__}: {lost}", error_type=JobLost.__name__)
+        return JobState("queued")
+
     def _decode_state(self, raw: Any) -> JobState:
         meta = self.celery.backend.decode_result(raw)
         status = meta.get("status")
@@ -339,7 +357,7 @@ class InferenceQueue:
                 try:
                     job = self._decode_state(await asyncio.wait_for(inbox.get(), min(left, RECHECK_S)))
                 except TimeoutError:  # nothing published for a while: read the key (a lost message)
-                    job = await self.state(job_id)
+                    job = await self._recheck(job_id)
             return job
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
