@@ -42,9 +42,10 @@ class Outcome:
     latencies_ok: list[float] = field(default_factory=list)
     sent_ok: list[float] = field(default_factory=list)  # when each request answered 200 was sent (monotonic)
     lost: list[str] = field(default_factory=list)  # no answer, a 5xx other than 503/504, or no retry hint
+    retry: list[str] = field(default_factory=list)  # the first 503s and 504s: why they came
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, code: int, sent: float, problem: str | None) -> None:
+    def record(self, code: int, sent: float, problem: str | None, detail: str = "") -> None:
         with self.lock:
             self.codes[code] += 1
             if code == 200:
@@ -52,6 +53,8 @@ class Outcome:
                 self.sent_ok.append(sent)
             if problem:
                 self.lost.append(problem)
+            elif code in (503, 504) and sum(r.startswith(f"{code} ") for r in self.retry) < 3:
+                self.retry.append(f"{code} after {time.monotonic() - sent:.1f} s: {detail[:160]}")
 
 
 def inputs(per_kind: int = 4) -> list[tuple[str, bytes, bool]]:
@@ -147,7 +150,7 @@ def run(seconds: float, clients: int, home: Path, say=print) -> dict[str, Any]:
                     except httpx.HTTPError as exc:
                         outcome.record(0, start, f"no answer: {type(exc).__name__}")
                         continue
-                    outcome.record(resp.status_code, start, _problem(resp, is_image))
+                    outcome.record(resp.status_code, start, _problem(resp, is_image), resp.text)
 
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
         for thread in threads:
@@ -209,6 +212,7 @@ def run(seconds: float, clients: int, home: Path, say=print) -> dict[str, Any]:
         "by_code": {str(k): v for k, v in sorted(outcome.codes.items())},
         "lost": len(outcome.lost) + hung,
         "lost_examples": outcome.lost[:5],
+        "retry_examples": outcome.retry,
         "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
         "recovered_s": recovered,
