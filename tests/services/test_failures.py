@@ -171,3 +171,30 @@ def test_late_ack_on_a_channel_closed_by_a_lost_connection_stops_nothing_and_kee
             client.hdel("unacked", tag)
             client.zrem("unacked_index", tag)
             client.delete(name)
+
+
+def test_a_model_slower_than_the_time_limit_answers_504_timeout(private_stack, tmp_path):
+    """A real worker whose model takes longer than XRAYFM_TASK_TIME_LIMIT fails the task as
+    ``InferenceTimeout``; the gateway reads the failure's type back from the result backend and answers
+    504 "timeout" (the model's), not 500. The model: a 12-block ViT-Tiny at 448 px (784 tokens), a few
+    hundred ms with its rollout here, against a 0.1 s limit."""
+    from xrayfm.models.backbones import create_model
+    from xrayfm.models.checkpoint import save_checkpoint
+
+    launcher, _, url = private_stack
+    spec = {"name": "vit_tiny_patch16_224", "num_classes": 1, "img_size": 448}
+    meta = {
+        "model": spec,
+        "labels": ["Abnormal"],
+        "preprocessing": {"size": 448, "mean": [0.5], "std": [0.25]},
+    }
+    slow = save_checkpoint(tmp_path / "slow", create_model(**spec), meta)
+    worker = launcher.start_worker(
+        "slow", extra_env={"XRAYFM_MODEL_PATH": str(slow), "XRAYFM_TASK_TIME_LIMIT": "0.1"}
+    )
+    stack_lib.wait_until(lambda: _ready(url)[0] == 200, 90, "slow worker ready", worker)
+    resp = httpx.post(f"{url}/predict", files={"file": ("x.png", png_bytes(phantom()))}, timeout=60)
+    assert resp.status_code == 504, resp.text
+    body = resp.json()
+    assert body["error"] == "timeout" and "InferenceTimeout" in body["detail"], body
+    assert "XRAYFM_TASK_TIME_LIMIT=0.1" in body["detail"]

@@ -55,18 +55,18 @@ class ProtocolError(XrayfmError):
 
 
 # The failures a worker reports as such (a task FAILURE of this type), which the gateway maps by type name:
-# Celery stores a failure as its exception's type and message, and the gateway reads the type back.
+# Celery stores a failure as its exception's type and message, and the gateway reads the type back. Neither
+# is an XrayfmError: the worker answers those as a rejection of the request (422).
 
 
-class InferenceTimeout(XrayfmError):
+class InferenceTimeout(RuntimeError):
     """The model did not answer within the task time limit (the gateway answers 504)."""
 
 
 class JobLost(RuntimeError):
     """The job's stored state or image went away with Redis (restarted without its data, or unreachable
     for longer than the result backend retries) before the worker could run it. Nothing is wrong with the
-    request: the gateway answers 503 with Retry-After, for the caller to send it again. Not an
-    :class:`XrayfmError`, which the worker answers as a rejection of the request (422)."""
+    request: the gateway answers 503 with Retry-After, for the caller to send it again."""
 
 
 # ----------------------------------------------------------------------------------------------- requests
