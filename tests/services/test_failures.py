@@ -176,8 +176,8 @@ def test_late_ack_on_a_channel_closed_by_a_lost_connection_stops_nothing_and_kee
 def test_a_model_slower_than_the_time_limit_answers_504_timeout(private_stack, tmp_path):
     """A real worker whose model takes longer than XRAYFM_TASK_TIME_LIMIT fails the task as
     ``InferenceTimeout``; the gateway reads the failure's type back from the result backend and answers
-    504 "timeout" (the model's), not 500. The model: a 12-block ViT-Tiny at 448 px (784 tokens), a few
-    hundred ms with its rollout here, against a 0.1 s limit."""
+    504 "timeout" (the model's), not 500. The model: a 12-block ViT-Tiny at 448 px (784 tokens), on one
+    thread ~670 ms with its rollout here, against a 0.1 s limit."""
     from xrayfm.models.backbones import create_model
     from xrayfm.models.checkpoint import save_checkpoint
 
@@ -190,7 +190,12 @@ def test_a_model_slower_than_the_time_limit_answers_504_timeout(private_stack, t
     }
     slow = save_checkpoint(tmp_path / "slow", create_model(**spec), meta)
     worker = launcher.start_worker(
-        "slow", extra_env={"XRAYFM_MODEL_PATH": str(slow), "XRAYFM_TASK_TIME_LIMIT": "0.1"}
+        "slow",
+        extra_env={
+            "XRAYFM_MODEL_PATH": str(slow),
+            "XRAYFM_TASK_TIME_LIMIT": "0.1",
+            "XRAYFM_TORCH_THREADS": "1",
+        },
     )
     stack_lib.wait_until(lambda: _ready(url)[0] == 200, 90, "slow worker ready", worker)
     resp = httpx.post(f"{url}/predict", files={"file": ("x.png", png_bytes(phantom()))}, timeout=60)
