@@ -301,32 +301,27 @@ class InferenceQueue:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return None if raw is None else json.loads(raw)
 
-    async def state(self, job_id: str) -> JobState:
-        """The job's current state, read from the result backend."""
-        backend = self.celery.backend
-        try:
-            raw = await self.redis.get(backend.get_key_for_task(job_id))
-        except LOST as exc:
-            raise QueueUnavailable(f"Redis unreachable: {exc}") from None
-        if raw is None:
-            return JobState("queued")
-        return self._decode_state(raw)
-
-    async def _recheck(self, job_id: str) -> JobState:
-        """:meth:`state`, read while waiting; and a job whose record is gone as well was lost with Redis
-        (restarted without its data, taking the queued message and the image along): failed as
-        :class:`JobLost` at once (503: send it again) rather than waited for until the timeout (504)."""
+    async def state(self, job_id: str, *, check_record: bool = False) -> JobState:
+        """The job's current state, read from the result backend. With `check_record` (a waiting request's
+        periodic re-read), the job's record is read in the same round trip: a job with neither an answer
+        nor a record went with Redis (restarted without its data, taking the queued message and the image
+        along) and is failed as :class:`JobLost` at once (503: send it again), not waited for until the
+        timeout (504)."""
         key = self.celery.backend.get_key_for_task(job_id)
         try:
-            async with self.redis.pipeline(transaction=False) as reads:
-                raw, recorded = await reads.get(key).exists(self.settings.job_key(job_id)).execute()
+            if check_record:
+                async with self.redis.pipeline(transaction=False) as reads:
+                    raw, recorded = await reads.get(key).exists(self.settings.job_key(job_id)).execute()
+            else:
+                raw, recorded = await self.redis.get(key), True
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         if raw is not None:
             return self._decode_state(raw)
         if not recorded:
-            lost = "the job's record and message are no longer in Redis (restarted without its data)"
-            return JobState("failed", error=f"{JobLost.__name__}: {lost}", error_type=JobLost.__name__)
+            return _failed(
+                JobLost("the job's record and message are no longer in Redis (restarted without its data)")
+            )
         return JobState("queued")
 
     def _decode_state(self, raw: Any) -> JobState:
@@ -357,7 +352,7 @@ class InferenceQueue:
                 try:
                     job = self._decode_state(await asyncio.wait_for(inbox.get(), min(left, RECHECK_S)))
                 except TimeoutError:  # nothing published for a while: read the key (a lost message)
-                    job = await self._recheck(job_id)
+                    job = await self.state(job_id, check_record=True)
             return job
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
