@@ -5,6 +5,7 @@ int8 AUROC change on a real validation set; and the worker's footprint (start-to
     .venv/bin/python bench/bench_inference.py --model vit_tiny_patch16_224 --batch 8
     .venv/bin/python bench/bench_inference.py --auroc CHECKPOINT         # int8 vs fp32 on MURA valid
     .venv/bin/python bench/bench_inference.py --footprint                # start-to-ready + RSS table
+    .venv/bin/python bench/bench_inference.py --json --openvino          # + OpenVINO (a candidate only)
 
 Timings: each repeat runs every runtime once on the same preprocessed batch, interleaved, so that load
 from other processes hits them alike; the medians are printed. The issue's goal: the best runtime at
@@ -55,6 +56,30 @@ def real_images(n: int) -> list:
     return [rng.integers(0, 255, (390, 320), dtype=np.uint8) for _ in range(n)]
 
 
+def openvino_runner(onnx_path: Path, threads: int):
+    """OpenVINO's CPU plugin on the worker's exported graph (logits + rollout), in fp32 (no bf16 or fp16
+    hint, for parity with torch) with `threads` threads: ``run(pixels) -> (logits, rollout)``. Measured as
+    a candidate runtime only; the worker serves torch and ONNX Runtime (services/README.md says why)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise SystemExit("--openvino needs OpenVINO: .venv/bin/pip install openvino") from None
+
+    hints = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", hints)
+    request = compiled.create_infer_request()
+
+    def run(pixels):
+        out = request.infer({"pixels": pixels})
+        return out[compiled.output("logits")], out[compiled.output("rollout")]
+
+    return run
+
+
 def speed(args: argparse.Namespace, cache: Path) -> dict:
     import torch
 
@@ -77,6 +102,19 @@ def speed(args: argparse.Namespace, cache: Path) -> dict:
         "torch_eager": lambda: predict_with_rollout(served.model, batch),
         **{name: (lambda p=p: p.run(batch, True, "rollout")) for name, p in runtimes.items()},
     }
+    parity = {}
+    if args.openvino:
+        import numpy as np
+
+        pixels = batch.numpy().astype(np.float32)
+        openvino = openvino_runner(runtimes["onnxruntime"].onnx_path, args.threads)
+        paths["openvino"] = lambda: openvino(pixels)
+        ov_logits, ov_maps = openvino(pixels)
+        ort_logits, ort_maps, _ = runtimes["onnxruntime"].run(batch, True, "rollout")
+        parity["openvino_vs_onnxruntime"] = {
+            "max_abs_logit_diff": float(np.abs(ov_logits - ort_logits).max()),
+            "rollout_corr": float(np.corrcoef(ov_maps.ravel(), ort_maps.ravel())[0, 1]),
+        }
     samples: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
         for _ in range(2):
@@ -103,6 +141,7 @@ def speed(args: argparse.Namespace, cache: Path) -> dict:
         "best_runtime_ms": round(medians[best], 2),
         "speedup": round(medians["torch_eager"] / medians[best], 3),
         "fp32_speedup": round(medians["torch_eager"] / medians["onnxruntime"], 3),
+        **parity,
     }
 
 
@@ -217,6 +256,11 @@ def main() -> int:
     parser.add_argument("--footprint-models", default="vit_tiny_patch16_224,vit_base_patch16_224")
     parser.add_argument("--footprint-rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also time OpenVINO on the same exported graph (needs `pip install openvino`; not a served runtime)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
