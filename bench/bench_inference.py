@@ -57,9 +57,10 @@ def real_images(n: int) -> list:
 
 
 def openvino_runner(onnx_path: Path, threads: int):
-    """OpenVINO's CPU plugin on the worker's exported graph (logits + rollout), in fp32 (no bf16 or fp16
-    hint, for parity with torch) with `threads` threads: ``run(pixels) -> (logits, rollout)``. Measured as
-    a candidate runtime only; the worker serves torch and ONNX Runtime (services/README.md says why)."""
+    """OpenVINO's CPU plugin on the worker's exported graph (logits + rollout), held to fp32 (its
+    precision hint; it may otherwise pick bf16 on CPUs that have it) with `threads` threads:
+    ``run(pixels) -> (logits, rollout)``. Measured as a candidate runtime only; the worker serves torch
+    and ONNX Runtime (services/README.md says why)."""
     try:
         import openvino as ov
     except ImportError:
