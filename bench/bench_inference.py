@@ -111,7 +111,7 @@ def speed(args: argparse.Namespace, cache: Path) -> dict:
         openvino = openvino_runner(runtimes["onnxruntime"].onnx_path, args.threads)
         paths["openvino"] = lambda: openvino(pixels)
         ov_logits, ov_maps = openvino(pixels)
-        ort_logits, ort_maps, _ = runtimes["onnxruntime"].run(batch, True, "rollout")
+        ort_logits, ort_maps, _, _ = runtimes["onnxruntime"].run(batch, True, "rollout")
         parity["openvino_vs_onnxruntime"] = {
             "max_abs_logit_diff": float(np.abs(ov_logits - ort_logits).max()),
             "rollout_corr": float(np.corrcoef(ov_maps.ravel(), ort_maps.ravel())[0, 1]),

@@ -31,6 +31,7 @@ LAYERS = {
     "xrayfm.models": 2,
     "xrayfm.train": 3,
     "xrayfm.evaluate": 3,
+    "xrayfm.domain": 3,
     "xrayfm.explain": 4,
     "xrayfm.inference": 5,
     "xrayfm.commands": 6,

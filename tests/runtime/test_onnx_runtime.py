@@ -72,8 +72,8 @@ def test_fp32_onnxruntime_matches_torch_on_real_images(tmp_path, shared_data, ki
         assert got.heatmap.shape == ref.heatmap.shape and got.heatmap.dtype == np.uint8
     # the rollout maps themselves (patch grid, float), batched as the worker runs them
     batch = onnx.preprocess(images)
-    _, torch_maps, _ = Predictor(served).run(batch, True, "rollout")
-    _, ort_maps, _ = onnx.run(batch, True, "rollout")
+    _, torch_maps, _, _ = Predictor(served).run(batch, True, "rollout")
+    _, ort_maps, _, _ = onnx.run(batch, True, "rollout")
     for t_map, o_map in zip(torch_maps, ort_maps, strict=True):
         assert correlation(t_map, o_map) >= 0.999
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "xrayfm.commands.explain",
     "xrayfm.commands.demo",
     "xrayfm.commands.feedback",
+    "xrayfm.commands.gate",
 )
 
 

@@ -62,7 +62,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _RAW_DICOM_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
 # Only these tags are parsed from a DICOM: pixel module, LUTs, and a few technical header fields.
 _DICOM_TAGS = [
-    "Modality", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames",
+    "Modality", "BodyPartExamined", "ViewPosition", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames",
     "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
     "RescaleIntercept", "RescaleSlope", "RescaleType", "ModalityLUTSequence",
     "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence", "PresentationLUTShape",
@@ -198,6 +198,32 @@ def read_image_resized(
     return fit_square(_decode(source, max_pixels=max_pixels, draft_size=size), size, mode)
 
 
+def colour_thumbnail(
+    source: Source, side: int = 128, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray | None:
+    """A small RGB uint8 copy (long side <= `side`) of a colour JPEG or PNG, for colour checks; None for a
+    grey image or a DICOM (whose colour the header says). A JPEG is decoded at reduced scale (draft)."""
+    with _opened(source) as (name, fp):
+        kind = _sniff(fp, name)
+        if kind == "DICOM":
+            return None
+        with _pil_open(fp, name, kind) as im:
+            _check_size(name, *im.size, max_pixels)
+            if im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;16"):
+                return None
+            if kind == "JPEG":
+                im.draft("RGB", (side, side))
+            try:
+                im.load()
+                rgb = im.convert("RGB")
+                rgb.thumbnail((side, side))
+            except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+                raise ImageDecodeError(
+                    f"{name}: cannot decode {kind} pixels (truncated or corrupt?): {exc}"
+                ) from None
+            return np.asarray(rgb)
+
+
 def shape_within(shape: tuple[int, ...], side: int) -> tuple[int, int]:
     """(height, width) scaled, aspect kept, so that the long side is at most `side`; a shape that already
     fits, or `side` <= 0, is unchanged. The gateway's transport size and the worker's heatmap size."""
@@ -260,6 +286,9 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
                 "frames": int(ds.get("NumberOfFrames") or 1),
                 "transfer_syntax": _transfer_syntax(ds).name,
                 "modality": str(ds.get("Modality", "")),
+                # what was imaged and from where (the domain gate compares them with the model's domain)
+                "body_part": str(ds.get("BodyPartExamined", "")),
+                "view_position": str(ds.get("ViewPosition", "")),
             }
         else:
             with _pil_open(fp, name, kind) as im:

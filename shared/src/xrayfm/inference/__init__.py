@@ -27,6 +27,8 @@ from torch import nn
 
 from xrayfm.data.images import RESIZE_MODES, fit_square
 from xrayfm.data.transforms import build_transform
+from xrayfm.domain import DeclaredDomain, DomainGate, DomainVerdict, InputFacts, input_only_verdict
+from xrayfm.domain.features import capture_features
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import (
     canonical_method,
@@ -38,6 +40,7 @@ from xrayfm.explain import (
 )
 from xrayfm.models.checkpoint import load_any
 from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
+from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.utils import sha256_folder
 
 # How a study's probability is made from its images' (Predictor.decide_study); answers say so.
@@ -88,6 +91,22 @@ class ServedModel:
     multiclass: bool = False  # softmax over labels instead of one sigmoid per label
     meta: dict[str, Any] = field(default_factory=dict)
     threshold_source: str = DEFAULT_SOURCE  # where `threshold` comes from (xrayfm.operating_point)
+    gate: DomainGate | None = None  # the version's domain gate (xrayfm.domain); None: input checks only
+
+    @property
+    def domain(self) -> DeclaredDomain:
+        """What the version is for: its gate's declared domain, else ``meta["domain"]``, else the default."""
+        return (
+            self.gate.domain if self.gate is not None else DeclaredDomain.from_dict(self.meta.get("domain"))
+        )
+
+    def judge(
+        self, image: np.ndarray, features: np.ndarray | None, facts: InputFacts | None = None
+    ) -> DomainVerdict:
+        """Whether this model can judge `image` (2-D uint8), from its `features` and the upload's `facts`."""
+        if self.gate is None or features is None:
+            return input_only_verdict(image, facts, self.domain)
+        return self.gate.judge(image, features, facts)
 
     def retune(self, folder: str | Path | None) -> None:
         """Take the operating point recorded in `folder` now (or the checkpoint's, when none is)."""
@@ -115,6 +134,20 @@ class ServedModel:
             # one label: `threshold` decides it; several: the most probable label wins, no threshold
             "threshold": self.threshold if len(self.labels) == 1 else None,
             "threshold_source": self.threshold_source if len(self.labels) == 1 else "the most probable label",
+            "domain": self.domain.description,
+            "domain_gate": self.gate_summary(),
+        }
+
+    def gate_summary(self) -> dict[str, Any] | None:
+        """The gate's method, threshold and pass rates (None without a gate), for answers and listings."""
+        if self.gate is None:
+            return None
+        facts = self.gate.facts
+        return {
+            "method": self.gate.method,
+            "threshold": round(self.gate.threshold, 6),
+            "pass_rate": self.gate.pass_rate,
+            "validation_pass_rate": facts.get("validation_pass_rate"),
         }
 
 
@@ -138,6 +171,10 @@ class PredictionResult(Decision):
 
     heatmap: np.ndarray | None = None
     explain_method: str | None = None
+    domain: DomainVerdict | None = (
+        None  # predict(judge=False) leaves it for the caller (with the upload's facts)
+    )
+    features: np.ndarray | None = None  # what the domain gate scores: the classifier head's input [D]
     model_map: np.ndarray | None = None  # predict(draw=False): the map over the model's input, for draw()
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
@@ -161,7 +198,7 @@ def load_served_model(
 
     `name`/`version` (e.g. from a model store) are used when the metadata does not carry its own.
     """
-    path = Path(path)
+    path = resolve_checkpoint_dir(path)  # a shipped model's name (xrayfm/...) is its folder in the package
     model, meta = load_any(path)
     meta = dict(meta)
     labels = [str(label) for label in meta.get("labels") or []]
@@ -182,6 +219,7 @@ def load_served_model(
         negative_label=str(meta.get("negative_label", "Normal")),
         multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
         meta=meta,
+        gate=DomainGate.load(path) if path.is_dir() else None,
     )
     served.retune(path)
     _check_outputs(served)
@@ -272,10 +310,13 @@ class Predictor:
 
     def run(
         self, batch: torch.Tensor, explain_maps: bool, method: str | None
-    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
-        """:meth:`forward` plus the name of the runtime that ran it (a subclass may fall back to torch)."""
-        logits, maps = self.forward(batch, explain_maps, method)
-        return logits, maps, self.runtime
+    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str, np.ndarray | None]:
+        """:meth:`forward` plus the name of the runtime that ran it (a subclass may fall back to torch)
+        and the features [B, D] the domain gate scores (captured from the same forward pass)."""
+        with capture_features(self.served.model) as record:
+            logits, maps = self.forward(batch, explain_maps, method)
+        features = None if record.features is None else record.features.detach().float().cpu().numpy()
+        return logits, maps, self.runtime, features
 
     def predict(
         self,
@@ -283,19 +324,22 @@ class Predictor:
         explain_maps: bool = True,
         method: str | None = "rollout",
         draw: bool = True,
+        judge: bool = True,
+        facts: list[InputFacts | None] | None = None,
     ) -> list[PredictionResult]:
         """Answers for a batch of grey uint8 images, in order.
 
         `method` None draws the model's default map (rollout for a ViT, Grad-CAM for a CNN); a method
         the model does not support raises an XrayfmError before any work ("rollout needs a ViT").
-        `draw` False leaves each heatmap over the model's input (`model_map`) for :meth:`draw`: the
+        `judge` gives each result its domain verdict (``domain``; `facts`: what each upload said beyond its
+        pixels); False leaves that to the caller, with each result's ``features``. `draw` False leaves each heatmap over the model's input (`model_map`) for :meth:`draw`: the
         inference worker sends it as it is, and the gateway draws it with :func:`heatmap_on_image`."""
         if explain_maps:
             method = self.method(method)
         t0 = time.perf_counter()
         batch = self.preprocess(images)
         t1 = time.perf_counter()
-        logits, maps, runtime = self.run(batch, explain_maps, method)
+        logits, maps, runtime, features = self.run(batch, explain_maps, method)
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
         t2 = time.perf_counter()
@@ -314,12 +358,34 @@ class Predictor:
                 batch_size=len(images),
                 runtime=runtime,
                 model_map=maps[i] if maps is not None else None,
+                features=None if features is None else features[i],
+                domain=self.served.judge(
+                    images[i], None if features is None else features[i], (facts or [None] * len(images))[i]
+                ) if judge else None,
             )
             for i in range(len(images))
-        ]
+        ]  # fmt: skip
         return (
             [self.draw(r, image.shape) for r, image in zip(results, images, strict=True)] if draw else results
         )
+
+    def features(
+        self, images: list[np.ndarray], batch_size: int = 64, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The domain gate's features [N, D] and the probabilities [N, L] of grey uint8 `images`, by the
+        serving path (same preprocessing and runtime), in batches."""
+        from tqdm.auto import tqdm
+
+        feats, probs = [], []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, disable=not progress, desc="features", unit="batch"):
+            batch = self.preprocess(images[start : start + batch_size])
+            logits, _, _, features = self.run(batch, False, None)
+            feats.append(np.asarray(features, dtype=np.float32))
+            probs.append(self.served.probabilities(logits))
+        if not feats:
+            raise XrayfmError("no images to compute features of")
+        return np.concatenate(feats), np.concatenate(probs)
 
     def draw(self, result: PredictionResult, image_shape: tuple[int, ...]) -> PredictionResult:
         """`result` with its heatmap drawn on the image's own geometry from its `model_map` (the time

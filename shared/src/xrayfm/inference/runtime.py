@@ -1,8 +1,8 @@
 """Serving runtimes: the served model exported to ONNX once and run with ONNX Runtime, rollout included.
 
 The export (:func:`export_onnx`) wraps the model so that one graph gives the logits, the attention-rollout
-maps and the head-averaged attention probabilities of every block (outputs ``logits``, ``rollout``,
-``attn_0`` ... ``attn_{L-1}``): the same maths as :func:`xrayfm.explain.predict_with_rollout` (mean over
+maps, the features the domain gate scores (the classifier head's input) and the head-averaged attention
+probabilities of every block (outputs ``logits``, ``rollout``, ``features``, ``attn_0`` ... ``attn_{L-1}``): the same maths as :func:`xrayfm.explain.predict_with_rollout` (mean over
 heads, no discarding), traced through timm's unfused attention path with the library's own hooks, so the
 optimized runtime draws the rollout map too. LoRA adapters are merged into their foundation first (a copy:
 the torch model stays as it was, for the methods that need gradients).
@@ -16,7 +16,7 @@ appears complete or not at all (written beside, then renamed).
 :class:`OnnxPredictor` is a :class:`~xrayfm.inference.Predictor` whose logits and rollout maps come from
 ONNX Runtime; methods that need gradients (``grad_rollout``, ``gradcam``) fall back to the torch model,
 and each answer's ``runtime`` says which one served it. A CNN (ResNet, ConvNeXt, DenseNet) is exported
-with its logits alone (:class:`LogitsGraph`): ONNX Runtime gives the logits, Grad-CAM (its one method)
+with its logits and features (:class:`LogitsGraph`): ONNX Runtime gives the logits, Grad-CAM (its one method)
 runs in torch, and rollout is refused as in torch ("rollout needs a ViT"). Optional int8 dynamic quantization of the weight
 matrix products (``quantize="int8"``; the attention products between activations stay in float, so the
 attention probabilities stay close).
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrayfm.domain.features import capture_features
 from xrayfm.errors import XrayfmError
 from xrayfm.explain.rollout import (
     attention_modules,
@@ -53,11 +54,12 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnxruntime")
 QUANTIZATIONS = ("none", "int8")
 OPSET = 17
-EXPORT_FORMAT = 1  # bump when the exported graph's outputs change (part of the cache key)
+EXPORT_FORMAT = 2  # bump when the exported graph's outputs change (part of the cache key)
 
 
 class RolloutGraph(nn.Module):
-    """What gets exported: pixels [B, C, S, S] -> (logits [B, L], rollout [B, gh, gw], attn_i [B, N, N]...)."""
+    """What gets exported: pixels [B, C, S, S] -> (logits [B, L], rollout [B, gh, gw], features [B, D],
+    attn_i [B, N, N]...)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -65,22 +67,28 @@ class RolloutGraph(nn.Module):
         self.vit = find_vit(model)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with capture_attention(self.model, head_fusion="mean") as record:
+        with (
+            capture_attention(self.model, head_fusion="mean") as record,
+            capture_features(self.model) as feats,
+        ):
             logits = self.model(pixels)
         relevance = rollout_matrix(record.attentions, protect_cls=self.vit.cls_token is not None)
         maps = token_relevance_to_map(relevance, self.vit, (int(pixels.shape[-2]), int(pixels.shape[-1])))
-        return (logits, maps, *record.attentions)
+        return (logits, maps, feats.features, *record.attentions)
 
 
 class LogitsGraph(nn.Module):
-    """What gets exported for a model without attention (a CNN): pixels [B, C, S, S] -> logits [B, L]."""
+    """What gets exported for a model without attention (a CNN): pixels [B, C, S, S] -> (logits [B, L],
+    features [B, D])."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with capture_features(self.model) as feats:
+            logits = self.model(pixels)
+        return logits, feats.features
 
 
 def mergeable_copy(model: nn.Module) -> nn.Module:
@@ -100,9 +108,9 @@ def export_onnx(served: ServedModel, path: str | Path, *, opset: int = OPSET) ->
     if is_vit(model):
         graph: nn.Module = RolloutGraph(model).eval()
         blocks = len(attention_modules(model))
-        outputs = ["logits", "rollout", *(f"attn_{i}" for i in range(blocks))]
+        outputs = ["logits", "rollout", "features", *(f"attn_{i}" for i in range(blocks))]
     else:
-        graph, outputs = LogitsGraph(model).eval(), ["logits"]
+        graph, outputs = LogitsGraph(model).eval(), ["logits", "features"]
     pre = served.preprocessing
     dummy = torch.zeros(2, pre.channels, pre.size, pre.size)
     path = Path(path)
@@ -226,14 +234,14 @@ class OnnxPredictor(Predictor):
 
     def run(
         self, batch: torch.Tensor, explain_maps: bool, method: str | None
-    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str]:
+    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str, np.ndarray | None]:
         if explain_maps and self.method(method) != "rollout":
-            logits, maps = self.forward(batch, explain_maps, method)  # needs gradients: torch
-            return logits, maps, "torch"
+            logits, maps, _, features = super().run(batch, explain_maps, method)  # needs gradients: torch
+            return logits, maps, "torch", features
         pixels = batch.detach().cpu().numpy().astype(np.float32, copy=False)
-        wanted = ["logits", "rollout"] if explain_maps else ["logits"]
+        wanted = ["logits", "features", "rollout"] if explain_maps else ["logits", "features"]
         outputs = self.session.run(wanted, {"pixels": pixels})
-        return outputs[0], (outputs[1] if explain_maps else None), self.runtime
+        return outputs[0], (outputs[2] if explain_maps else None), self.runtime, outputs[1]
 
 
 def make_predictor(
