@@ -278,3 +278,10 @@ def test_label_count_mismatch_is_refused_at_load(tmp_path):
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(XrayfmError, match="3 labels"):
         load_served_model(folder, name="m", version="1")
+
+
+def test_the_store_names_the_calibration_file_as_the_library_does():
+    from xrayfm.evaluate.calibration import CALIBRATION_FILE
+    from xrayfm_stack import store
+
+    assert store.CALIBRATION_FILE == CALIBRATION_FILE

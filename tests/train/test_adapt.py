@@ -69,7 +69,10 @@ def test_each_method_trains_saves_and_reports(method, foundation, bone_caches, t
     trained = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}
     base = _backbone(load_file(str(foundation / "model.safetensors")))
     if method == "lora":
-        assert {p.name for p in (run / "best").iterdir()} == {"adapter", "meta.json"}
+        # the adapter alone (no foundation copy), and the version's domain gate
+        assert {p.name for p in (run / "best").iterdir()} == {
+            "adapter", "meta.json", "domain_gate.json", "domain_gate.safetensors"
+        }  # fmt: skip
         adapter = (run / "best" / "adapter" / "adapter_model.safetensors").stat().st_size
         assert adapter < (foundation / "model.safetensors").stat().st_size / 4
         assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())  # the adapter learnt

@@ -44,6 +44,8 @@ MAX_SIDE = 4096  # a request larger than this on either side is refused by the w
 MAX_MAP_SIDE = 1024  # a model map is a patch or feature grid: 14 x 14 for a ViT/16 at 224 px
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 JobKind = Literal["pretrain", "adapt", "evaluate", "tune"]
+DomainPolicy = Literal["refuse", "flag", "off"]
+DOMAIN_POLICIES: tuple[str, ...] = DomainPolicy.__args__
 JOB_KINDS: tuple[str, ...] = JobKind.__args__
 
 ExplainMethod = Literal["rollout", "grad_rollout", "gradcam"]
@@ -81,15 +83,23 @@ def _grey_image(image: np.ndarray) -> np.ndarray:
 
 
 def _request_fields(
-    arr: np.ndarray, explain: bool, method: str, submitted_at: float | None
+    arr: np.ndarray,
+    explain: bool,
+    method: str,
+    submitted_at: float | None,
+    facts: dict[str, Any] | None = None,
+    domain_policy: str = "refuse",
 ) -> dict[str, Any]:
-    """A request's fields besides its image: the image's size, the options, the time it was queued."""
+    """A request's fields besides its image: the image's size, the options, the time it was queued, the
+    upload's facts for the domain gate and what to do with an out-of-domain image."""
     return {
         "height": int(arr.shape[0]),
         "width": int(arr.shape[1]),
         "explain": bool(explain),
         "method": str(method),
         "submitted_at": time.time() if submitted_at is None else float(submitted_at),
+        "facts": facts or None,
+        "domain_policy": domain_policy,
     }
 
 
@@ -116,6 +126,14 @@ class PredictRequest(BaseModel):
     explain: bool = True
     method: str = "rollout"
     submitted_at: float = Field(default_factory=time.time)
+    facts: dict[str, Any] | None = Field(
+        None,
+        description="what the upload said beyond its pixels: colourfulness, DICOM Modality, "
+        "BodyPartExamined, ViewPosition (xrayfm.domain.InputFacts; no patient data)",
+    )
+    domain_policy: DomainPolicy = Field(
+        "refuse", description="what the worker does with an out-of-domain image"
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> PredictRequest:
@@ -132,6 +150,8 @@ class PredictRequest(BaseModel):
         explain: bool = True,
         method: str = "rollout",
         submitted_at: float | None = None,
+        facts: dict[str, Any] | None = None,
+        domain_policy: str = "refuse",
     ) -> PredictRequest:
         """Pack a 2-D uint8 grey image and options. `encoded`: the PNG/JPEG file `image` was decoded from,
         sent instead of the pixels when it is smaller (the caller vouches that it decodes to `image`)."""
@@ -140,7 +160,7 @@ class PredictRequest(BaseModel):
         return cls(
             pixels=None if small else base64.b64encode(arr.tobytes()).decode("ascii"),
             encoded=base64.b64encode(encoded).decode("ascii") if small else None,
-            **_request_fields(arr, explain, method, submitted_at),
+            **_request_fields(arr, explain, method, submitted_at, facts, domain_policy),
         )
 
     @classmethod
@@ -151,13 +171,16 @@ class PredictRequest(BaseModel):
         explain: bool = True,
         method: str = "rollout",
         submitted_at: float | None = None,
+        facts: dict[str, Any] | None = None,
+        domain_policy: str = "refuse",
     ) -> tuple[PredictRequest, bytes]:
         """As :meth:`from_image`, with the pixels kept out of the request: (the request, its raw pixels) for
         the job's inputs key. Raw bytes in their own key skip the base64 and the JSON of the Celery message
         and its copy in kombu's unacknowledged index; and raw pixels skip the worker's decoding a file. A
         request holds at most XRAYFM_TRANSPORT_SIDE squared bytes (256 KB at 512) in Redis meanwhile."""
         arr = _grey_image(image)
-        return cls(stored="pixels", **_request_fields(arr, explain, method, submitted_at)), arr.tobytes()
+        fields = _request_fields(arr, explain, method, submitted_at, facts, domain_policy)
+        return cls(stored="pixels", **fields), arr.tobytes()
 
     @classmethod
     def parse(cls, payload: Any) -> PredictRequest:
@@ -233,6 +256,35 @@ class ModelInfo(BaseModel):
     )
     runtime: str | None = Field(
         None, description="the worker's runtime for this model (torch, onnxruntime, onnxruntime-int8)"
+    )
+    calibrated: bool = Field(False, description="probabilities scaled to a site's labelled images")
+    calibration_source: str | None = Field(
+        None, description="the calibration's method and the data it was fitted on"
+    )
+    domain: str | None = Field(None, description="what the model is for, in words (its domain gate's)")
+    domain_gate: dict[str, Any] | None = Field(
+        None, description="method, threshold, target and measured pass rates of the version's domain gate"
+    )
+
+
+class DomainReason(BaseModel):
+    """One reason an image is outside a model's domain."""
+
+    code: str = Field(description="colour | blank | noise | modality | body_part | view | features")
+    message: str
+
+
+class DomainInfo(BaseModel):
+    """Whether the model can judge this image: its domain gate's verdict."""
+
+    in_domain: bool
+    score: float | None = Field(
+        None, description="the feature score (larger: further from the training images)"
+    )
+    threshold: float | None = Field(None, description="scores above it are out of domain")
+    reasons: list[DomainReason] = Field(default_factory=list, description="empty when in domain")
+    gate: str | None = Field(
+        None, description="the gate's method; null: the version has none (input checks only)"
     )
 
 
@@ -348,6 +400,14 @@ class ImageAnswer(BaseModel):
         description="what computed this answer (torch, onnxruntime, onnxruntime-int8); methods that need "
         "gradients always run in torch",
     )
+    domain: DomainInfo | None = Field(
+        None, description="the domain gate's verdict (null: XRAYFM_DOMAIN_POLICY=off)"
+    )
+    warning: str | None = Field(
+        None,
+        description="set when the image is outside the model's domain (XRAYFM_DOMAIN_POLICY=flag): "
+        "the answer is not to be trusted",
+    )
 
 
 class WorkerAnswer(ImageAnswer):
@@ -368,10 +428,12 @@ class WorkerAnswer(ImageAnswer):
 
 
 class RejectionReason(BaseModel):
-    """Why the worker could not use a request."""
+    """Why the worker could not use a request (``out_of_domain``: the model cannot judge the image)."""
 
     type: str = "bad_request"
     message: str
+    domain: DomainInfo | None = None
+    model: ModelInfo | None = None
 
 
 class WorkerRejection(BaseModel):
@@ -391,6 +453,9 @@ class StudyAnswer(BaseModel):
     images: list[WorkerAnswer] = Field(description="each image's own answer, in the order sent")
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
+    warning: str | None = Field(
+        None, description="set when an image is outside the model's domain (XRAYFM_DOMAIN_POLICY=flag)"
+    )
 
 
 def parse_worker_reply(payload: Any) -> WorkerAnswer | StudyAnswer | WorkerRejection:
@@ -445,10 +510,11 @@ class Readiness(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every error: a stable code and a message for people."""
+    """Every error: a stable code and a message for people (``out_of_domain`` adds the gate's verdict)."""
 
     error: str
     detail: str
+    domain: DomainInfo | None = None
 
 
 # ---------------------------------------------------------------------------------- training and models
@@ -538,6 +604,12 @@ class ModelVersion(BaseModel):
     evaluations: list[dict[str, Any]] = []
     operating_point: dict[str, Any] | None = None
     feedback: dict[str, Any] | None = Field(None, description="staff verdicts: agree, disagree, agreement")
+    domain_gate: dict[str, Any] | None = Field(
+        None,
+        description="the version's domain gate: method, threshold, target pass rate (pass_rate), the pass "
+        "rate on held-out in-domain images it was set on and on validation images it was not set on",
+    )
+    calibration: dict[str, Any] | None = Field(None, description="the site calibration, when it has one")
 
 
 class ModelList(BaseModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xrayfm.errors import XrayfmError
-from xrayfm_stack.protocol import EXPLAIN_METHODS, MAX_SIDE
+from xrayfm_stack.protocol import DOMAIN_POLICIES, EXPLAIN_METHODS, MAX_SIDE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_STORE = Path("runs/model-store")
@@ -201,6 +201,14 @@ def batch_max(env: Mapping[str, str]) -> int | None:
     return value
 
 
+def domain_policy(env: Mapping[str, str]) -> str:
+    """``XRAYFM_DOMAIN_POLICY``: refuse (default), flag or off."""
+    policy = env_str(env, "XRAYFM_DOMAIN_POLICY", "refuse").strip().lower()
+    if policy not in DOMAIN_POLICIES:
+        raise XrayfmError(f"XRAYFM_DOMAIN_POLICY must be one of {DOMAIN_POLICIES}, got {policy!r}")
+    return policy
+
+
 def explain_method(env: Mapping[str, str]) -> str:
     """``XRAYFM_EXPLAIN_METHOD`` checked against the methods the workers know."""
     method = env_str(env, "XRAYFM_EXPLAIN_METHOD", "rollout")
@@ -289,6 +297,10 @@ class GatewaySettings:
     # the feedback becomes a training set. Off by default: no uploaded image is written anywhere.
     feedback_keep_images: bool = False
     feedback_retention_days: float = 30.0  # XRAYFM_FEEDBACK_RETENTION_DAYS: kept images are deleted after
+    # XRAYFM_DOMAIN_POLICY: an image outside the served version's domain is refused (422 out_of_domain),
+    # answered with a warning (flag), or not checked (off)
+    domain_policy: str = "refuse"
+    drift_window: int = 500  # XRAYFM_DRIFT_WINDOW: answers per version in the drift gauges' rolling window
 
     @property
     def auth_enabled(self) -> bool:
@@ -324,6 +336,8 @@ class GatewaySettings:
                 env, "XRAYFM_FEEDBACK_RETENTION_DAYS", cls.feedback_retention_days, float, 0.0
             ),
             data_dirs=env_paths(env, "XRAYFM_DATA_DIRS", cls.data_dirs),
+            domain_policy=domain_policy(env),
+            drift_window=int(env_number(env, "XRAYFM_DRIFT_WINDOW", cls.drift_window, int, 10)),
         )
         if settings.transport_side > MAX_SIDE:
             raise XrayfmError(f"XRAYFM_TRANSPORT_SIDE must be <= {MAX_SIDE}, got {settings.transport_side}")

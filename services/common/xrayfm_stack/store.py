@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xrayfm.domain.gate import GATE_JSON
 from xrayfm.errors import XrayfmError
 from xrayfm.operating_point import read_operating_point, write_operating_point
 from xrayfm.utils import atomic_write_json, file_lock, read_json
@@ -37,6 +38,9 @@ HISTORY_FILE = "serving-history.json"
 VERSION_FILE = "version.json"  # the store's own facts about a version (next to the checkpoint's meta.json)
 EVALUATIONS_DIR = "evaluations"
 LOCK_FILE = ".store.lock"
+# xrayfm.evaluate.calibration.CALIBRATION_FILE, named here without importing it (it needs scipy, which the
+# gateway's image has not); tests/services/test_units.py checks that the two agree
+CALIBRATION_FILE = "calibration.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -218,12 +222,31 @@ def evaluations(folder: Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda e: e.get("created") or 0)
 
 
+def _calibration_summary(folder: Path) -> dict[str, Any] | None:
+    """The version's site calibration (calibration.json), without its parameters' evidence."""
+    info = read_json(Path(folder) / CALIBRATION_FILE, None)
+    if not isinstance(info, dict):
+        return None
+    return {k: info.get(k) for k in ("method", "source", "n", "fitted_at")}
+
+
 def _readable_point(folder: Path) -> dict[str, Any] | None:
     """The version's operating point; a broken file is listed as such rather than failing the listing."""
     try:
         return read_operating_point(folder)
     except XrayfmError as exc:
         return {"error": str(exc)}
+
+
+def gate_summary(folder: Path) -> dict[str, Any] | None:
+    """The version's domain gate as listed: method, threshold, the target pass rate and the rates measured
+    on held-out in-domain images (the threshold's set, and the validation images it was not set on)."""
+    info = read_json(Path(folder) / GATE_JSON, None)
+    if not isinstance(info, dict):
+        return None
+    keys = ("method", "threshold", "pass_rate", "held_out_pass_rate", "validation_pass_rate",
+            "validation_images", "reference_images", "domain")  # fmt: skip
+    return {k: info.get(k) for k in keys}
 
 
 def list_versions(store: Path) -> list[dict[str, Any]]:
@@ -257,6 +280,8 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
                 "lineage": lineage,
                 "evaluations": evaluations(folder),
                 "operating_point": _readable_point(folder),
+                "domain_gate": gate_summary(folder),
+                "calibration": _calibration_summary(folder),
             }
         )
     rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))

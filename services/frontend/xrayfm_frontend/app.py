@@ -64,6 +64,7 @@ key = (study_mode, tuple(hashlib.sha256(data).hexdigest() for _, data in images)
 if st.session_state.get("answer_key") != key:  # the slider re-runs the script: do not predict again
     st.session_state.pop("answer", None)
     st.session_state.pop("answer_error", None)
+    st.session_state.pop("answer_refused", None)
     if not ready:
         st.session_state["answer_error"] = f"The stack is not ready, try again shortly: {detail}"
     else:
@@ -76,10 +77,17 @@ if st.session_state.get("answer_key") != key:  # the slider re-runs the script: 
                 )
             except GatewayError as exc:
                 st.session_state["answer_error"] = str(exc)
+                st.session_state["answer_refused"] = exc.code == "out_of_domain"
     st.session_state["answer_key"] = key
 
 if "answer_error" in st.session_state:
-    st.error(st.session_state["answer_error"])
+    if st.session_state.get("answer_refused"):  # the model cannot judge it: no prediction, say why
+        st.header("Outside this model's domain")
+        st.error(st.session_state["answer_error"])
+        st.caption("The model was not trained on images like this one, so it gives no prediction. "
+                   "Send a radiograph of the kind its card describes, or use a model made for this kind.")  # fmt: skip
+    else:
+        st.error(st.session_state["answer_error"])
     st.stop()
 answer: Prediction | StudyPrediction = st.session_state["answer"]
 model = answer.model
@@ -98,6 +106,11 @@ if isinstance(answer, StudyPrediction):
     st.caption(f"{len(answer.images)} images; the study's probability is the {answer.aggregation}.")
 if model.notice:
     st.warning(model.notice)
+warning = answer.warning
+if warning:
+    st.error(f"OUTSIDE THIS MODEL'S DOMAIN: {warning}")
+calibration = model.calibration_source if model.calibrated else "not calibrated to this site"
+st.caption(f"Domain: {model.domain or 'not stated'}; probabilities {calibration}.")
 
 
 def show_image(name: str, data: bytes, one: WorkerAnswer) -> None:

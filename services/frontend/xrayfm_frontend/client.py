@@ -16,11 +16,13 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class GatewayError(Exception):
-    """The gateway refused or failed a request, or could not be reached; the message is for people."""
+    """The gateway refused or failed a request, or could not be reached; the message is for people.
+    ``code`` is the gateway's error code (``out_of_domain``: the model cannot judge the image)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class GatewayClient:
@@ -82,7 +84,7 @@ class GatewayClient:
         body = _json(resp)
         if resp.status_code != 200:
             detail = body.get("detail") or resp.text[:300]
-            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
+            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
         try:
             return answer.model_validate(body)
         except ValidationError as exc:
@@ -103,7 +105,7 @@ class GatewayClient:
         body = _json(resp)
         if resp.status_code >= 400:
             detail = body.get("detail") or resp.text[:300]
-            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code)
+            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
         return body
 
     def submit_job(self, spec_text: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from xrayfm_gateway import __version__
 from xrayfm_gateway.errors import APIError, api_error_handler
-from xrayfm_gateway.metrics import MetricsMiddleware, process_stopped
+from xrayfm_gateway.metrics import DRIFT_WATCH, MetricsMiddleware, process_stopped
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
 from xrayfm_gateway.routers import feedback, health, jobs, models, predict, training
 from xrayfm_stack.settings import GatewaySettings
@@ -63,6 +63,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
     app = FastAPI(title="xrayfm gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    DRIFT_WATCH.configure(settings.model_store, settings.drift_window)
+    if settings.domain_policy != "refuse":
+        log.warning("XRAYFM_DOMAIN_POLICY=%s: images outside the model's domain are %s", settings.domain_policy,
+                    "answered with a warning" if settings.domain_policy == "flag" else "not checked")  # fmt: skip
     app.add_exception_handler(APIError, api_error_handler)
     app.add_middleware(MetricsMiddleware)
     for router in (

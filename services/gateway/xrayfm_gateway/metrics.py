@@ -44,6 +44,98 @@ QUEUE_ERRORS = Counter(
 )
 PREDICTIONS = Counter("xrayfm_gateway_predictions_total", "Answers by outcome", ["outcome"])
 
+# -- the domain gate and drift, per model version ----------------------------------------------------------
+OUT_OF_DOMAIN = Counter(
+    "xrayfm_domain_out_of_domain_total",
+    "Images judged outside the served version's domain, by reason and what was done (refused, flagged)",
+    ["model", "version", "reason", "action"],
+)
+JUDGED = Counter("xrayfm_domain_judged_total", "Images the domain gate judged", ["model", "version"])
+PROBABILITY = Histogram(
+    "xrayfm_answer_probability",
+    "Probability of the first label in answered images, per version",
+    ["model", "version"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+)
+DOMAIN_SCORE = Histogram(
+    "xrayfm_domain_score_ratio",
+    "Domain gate score over its threshold (above 1: out of domain), per version",
+    ["model", "version"],
+    buckets=(0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2, 4, 8),
+)
+# max: with several gateway processes, the worst window among them
+DRIFT = Gauge(
+    "xrayfm_drift_psi",
+    "Population Stability Index of the last XRAYFM_DRIFT_WINDOW values against the version's reference "
+    "(held-out in-domain images when its gate was fitted); > 0.25: a real shift",
+    ["model", "version", "quantity"],
+    multiprocess_mode="max",
+)
+
+
+class DriftWatch:
+    """Rolling PSI per (model, version, quantity) against the reference in the version's gate file."""
+
+    def __init__(self) -> None:
+        self.store: Path | None = None
+        self.window = 500
+        self._windows: dict[tuple[str, str, str], Any] = {}
+        self._references: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def configure(self, store: Path, window: int) -> None:
+        self.store, self.window = Path(store), int(window)
+        self._windows.clear()
+        self._references.clear()
+
+    def _reference(self, name: str, version: str) -> dict[str, Any] | None:
+        key = (name, version)
+        if key not in self._references:  # read once per version (a small JSON file)
+            from xrayfm.domain.gate import GATE_JSON
+            from xrayfm_stack.store import version_dir
+
+            try:
+                path = version_dir(self.store, name, version) / GATE_JSON if self.store else None
+                info = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+                self._references[key] = info.get("reference") or None
+            except (XrayfmError, OSError, ValueError) as exc:
+                log.warning("drift: no reference for %s/%s: %s", name, version, exc)
+                self._references[key] = None
+        return self._references[key]
+
+    def observe(self, name: str, version: str, quantity: str, value: float) -> None:
+        from xrayfm.domain.drift import RollingDrift
+
+        reference = (self._reference(name, version) or {}).get(quantity)
+        if reference is None:
+            return
+        key = (name, version, quantity)
+        if key not in self._windows:
+            self._windows[key] = RollingDrift(reference, self.window)
+        value_psi = self._windows[key].add(value)
+        if value_psi is not None:
+            DRIFT.labels(name, version, quantity).set(value_psi)
+
+
+DRIFT_WATCH = DriftWatch()
+
+
+def observe_domain(model: Any, domain: Any, probability: float | None, refused: bool = False) -> None:
+    """Count one judged image (``ModelInfo``, ``DomainInfo``): its reasons when out of domain, its score
+    and probability in the histograms and the drift windows. Nothing when the gate did not run."""
+    if model is None or domain is None:
+        return
+    name, version = model.name, model.version
+    JUDGED.labels(name, version).inc()
+    for reason in domain.reasons:
+        OUT_OF_DOMAIN.labels(name, version, reason.code, "refused" if refused else "flagged").inc()
+    if domain.score is not None and domain.threshold:
+        ratio = domain.score / domain.threshold
+        DOMAIN_SCORE.labels(name, version).observe(ratio)
+        DRIFT_WATCH.observe(name, version, "score_ratio", ratio)
+    if probability is not None:
+        PROBABILITY.labels(name, version).observe(probability)
+        DRIFT_WATCH.observe(name, version, "probability", probability)
+
 
 def gateway_exposition() -> bytes:
     """The gateway's own series in Prometheus' text format: this process's, or, when several gateway

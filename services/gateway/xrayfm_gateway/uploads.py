@@ -19,6 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within, without_metadata
+from xrayfm.domain.checks import upload_facts
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import REJECTED
@@ -56,6 +57,7 @@ class DecodedImage:
     width: int  # of the original image
     height: int
     encoded: bytes | None = None  # the upload without its metadata, when it decodes to exactly `pixels`
+    facts: dict | None = None  # for the domain gate: colourfulness, DICOM Modality/BodyPart/View (no PHI)
 
 
 def reject(status: int, code: str, detail: str) -> APIError:
@@ -226,7 +228,17 @@ def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
         width=width,
         height=height,
         encoded=_wire_file(stripped, fitted) if fitted.shape == pixels.shape else None,
+        facts=_facts(upload.data, info, settings) if settings.domain_policy != "off" else None,
     )
+
+
+def _facts(data: bytes, info: dict, settings: GatewaySettings) -> dict | None:
+    """What the upload says beyond its grey pixels, for the worker's domain gate (a colour file is decoded
+    once more, small: its colourfulness)."""
+    try:
+        return upload_facts(data, info, settings.max_pixels).to_dict() or None
+    except ImageDecodeError:  # the pixels decoded already: a thumbnail that fails says nothing new
+        return None
 
 
 def _decode_pixels(

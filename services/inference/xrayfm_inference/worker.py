@@ -31,6 +31,7 @@ from xrayfm_stack.celery import inference_celery
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
+    DomainInfo,
     InferenceTimeout,
     JobLost,
     ModelInfo,
@@ -164,8 +165,41 @@ def _run_batch(images: list, explain_maps: bool, method: str) -> list[tuple[Any,
     The heatmaps stay over the model's input: the gateway draws them (:func:`_answer`)."""
     predictor = RUNTIME.predictor  # read once: a swap during this batch does not touch it
     method = _method_for(predictor, method)
-    results = predictor.predict(images, explain_maps=explain_maps, method=method, draw=False)
+    results = predictor.predict(images, explain_maps=explain_maps, method=method, draw=False, judge=False)
     return [(predictor, result) for result in results]
+
+
+def _judge(predictor: Any, result: Any, image: Any, request: PredictRequest) -> DomainInfo | None:
+    """The served version's domain verdict on one image (None when the deployment's policy is off)."""
+    if request.domain_policy == "off":
+        return None
+    from xrayfm.domain import InputFacts
+
+    verdict = predictor.served.judge(image, result.features, InputFacts.from_dict(request.facts))
+    return DomainInfo.model_validate(verdict.to_dict())
+
+
+def _out_of_domain(predictor: Any, domain: DomainInfo, which: str = "the image") -> dict[str, Any]:
+    """The rejection of an image outside the version's domain (the gateway answers 422 out_of_domain)."""
+    served = predictor.served
+    reasons = "; ".join(r.message for r in domain.reasons)
+    message = (
+        f"{which} is outside the domain of model {served.name}/{served.version} "
+        f"({served.domain.description}): {reasons}. No prediction is given."
+    )
+    metrics.REQUESTS.labels("out_of_domain").inc()
+    reason = RejectionReason(
+        type="out_of_domain", message=message, domain=domain, model=model_info(predictor)
+    )
+    return WorkerRejection(error=reason).model_dump(mode="json")
+
+
+def _warning(domain: DomainInfo | None) -> str | None:
+    """The flag policy's warning on an out-of-domain answer."""
+    if domain is None or domain.in_domain:
+        return None
+    reasons = "; ".join(r.message for r in domain.reasons)
+    return f"outside this model's domain ({reasons}): do not trust this answer"
 
 
 def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> WorkerAnswer:
@@ -339,9 +373,14 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-1)
     try:
-        answer = _answer(*_result(future), image.shape)
+        predictor, result = _result(future)
+        domain = _judge(predictor, result, image, request)
+        if domain is not None and not domain.in_domain and request.domain_policy == "refuse":
+            return _out_of_domain(predictor, domain)
+        answer = _answer(predictor, result, image.shape)
     except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
         return _rejected(str(exc))
+    answer.domain, answer.warning = domain, _warning(domain)
     metrics.REQUESTS.labels("ok").inc()
     answer.worker = self.request.hostname
     answer.timings.queue_wait_ms = 1000 * queue_wait
@@ -372,7 +411,14 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-len(payloads) if isinstance(payloads, list) else 0)
     try:
-        answers = [_answer(*_result(f), image.shape) for f, (_, image) in zip(futures, parsed, strict=True)]
+        answers = []
+        for k, (future, (request, image)) in enumerate(zip(futures, parsed, strict=True)):
+            predictor, result = _result(future)
+            domain = _judge(predictor, result, image, request)
+            if domain is not None and not domain.in_domain and request.domain_policy == "refuse":
+                return _out_of_domain(predictor, domain, f"image {k + 1} of {len(parsed)} of the study")
+            answers.append(_answer(predictor, result, image.shape))
+            answers[-1].domain, answers[-1].warning = domain, _warning(domain)
     except XrayfmError as exc:
         return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc(len(answers))
@@ -389,6 +435,9 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
         images=answers,
         timings=Timings(queue_wait_ms=1000 * queue_wait, worker_ms=worker_ms),
         worker=self.request.hostname,
+        warning=next(
+            (f"image {k + 1}: {a.warning}" for k, a in enumerate(answers) if a.warning is not None), None
+        ),
     ).model_dump(mode="json")
 
 

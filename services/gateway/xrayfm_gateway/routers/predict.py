@@ -24,7 +24,7 @@ from xrayfm_gateway.deps import (
     require_api_key,
 )
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES
+from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES, observe_domain
 from xrayfm_gateway.queue import InferenceQueue, JobState, QueueUnavailable
 from xrayfm_gateway.uploads import (
     STUDY_FIELD,
@@ -76,7 +76,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "missing or wrong API key (when auth is on)",
         413: "upload over the size limit",
         415: "not a PNG, JPEG or DICOM; not multipart/form-data",
-        422: "absurd dimensions, too many pixels, no 'file' field, bad parameters",
+        422: "absurd dimensions, too many pixels, no 'file' field, bad parameters; out_of_domain: the "
+        "image is outside the served model's domain (XRAYFM_DOMAIN_POLICY=refuse), with the gate's verdict",
         503: "Redis unreachable, no worker ready, or the job lost with Redis (send it again)",
         504: "no answer in time (the job goes on: poll /jobs/{job_id}), or the model timed out",
     }.items()
@@ -162,13 +163,26 @@ async def _submit(
             503, "not_ready", f"the inference stack is not ready: {ready.detail}", {"Retry-After": "5"}
         )
     method = method or deps.settings.explain_method
+    policy = deps.settings.domain_policy
     inputs: list[bytes] | None = None
     if all(w.get("stored_inputs") for w in ready.workers):  # every live worker reads images from Redis keys
-        packed = [PredictRequest.to_store(d.pixels, explain=explain, method=method) for d in images]
+        packed = [
+            PredictRequest.to_store(
+                d.pixels, explain=explain, method=method, facts=d.facts, domain_policy=policy
+            )
+            for d in images
+        ]
         payloads, inputs = [p[0] for p in packed], [p[1] for p in packed]
     else:  # a worker of an earlier release: the images inside the message
         payloads = [
-            PredictRequest.from_image(d.pixels, encoded=d.encoded, explain=explain, method=method)
+            PredictRequest.from_image(
+                d.pixels,
+                encoded=d.encoded,
+                explain=explain,
+                method=method,
+                facts=d.facts,
+                domain_policy=policy,
+            )
             for d in images
         ]
     facts = [{"format": d.format, "width": d.width, "height": d.height} for d in images]
@@ -257,8 +271,14 @@ def prediction_from(
         code, status = ("timeout", 504) if timeout else ("inference_failed", 500)
         raise APIError(status, code, f"job {job_id} failed: {job.error}")
     if isinstance(job.result, WorkerRejection):
+        error = job.result.error
+        if error.type == "out_of_domain":
+            PREDICTIONS.labels("out_of_domain").inc()
+            observe_domain(error.model, error.domain, None, refused=True)
+            extra = {"domain": error.domain.model_dump()} if error.domain is not None else None
+            raise APIError(422, error.type, error.message, extra=extra)
         PREDICTIONS.labels("rejected").inc()
-        raise APIError(422, job.result.error.type, job.result.error.message)
+        raise APIError(422, error.type, error.message)
     answer = job.result
     assert answer is not None, "a done job has a result"
     try:
@@ -275,6 +295,8 @@ def prediction_from(
     if started is not None:
         timings["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
     PREDICTIONS.labels("ok").inc()
+    for image in drawn:
+        observe_domain(image.model, image.domain, image.probability if image.domain is not None else None)
     if isinstance(answer, StudyAnswer):
         return StudyPrediction(
             **answer.model_dump(exclude={"timings", "images"}),

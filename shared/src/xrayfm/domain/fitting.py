@@ -8,6 +8,7 @@ Used when a run publishes (``adapt``, ``pretrain``, ``tune``: :func:`fit_gate_fo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +21,10 @@ from xrayfm.domain.checks import DeclaredDomain
 from xrayfm.domain.features import capture_features
 from xrayfm.domain.gate import DEFAULT_METHOD, DEFAULT_PASS_RATE, DomainGate
 from xrayfm.errors import XrayfmError
+
+log = logging.getLogger(__name__)
+MIN_HELD_OUT = 20  # DomainGate.fit's minimum for the threshold
+MAX_REFERENCE = 20_000  # training images a run's gate is fitted on at most (a seeded subsample beyond)
 
 
 @torch.no_grad()
@@ -94,6 +99,45 @@ def fit_gate_from_features(
     return gate
 
 
+def declared_domain(data_info: dict[str, Any]) -> DeclaredDomain:
+    """A run's declared domain from its data description (``describe_views``): its training set, in words."""
+    cache = data_info.get("train_cache") or {}
+    kind, split = cache.get("kind") or "its", cache.get("split") or "training"
+    images = (data_info.get("train") or {}).get("images")
+    synthetic = " (SYNTHETIC phantoms)" if data_info.get("synthetic") else ""
+    return DeclaredDomain(
+        description=f"radiographs like its {images or ''} {kind} {split} images{synthetic}".replace(
+            "  ", " "
+        ),
+        body_parts=("CHEST",) if kind in ("chexpert", "nih") else (),
+    )
+
+
+def save_run_gate(
+    model: nn.Module, data: Any, best_dir: Any, *, device: Any, seed: int, progress: bool
+) -> dict:
+    """Fit the gate of a run's `best_dir` model on its task data (``TaskData``: training images through
+    the evaluation transform, validation images for the threshold) and store it there; its facts."""
+    from xrayfm.train.sampler import SeededView
+
+    train = SeededView(
+        data.train.base, data.val.transform, data.train.seed, data.train.rows, data.train.columns
+    )
+    if len(train) > MAX_REFERENCE:  # moments of 20,000 images are as good as of all of them
+        rows = np.sort(np.random.default_rng(seed).choice(len(train), MAX_REFERENCE, replace=False))
+        train = SeededView(train.base, train.transform, train.seed, train.rows[rows], train.columns)
+    domain = declared_domain(data.info | {"train": {"images": len(data.train)}})
+    try:
+        gate = fit_gate_for_run(
+            model, train, data.val, device=device, domain=domain, seed=seed, progress=progress
+        )
+    except XrayfmError as exc:  # a toy run: published without a gate (input checks only), and it says so
+        log.warning("no domain gate for %s: %s", best_dir, exc)
+        return {"error": str(exc)}
+    gate.save(best_dir)
+    return {k: v for k, v in gate.describe().items() if k not in ("reference", "domain")}
+
+
 def fit_gate_for_run(
     model: nn.Module,
     train_view: Any,
@@ -119,21 +163,46 @@ def fit_gate_for_run(
             total=-(-len(rows) // batch_size),
         )  # fmt: skip
 
-    csv = val_view.csv
-    patients = csv["patient_id"].to_numpy() if "patient_id" in csv else np.arange(len(val_view))
+    def patients(view: Any) -> np.ndarray:
+        csv = view.csv
+        return (
+            csv["patient_id"].astype(str).to_numpy()
+            if "patient_id" in csv
+            else np.arange(len(view)).astype(str)
+        )
+
     reference, _ = run(train_view)
     held, held_p = run(val_view)
+    groups = patients(val_view)
+    sources = {"reference": f"the run's {len(reference)} training images",
+               "threshold": "half of its validation patients; the other half measures the pass rate"}  # fmt: skip
+    if (
+        len(held) < 2 * MIN_HELD_OUT
+    ):  # a small validation split: hold a share of the training patients out too
+        outside, inside = split_rows(patients(train_view), 0.2, seed)
+        if len(outside) < MIN_HELD_OUT:
+            raise XrayfmError(
+                f"too few images for a domain gate: {len(reference)} training and {len(held)} validation"
+            )
+        held = np.concatenate([held, reference[inside]])
+        held_p = np.concatenate([held_p, np.full((len(inside), held_p.shape[1]), np.nan)])
+        groups = np.concatenate([groups, np.array([f"train:{g}" for g in patients(train_view)[inside]])])
+        reference = reference[outside]
+        sources = {"reference": f"{len(reference)} of the run's training images (a small validation split)",
+                   "threshold": f"half of the patients of its {len(val_view)} validation and {len(inside)} other "
+                                "training images; the other half measures the pass rate"}  # fmt: skip
     return fit_gate_from_features(
-        reference, held, patients, held_p, seed=seed, method=method, pass_rate=pass_rate, domain=domain,
-        sources={"reference": f"the run's {len(reference)} training images",
-                 "threshold": "half of its validation patients; the other half measures the pass rate"},
+        reference, held, groups, held_p, seed=seed, method=method, pass_rate=pass_rate, domain=domain,
+        sources=sources,
     )  # fmt: skip
 
 
 __all__ = [
+    "declared_domain",
     "features_and_probabilities",
     "fit_gate_for_run",
     "fit_gate_from_features",
+    "save_run_gate",
     "split_rows",
     "view_batches",
 ]

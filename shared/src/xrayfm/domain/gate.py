@@ -175,7 +175,9 @@ class DomainGate:
                  "reference": {"score_ratio": reference_bins(scores / max(threshold, 1e-12))}}  # fmt: skip
         if probabilities is not None:
             p = np.asarray(probabilities, dtype=np.float64).reshape(len(held), -1)[:, 0]
-            facts["reference"]["probability"] = reference_bins(p)
+            p = p[np.isfinite(p)]  # images without a probability of their own (NaN) are left out
+            if len(p) >= 10:
+                facts["reference"]["probability"] = reference_bins(p)
         return replace(self, threshold=threshold, facts=facts)
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -202,6 +204,8 @@ class DomainGate:
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.arrays.items()}, str(tmp))
         tmp.replace(folder / GATE_TENSORS)
         atomic_write_json(folder / GATE_JSON, self.describe())
+        for name in (GATE_TENSORS, GATE_JSON):  # readable by the services' unprivileged users
+            (folder / name).chmod(0o644)
         return folder / GATE_JSON
 
     @classmethod

@@ -30,6 +30,7 @@ from xrayfm.data.transforms import build_transform
 from xrayfm.domain import DeclaredDomain, DomainGate, DomainVerdict, InputFacts, input_only_verdict
 from xrayfm.domain.features import capture_features
 from xrayfm.errors import XrayfmError
+from xrayfm.evaluate.calibration import Calibration, read_calibration
 from xrayfm.explain import (
     canonical_method,
     explain,
@@ -92,6 +93,7 @@ class ServedModel:
     meta: dict[str, Any] = field(default_factory=dict)
     threshold_source: str = DEFAULT_SOURCE  # where `threshold` comes from (xrayfm.operating_point)
     gate: DomainGate | None = None  # the version's domain gate (xrayfm.domain); None: input checks only
+    calibration: Calibration | None = None  # fitted to a site (calibration.json); one-label models only
 
     @property
     def domain(self) -> DeclaredDomain:
@@ -115,7 +117,10 @@ class ServedModel:
     def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Logits [B, L] -> probabilities [B, L] (softmax for multi-class heads, else per-label sigmoid)."""
         logits = torch.as_tensor(logits).detach().float().cpu()
-        return (torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)).numpy()
+        probs = (torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)).numpy()
+        if self.calibration is not None and probs.shape[1] == 1:
+            probs = self.calibration.apply(probs).astype(np.float32)
+        return probs
 
     def info(self) -> dict[str, Any]:
         """The model's identity as reported in every answer and in the worker heartbeat."""
@@ -134,9 +139,15 @@ class ServedModel:
             # one label: `threshold` decides it; several: the most probable label wins, no threshold
             "threshold": self.threshold if len(self.labels) == 1 else None,
             "threshold_source": self.threshold_source if len(self.labels) == 1 else "the most probable label",
+            "calibrated": self.calibration is not None,
+            "calibration_source": self._calibration_source(),
             "domain": self.domain.description,
             "domain_gate": self.gate_summary(),
         }
+
+    def _calibration_source(self) -> str | None:
+        cal = self.calibration
+        return None if cal is None else f"{cal.method} scaling fitted on {cal.source or f'{cal.n} images'}"
 
     def gate_summary(self) -> dict[str, Any] | None:
         """The gate's method, threshold and pass rates (None without a gate), for answers and listings."""
@@ -220,6 +231,7 @@ def load_served_model(
         multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
         meta=meta,
         gate=DomainGate.load(path) if path.is_dir() else None,
+        calibration=read_calibration(path) if path.is_dir() and len(labels) == 1 else None,
     )
     served.retune(path)
     _check_outputs(served)

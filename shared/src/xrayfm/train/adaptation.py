@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xrayfm.domain.fitting import save_run_gate
 from xrayfm.errors import XrayfmError
 from xrayfm.models.backbones import classifier_names, create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_adapted, save_checkpoint
@@ -199,6 +200,16 @@ def adapt(
         )
         if env.is_main:
             result["report"] = {k: v for k, v in evaluation.items() if k != "report"}
+            # the version's domain gate, from the best weights (what is published)
+            gated = evaluated if config.report_on == "best" else load_any(best_dir)[0]
+            result["domain_gate"] = save_run_gate(
+                gated.to(device),
+                data,
+                best_dir,
+                device=device,
+                seed=config.seed,
+                progress=config.progress_bar,
+            )
         return result
     finally:
         teardown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -453,6 +454,79 @@ class EvaluateConfig(JsonConfig):
             raise XrayfmError("invalid EvaluateConfig: " + "; ".join(problems))
 
 
+CALIBRATION_METHODS = ("auto", "temperature", "platt", "isotonic")  # xrayfm.evaluate.calibration's + auto
+OPERATING_RULES = ("youden", "sensitivity>=S", "specificity>=T")  # as xrayfm.evaluate.metrics names them
+
+
+def parse_operating_rule(rule: str) -> tuple[str, float | None]:
+    """``youden`` -> ("youden", None); ``sensitivity>=0.95`` -> ("sensitivity", 0.95); the same for
+    specificity. XrayfmError for anything else (a level must lie in (0, 1])."""
+    if rule == "youden":
+        return "youden", None
+    name, sep, level = rule.partition(">=")
+    try:
+        value = float(level)
+    except ValueError:
+        value = math.nan
+    if not sep or name not in ("sensitivity", "specificity") or not 0.0 < value <= 1.0:
+        raise XrayfmError(f"rule {rule!r}: use youden, sensitivity>=S or specificity>=T with S, T in (0, 1]")
+    return name, value
+
+
+@dataclass
+class CalibrateConfig(JsonConfig):
+    """Calibrating a binary model to a site (``xrayfm calibrate``; a ``calibrate`` job of the stack)."""
+
+    model: str = _f("", "checkpoint folder, shipped model name (xrayfm/...), or store:<name>/<version>")
+    data: list[str] = _f([], "the site's labelled images, each KIND:ROOT[:SPLIT] (e.g. folder:/data/site)")
+    eval_data: list[str] | None = _f(
+        None, "separate evaluation sets (KIND:ROOT[:SPLIT]); default: eval_fraction of data's patients"
+    )
+    eval_fraction: float = _f(0.3, "share of the site's patients kept out of the fit, for evaluation")
+    label: str | None = _f(
+        None, "the dataset class that is the model's positive label (default: the model's label name)"
+    )
+    method: str = _f("auto", "calibration map", choices=CALIBRATION_METHODS)
+    rule: str = _f("youden", "operating point: youden, sensitivity>=S or specificity>=T")
+    seed: int = _f(0, "seed of the patient split, the method's cross-validation and the bootstraps")
+    n_bootstrap: int = _f(1000, "bootstrap resamples for the confidence intervals")
+    batch_size: int = _f(64, "images per forward pass")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    out: str | None = _f(None, "folder of the calibrated checkpoint (a job's worker sets it)")
+    progress_bar: bool = _f(True, "show tqdm progress bars")
+
+    def validate(self) -> None:
+        from xrayfm.commands.gate import parse_source
+
+        problems = []
+        if not self.model:
+            problems.append("model: the checkpoint to calibrate is required")
+        if not self.data:
+            problems.append("data: at least one KIND:ROOT[:SPLIT] of labelled site images is required")
+        for name in ("data", "eval_data"):
+            for i, spec in enumerate(getattr(self, name) or []):
+                try:
+                    parse_source(spec)
+                except XrayfmError:
+                    problems.append(f"{name}[{i}] {spec!r}: expected KIND:ROOT[:SPLIT]")
+        if self.eval_data is not None and not self.eval_data:
+            problems.append("eval_data: give at least one set, or leave it out")
+        if not 0.0 < self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction={self.eval_fraction} (must lie in (0, 1))")
+        if self.method not in CALIBRATION_METHODS:
+            problems.append(f"method {self.method!r} (choose {', '.join(CALIBRATION_METHODS)})")
+        try:
+            parse_operating_rule(self.rule)
+        except XrayfmError as exc:
+            problems.append(str(exc))
+        if self.label is not None and not self.label.strip():
+            problems.append("label: must name a class (or be left out)")
+        if self.batch_size < 1 or self.n_bootstrap < 0:
+            problems.append(f"batch_size={self.batch_size}, n_bootstrap={self.n_bootstrap}")
+        if problems:
+            raise XrayfmError("invalid CalibrateConfig: " + "; ".join(problems))
+
+
 POOL_KEYS = {"sources", "exclude"}
 
 
@@ -527,17 +601,21 @@ def field_type(cls: type, name: str) -> Any:
 
 __all__ = [
     "AdaptConfig",
+    "CALIBRATION_METHODS",
     "CVConfig",
+    "CalibrateConfig",
     "EvaluateConfig",
     "JsonConfig",
     "LOSSES",
     "METHODS",
     "METRICS",
     "OBJECTIVES",
+    "OPERATING_RULES",
     "PRUNERS",
     "PretrainConfig",
     "TUNABLE",
     "TrainConfig",
     "TuneConfig",
     "field_type",
+    "parse_operating_rule",
 ]

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from xrayfm.data.transforms import normalization_for
+from xrayfm.domain.fitting import save_run_gate
 from xrayfm.models.backbones import create_model
-from xrayfm.models.checkpoint import save_checkpoint
+from xrayfm.models.checkpoint import load_checkpoint, save_checkpoint
 from xrayfm.train.artifacts import model_spec, preprocessing
 from xrayfm.train.config import PretrainConfig
 from xrayfm.train.data import describe_views, load_task_data
@@ -73,7 +74,13 @@ def pretrain(
             progress=progress,
             should_cancel=should_cancel,
         )
-        return {"command": "pretrain", "out": str(out), **summary, "data": data_info, "labels": data.names}
+        result = {"command": "pretrain", "out": str(out), **summary, "data": data_info, "labels": data.names}
+        if summary["status"] != "cancelled" and env.is_main:  # the version's domain gate, from best/
+            best = load_checkpoint(out / "best")[0].to(device)
+            result["domain_gate"] = save_run_gate(
+                best, data, out / "best", device=device, seed=config.seed, progress=config.progress_bar
+            )
+        return result
     finally:
         teardown()
 
