@@ -218,7 +218,10 @@ class DomainGate:
             return None
         info = read_json(folder / GATE_JSON)
         try:
-            arrays = load_file(str(folder / GATE_TENSORS))
+            try:
+                arrays = load_file(str(folder / GATE_TENSORS))
+            except Exception as exc:  # safetensors' own error type for a broken file
+                raise ValueError(f"{GATE_TENSORS}: {exc}") from None
             method = str(info["method"])
             if method not in GATE_METHODS:
                 raise ValueError(f"unknown method {method!r}")
