@@ -53,6 +53,18 @@ def test_upload_shows_prediction_heatmap_and_slider(monkeypatch, live_stack):
     assert "opacity 0.90" in [c for img in at.image for c in img.captions][1]
 
 
+def test_an_image_outside_the_models_domain_gets_no_prediction_and_says_why(monkeypatch, live_stack):
+    import numpy as np
+
+    at = run_app(monkeypatch, live_stack.gateway_url)
+    noise = np.random.default_rng(0).integers(0, 256, (120, 100), dtype=np.uint8)
+    at.file_uploader[0].upload("scan.png", png_bytes(noise), "image/png")
+    at.run()
+    assert [h.value for h in at.header] == ["Outside this model's domain"]
+    assert any("noise" in e.value and "No prediction" in e.value for e in at.error)
+    assert not at.metric and not at.image  # no prediction, no probability, no heatmap
+
+
 def test_a_study_of_several_images_shows_the_study_answer_and_each_image(monkeypatch, live_stack):
     at = run_app(monkeypatch, live_stack.gateway_url)
     at.radio(key="upload_mode").set_value("A study (several images)").run()

@@ -3,15 +3,18 @@ and the training worker use this same check, built on the library's config datac
 
     {"kind": "pretrain" | "adapt", "name": "chest-fm", "config": {...PretrainConfig / AdaptConfig fields...}}
     {"kind": "evaluate", "config": {"model": "store:bone-lora/1", "kind": "mura", "root": "/data/MURA-v1.1"}}
+    {"kind": "calibrate", "config": {"model": "store:bone-lora/1", "data": ["folder:/data/site:train"]}}
 
 The worker owns ``out`` (the job's run folder) and ``resume``, so a spec may not set them. An adapt
 job's ``foundation`` and an evaluate job's ``model`` may name a store version as ``"store:<name>/<version>"``;
-an evaluate job of a store version records its result with that version (see GET /models).
+an evaluate job of a store version records its result with that version (see GET /models). A calibrate
+job's ``model`` may too; its result is published as the next version of that model's name (by default).
 
 Confinement: given the data folders a stack may read (``XRAYFM_DATA_DIRS``), every path a spec names
 (dataset roots, caches, foundations, models, initial weights) must lie under one of them once symlinks and
 ``..`` are resolved, or be a ``store:`` reference or the name of a model shipped in the package
-(``xrayfm/<name>``); timm arguments that name files are refused. So a spec
+(``xrayfm/<name>``); so must the root of every ``KIND:ROOT[:SPLIT]`` in a calibrate job's ``data`` and
+``eval_data``; timm arguments that name files are refused. So a spec
 cannot make the worker read, or report on, any other file of its container.
 """
 
@@ -23,12 +26,20 @@ from typing import Any
 
 from xrayfm.errors import XrayfmError
 from xrayfm.registry import is_registry_name, pretrained_dir
-from xrayfm.train.config import AdaptConfig, EvaluateConfig, JsonConfig, PretrainConfig, TuneConfig
+from xrayfm.train.config import (
+    AdaptConfig,
+    CalibrateConfig,
+    EvaluateConfig,
+    JsonConfig,
+    PretrainConfig,
+    TuneConfig,
+    split_source,
+)
 from xrayfm_stack.protocol import JOB_KINDS, JobSpec
 from xrayfm_stack.store import version_dir
 
 CONFIGS: dict[str, type[JsonConfig]] = dict(
-    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig, TuneConfig), strict=True)
+    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig, TuneConfig, CalibrateConfig), strict=True)
 )
 RESERVED = ("out", "resume")
 STORE_PREFIX = "store:"
@@ -39,7 +50,9 @@ PATH_FIELDS = (
     "pretrained",
     "foundation",
     "model",
-)  # model: evaluate's checkpoint
+)  # model: evaluate's and calibrate's checkpoint
+CHECKPOINT_MODEL = ("evaluate", "calibrate")  # kinds whose `model` is a checkpoint, not a timm name
+SOURCE_FIELDS = ("data", "eval_data")  # lists of KIND:ROOT[:SPLIT] (calibrate)
 STORE_FIELDS = ("foundation", "model")  # may be store:<name>/<version>
 FILE_ARGUMENT = ("path", "file", "dir", "url", "pretrained", "cfg")  # timm arguments that could name a file
 
@@ -78,12 +91,31 @@ def confine(field: str, value: str, data_dirs: Sequence[Path]) -> str:
     )
 
 
-def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) -> dict[str, str]:
+def _confine_source(field: str, spec: str, data_dirs: Sequence[Path]) -> str:
+    """A ``KIND:ROOT[:SPLIT]`` with its root resolved and confined (see :func:`confine`)."""
+    kind, root, split = split_source(spec)
+    resolved = confine(field, root, data_dirs)
+    return f"{kind}:{resolved}" + (f":{split}" if split else "")
+
+
+def _default_name(kind: str, config: Any) -> str:
+    """The model name a spec without one publishes as: an evaluate or calibrate job's model's own name
+    (a store version's, a shipped model's); else ``<kind>-model``."""
+    model = str(config.get("model", "")) if isinstance(config, dict) and kind in CHECKPOINT_MODEL else ""
+    ref = store_ref(model)
+    if ref is not None:
+        return ref[0]
+    if kind == "calibrate" and is_registry_name(model):
+        return model.rpartition("/")[2]
+    return f"{kind}-model"
+
+
+def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) -> dict[str, Any]:
     """The config's paths, resolved and checked (the job then opens exactly what was checked)."""
     resolved = {}
     for field in PATH_FIELDS:
-        if field == "model" and kind != "evaluate":
-            continue  # a timm model name in training configs; evaluate's model is a checkpoint
+        if field == "model" and kind not in CHECKPOINT_MODEL:
+            continue  # a timm model name in training configs; evaluate's and calibrate's is a checkpoint
         value = getattr(config, field, None)
         if not value or (field == "pretrained" and value == "timm"):
             continue
@@ -93,6 +125,10 @@ def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) ->
             pretrained_dir(str(value))  # a model shipped inside the package (xrayfm/<name>): it must exist
             continue
         resolved[field] = confine(field, str(value), data_dirs)
+    for field in SOURCE_FIELDS:
+        specs = getattr(config, field, None)
+        if specs:
+            resolved[field] = [_confine_source(f"{field}[{i}]", s, data_dirs) for i, s in enumerate(specs)]
     kwargs = getattr(config, "model_kwargs", None) or {}
     named_files = sorted(k for k in kwargs if any(part in str(k).lower() for part in FILE_ARGUMENT))
     if named_files:
@@ -118,10 +154,7 @@ def validate_spec(
     if kind not in CONFIGS:
         raise XrayfmError(f"job kind {kind!r}: choose one of {sorted(CONFIGS)}")
     config = spec.get("config")
-    default_name = f"{kind}-model"
-    if kind == "evaluate" and isinstance(config, dict):  # named after the model it evaluates
-        default_name = (store_ref(str(config.get("model", ""))) or (default_name,))[0]
-    name = spec.get("name", default_name)
+    name = spec.get("name", _default_name(kind, config))
     version_dir(Path("."), name, "1")  # checks the model name (letters, digits, '.', '_', '-')
     if not isinstance(config, dict):
         raise XrayfmError("job spec 'config' must be a JSON object of training settings")
@@ -134,7 +167,7 @@ def validate_spec(
         raise XrayfmError(f"invalid {kind} config: {exc}") from None
     if store is not None and isinstance(parsed, AdaptConfig) and parsed.foundation:
         resolve_store_ref(parsed.foundation, store)
-    if store is not None and isinstance(parsed, EvaluateConfig):
+    if store is not None and isinstance(parsed, EvaluateConfig | CalibrateConfig):
         resolve_store_ref(parsed.model, store)
     checked = parsed.to_dict()
     if data_dirs is not None:

@@ -3,7 +3,8 @@
 One job at a time per worker process. A job: take its Redis lock (renewed while it runs), resume from
 its run folder's ``last/`` when an earlier attempt left one, train with the library while recording
 progress and honouring cancel, then publish ``best/`` as a new store version (once per job, however often
-it ran). An evaluate job evaluates a checkpoint and records the result with its store version. A job that
+it ran). An evaluate job evaluates a checkpoint and records the result with its store version; a calibrate
+job calibrates one to a site's images and publishes the result as the next version of its name. A job that
 fails records why; a redelivered job that already finished, or is still running elsewhere, is not run
 again; a job whose worker died is queued again by the other workers (xrayfm_training.recovery). Each job
 has its own log (xrayfm_training.joblog).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -164,6 +166,8 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
     try:
         if spec["kind"] == "evaluate":
             return _evaluate(job_id, spec, settings, records, run_dir, say)
+        if spec["kind"] == "calibrate":
+            return _calibrate(job_id, spec, settings, records, run_dir, say)
         config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
         if spec["kind"] in ("adapt", "tune"):
             config_dict["foundation"] = resolve_store_ref(config_dict["foundation"], settings.model_store)
@@ -240,6 +244,36 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     records.update(job_id, status="done", finished=time.time(), result=result, model=model)
     say(f"done: {result['metric']} = {result['value']} on {config.kind or 'cache'} {config.split}")
     return {"status": "done"}
+
+
+def _calibrate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, records: JobRecords,
+               run_dir: Path, say: JobLog) -> dict[str, Any]:  # fmt: skip
+    """A calibrate job: the model calibrated to the site's images (xrayfm.inference.calibrate), published as
+    the next version of the job's name with the source version in its lineage."""
+    from xrayfm.inference.calibrate import calibrate_config
+    from xrayfm.train.config import CalibrateConfig
+
+    out = run_dir / "calibrated"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier attempt's, never published (publishing is last)
+    config = CalibrateConfig.from_dict({**spec["config"], "out": str(out), "progress_bar": False})
+    say(f"calibrating {config.model} on {', '.join(config.data)}")
+    summary = calibrate_config(config, store=settings.model_store)
+    source, ev = summary["source_model"], summary["evaluation"]
+    lineage = {"calibrated_from": {k: source[k] for k in ("model", "name", "version", "sha256")},
+               "calibration": {"method": summary["method"], "fit_images": summary["site"]["fit_images"],
+                               "eval_images": summary["site"]["eval_images"],
+                               "ece_before": ev["before"]["ece"], "ece_after": ev["after"]["ece"]}}  # fmt: skip
+    version, _ = publish_run(settings.model_store, spec["name"], out, job_id, "calibrate", lineage)
+    op = summary["operating_point"]
+    result = to_jsonable({"metric": "ece", "value": ev["after"]["ece"], "method": summary["method"],
+                          "evaluation": ev, "site": summary["site"], "gate": summary["gate"],
+                          "operating_point": {"threshold": op["threshold"], "source": op["source"]},
+                          "calibrated_from": lineage["calibrated_from"]})  # fmt: skip
+    model = {"name": spec["name"], "version": version}
+    records.update(job_id, status="done", finished=time.time(), result=result, model=model)
+    say(f"done: {summary['method']} calibration, ECE {ev['before']['ece']:.4f} -> {ev['after']['ece']:.4f} on "
+        f"{ev['after']['n']} evaluation images; stored as {spec['name']}/{version}")  # fmt: skip
+    return {"status": "done", "model": model}
 
 
 def _prepare_process() -> None:

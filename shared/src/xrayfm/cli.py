@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "xrayfm.commands.demo",
     "xrayfm.commands.feedback",
     "xrayfm.commands.gate",
+    "xrayfm.commands.calibrate",
 )
 
 

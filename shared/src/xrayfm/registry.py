@@ -51,11 +51,38 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     return pretrained_dir(str(path)) if is_registry_name(path) else Path(path)
 
 
+STORE_PREFIX = "store:"
+
+
+def resolve_model_ref(model: str, store: str | os.PathLike | None = None) -> Path:
+    """A checkpoint folder, a shipped model's name (``xrayfm/<name>``), or ``store:NAME/VERSION`` in the
+    model store `store` (its layout: ``models/NAME/VERSION``) -> the checkpoint folder."""
+    if not str(model).startswith(STORE_PREFIX):
+        return resolve_checkpoint_dir(model)
+    if not store:
+        raise XrayfmError(
+            f"{model}: a store:NAME/VERSION needs the model store (--store, XRAYFM_MODEL_STORE)"
+        )
+    name, _, version = str(model).removeprefix(STORE_PREFIX).partition("/")
+    folder = Path(store) / "models" / name / version
+    if (
+        not name
+        or not version
+        or {".", ".."} & {name, version}
+        or "/" in version
+        or not (folder / "meta.json").is_file()
+    ):
+        raise XrayfmError(f"{model}: no such version in the store {store}")
+    return folder
+
+
 __all__ = [
+    "STORE_PREFIX",
     "PREFIX",
     "WEIGHTS_DIR",
     "is_registry_name",
     "list_pretrained",
     "pretrained_dir",
     "resolve_checkpoint_dir",
+    "resolve_model_ref",
 ]

@@ -12,50 +12,21 @@ from xrayfm.errors import XrayfmError
 DATA_HELP = "KIND:ROOT[:SPLIT], e.g. folder:/data/chest_xray/train or mura:/data/MURA-v1.1:valid (repeatable)"
 
 
-def parse_source(spec: str) -> tuple[str, str, str | None]:
-    """``KIND:ROOT[:SPLIT]`` -> (kind, root, split or None)."""
-    from xrayfm.data import DATASET_KINDS
-
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in DATASET_KINDS or not rest:
-        raise XrayfmError(
-            f"--data {spec!r}: expected KIND:ROOT[:SPLIT] with KIND one of {', '.join(DATASET_KINDS)}"
-        )
-    root, sep, split = rest.rpartition(":")
-    if sep and split and "/" not in split and root:
-        return kind, root, split
-    return kind, rest, None
-
-
 def load_sources(specs: list[str]) -> tuple[list[Path], list[str], dict[str, int]]:
     """Image paths, patient groups (prefixed by source) and per-source counts of the datasets named."""
     from xrayfm.data import open_dataset
+    from xrayfm.train.config import split_source
 
     paths: list[Path] = []
     groups: list[str] = []
     counts: dict[str, int] = {}
     for n, spec in enumerate(specs):
-        kind, root, split = parse_source(spec)
+        kind, root, split = split_source(spec)
         ds = open_dataset(kind, root, split=split)
         paths += [Path(p) for p in ds.csv["path"]]
         groups += [f"{n}:{g}" for g in ds.csv["patient_id"]]
         counts[spec] = len(ds.csv)
     return paths, groups, counts
-
-
-def resolve_target(target: str, store: str | None) -> Path:
-    """A checkpoint folder, a shipped model name, or ``store:NAME/VERSION`` in `store`."""
-    from xrayfm.registry import resolve_checkpoint_dir
-
-    if target.startswith("store:"):
-        if not store:
-            raise XrayfmError("a store:NAME/VERSION needs --store (the stack's XRAYFM_MODEL_STORE)")
-        name, _, version = target.removeprefix("store:").partition("/")
-        folder = Path(store) / "models" / name / version
-        if not name or not version or ".." in (name, version) or not (folder / "meta.json").is_file():
-            raise XrayfmError(f"{target}: no such version in the store {store}")
-        return folder
-    return resolve_checkpoint_dir(target)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -66,9 +37,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from xrayfm.domain import DeclaredDomain
     from xrayfm.domain.fitting import fit_gate_from_features, split_rows
     from xrayfm.inference import Predictor, load_served_model
-    from xrayfm.registry import is_registry_name
+    from xrayfm.registry import is_registry_name, resolve_model_ref
 
-    folder = resolve_target(args.model, args.store)
+    folder = resolve_model_ref(args.model, args.store)
     if is_registry_name(args.model) and not args.out:
         raise XrayfmError("a shipped model's folder is part of the package: give --out for its gate")
     out = Path(args.out) if args.out else folder
@@ -115,8 +86,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from xrayfm.data.images import read_image
     from xrayfm.domain.checks import upload_facts
     from xrayfm.inference import Predictor, load_served_model
+    from xrayfm.registry import resolve_model_ref
 
-    folder = resolve_target(args.model, args.store)
+    folder = resolve_model_ref(args.model, args.store)
     predictor = Predictor(load_served_model(folder, args.device))
     rows: list[dict[str, Any]] = []
     for image in args.images:
@@ -199,4 +171,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_check)
 
 
-__all__ = ["cmd_check", "cmd_fit", "parse_source", "register"]
+__all__ = ["cmd_check", "cmd_fit", "load_sources", "register"]

@@ -458,6 +458,20 @@ CALIBRATION_METHODS = ("auto", "temperature", "platt", "isotonic")  # xrayfm.eva
 OPERATING_RULES = ("youden", "sensitivity>=S", "specificity>=T")  # as xrayfm.evaluate.metrics names them
 
 
+def split_source(spec: str) -> tuple[str, str, str | None]:
+    """``KIND:ROOT[:SPLIT]`` (``xrayfm gate`` and ``xrayfm calibrate``'s --data) -> (kind, root, split or
+    None). A split is the last ``:``-part when it holds no ``/``."""
+    from xrayfm.data import DATASET_KINDS
+
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in DATASET_KINDS or not rest:
+        raise XrayfmError(f"{spec!r}: expected KIND:ROOT[:SPLIT] with KIND one of {', '.join(DATASET_KINDS)}")
+    root, sep, split = rest.rpartition(":")
+    if sep and split and "/" not in split and root:
+        return kind, root, split
+    return kind, rest, None
+
+
 def parse_operating_rule(rule: str) -> tuple[str, float | None]:
     """``youden`` -> ("youden", None); ``sensitivity>=0.95`` -> ("sensitivity", 0.95); the same for
     specificity. XrayfmError for anything else (a level must lie in (0, 1])."""
@@ -496,8 +510,6 @@ class CalibrateConfig(JsonConfig):
     progress_bar: bool = _f(True, "show tqdm progress bars")
 
     def validate(self) -> None:
-        from xrayfm.commands.gate import parse_source
-
         problems = []
         if not self.model:
             problems.append("model: the checkpoint to calibrate is required")
@@ -506,9 +518,9 @@ class CalibrateConfig(JsonConfig):
         for name in ("data", "eval_data"):
             for i, spec in enumerate(getattr(self, name) or []):
                 try:
-                    parse_source(spec)
-                except XrayfmError:
-                    problems.append(f"{name}[{i}] {spec!r}: expected KIND:ROOT[:SPLIT]")
+                    split_source(spec)
+                except XrayfmError as exc:
+                    problems.append(f"{name}[{i}] {exc}")
         if self.eval_data is not None and not self.eval_data:
             problems.append("eval_data: give at least one set, or leave it out")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -618,4 +630,5 @@ __all__ = [
     "TuneConfig",
     "field_type",
     "parse_operating_rule",
+    "split_source",
 ]
