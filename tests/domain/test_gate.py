@@ -113,6 +113,7 @@ def test_a_gate_is_stored_as_safetensors_and_json_and_loads_back(tmp_path):
                           held_out_probabilities=np.random.default_rng(0).random(100))  # fmt: skip
     gate.save(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {GATE_JSON, GATE_TENSORS}
+    assert gate.arrays["held_out"].shape == (100, 16)  # kept for extend()
     info = json.loads((tmp_path / GATE_JSON).read_text())
     assert info["method"] == "mahalanobis" and info["domain"]["body_parts"] == ["CHEST"]
     assert set(info["reference"]) == {"score_ratio", "probability"}

@@ -80,12 +80,13 @@ def test_onnxruntime_serves_cnn_logits_with_gradcam_from_torch(tmp_path, lora):
     import onnxruntime as ort
 
     outputs = [o.name for o in ort.InferenceSession(str(onnx.onnx_path)).get_outputs()]
-    assert outputs == ["logits"]  # no attention to export
+    assert outputs == ["logits", "features"]  # no attention to export; the domain gate's features
     plain = onnx.predict(grey_images(), explain_maps=False)
     assert {a.runtime for a in plain} == {"onnxruntime"}
     for a, b in zip(plain, torch_answers, strict=True):
         for label in a.probabilities:
             assert abs(a.probabilities[label] - b.probabilities[label]) < 1e-4
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
     mapped = onnx.predict(grey_images(), method=None)
     assert {a.runtime for a in mapped} == {"torch"} and {a.explain_method for a in mapped} == {"gradcam"}
     for a, b in zip(mapped, torch_answers, strict=True):

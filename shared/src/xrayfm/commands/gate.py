@@ -82,28 +82,48 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Judge image files with the model's gate: in domain or not, and why."""
+    """Judge image files (or whole datasets: their share passed, by reason) with the model's gate."""
+    from collections import Counter
+
     from xrayfm.data.images import read_image
     from xrayfm.domain.checks import upload_facts
     from xrayfm.inference import Predictor, load_served_model
     from xrayfm.registry import resolve_model_ref
 
+    if not args.images and not args.data:
+        raise XrayfmError("give image files, or --data datasets")
     folder = resolve_model_ref(args.model, args.store)
     predictor = Predictor(load_served_model(folder, args.device))
-    rows: list[dict[str, Any]] = []
-    for image in args.images:
-        data = Path(image).read_bytes()
-        [result] = predictor.predict([read_image(data)], explain_maps=False, facts=[upload_facts(data)])
-        verdict = result.domain.to_dict()
-        rows.append(
-            {"image": image, **verdict, "prediction": result.prediction if verdict["in_domain"] else None}
-        )
+
+    def judge(paths: list[Path]) -> list[dict[str, Any]]:
+        rows = []
+        for path in paths:
+            data = Path(path).read_bytes()
+            [result] = predictor.predict([read_image(data)], explain_maps=False, facts=[upload_facts(data)])
+            verdict = result.domain.to_dict()
+            rows.append({"image": str(path), **verdict,
+                         "prediction": result.prediction if verdict["in_domain"] else None})  # fmt: skip
+        return rows
+
+    rows = judge([Path(p) for p in args.images])
+    datasets = {}
+    for spec in args.data or []:
+        judged = judge(load_sources([spec])[0])
+        reasons = Counter(r["code"] for row in judged for r in row["reasons"])
+        passed = sum(row["in_domain"] for row in judged)
+        datasets[spec] = {"images": len(judged), "passed": passed, "pass_rate": round(passed / len(judged), 4),
+                          "reasons": dict(sorted(reasons.items()))}  # fmt: skip
     if args.json:
-        print_json({"model": str(folder), "images": rows})
+        print_json({"model": str(folder), "images": rows, "datasets": datasets})
     else:
         for row in rows:
             reasons = "; ".join(r["message"] for r in row["reasons"]) or "in domain"
             print(f"{row['image']}: {'IN' if row['in_domain'] else 'OUT'} ({reasons})")
+        for spec, d in datasets.items():
+            why = ", ".join(f"{k} {v}" for k, v in d["reasons"].items()) or "none refused"
+            print(
+                f"{spec}: {d['passed']} of {d['images']} in domain ({d['pass_rate']:.1%}); refused for: {why}"
+            )
     return 0 if all(r["in_domain"] for r in rows) else 3
 
 
@@ -160,11 +180,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.set_defaults(func=cmd_fit)
     c = sub.add_parser(
         "check", help="judge images with a model's gate",
-        description="For each image: in the model's domain or not, and every reason. Exit code 3 when any "
-        "image is out of domain.",
+        description="For each image: in the model's domain or not, and every reason; for each --data "
+        "dataset: the share in domain and the reasons. Exit code 3 when any IMAGE is out of domain.",
     )  # fmt: skip
     c.add_argument("model", help="checkpoint folder, shipped model name (xrayfm/...), or store:NAME/VERSION")
-    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (.png, .jpg, .dcm)")
+    c.add_argument("images", nargs="*", metavar="IMAGE", help="image files (.png, .jpg, .dcm)")
+    c.add_argument(
+        "--data", action="append", help=f"also judge a whole dataset and print its pass rate: {DATA_HELP}"
+    )
     c.add_argument("--store", help="the model store, for store:NAME/VERSION")
     c.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     c.add_argument("--json", action="store_true", help="print the verdicts as one JSON object")

@@ -16,7 +16,8 @@ so it is the default. The threshold is the
 ``pass_rate`` quantile of the scores of held-out in-domain images (images the gate was not fitted on),
 so that, on images like them, that share passes. Higher scores are further out.
 
-Stored with the version, never pickled: ``domain_gate.safetensors`` (the arrays) and
+Stored with the version, never pickled: ``domain_gate.safetensors`` (the arrays, and the held-out
+features the threshold was set on, so that :meth:`DomainGate.extend` keeps them passing) and
 ``domain_gate.json`` (method, threshold, pass rates, declared domain, reference distributions for
 drift). Scoring is numpy only, so a worker without torch can gate too.
 """
@@ -42,6 +43,7 @@ DEFAULT_METHOD = "mahalanobis"
 DEFAULT_PASS_RATE = 0.97
 DEFAULT_K = 10
 BANK_MAX = 4096  # reference features kept for knn (a seeded subsample beyond that)
+HELD_OUT_MAX = 2048  # held-out in-domain features kept, so that extending the gate keeps them passing
 SHRINKAGE = 0.1  # Mahalanobis: covariance (1 - s) * C + s * diag(C)
 DRIFT_BINS = 10  # reference distributions: deciles of the held-out in-domain set
 FORMAT = 1
@@ -142,7 +144,7 @@ class DomainGate:
         held = _check_features(held_out, "held-out features", ref.shape[1])
         if len(held) < 20:
             raise XrayfmError(f"the threshold needs at least 20 held-out in-domain images, got {len(held)}")
-        arrays = _fit_arrays(ref, method, seed)
+        arrays = {**_fit_arrays(ref, method, seed), "held_out": _subsample(held, HELD_OUT_MAX, seed)}
         gate = cls(method, math.inf, arrays, domain or DeclaredDomain(), int(k), float(pass_rate))
         return gate._calibrated(held, held_out_probabilities, {
             "reference_images": int(len(ref)), "sources": sources or {}, "fitted_at": time.time(),
@@ -152,7 +154,8 @@ class DomainGate:
         self, reference: Any, held_out: Any, source: str, held_out_probabilities: Any = None
     ) -> DomainGate:
         """A new gate with `reference` features added (a site's images are in domain by definition) and its
-        threshold set again on `held_out` (the site's held-out images together with any others given)."""
+        threshold set again on `held_out` (the site's held-out images) together with the held-out images
+        the gate kept from its fit, so that the images it passed before still pass at the stated rate."""
         ref = _check_features(reference, "added reference features", self.dim)
         held = _check_features(held_out, "held-out features", self.dim)
         if self.method == "knn":
@@ -162,6 +165,13 @@ class DomainGate:
         else:  # pool the two sets' moments, weighted by their sizes
             n_old = int(self.facts.get("reference_images", len(ref)))
             arrays = _merge_gaussian(self.arrays, n_old, ref)
+        kept = self.arrays.get("held_out")
+        if kept is not None:  # probabilities: the site's only (the kept images' are not stored)
+            probs = None if held_out_probabilities is None else np.asarray(held_out_probabilities, np.float64)
+            if probs is not None:
+                probs = np.concatenate([np.full((len(kept), *probs.shape[1:]), np.nan), probs])
+            held, held_out_probabilities = np.concatenate([kept, held]), probs
+        arrays["held_out"] = _subsample(held, HELD_OUT_MAX, 0)
         facts = {**self.facts, "reference_images": int(self.facts.get("reference_images", 0)) + len(ref)}
         facts["sources"] = {**(facts.get("sources") or {}), f"added: {source}": int(len(ref))}
         return replace(self, arrays=arrays)._calibrated(held, held_out_probabilities, facts)
@@ -248,6 +258,14 @@ def _fit_arrays(ref: np.ndarray, method: str, seed: int, normalised: bool = Fals
             bank = bank[np.sort(np.random.default_rng(seed).choice(len(bank), BANK_MAX, replace=False))]
         return {"bank": np.ascontiguousarray(bank, dtype=np.float32)}
     return _gaussian(ref.mean(axis=0), np.cov(ref, rowvar=False) if len(ref) > 1 else np.eye(ref.shape[1]))
+
+
+def _subsample(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most `limit` of `rows`, a seeded subsample in their order."""
+    if len(rows) <= limit:
+        return np.ascontiguousarray(rows, dtype=np.float32)
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return np.ascontiguousarray(rows[keep], dtype=np.float32)
 
 
 def _gaussian(mean: np.ndarray, cov: np.ndarray) -> dict[str, np.ndarray]:
