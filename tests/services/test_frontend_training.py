@@ -176,10 +176,11 @@ def test_example_specs_are_valid_and_fill_the_spec_box(monkeypatch, admin_stack)
     from xrayfm_frontend.training_page import EXAMPLES
     from xrayfm_stack.spec import validate_spec
 
-    assert {spec["kind"] for spec in EXAMPLES.values()} == {"pretrain", "adapt", "evaluate"}
+    assert {spec["kind"] for spec in EXAMPLES.values()} == {"pretrain", "adapt", "evaluate", "calibrate"}
     for spec in EXAMPLES.values():
         validate_spec(spec)  # raises on a bad example (no store given: store: references are not looked up)
-        assert str(spec["config"]["root"]).startswith("/data/")
+        roots = [spec["config"]["root"]] if "root" in spec["config"] else spec["config"]["data"]
+        assert all(str(r).split(":", 1)[-1].startswith("/data/") for r in roots)
     at = training_page(monkeypatch, admin_stack[0])
     assert json.loads(at.text_area[0].value) == next(iter(EXAMPLES.values()))
     for title, spec in EXAMPLES.items():

@@ -49,6 +49,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "name": "bone-lora",
         "config": {"model": "store:bone-lora/1", "kind": "mura", "root": "/data/MURA-v1.1", "split": "valid"},
     },
+    "Calibrate a stored version to a site": {
+        "kind": "calibrate",
+        "name": "bone-lora",
+        "config": {"model": "store:bone-lora/1", "data": ["folder:/data/site-sample"], "method": "auto"},
+    },
 }
 ACTIVE = ("queued", "running", "cancelling")
 LOG_TAIL = 200  # log lines shown in a job's details
@@ -100,7 +105,7 @@ def _progress_text(job: dict[str, Any]) -> str:
 def _headline(job: dict[str, Any]) -> tuple[str, Any] | None:
     """(metric name, value) of a finished job: its best validation metric, or an evaluate job's value."""
     result = job.get("result") or {}
-    value = result.get("value") if job.get("kind") == "evaluate" else result.get("best_metric")
+    value = result.get("value") if job.get("kind") in ("evaluate", "calibrate") else result.get("best_metric")
     if value is None:
         return None
     return str(result.get("metric") or "metric"), value
@@ -163,11 +168,25 @@ def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "metrics": json.dumps(m.get("metrics")) if m.get("metrics") else "",
             "evaluation": _latest_evaluation(m),
             "threshold": _threshold_text(m.get("operating_point")),
+            "domain gate": _gate_text(m.get("domain_gate")),
+            "calibration": (m.get("calibration") or {}).get("method") or "",
             "foundation": _lineage(m),
             "job": m.get("job_id") or "",
         }  # fmt: skip
         for m in models
     ]
+
+
+def _gate_text(gate: dict[str, Any] | None) -> str:
+    """The version's domain gate in a cell: its measured pass rate on in-domain images it was not set on."""
+    if not gate:
+        return "none (input checks only)"
+    rate = gate.get("validation_pass_rate")
+    return (
+        f"{gate.get('method')}, passes {rate:.1%} of validation"
+        if rate is not None
+        else str(gate.get("method"))
+    )
 
 
 def _threshold_text(point: dict[str, Any] | None) -> str:
@@ -284,7 +303,8 @@ def _job_details(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: s
     headline = _headline(job)
     if headline:
         st.metric(
-            f"Best {headline[0]}" if job.get("kind") != "evaluate" else headline[0], _number(headline[1])
+            f"Best {headline[0]}" if job.get("kind") not in ("evaluate", "calibrate") else headline[0],
+            _number(headline[1]),
         )
     metrics = result.get("metrics") if status == "done" else (job.get("progress") or {}).get("metrics")
     rows = _metric_rows(metrics) if isinstance(metrics, dict) else []
