@@ -285,3 +285,12 @@ def test_the_store_names_the_calibration_file_as_the_library_does():
     from xrayfm_stack import store
 
     assert store.CALIBRATION_FILE == CALIBRATION_FILE
+
+
+def test_domain_policy_is_refuse_by_default_and_checked():
+    from xrayfm.errors import XrayfmError
+
+    assert GatewaySettings.from_env({}).domain_policy == "refuse"
+    assert GatewaySettings.from_env({"XRAYFM_DOMAIN_POLICY": " Flag "}).domain_policy == "flag"
+    with pytest.raises(XrayfmError, match="XRAYFM_DOMAIN_POLICY must be one of"):
+        GatewaySettings.from_env({"XRAYFM_DOMAIN_POLICY": "ignore"})
