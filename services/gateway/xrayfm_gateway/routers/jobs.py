@@ -68,7 +68,7 @@ async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
     if job.status not in ("done", "failed"):
         return JobStatus(job_id=job_id, status=job.status)
     try:
-        result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record)
+        result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record, None, False)
         return JobStatus(job_id=job_id, status="done", result=result)
     except APIError as exc:
         return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")

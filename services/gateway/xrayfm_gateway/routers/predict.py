@@ -257,12 +257,13 @@ async def wait_for(deps: UploadDeps, job_id: str) -> JobState:
 
 
 def prediction_from(
-    job_id: str, job: JobState, record: dict, started: float | None = None
+    job_id: str, job: JobState, record: dict, started: float | None = None, observe: bool = True
 ) -> Prediction | StudyPrediction:
     """Turn a finished job into the API answer (one image's, or a study's), its heatmaps drawn from the
     worker's model maps, or raise the matching APIError. `started` (``perf_counter`` at the first byte
     read) gives ``timings.total_ms``. Drawing costs ~0.4 ms an image: async routes call this in a thread
-    (:func:`off_loop`)."""
+    (:func:`off_loop`). `observe`: count the domain verdicts and feed the drift windows (once per answer:
+    ``GET /jobs/{id}``, which may be polled many times, does not)."""
     if job.status == "failed":
         PREDICTIONS.labels("failed").inc()
         if job.error_type == JobLost.__name__:  # not the request's fault nor the model's: send it again
@@ -274,7 +275,8 @@ def prediction_from(
         error = job.result.error
         if error.type == "out_of_domain":
             PREDICTIONS.labels("out_of_domain").inc()
-            observe_domain(error.model, error.domain, None, refused=True)
+            if observe:
+                observe_domain(error.model, error.domain, None, refused=True)
             extra = {"domain": error.domain.model_dump()} if error.domain is not None else None
             raise APIError(422, error.type, error.message, extra=extra)
         PREDICTIONS.labels("rejected").inc()
@@ -295,8 +297,8 @@ def prediction_from(
     if started is not None:
         timings["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
     PREDICTIONS.labels("ok").inc()
-    for image in drawn:
-        observe_domain(image.model, image.domain, image.probability if image.domain is not None else None)
+    for image in drawn if observe else ():
+        observe_domain(image.model, image.domain, image.probabilities.get(image.model.labels[0]))
     if isinstance(answer, StudyAnswer):
         return StudyPrediction(
             **answer.model_dump(exclude={"timings", "images"}),
