@@ -26,11 +26,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xrayfm_stack.settings import BOOTSTRAP_MODES, TrainingSettings
+from xrayfm_stack.settings import BOOTSTRAP_MODES, GatewaySettings, TrainingSettings
 from xrayfm_stack.store import SERVING_FILE
 
 REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
@@ -317,25 +318,35 @@ def await_first_model(
     raise TimeoutError(f"no model served within {timeout:g} s: {last}")
 
 
+def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables `make up` sets for every process it starts (over `environ`, which they also inherit).
+
+    Local development: with no admin key the training and model endpoints are left open (compose keeps
+    them closed) unless ``XRAYFM_INSECURE_NO_AUTH`` is set: an explicit 0 keeps them closed (403). Jobs may
+    read the repository's data folder (or ``XRAYFM_DATA_DIRS``)."""
+    env = {
+        "XRAYFM_REDIS_URL": environ.get("XRAYFM_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        # The training side's records and queue must survive a Redis restart: a Redis of their own that
+        # keeps an append-only file under runs/stack/ (or XRAYFM_TRAINING_REDIS_URL).
+        "XRAYFM_TRAINING_REDIS_URL": environ.get("XRAYFM_TRAINING_REDIS_URL", "redis://127.0.0.1:6380/0"),
+        "XRAYFM_MODEL_STORE": str(Path(environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))),
+        "XRAYFM_DATA_DIRS": environ.get("XRAYFM_DATA_DIRS") or str(REPO / "data"),
+    }
+    if not environ.get("XRAYFM_ADMIN_KEYS") and not environ.get("XRAYFM_INSECURE_NO_AUTH", "").strip():
+        env["XRAYFM_INSECURE_NO_AUTH"] = "1"
+    return env
+
+
 def up() -> int:
     """Start Redis (if needed), one worker, the gateway and the frontend; wait for /ready."""
     if (STACK_HOME / "pids").is_dir() and any(_pid_alive(p) for p in (STACK_HOME / "pids").glob("*.pid")):
         print("the stack is already running (make down first)")
         return 1
-    redis_url = os.environ.get("XRAYFM_REDIS_URL", "redis://127.0.0.1:6379/0")
-    # The training side's records and queue must survive a Redis restart: a Redis of their own that keeps an
-    # append-only file under runs/stack/ (or XRAYFM_TRAINING_REDIS_URL).
-    training_redis_url = os.environ.get("XRAYFM_TRAINING_REDIS_URL", "redis://127.0.0.1:6380/0")
+    env = launch_env(os.environ)
+    redis_url, training_redis_url = env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_REDIS_URL"]
     gateway_port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
     frontend_port = int(os.environ.get("XRAYFM_FRONTEND_PORT", "8501"))
-    store = Path(os.environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))
-    env = {"XRAYFM_REDIS_URL": redis_url, "XRAYFM_TRAINING_REDIS_URL": training_redis_url,
-           "XRAYFM_MODEL_STORE": str(store)}  # fmt: skip
-    # Local development: with no admin key the training and model endpoints are left open (compose keeps
-    # them closed), and jobs may read the repository's data folder (or XRAYFM_DATA_DIRS).
-    if not os.environ.get("XRAYFM_ADMIN_KEYS"):
-        env["XRAYFM_INSECURE_NO_AUTH"] = "1"
-    env["XRAYFM_DATA_DIRS"] = os.environ.get("XRAYFM_DATA_DIRS") or str(REPO / "data")
+    store = Path(env["XRAYFM_MODEL_STORE"])
     stack = Stack(STACK_HOME, env=env)
     for url, data_dir in ((redis_url, None), (training_redis_url, STACK_HOME / "redis-training")):
         if redis_answers(url):
@@ -370,8 +381,10 @@ def up() -> int:
     print(f"gateway   http://127.0.0.1:{gateway_port}  (docs: /docs, metrics: /metrics)")
     print(f"frontend  http://127.0.0.1:{frontend_port}")
     print(f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@sample_xray.png"')
-    if env.get("XRAYFM_INSECURE_NO_AUTH"):
-        print("training and model endpoints: OPEN (no XRAYFM_ADMIN_KEYS; local development only)")
+    if not os.environ.get("XRAYFM_ADMIN_KEYS"):
+        settings = GatewaySettings.from_env({**os.environ, **env})
+        print("training and model endpoints: " + ("OPEN (no XRAYFM_ADMIN_KEYS; local development only)"
+              if settings.insecure_no_auth else "closed (403: no XRAYFM_ADMIN_KEYS, XRAYFM_INSECURE_NO_AUTH off)"))  # fmt: skip
     print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
     return 0
 
