@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xrayfm_stack.settings import BOOTSTRAP_MODES, GatewaySettings, TrainingSettings
+from xrayfm_stack.settings import BOOTSTRAP_MODES, TrainingSettings, env_flag
 from xrayfm_stack.store import SERVING_FILE
 
 REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
@@ -380,11 +380,13 @@ def up() -> int:
     del gateway
     print(f"gateway   http://127.0.0.1:{gateway_port}  (docs: /docs, metrics: /metrics)")
     print(f"frontend  http://127.0.0.1:{frontend_port}")
-    print(f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@sample_xray.png"')
+    print(
+        f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@radiograph.png" (a radiograph of yours)'
+    )
     if not os.environ.get("XRAYFM_ADMIN_KEYS"):
-        settings = GatewaySettings.from_env({**os.environ, **env})
-        print("training and model endpoints: " + ("OPEN (no XRAYFM_ADMIN_KEYS; local development only)"
-              if settings.insecure_no_auth else "closed (403: no XRAYFM_ADMIN_KEYS, XRAYFM_INSECURE_NO_AUTH off)"))  # fmt: skip
+        opened = env_flag({**os.environ, **env}, "XRAYFM_INSECURE_NO_AUTH")
+        state = "OPEN (local development only)" if opened else "closed (403; XRAYFM_INSECURE_NO_AUTH is off)"
+        print(f"training and model endpoints: {state}: no XRAYFM_ADMIN_KEYS")
     print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
     return 0
 

@@ -55,6 +55,26 @@ CHECKPOINT_MODEL = ("evaluate", "calibrate")  # kinds whose `model` is a checkpo
 SOURCE_FIELDS = ("data", "eval_data")  # lists of KIND:ROOT[:SPLIT] (calibrate)
 STORE_FIELDS = ("foundation", "model")  # may be store:<name>/<version>
 FILE_ARGUMENT = ("path", "file", "dir", "url", "pretrained", "cfg")  # timm arguments that could name a file
+MAX_DEPTH = 16  # nesting of a spec's JSON: configs are a few levels deep; deeper ones are refused unread
+
+
+def check_plain(spec: Any) -> None:
+    """Refuse a spec nested deeper than ``MAX_DEPTH`` or holding a NUL character (no path or name has one),
+    naming the field. Iterative: a hostile nesting cannot overflow the stack here."""
+    todo: list[tuple[str, Any, int]] = [("", spec, 0)]
+    while todo:
+        where, value, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise XrayfmError(f"the job spec is nested deeper than {MAX_DEPTH} levels (at {where})")
+        if isinstance(value, str) and "\x00" in value:
+            raise XrayfmError(f"{where} holds a NUL character: no path or name has one")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in str(key):
+                    raise XrayfmError(f"a key in {where or 'the spec'} holds a NUL character")
+                todo.append((f"{where}.{str(key)[:40]}".lstrip("."), item, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
 
 
 def store_ref(value: str) -> tuple[str, str] | None:
@@ -147,6 +167,7 @@ def validate_spec(
     passes them), the spec's paths are confined to those folders (see the module's docstring)."""
     if not isinstance(spec, dict):
         raise XrayfmError("a job spec is a JSON object: {'kind', 'name', 'config'}")
+    check_plain(spec)
     unknown = sorted(set(spec) - {"kind", "name", "config"})
     if unknown:
         raise XrayfmError(f"unknown job spec keys {unknown} (allowed: kind, name, config)")

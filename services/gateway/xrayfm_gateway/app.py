@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from xrayfm_gateway import __version__
-from xrayfm_gateway.errors import APIError, api_error_handler
+from xrayfm_gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
 from xrayfm_gateway.metrics import DRIFT_WATCH, MetricsMiddleware, process_stopped
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
 from xrayfm_gateway.routers import feedback, health, jobs, models, predict, training
@@ -68,6 +70,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         log.warning("XRAYFM_DOMAIN_POLICY=%s: images outside the model's domain are %s", settings.domain_policy,
                     "answered with a warning" if settings.domain_policy == "flag" else "not checked")  # fmt: skip
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # never echoes the input
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_middleware(MetricsMiddleware)
     for router in (
         health.router,

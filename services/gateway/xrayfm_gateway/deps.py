@@ -19,7 +19,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import QUEUE_ERRORS
@@ -135,6 +135,24 @@ async def require_api_key(
             headers={"WWW-Authenticate": API_KEY_HEADER},
         )
 
+
+_bearer = HTTPBearer(
+    auto_error=False, description="a key as `Authorization: Bearer <key>` (what Prometheus sends)"
+)
+
+
+async def shows_details(
+    settings: SettingsDep,
+    key: Annotated[str | None, Depends(_predict_key)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> bool:
+    """May this request see per-worker and per-job details (/ready, /metrics)? Yes when no key is configured
+    (local development) or when it carries an API or admin key, in ``X-API-Key`` or as a bearer token."""
+    keys = settings.api_keys | settings.admin_keys
+    return not keys or key_matches(key or (bearer.credentials if bearer else None), keys)
+
+
+DetailsDep = Annotated[bool, Depends(shows_details)]
 
 CLOSED = (
     "the training and model endpoints are closed: no admin key is configured. Set XRAYFM_ADMIN_KEYS to a "

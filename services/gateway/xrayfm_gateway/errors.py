@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+SHOWN_ERRORS = 3  # validation errors named in a bad_request's detail
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 class APIError(Exception):
@@ -34,4 +39,31 @@ async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
         status_code=exc.status,
         content={"error": exc.code, "detail": exc.detail, **exc.extra},
         headers=exc.headers,
+    )
+
+
+def _where_and_why(error: dict[str, Any]) -> str:
+    """One validation error as ``body.threshold: Input should be ...`` (its location and pydantic's message)."""
+    where = ".".join(str(part)[:40] for part in error.get("loc", ()))
+    return f"{where}: {str(error.get('msg', 'invalid'))[:200]}"
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Render FastAPI's request-validation errors as ``bad_request`` (422). Where and why, never the input:
+    an echo could fail to serialise (NaN, Infinity, deep nesting) and repeat what the caller sent."""
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    said = "; ".join(_where_and_why(error) for error in errors[:SHOWN_ERRORS])
+    more = f" (and {len(errors) - SHOWN_ERRORS} more)" if len(errors) > SHOWN_ERRORS else ""
+    return JSONResponse(status_code=422, content={"error": "bad_request", "detail": f"{said}{more}"})
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Render Starlette's HTTP errors (unknown route, wrong method, an unparsable body) in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": code, "detail": str(exc.detail)},
+        headers=getattr(exc, "headers", None),
     )

@@ -15,7 +15,7 @@ from pathlib import PurePath
 import numpy as np
 from fastapi import Request
 from PIL import Image
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within, without_metadata
@@ -161,9 +161,9 @@ async def receive_uploads(request: Request, max_bytes: int, field: str, max_file
             413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {max_bytes:,}"
         )
     parts = _FileParts(field, max_bytes, max_files)
-    parser = MultipartParser(boundary, parts.callbacks())
     total = 0
     try:
+        parser = MultipartParser(boundary, parts.callbacks())  # refuses a boundary over 256 characters
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
@@ -174,7 +174,7 @@ async def receive_uploads(request: Request, max_bytes: int, field: str, max_file
                 )
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError included
         raise reject(400, "bad_multipart", f"malformed multipart body: {exc}") from None
     if parts.found == 0:
         raise reject(422, "missing_file", f"no field named '{field}' in the form ({example})")

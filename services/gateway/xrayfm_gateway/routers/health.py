@@ -6,11 +6,12 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from xrayfm_gateway.deps import ReadinessDep, SettingsDep, StoreDep, TrainingDep
+from xrayfm_gateway.deps import DetailsDep, ReadinessDep, SettingsDep, StoreDep, TrainingDep
 from xrayfm_gateway.metrics import feedback_exposition, gateway_exposition, training_exposition
 from xrayfm_stack.protocol import Readiness
 
 router = APIRouter(tags=["health"])
+PER_JOB = b"xrayfm_training_job_"  # progress, last_metric, attempts: labelled with job ids and names
 
 
 @router.get("/health", summary="The gateway process is alive")
@@ -22,16 +23,33 @@ async def health() -> dict[str, str]:
 @router.get(
     "/ready", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Ready to predict"
 )
-async def ready(probe: ReadinessDep) -> JSONResponse:
-    """200 when Redis answers and a worker with a loaded model sends heartbeats; otherwise 503 with why."""
+async def ready(probe: ReadinessDep, details: DetailsDep) -> JSONResponse:
+    """200 when Redis answers and a worker with a loaded model sends heartbeats; otherwise 503 with why.
+    Each worker's details (host, pid, model and its sha256) only with a key, when keys are configured."""
     body = await probe.check(fresh=True)
-    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+    shown = body.model_dump() if details else body.model_dump(exclude={"workers"})
+    return JSONResponse(shown, status_code=200 if body.ready else 503)
+
+
+def without_job_series(exposition: bytes) -> bytes:
+    """The exposition less the per-job series (``xrayfm_training_job_*``: their labels name jobs)."""
+    lines = exposition.splitlines(keepends=True)
+    return b"".join(
+        line
+        for line in lines
+        if not line.removeprefix(b"# HELP ").removeprefix(b"# TYPE ").startswith(PER_JOB)
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(training: TrainingDep, store: StoreDep, settings: SettingsDep) -> Response:
+async def metrics(
+    training: TrainingDep, store: StoreDep, settings: SettingsDep, details: DetailsDep
+) -> Response:
     """The gateway's metrics in Prometheus' text format, with the training jobs, the served model and staff
-    feedback per model version (left out, not failed, when Redis, the store or the folder cannot be read)."""
+    feedback per model version (left out, not failed, when Redis, the store or the folder cannot be read).
+    The per-job series only with a key, when keys are configured."""
     series = await training_exposition(training.records, store)
+    if not details:
+        series = without_job_series(series)
     series += await feedback_exposition(settings.feedback_dir)
     return Response(gateway_exposition() + series, media_type=CONTENT_TYPE_LATEST)

@@ -85,6 +85,8 @@ async def submit_training_job(
         spec = json.loads(await request.body() or b"null")
     except ValueError as exc:
         raise APIError(422, "invalid_spec", f"the body is not JSON: {exc}") from None
+    except RecursionError:  # the stdlib parser's own limit (~1,000 levels); validate_spec allows far fewer
+        raise APIError(422, "invalid_spec", "the body is nested too deeply") from None
     try:
         spec = validate_spec(spec, store, settings.data_dirs)
     except XrayfmError as exc:
