@@ -207,7 +207,7 @@ def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
     if declared is not None and declared not in SUPPORTED_SUFFIXES:
         raise reject(415, "unsupported_type", f"unsupported file type {declared!r}: send PNG, JPEG or DICOM")
     try:  # the header only: dimensions are checked before a single pixel is decoded
-        info = image_info(upload.data)
+        info = image_info(upload.data, max_pixels=settings.max_pixels)
     except ImageDecodeError as exc:
         raise _header_error(exc) from None
     except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)

@@ -16,6 +16,11 @@ Grey-level choices (documented here once):
   used. MONOCHROME1 is inverted so that bone is bright, like MONOCHROME2. Only the first frame is read,
   and only the image-pixel and LUT tags are parsed: patient fields are never read.
 * EXIF orientation (phone photos of films sent to the API) is applied to JPEG/PNG.
+
+Hostile files are refused before their pixels are decoded: a size over `max_pixels` (a DICOM's from its
+encapsulated frame's own header too, which must match Rows x Columns), a JPEG that declares more pixels
+than its data can hold; and a JPEG whose scan does not fill the image exactly fails to load, where libjpeg
+would paint the rest grey (see `_JpegScan`).
 """
 
 from __future__ import annotations
@@ -23,17 +28,26 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.encaps import get_frame
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLELossless,
+)
 
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError, XrayfmError
 
@@ -207,14 +221,16 @@ def colour_thumbnail(
         kind = _sniff(fp, name)
         if kind == "DICOM":
             return None
-        with _pil_open(fp, name, kind) as im:
+        with _pil_open(fp, name, kind) as (im, scan):
             _check_size(name, *im.size, max_pixels)
+            if scan is not None:
+                _check_scan_density(name, scan.header)
             if im.mode in ("1", "L", "LA", "La", "I", "F") or im.mode.startswith("I;16"):
                 return None
             if kind == "JPEG":
                 im.draft("RGB", (side, side))
             try:
-                im.load()
+                _load(im, scan, name)
                 rgb = im.convert("RGB")
                 rgb.thumbnail((side, side))
             except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
@@ -274,6 +290,8 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
         kind = _sniff(fp, name)
         if kind == "DICOM":
             ds = _read_dicom_header(fp, name)
+            limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+            _check_dicom_frame(name, ds, limit, decoding=False)
             rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
             info = {
                 "format": "DICOM",
@@ -291,7 +309,7 @@ def image_info(source: Source, *, max_pixels: int | None = None) -> dict[str, An
                 "view_position": str(ds.get("ViewPosition", "")),
             }
         else:
-            with _pil_open(fp, name, kind) as im:
+            with _pil_open(fp, name, kind) as (im, _scan):
                 width, height = im.size
                 try:
                     orientation = im.getexif().get(0x0112, 1)
@@ -377,8 +395,16 @@ def _decode(source: Source, *, max_pixels: int, draft_size: int | None) -> np.nd
 
 # -- JPEG / PNG (Pillow) -----------------------------------------------------------------------------------
 @contextmanager
-def _pil_open(fp: IO[bytes], name: str, kind: str) -> Iterator[Image.Image]:
-    """Open the header with Pillow (restricted to the sniffed format); Pillow errors -> ImageDecodeError."""
+def _pil_open(fp: IO[bytes], name: str, kind: str) -> Iterator[tuple[Image.Image, _JpegScan | None]]:
+    """Open the header with Pillow (restricted to the sniffed format); Pillow errors -> ImageDecodeError.
+
+    A JPEG is read whole and handed to Pillow as a `_JpegScan` (the second item: load through it)."""
+    scan = None
+    if kind == "JPEG":
+        try:
+            fp = scan = _JpegScan(fp.read())
+        except ValueError as exc:
+            raise ImageDecodeError(f"{name}: cannot read JPEG header ({exc})") from None
     try:
         im = Image.open(fp, formats=[kind])
     except Image.DecompressionBombError as exc:
@@ -390,18 +416,34 @@ def _pil_open(fp: IO[bytes], name: str, kind: str) -> Iterator[Image.Image]:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"{name}: cannot read {kind} header ({exc})") from None
     with im:
-        yield im
+        if scan is not None and im.size != (scan.header.width, scan.header.height):
+            raise ImageDecodeError(
+                f"{name}: corrupt JPEG: frame headers disagree ({scan.header.width}x{scan.header.height} "
+                f"first, {im.size[0]}x{im.size[1]} last)"
+            )
+        yield im, scan
+
+
+def _load(im: Image.Image, scan: _JpegScan | None, name: str) -> None:
+    """Decode the pixels of an image opened by `_pil_open`: a JPEG through its `_JpegScan`."""
+    if scan is None:
+        im.load()
+    else:
+        scan.load(im, name)
 
 
 def _decode_pil(fp: IO[bytes], name: str, kind: str, max_pixels: int, draft_size: int | None) -> np.ndarray:
-    with _pil_open(fp, name, kind) as im:
+    with _pil_open(fp, name, kind) as (im, scan):
         _check_size(name, *im.size, max_pixels)
+        if scan is not None:
+            _check_scan_density(name, scan.header)
         if draft_size is not None and kind == "JPEG":
             im.draft("L", (draft_size, draft_size))  # libjpeg DCT scaling; both sides stay >= draft_size
         try:
             # A full load: with ImageFile.LOAD_TRUNCATED_IMAGES False (Pillow's default, never changed
-            # here) a truncated file raises instead of returning a partly grey picture.
-            im.load()
+            # here) a truncated file raises instead of returning a partly grey picture, and so does a
+            # single-scan JPEG whose scan does not fill the image exactly (see _JpegScan).
+            _load(im, scan, name)
             im = ImageOps.exif_transpose(im)
             return _pil_to_grey(im)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
@@ -452,6 +494,271 @@ def _check_fit_args(size: int, mode: str) -> None:
         raise ValueError(f"size must be a positive integer, got {size!r}")
 
 
+# -- encoded frames: their own declared size, and scans that really end -----------------------------------
+# Hand-written readers of the size an encoded frame declares (JPEG and JPEG-LS SOF, JPEG 2000 SIZ) and of
+# an RLE frame's segments, run before any pixel is decoded. No library exposes this for every codec without
+# decoding: pydicom's `get_j2k_parameters` returns the precision but not the size, its `_get_jpg_parameters`
+# is private, and openjpeg's `get_parameters` covers JPEG 2000 only. A DICOM header (Rows, Columns) says
+# nothing binding about the frame inside it: without these checks a 64 x 64 header around a 15000 x 15000
+# frame is decoded in full.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG SOF0..15, JPEG-LS SOF55
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0..7 carry no length
+_HUFFMAN_DCT = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended and progressive Huffman-coded DCT
+_HUFFMAN_SEQUENTIAL = frozenset({0xC0, 0xC1})
+# A Huffman code is at least 1 bit and every 8 x 8 block of the full-resolution component needs one (its
+# DC difference), so a Huffman-coded DCT JPEG holds at most 64 pixels per bit, 512 per byte of scan data.
+# Measured over the 6,839 real JPEGs of ../shared/data (CheXpert valid, Kermany train, MURA humerus): at
+# most 19.1 pixels per byte of scan data (a 64 x 64 MURA image; median 6.7); the all-black 7740 x 7740 JPEG
+# of 938 KB in the issue's probe has 64.
+# A declared size beyond the ceiling is a header enlarged over small data (7000 x 7000 over an 8 KB file:
+# 6,000 per byte): refused before decoding. Arithmetic-coded JPEGs have no such floor and are not bounded.
+_MAX_PIXELS_PER_SCAN_BYTE = 512
+# Replaces a single-scan JPEG's final EOI marker (see `_JpegScan`): "FF 00" is a stuffed 0xFF, i.e. data
+# bits all 1 (an invalid Huffman code), and 32 bytes outlast libjpeg's bit-buffer prefetch (57 bits).
+_SCAN_PADDING = b"\xff\x00" * 16
+# The last 256 bytes go to Pillow in reads of 8, so that where it stopped reading is known to 8 bytes. On
+# every real JPEG here libjpeg read 0 to 14 bytes into the padding: a complete scan leaves no data unread.
+_TAIL, _TAIL_STEP = 256, 8
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # in entropy-coded data: not a stuffed 0xFF, RSTn, fill
+
+
+class _JpegHeader(NamedTuple):
+    """The first frame header (SOF) and scan header (SOS) of a JPEG or JPEG-LS stream."""
+
+    sof: int  # the SOF marker's second byte: 0xC0 baseline, 0xC2 progressive, 0xF7 JPEG-LS...
+    precision: int
+    width: int
+    height: int
+    components: int
+    scan_start: int  # offset of the first SOS marker: entropy-coded data follows its header
+    scan_components: int
+    length: int  # bytes in the whole stream
+
+
+def _jpeg_header(data: bytes) -> _JpegHeader:
+    """Walk the markers in order to the first SOS, like libjpeg (junk before a marker and fill bytes are
+    skipped); the first SOF gives the frame's size. ValueError when the stream has no frame or scan."""
+    if not data.startswith(b"\xff\xd8"):
+        raise ValueError("no JPEG start-of-image marker")
+    pos, frame = 2, None
+    try:
+        while True:
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                raise ValueError("no scan found")
+            while data[pos + 1] == 0xFF:
+                pos += 1
+            marker, pos = data[pos + 1], pos + 2
+            if marker in _STANDALONE_MARKERS or marker == 0x00:
+                continue
+            if marker == 0xD9:
+                raise ValueError("the image ends before its first scan")
+            (length,) = struct.unpack_from(">H", data, pos)
+            if length < 2:
+                raise ValueError(f"a marker segment of length {length}")
+            if marker in _SOF_MARKERS and frame is None:
+                frame = (marker, *struct.unpack_from(">BHHB", data, pos + 2))
+            elif marker == 0xDA:
+                if frame is None:
+                    raise ValueError("a scan before any frame header")
+                sof, precision, height, width, components = frame
+                scan = (pos - 2, data[pos + 2], len(data))
+                return _JpegHeader(sof, precision, width, height, components, *scan)
+            pos += length
+    except (IndexError, struct.error):
+        raise ValueError("the stream ends inside its headers") from None
+
+
+def _check_scan_density(name: str, header: _JpegHeader) -> None:
+    """Refuse a Huffman-coded DCT JPEG that declares more pixels than its scan data could hold."""
+    pixels, scan_bytes = header.width * header.height, max(header.length - header.scan_start, 1)
+    if header.sof in _HUFFMAN_DCT and pixels > _MAX_PIXELS_PER_SCAN_BYTE * scan_bytes:
+        raise ImageDecodeError(
+            f"{name}: corrupt JPEG: its header declares {header.width}x{header.height} pixels, more than "
+            f"{scan_bytes:,} bytes of image data can encode (at most {_MAX_PIXELS_PER_SCAN_BYTE} pixels a byte)"
+        )
+
+
+class _JpegScan(io.BytesIO):
+    """A JPEG as handed to Pillow, so that a scan that does not fill the image exactly fails to load.
+
+    libjpeg ends a scan at the next marker: when the data runs out early (a cut file with FF D9 appended,
+    an enlarged SOF) it fills the rest with grey and warns, and when the image is filled early (a scan
+    overwritten with zeros, which decode as valid codes) it skips the rest and warns; Pillow drops both
+    warnings (its decoder has no strict mode). So a single-scan Huffman JPEG's final EOI is replaced by
+    padding: without a marker, Pillow's suspending reader waits for data a short scan needs, and raises
+    "image file is truncated", while a complete scan has delivered every line before it needs the EOI
+    (Pillow accepts the missing EOI then). And `load` reads the last bytes in small steps: where Pillow
+    stopped reading shows data left unused, refused unless a marker accounts for it (a second image, a
+    segment after the scan). Progressive and multi-scan files read every scan, to the EOI, before the
+    first line comes out: they keep their EOI, and only the density bound applies to them.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.header = _jpeg_header(data)
+        self.guarded = _single_scan(self.header) and data.endswith(b"\xff\xd9")
+        self.body = data[:-2] + _SCAN_PADDING if self.guarded else data
+        super().__init__(self.body)
+        self.length, self.tail = len(self.body), False
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tail:
+            left = self.length - self.tell()
+            step = left - _TAIL if left > _TAIL else _TAIL_STEP
+            size = step if size is None or size < 0 else min(size, step)
+        return super().read(size)
+
+    def load(self, im: Image.Image, name: str) -> None:
+        """Load `im`, opened from this reader; refuse a single-scan JPEG whose scan ended before its data."""
+        self.tail = True
+        im.load()
+        if self.guarded:
+            unused = self.body[self.tell() : self.length - len(_SCAN_PADDING)]
+            if unused and not _MARKER.search(unused):
+                raise ImageDecodeError(
+                    f"{name}: corrupt JPEG: its scan fills the image {len(unused):,} bytes before its data ends"
+                )
+
+
+def _single_scan(header: _JpegHeader) -> bool:
+    """A sequential Huffman JPEG whose first scan holds every component (libjpeg's one-pass case)."""
+    return header.sof in _HUFFMAN_SEQUENTIAL and header.scan_components == header.components
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int]:
+    """(width, height, components) from a JPEG 2000 codestream's SIZ segment, or a JP2 file's codestream."""
+    start = 0
+    if data[4:8] == b"jP  ":  # a JP2 file: boxes (length, type) up to the contiguous codestream box
+        while True:
+            length, kind = struct.unpack_from(">I4s", data, start)
+            head = 8
+            if length == 1:  # a 64-bit length follows the type
+                (length,), head = struct.unpack_from(">Q", data, start + 8), 16
+            if kind == b"jp2c":
+                start += head
+                break
+            if length < head:  # 0: "to the end of the file", and no codestream was found before it
+                raise ValueError("a JP2 file without a codestream box")
+            start += length
+    if data[start : start + 4] != b"\xff\x4f\xff\x51":
+        raise ValueError("no JPEG 2000 SOC and SIZ markers")
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, start + 8)
+    (components,) = struct.unpack_from(">H", data, start + 40)
+    if xosiz >= xsiz or yosiz >= ysiz:
+        raise ValueError(f"an empty JPEG 2000 image area ({xsiz}x{ysiz} from offset {xosiz},{yosiz})")
+    return xsiz - xosiz, ysiz - yosiz, components
+
+
+def _check_rle(frame: bytes, plane: int, segments: int) -> None:
+    """Refuse an RLE frame with other than `segments` segments, or one that decodes to more than twice its
+    `plane` (Rows x Columns) bytes: pydicom decodes a whole segment before it checks the length, and one
+    2-byte run makes 128 bytes. Walks the run headers only, at most 2 x `plane` runs (each makes a byte or
+    more); the output is then bounded by construction (the slack allows pydicom's tolerated padding)."""
+    count, *offsets = struct.unpack_from("<16I", frame)
+    if count != segments or not 1 <= count <= 15:
+        raise ValueError(f"{count} RLE segments where the header implies {segments}")
+    ends = [*offsets[1:count], len(frame)]
+    for start, end in zip(offsets[:count], ends, strict=True):
+        if not 64 <= start <= end <= len(frame):
+            raise ValueError(f"an RLE segment at bytes {start}..{end} of a {len(frame):,}-byte frame")
+        pos, out = start, 0
+        while pos < end and out <= 2 * plane:
+            n = frame[pos]
+            if n < 128:  # a literal run of n + 1 bytes
+                out, pos = out + n + 1, pos + n + 2
+            elif n > 128:  # one byte repeated 257 - n times
+                out, pos = out + 257 - n, pos + 2
+            else:
+                pos += 1
+        if out > 2 * plane:
+            raise ValueError(f"an RLE segment decodes to more than twice its {plane:,} bytes")
+
+
+def _first_frame(ds: pydicom.Dataset) -> bytes:
+    """The first encapsulated frame's bytes, found as pydicom's decoders find it (offset tables included)."""
+    opts = as_pixel_options(ds)
+    offsets = opts.get("extended_offsets")
+    if offsets and len(offsets[0]) != len(offsets[1]):  # pydicom ignores a mismatched table too
+        offsets = None
+    return get_frame(ds.PixelData, 0, number_of_frames=opts["number_of_frames"], extended_offsets=offsets)
+
+
+def _check_dicom_frame(name: str, ds: pydicom.Dataset, max_pixels: int, decoding: bool) -> None:
+    """Refuse an encapsulated DICOM whose first frame declares another size than Rows x Columns (corrupt,
+    `ImageDecodeError`; `ImageTooLargeError` when that size exceeds `max_pixels`), more components than
+    SamplesPerPixel, or an RLE frame that decodes to too much. Decodes no pixel.
+
+    `decoding` adds the checks that read the data (RLE runs, a JPEG frame's scan), which `image_info`
+    leaves to the decode: it stays quick, and a header over the limit is answered as too large first.
+    """
+    syntax = _transfer_syntax(ds)
+    if not syntax.is_encapsulated:
+        return  # native pixels: pydicom reads Rows x Columns x samples, no more
+    rows, cols = int(ds.Rows or 0), int(ds.Columns or 0)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    header = None
+    try:
+        frame = _first_frame(ds)
+        if syntax == RLELossless:
+            if decoding:
+                _check_rle(frame, rows * cols, samples * ((int(ds.get("BitsAllocated") or 8) + 7) // 8))
+            return
+        if syntax in JPEG2000TransferSyntaxes:
+            width, height, components = _j2k_size(frame)
+        elif syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+            header = _jpeg_header(frame)
+            width, height, components = header.width, header.height, header.components
+        else:
+            return  # no decoder here for it (MPEG, private syntaxes): pydicom refuses it
+    except Exception as exc:  # pydicom's frame parser raises many types on malformed items
+        raise ImageDecodeError(
+            f"{name}: corrupt DICOM pixel data ({syntax.name}): {type(exc).__name__}: {exc}"
+        ) from None
+    if (width, height) != (cols, rows):
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"{name}: image too large: the pixel data's first frame is {width}x{height} = "
+                f"{width * height:,} pixels > max_pixels {max_pixels:,} (the header says {cols}x{rows}); "
+                "refusing to decode (possible decompression bomb)"
+            )
+        raise ImageDecodeError(
+            f"{name}: corrupt DICOM: the pixel data's first frame is {width}x{height} but the header says "
+            f"{cols}x{rows} (Columns x Rows)"
+        )
+    if components > samples:
+        raise ImageDecodeError(
+            f"{name}: corrupt DICOM: the first frame has {components} components, SamplesPerPixel is {samples}"
+        )
+    if decoding and header is not None:
+        _check_scan_density(name, header)
+        _check_scan_ends(name, frame)
+
+
+def _check_scan_ends(name: str, frame: bytes) -> None:
+    """Refuse an 8-bit single-scan JPEG frame whose scan does not fill the image exactly (see `_JpegScan`).
+
+    pydicom's JPEG plugins fill a short scan with grey silently as well, so the frame is first decoded
+    here by Pillow at 1/8 scale (libjpeg reads every bit of the scan; the inverse DCT is cheap). Only a
+    scan that ends early or late is refused: a frame Pillow cannot read otherwise is left to pydicom.
+    """
+    scan = _JpegScan(frame.rstrip(b"\x00"))  # a DICOM item is padded to an even length
+    if scan.header.precision != 8 or not scan.guarded:
+        return
+    try:
+        with Image.open(scan, formats=["JPEG"]) as im:
+            im.draft(im.mode, (max(1, scan.header.width // 8), max(1, scan.header.height // 8)))
+            scan.load(im, name)
+    except ImageDecodeError:
+        raise
+    except OSError as exc:  # another failure than a starved scan is pydicom's to report
+        if "truncated" in str(exc):
+            raise ImageDecodeError(
+                f"{name}: corrupt DICOM: the first frame's JPEG data ends before the image is complete"
+            ) from None
+    except (SyntaxError, ValueError, EOFError, struct.error):
+        pass
+
+
 # -- DICOM (pydicom) ---------------------------------------------------------------------------------------
 def _read_dicom_header(fp: IO[bytes], name: str) -> pydicom.Dataset:
     """Parse only the pixel/LUT tags (no patient fields); preamble-less files are read with force."""
@@ -478,6 +785,7 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
 def _decode_dicom(fp: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
     ds = _read_dicom_header(fp, name)
     _check_size(name, int(ds.Columns or 0), int(ds.Rows or 0), max_pixels)
+    _check_dicom_frame(name, ds, max_pixels, decoding=True)
     if not ds.file_meta.get("TransferSyntaxUID"):
         ds.file_meta.TransferSyntaxUID = _transfer_syntax(ds)
     try:
