@@ -1,21 +1,41 @@
-"""Bounded fuzzing of the gateway's upload path, DICOM decoding and job specs (hypothesis): every input ends
-in 200 or a 4xx, never a 5xx or an exception, and memory stays bounded. The longer, coverage-guided run is
-by hand: tests/services/upload_fuzz.py (atheris). XRAYFM_FUZZ_EXAMPLES scales the CI budget."""
+"""Bounded fuzzing of the gateway's upload path, DICOM decoding (encapsulated frames included, mutated by
+their structure) and job specs (hypothesis): every input ends in 200 or a 4xx, never a 5xx or an exception,
+and memory stays bounded. The longer, coverage-guided run is by hand: tests/services/upload_fuzz.py
+(atheris). XRAYFM_FUZZ_EXAMPLES scales the CI budget."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from svc_helpers import png_with_header_size
-from upload_fuzz import Target, multipart, rss_mb, seed_corpus
+from upload_fuzz import (
+    ENCAPSULATED,
+    KEEPS_THE_BOMB,
+    MUTATIONS,
+    NOT_SYNTAXES,
+    Encapsulated,
+    Target,
+    library_outcome,
+    multipart,
+    mutate_encapsulated,
+    rss_mb,
+    seed_corpus,
+    with_frame_size,
+)
 
 EXAMPLES = int(os.environ.get("XRAYFM_FUZZ_EXAMPLES", "150"))
 CORPUS = seed_corpus()
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+REFUSED_WITHIN = 1.0  # seconds: a generous bound for a refusal read from the frame's header
+RSS_GROWTH_MB = 200  # as for the PNG bombs: refused from headers, the pixels are never allocated
+BOMBS = [case for _, case, code in ENCAPSULATED if code == 422]  # frames claiming more than the limit
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +130,88 @@ def test_decompression_bombs_are_refused_with_bounded_memory(target):
     for side in (30_000, 100_000, 2**31 - 1):
         assert target.upload("bomb.png", png_with_header_size(side, side)) == 422
     assert rss_mb() - before < 200  # refused from the header: the pixels were never allocated
+
+
+class Draws:
+    """upload_fuzz.Choices drawn by hypothesis (which shrinks a failure to its fewest mutations)."""
+
+    def __init__(self, draw: Callable) -> None:
+        self.draw = draw
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def binary(self, most: int) -> bytes:
+        return self.draw(st.binary(max_size=most))
+
+
+@st.composite
+def encapsulated(draw, seeds=tuple(case for _, case, _ in ENCAPSULATED), mutations=MUTATIONS) -> Encapsulated:
+    """An encapsulated seed, then up to 4 structure-aware mutations (frame size, lengths, offsets, tags)."""
+    return mutate_encapsulated(draw(st.sampled_from(seeds)), Draws(draw), mutations)
+
+
+def test_encapsulated_seeds_get_their_code_and_refusals_are_fast(target):
+    before = rss_mb()
+    for name, case, expected in ENCAPSULATED:
+        start = time.perf_counter()
+        assert target.upload(name, case.dicom()) == expected, name
+        took = time.perf_counter() - start
+        assert expected == 200 or took < REFUSED_WITHIN, f"{name}: refused in {took:.2f} s"
+    assert len(BOMBS) == 8  # 15000² and 8000² frames of the four kinds that declare their size
+    assert rss_mb() - before < RSS_GROWTH_MB
+
+
+@FUZZ
+@given(case=encapsulated())
+def test_encapsulated_mutations_end_in_200_or_4xx(target, case):
+    data = case.dicom()
+    target.upload("x.dcm", data)
+    library_outcome(data)  # only ImageDecodeError subclasses; never an array over the limit
+
+
+@FUZZ
+@given(case=encapsulated(BOMBS, KEEPS_THE_BOMB))
+def test_frame_bombs_stay_422_fast_with_bounded_memory(target, case):
+    """Any Rows/Columns, fragmentation or claimed size over the limit: refused from the frame's header."""
+    data = case.dicom()
+    before, start = rss_mb(), time.perf_counter()
+    assert target.upload("x.dcm", data) == 422
+    assert time.perf_counter() - start < REFUSED_WITHIN
+    assert rss_mb() - before < RSS_GROWTH_MB
+    start = time.perf_counter()
+    assert library_outcome(data) != "decoded"  # ImageTooLargeError (ImageDecodeError for a zero-size header)
+    assert time.perf_counter() - start < REFUSED_WITHIN
+
+
+ZERO_FILLED = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by the encapsulated fuzz target (consistent_size): the decoder fills the missing data "
+    "with zeros and the gateway answers 200 (a 5 KB J2K codestream enlarged to 20000 x 2900 too: 2.2 s)",
+)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["jpeg", "jp2", pytest.param("j2k", marks=ZERO_FILLED), pytest.param("jpeg-ls", marks=ZERO_FILLED)],
+)
+def test_a_frame_enlarged_together_with_its_header_is_refused(target, kind):
+    """The frame's SOF/SIZ and Rows x Columns agree, on 1000 x 1000, but the data codes 96 x 64: corrupt."""
+    case = next(case for name, case, _ in ENCAPSULATED if name == f"{kind}-valid.dcm")
+    enlarged = replace(case, frame=with_frame_size(kind, case.frame, 1000, 1000), rows=1000, cols=1000)
+    assert target.upload("x.dcm", enlarged.dicom()) == 400
+
+
+@pytest.mark.parametrize("uid", NOT_SYNTAXES)
+def test_a_uid_that_names_no_transfer_syntax_is_a_400(target, uid):
+    assert target.upload("x.dcm", replace(ENCAPSULATED[0][1], syntax=uid).dicom()) == 400
+
+
+@pytest.mark.parametrize("uid", NOT_SYNTAXES)
+def test_a_uid_that_names_no_transfer_syntax_is_an_image_decode_error(uid):
+    """Found by the dicom fuzz target: pydicom's bare ValueError used to escape image_info and read_image."""
+    assert library_outcome(replace(ENCAPSULATED[0][1], syntax=uid).dicom()) == "ImageDecodeError"
 
 
 def test_the_search_met_no_5xx(target):

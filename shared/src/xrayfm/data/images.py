@@ -772,9 +772,14 @@ def _read_dicom_header(fp: IO[bytes], name: str) -> pydicom.Dataset:
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
-    """The dataset's transfer syntax; for a preamble-less file without one, the encoding it was read in."""
+    """The dataset's transfer syntax; for a preamble-less file without one, the encoding it was read in.
+    A UID there that names no transfer syntax is an ImageDecodeError (pydicom raises a bare ValueError)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
+        if not pydicom.uid.UID(tsyntax).is_transfer_syntax:
+            raise ImageDecodeError(
+                f"corrupt DICOM: its TransferSyntaxUID {str(tsyntax)[:64]!r} names no transfer syntax"
+            )
         return tsyntax
     implicit, little = ds.original_encoding
     if implicit:
