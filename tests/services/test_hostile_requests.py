@@ -1,4 +1,4 @@
-"""Hostile input answers a clear 4xx, never a 500 (issue 31, items 4, 6 and 7): a multipart boundary over
+"""Hostile input answers a clear 4xx, never a 500: a multipart boundary over
 256 characters, a NUL byte or deep nesting in a job spec, a non-finite operating point; `make up` keeps an
 explicit ``XRAYFM_INSECURE_NO_AUTH=0``; with keys configured, ``/ready`` and ``/metrics`` show no worker
 or job details to a request without one. In process (the real app, fake queues) and once against a real

@@ -1,22 +1,18 @@
-"""Hostile uploads at the gateway (issue 31), in process: FastAPI's TestClient with the queues faked
+"""Hostile uploads at the gateway, in process: FastAPI's TestClient with the queues faked
 (gateway_fakes). A DICOM whose encapsulated frame is larger than its header is a 422 `image_too_large`
 before any pixel is decoded; corrupt JPEGs, and a frame of another size than its header, are 400
 `corrupt_image`. The files are built here from generated pictures."""
 
 from __future__ import annotations
 
-import io
-import struct
 from pathlib import Path
 
-import pydicom
 import pytest
 from openjpeg.utils import encode_array
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
 from gateway_fakes import FakeQueue, FakeTraining, gateway_client
+from hostile_files import dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
 from svc_helpers import jpeg_bytes, phantom
 
 
@@ -30,39 +26,6 @@ def post(http, name: str, data: bytes):
     return http.post("/predict", files={"file": (name, data)})
 
 
-def dicom(frame: bytes, syntax: str, rows: int, cols: int) -> bytes:
-    """An 8-bit CR DICOM with (Rows, Columns) = (`rows`, `cols`) around one encapsulated `frame`."""
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1", generate_uid(), "CR"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def with_sof_size(data: bytes, width: int, height: int) -> bytes:
-    pos, out = data.find(b"\xff\xc0"), bytearray(data)
-    out[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
-    return bytes(out)
-
-
-def with_siz_size(codestream: bytes, width: int, height: int) -> bytes:
-    out = bytearray(codestream)
-    out[8:16] = out[24:32] = struct.pack(">II", width, height)  # image and (one) tile size
-    return bytes(out)
-
-
-def scan_zeroed(data: bytes) -> bytes:
-    sos = data.find(b"\xff\xda")
-    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
-    return data[:start] + bytes(len(data) - start - 2) + b"\xff\xd9"
-
-
 VALID_JPEG = jpeg_bytes(phantom(224, 224))
 
 
@@ -73,7 +36,7 @@ def test_a_valid_jpeg_is_answered(http):
 @pytest.mark.parametrize(
     "frame",
     [
-        pytest.param(lambda: (with_siz_size(encode_array(phantom(64, 64)), 15000, 15000), JPEG2000Lossless), id="j2k"),
+        pytest.param(lambda: (j2k_with_siz_size(encode_array(phantom(64, 64)), 15000, 15000), JPEG2000Lossless), id="j2k"),
         pytest.param(lambda: (with_sof_size(jpeg_bytes(phantom(64, 64)), 15000, 15000), JPEGBaseline8Bit), id="jpeg"),
     ],
 )  # fmt: skip

@@ -78,7 +78,7 @@ SEED_GLOBS = (
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom"}
 
 
-# -- encapsulated DICOM (issue 31): a frame's own header may say another size than Rows x Columns ---------
+# -- encapsulated DICOM: a frame's own header may say another size than Rows x Columns ---------
 MAX_PIXELS = GatewaySettings().max_pixels  # the gateway's pixel limit (XRAYFM_MAX_PIXELS), Target's too
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 INSTANCE = "1.2.826.0.1.3680043.8.498.31"  # fixed, so that an input always writes the same bytes

@@ -509,7 +509,7 @@ _HUFFMAN_SEQUENTIAL = frozenset({0xC0, 0xC1})
 # DC difference), so a Huffman-coded DCT JPEG holds at most 64 pixels per bit, 512 per byte of scan data.
 # Measured over the 6,839 real JPEGs of ../shared/data (CheXpert valid, Kermany train, MURA humerus): at
 # most 19.1 pixels per byte of scan data (a 64 x 64 MURA image; median 6.7); the all-black 7740 x 7740 JPEG
-# of 938 KB in the probe has 64.
+# of 938 KB (a legitimate if odd upload) has 64.
 # A declared size beyond the ceiling is a header enlarged over small data (7000 x 7000 over an 8 KB file:
 # 6,000 per byte): refused before decoding. Arithmetic-coded JPEGs have no such floor and are not bounded.
 _MAX_PIXELS_PER_SCAN_BYTE = 512
