@@ -91,11 +91,11 @@ class DriftWatch:
         key = (name, version)
         if key not in self._references:  # read once per version (a small JSON file)
             from xrayfm.domain.gate import GATE_JSON
+            from xrayfm.utils import read_json
             from xrayfm_stack.store import version_dir
 
             try:
-                path = version_dir(self.store, name, version) / GATE_JSON if self.store else None
-                info = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+                info = read_json(version_dir(self.store, name, version) / GATE_JSON, {}) if self.store else {}
                 self._references[key] = info.get("reference") or None
             except (XrayfmError, OSError, ValueError) as exc:
                 log.warning("drift: no reference for %s/%s: %s", name, version, exc)

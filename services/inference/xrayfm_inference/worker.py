@@ -202,6 +202,18 @@ def _warning(domain: DomainInfo | None) -> str | None:
     return f"outside this model's domain ({reasons}): do not trust this answer"
 
 
+def _judged_answer(future: Any, image: Any, request: PredictRequest, which: str = "the image") -> Any:
+    """One image's :class:`WorkerAnswer` with the served version's domain verdict (and the flag policy's
+    warning); or, when the image is out of domain and the policy refuses it, the rejection (a dict)."""
+    predictor, result = _result(future)
+    domain = _judge(predictor, result, image, request)
+    if domain is not None and not domain.in_domain and request.domain_policy == "refuse":
+        return _out_of_domain(predictor, domain, which)
+    answer = _answer(predictor, result, image.shape)
+    answer.domain, answer.warning = domain, _warning(domain)
+    return answer
+
+
 def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> WorkerAnswer:
     """One image's answer on the wire, with its heatmap as the model's map and the geometry to draw it on
     (the image's aspect, at most XRAYFM_HEATMAP_SIDE on the long side): the gateway draws the PNG, off
@@ -373,14 +385,11 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
     finally:
         ON_THE_WAY.add(-1)
     try:
-        predictor, result = _result(future)
-        domain = _judge(predictor, result, image, request)
-        if domain is not None and not domain.in_domain and request.domain_policy == "refuse":
-            return _out_of_domain(predictor, domain)
-        answer = _answer(predictor, result, image.shape)
+        answer = _judged_answer(future, image, request)
     except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
         return _rejected(str(exc))
-    answer.domain, answer.warning = domain, _warning(domain)
+    if not isinstance(answer, WorkerAnswer):  # refused: out of the version's domain
+        return answer
     metrics.REQUESTS.labels("ok").inc()
     answer.worker = self.request.hostname
     answer.timings.queue_wait_ms = 1000 * queue_wait
@@ -413,12 +422,10 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     try:
         answers = []
         for k, (future, (request, image)) in enumerate(zip(futures, parsed, strict=True)):
-            predictor, result = _result(future)
-            domain = _judge(predictor, result, image, request)
-            if domain is not None and not domain.in_domain and request.domain_policy == "refuse":
-                return _out_of_domain(predictor, domain, f"image {k + 1} of {len(parsed)} of the study")
-            answers.append(_answer(predictor, result, image.shape))
-            answers[-1].domain, answers[-1].warning = domain, _warning(domain)
+            answer = _judged_answer(future, image, request, f"image {k + 1} of {len(parsed)} of the study")
+            if not isinstance(answer, WorkerAnswer):  # refused: out of the version's domain
+                return answer
+            answers.append(answer)
     except XrayfmError as exc:
         return _rejected(str(exc))
     metrics.REQUESTS.labels("ok").inc(len(answers))

@@ -12,28 +12,11 @@ from xrayfm.errors import XrayfmError
 DATA_HELP = "KIND:ROOT[:SPLIT], e.g. folder:/data/chest_xray/train or mura:/data/MURA-v1.1:valid (repeatable)"
 
 
-def load_sources(specs: list[str]) -> tuple[list[Path], list[str], dict[str, int]]:
-    """Image paths, patient groups (prefixed by source) and per-source counts of the datasets named."""
-    from xrayfm.data import open_dataset
-    from xrayfm.train.config import split_source
-
-    paths: list[Path] = []
-    groups: list[str] = []
-    counts: dict[str, int] = {}
-    for n, spec in enumerate(specs):
-        kind, root, split = split_source(spec)
-        ds = open_dataset(kind, root, split=split)
-        paths += [Path(p) for p in ds.csv["path"]]
-        groups += [f"{n}:{g}" for g in ds.csv["patient_id"]]
-        counts[spec] = len(ds.csv)
-    return paths, groups, counts
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit the gate on the model's features of the data named, and store it with the model."""
     import numpy as np
 
-    from xrayfm.data.images import read_image
+    from xrayfm.data import open_sources
     from xrayfm.domain import DeclaredDomain
     from xrayfm.domain.fitting import fit_gate_from_features, split_rows
     from xrayfm.inference import Predictor, load_served_model
@@ -44,26 +27,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise XrayfmError("a shipped model's folder is part of the package: give --out for its gate")
     out = Path(args.out) if args.out else folder
     predictor = Predictor(load_served_model(folder, args.device))
-    paths, groups, counts = load_sources(args.data)
-    images = [read_image(p) for p in paths]
-    features, probs = predictor.features(images, args.batch_size, progress=not args.json)
+    paths, groups, opened = open_sources(args.data)
+    counts = {spec: len(ds.csv) for spec, ds in opened}
+    features, probs = predictor.features_of_files(paths, args.batch_size, progress=not args.json)
     if args.held_out:
-        held_paths, held_groups, held_counts = load_sources(args.held_out)
-        held, held_p = predictor.features([read_image(p) for p in held_paths], args.batch_size, not args.json)
+        held_paths, held_groups, held_opened = open_sources(args.held_out)
+        held_counts = {spec: len(ds.csv) for spec, ds in held_opened}
+        held, held_p = predictor.features_of_files(held_paths, args.batch_size, progress=not args.json)
         reference = features
     else:
         ref_rows, held_rows = split_rows(groups, args.held_out_fraction, args.seed)
         reference, held, held_p = features[ref_rows], features[held_rows], probs[held_rows]
         held_groups, held_counts = [groups[i] for i in held_rows], {}
-    domain = DeclaredDomain(
-        description=args.description,
-        modalities=tuple(args.modalities.split(",")) if args.modalities else (),
-        body_parts=tuple(args.body_parts.split(",")) if args.body_parts else (),
-        views=tuple(args.views.split(",")) if args.views else (),
-    )
+    domain = DeclaredDomain.from_dict(  # normalised as stored: upper case, stripped
+        {"description": args.description, "modalities": args.modalities.split(",") if args.modalities else (),
+         "body_parts": args.body_parts.split(",") if args.body_parts else (),
+         "views": args.views.split(",") if args.views else ()}
+    )  # fmt: skip
     gate = fit_gate_from_features(
         reference, held, held_groups, held_p, seed=args.seed, method=args.method, pass_rate=args.pass_rate,
-        domain=DeclaredDomain.from_dict(domain.to_dict()), k=args.k,
+        domain=domain, k=args.k,
         sources={"data": counts, "held_out": held_counts or f"{args.held_out_fraction:g} of the patients"},
     )  # fmt: skip
     path = gate.save(out)
@@ -85,6 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Judge image files (or whole datasets: their share passed, by reason) with the model's gate."""
     from collections import Counter
 
+    from xrayfm.data import open_sources
     from xrayfm.data.images import read_image
     from xrayfm.domain.checks import upload_facts
     from xrayfm.inference import Predictor, load_served_model
@@ -108,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = judge([Path(p) for p in args.images])
     datasets = {}
     for spec in args.data or []:
-        judged = judge(load_sources([spec])[0])
+        judged = judge(open_sources([spec])[0])
         reasons = Counter(r["code"] for row in judged for r in row["reasons"])
         passed = sum(row["in_domain"] for row in judged)
         datasets[spec] = {"images": len(judged), "passed": passed, "pass_rate": round(passed / len(judged), 4),
@@ -194,4 +178,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_check)
 
 
-__all__ = ["cmd_check", "cmd_fit", "load_sources", "register"]
+__all__ = ["cmd_check", "cmd_fit", "register"]

@@ -53,7 +53,35 @@ def open_dataset(kind: str, root: str | Path, split: str | None = None, **option
     raise DataError(f"unknown dataset kind {kind!r}; choose from {', '.join(DATASET_KINDS)}")
 
 
-__all__ = sorted([*_EXPORTS, "DATASET_KINDS", "open_dataset"])
+def split_source(spec: str) -> tuple[str, str, str | None]:
+    """A dataset named ``KIND:ROOT[:SPLIT]`` (the --data of ``xrayfm gate`` and ``xrayfm calibrate``, a
+    calibrate job's ``data``) -> (kind, root, split or None). A split is the last ``:``-part when it holds
+    no ``/``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in DATASET_KINDS or not rest:
+        raise DataError(f"{spec!r}: expected KIND:ROOT[:SPLIT] with KIND one of {', '.join(DATASET_KINDS)}")
+    root, sep, split = rest.rpartition(":")
+    if sep and split and "/" not in split and root:
+        return kind, root, split
+    return kind, rest, None
+
+
+def open_sources(specs: list[str]) -> tuple[list[Path], list[str], list[tuple[str, XrayDataset]]]:
+    """The datasets named ``KIND:ROOT[:SPLIT]``: their image paths, their patient groups (prefixed by the
+    source's position, so that the ids of two datasets never merge) and each (spec, dataset)."""
+    paths: list[Path] = []
+    groups: list[str] = []
+    opened = []
+    for n, spec in enumerate(specs):
+        kind, root, split = split_source(spec)
+        ds = open_dataset(kind, root, split=split)
+        paths += [Path(p) for p in ds.csv["path"]]
+        groups += [f"{n}:{g}" for g in ds.csv["patient_id"]]
+        opened.append((spec, ds))
+    return paths, groups, opened
+
+
+__all__ = sorted([*_EXPORTS, "DATASET_KINDS", "open_dataset", "open_sources", "split_source"])
 
 
 def __getattr__(name: str) -> Any:

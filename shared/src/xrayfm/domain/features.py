@@ -12,18 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xrayfm.models.backbones import classifier_names
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def classifier_module(model: nn.Module) -> nn.Module:
-    """The module whose input is the model's feature vector (``head`` of a ViT, ``fc`` of a ResNet...)."""
-    base = _unwrap(model)
-    return base.get_submodule(classifier_names(base)[0])
+from xrayfm.models.backbones import classifier_module
 
 
 @dataclass
@@ -48,4 +37,4 @@ def capture_features(model: nn.Module) -> Iterator[FeatureRecord]:
         handle.remove()
 
 
-__all__ = ["FeatureRecord", "capture_features", "classifier_module"]
+__all__ = ["FeatureRecord", "capture_features"]

@@ -19,11 +19,10 @@ from tqdm.auto import tqdm
 
 from xrayfm.domain.checks import DeclaredDomain
 from xrayfm.domain.features import capture_features
-from xrayfm.domain.gate import DEFAULT_METHOD, DEFAULT_PASS_RATE, DomainGate
+from xrayfm.domain.gate import DEFAULT_METHOD, DEFAULT_PASS_RATE, MIN_HELD_OUT, DomainGate
 from xrayfm.errors import XrayfmError
 
 log = logging.getLogger(__name__)
-MIN_HELD_OUT = 20  # DomainGate.fit's minimum for the threshold
 MAX_REFERENCE = 20_000  # training images a run's gate is fitted on at most (a seeded subsample beyond)
 
 
@@ -86,7 +85,7 @@ def fit_gate_from_features(
     and a test share (`test_fraction` of the groups) whose pass rate is recorded as
     ``validation_pass_rate``. Options go to :meth:`DomainGate.fit` (method, pass_rate, domain, k)."""
     threshold_rows, test_rows = split_rows(held_out_groups, test_fraction, seed)
-    if len(threshold_rows) < 20 or len(test_rows) == 0:
+    if len(threshold_rows) < MIN_HELD_OUT or len(test_rows) == 0:
         threshold_rows, test_rows = np.arange(len(held_out)), np.array([], dtype=int)
     probs = None if held_out_probabilities is None else np.asarray(held_out_probabilities)[threshold_rows]
     gate = DomainGate.fit(

@@ -42,6 +42,7 @@ GATE_METHODS = ("mahalanobis", "knn")
 DEFAULT_METHOD = "mahalanobis"
 DEFAULT_PASS_RATE = 0.97
 DEFAULT_K = 10
+MIN_HELD_OUT = 20  # held-out in-domain images a threshold is set on at least
 BANK_MAX = 4096  # reference features kept for knn (a seeded subsample beyond that)
 HELD_OUT_MAX = 2048  # held-out in-domain features kept, so that extending the gate keeps them passing
 SHRINKAGE = 0.1  # Mahalanobis: covariance (1 - s) * C + s * diag(C)
@@ -142,8 +143,10 @@ class DomainGate:
             raise XrayfmError(f"pass_rate must lie in [0.5, 1), got {pass_rate}")
         ref = _check_features(reference, "reference features")
         held = _check_features(held_out, "held-out features", ref.shape[1])
-        if len(held) < 20:
-            raise XrayfmError(f"the threshold needs at least 20 held-out in-domain images, got {len(held)}")
+        if len(held) < MIN_HELD_OUT:
+            raise XrayfmError(
+                f"the threshold needs at least {MIN_HELD_OUT} held-out in-domain images, got {len(held)}"
+            )
         arrays = {**_fit_arrays(ref, method, seed), "held_out": _subsample(held, HELD_OUT_MAX, seed)}
         gate = cls(method, math.inf, arrays, domain or DeclaredDomain(), int(k), float(pass_rate))
         return gate._calibrated(held, held_out_probabilities, {

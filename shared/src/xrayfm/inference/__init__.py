@@ -182,9 +182,8 @@ class PredictionResult(Decision):
 
     heatmap: np.ndarray | None = None
     explain_method: str | None = None
-    domain: DomainVerdict | None = (
-        None  # predict(judge=False) leaves it for the caller (with the upload's facts)
-    )
+    # predict(judge=False) leaves the verdict to the caller (who has the upload's facts)
+    domain: DomainVerdict | None = None
     features: np.ndarray | None = None  # what the domain gate scores: the classifier head's input [D]
     model_map: np.ndarray | None = None  # predict(draw=False): the map over the model's input, for draw()
     timings: dict[str, float] = field(default_factory=dict)
@@ -344,8 +343,9 @@ class Predictor:
         `method` None draws the model's default map (rollout for a ViT, Grad-CAM for a CNN); a method
         the model does not support raises an XrayfmError before any work ("rollout needs a ViT").
         `judge` gives each result its domain verdict (``domain``; `facts`: what each upload said beyond its
-        pixels); False leaves that to the caller, with each result's ``features``. `draw` False leaves each heatmap over the model's input (`model_map`) for :meth:`draw`: the
-        inference worker sends it as it is, and the gateway draws it with :func:`heatmap_on_image`."""
+        pixels); False leaves that to the caller, with each result's ``features``. `draw` False leaves
+        each heatmap over the model's input (`model_map`) for :meth:`draw`: the inference worker sends it
+        as it is, and the gateway draws it with :func:`heatmap_on_image`."""
         if explain_maps:
             method = self.method(method)
         t0 = time.perf_counter()
@@ -362,6 +362,7 @@ class Predictor:
             "postprocess_ms": 1000 * (time.perf_counter() - t2),
         }
         drawn_with = method if maps is not None else None
+        facts = facts or [None] * len(images)
         results = [
             PredictionResult(
                 **vars(self.decide(probs[i])),
@@ -371,9 +372,8 @@ class Predictor:
                 runtime=runtime,
                 model_map=maps[i] if maps is not None else None,
                 features=None if features is None else features[i],
-                domain=self.served.judge(
-                    images[i], None if features is None else features[i], (facts or [None] * len(images))[i]
-                ) if judge else None,
+                domain=self.served.judge(images[i], None if features is None else features[i], facts[i])
+                if judge else None,
             )
             for i in range(len(images))
         ]  # fmt: skip
@@ -398,6 +398,20 @@ class Predictor:
         if not feats:
             raise XrayfmError("no images to compute features of")
         return np.concatenate(feats), np.concatenate(probs)
+
+    def features_of_files(
+        self, paths: list[Path], batch_size: int = 64, progress: bool = False, chunk: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`features` of image files, decoded `chunk` at a time (memory stays bounded)."""
+        from xrayfm.data.images import read_image
+
+        parts = [
+            self.features([read_image(p) for p in paths[first : first + chunk]], batch_size, progress)
+            for first in range(0, len(paths), chunk)
+        ]
+        if not parts:
+            raise XrayfmError("no images to compute features of")
+        return np.concatenate([f for f, _ in parts]), np.concatenate([p for _, p in parts])
 
     def draw(self, result: PredictionResult, image_shape: tuple[int, ...]) -> PredictionResult:
         """`result` with its heatmap drawn on the image's own geometry from its `model_map` (the time

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from xrayfm.data import open_dataset
-from xrayfm.data.images import read_image
+from xrayfm.data import open_sources
 from xrayfm.domain.fitting import split_rows
 from xrayfm.domain.gate import GATE_JSON, GATE_TENSORS
 from xrayfm.errors import XrayfmError
@@ -43,7 +42,7 @@ from xrayfm.inference import Predictor, load_served_model
 from xrayfm.operating_point import FILE as OPERATING_POINT_FILE
 from xrayfm.operating_point import write_operating_point
 from xrayfm.registry import STORE_PREFIX, is_registry_name, resolve_model_ref
-from xrayfm.train.config import CALIBRATION_METHODS, CalibrateConfig, parse_operating_rule, split_source
+from xrayfm.train.config import CALIBRATION_METHODS, CalibrateConfig, parse_operating_rule
 from xrayfm.utils import atomic_dir, atomic_write, atomic_write_json, read_json, to_jsonable
 
 REPORT_DIR = "report"
@@ -51,7 +50,6 @@ REPORT_DIR = "report"
 # probabilities), and what this command writes anew.
 NOT_COPIED = frozenset({"version.json", "evaluations", REPORT_DIR, CALIBRATION_FILE, OPERATING_POINT_FILE,
                         GATE_JSON, GATE_TENSORS})  # fmt: skip
-READ_CHUNK = 1024  # images decoded at a time
 
 
 # ------------------------------------------------------------------------------------------------ the site
@@ -79,17 +77,12 @@ def _class_column(classes: list[str], label: str | None, model_label: str, spec:
 def _load_site(
     specs: list[str], label: str | None, model_label: str
 ) -> tuple[list[Path], list[str], np.ndarray, dict[str, Any]]:
-    """Image paths, patient groups (prefixed by source, as ``xrayfm gate`` groups them) and 1/0 labels of
-    the datasets named (rows without a label dropped), and the facts: images and class used per source."""
-    paths: list[Path] = []
-    groups: list[str] = []
+    """Image paths, patient groups (as ``xrayfm gate`` groups them) and 1/0 labels of the datasets named
+    (rows without a label dropped), and the facts: images and class used per source."""
+    paths, groups, opened = open_sources(specs)
     counts, columns, ys = {}, {}, []
-    for n, spec in enumerate(specs):
-        kind, root, split = split_source(spec)
-        ds = open_dataset(kind, root, split=split)
+    for spec, ds in opened:
         k = _class_column(list(ds.pathologies), label, model_label, spec)
-        paths += [Path(p) for p in ds.csv["path"]]
-        groups += [f"{n}:{g}" for g in ds.csv["patient_id"]]
         counts[spec], columns[spec] = len(ds.csv), ds.pathologies[k]
         ys.append(np.asarray(ds.labels, dtype=np.float64)[:, k])
     y = np.concatenate(ys)
@@ -97,6 +90,12 @@ def _load_site(
     facts = {"images": counts, "class": columns, "unlabelled_dropped": int((~keep).sum())}
     rows = np.flatnonzero(keep)
     return [paths[i] for i in rows], [groups[i] for i in rows], y[rows], facts
+
+
+def _positive(forward: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(features, probabilities [N, L]) -> (features, the positive label's probabilities [N] as float64)."""
+    features, probabilities = forward
+    return features, probabilities[:, 0].astype(np.float64)
 
 
 def _check_part(y: np.ndarray, what: str, classes: bool) -> None:
@@ -110,19 +109,6 @@ def _check_part(y: np.ndarray, what: str, classes: bool) -> None:
     if classes and positives in (0, len(y)):
         only = "positive" if positives else "negative"
         raise XrayfmError(f"the {what} part has one class only (all {len(y)} images {only}): need both")
-
-
-def _forward(
-    predictor: Predictor, paths: list[Path], batch_size: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features [N, D] and positive-label probabilities [N] of the images, read a chunk at a time."""
-    feats, probs = [], []
-    for first in range(0, len(paths), READ_CHUNK):
-        images = [read_image(p) for p in paths[first : first + READ_CHUNK]]
-        f, p = predictor.features(images, batch_size, progress)
-        feats.append(f)
-        probs.append(p[:, 0])
-    return np.concatenate(feats), np.concatenate(probs).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------- the steps
@@ -340,10 +326,10 @@ def calibrate_checkpoint(
 
     # -- forward passes, calibration, operating point
     predictor = Predictor(served)
-    feats, p_all = _forward(predictor, paths, batch_size, progress)
+    feats, p_all = _positive(predictor.features_of_files(paths, batch_size, progress))
     feat_fit, p_fit = feats[fit_rows], p_all[fit_rows]
     if eval_data:
-        feat_eval, p_eval = _forward(predictor, e_paths, batch_size, progress)
+        feat_eval, p_eval = _positive(predictor.features_of_files(e_paths, batch_size, progress))
     else:
         feat_eval, p_eval = feats[eval_rows], p_all[eval_rows]
     p_before = p_eval if earlier is None else _served(earlier, p_eval)  # as the source model serves them

@@ -115,6 +115,13 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
+def classifier_module(model: nn.Module) -> nn.Module:
+    """The module whose input is the model's feature vector (``head`` of a ViT, ``fc`` of a ResNet...),
+    through a PEFT wrapper."""
+    base = _unwrap(model)
+    return base.get_submodule(classifier_names(base)[0])
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The timm model inside a PEFT wrapper (PeftModel -> LoraModel -> timm model), or the model itself."""
     get_base = getattr(model, "get_base_model", None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from xrayfm.data import split_source
 from xrayfm.errors import XrayfmError, list_offenders
 from xrayfm.registry import is_registry_name, list_pretrained
 
@@ -456,20 +457,6 @@ class EvaluateConfig(JsonConfig):
 
 CALIBRATION_METHODS = ("auto", "temperature", "platt", "isotonic")  # xrayfm.evaluate.calibration's + auto
 OPERATING_RULES = ("youden", "sensitivity>=S", "specificity>=T")  # as xrayfm.evaluate.metrics names them
-
-
-def split_source(spec: str) -> tuple[str, str, str | None]:
-    """``KIND:ROOT[:SPLIT]`` (``xrayfm gate`` and ``xrayfm calibrate``'s --data) -> (kind, root, split or
-    None). A split is the last ``:``-part when it holds no ``/``."""
-    from xrayfm.data import DATASET_KINDS
-
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in DATASET_KINDS or not rest:
-        raise XrayfmError(f"{spec!r}: expected KIND:ROOT[:SPLIT] with KIND one of {', '.join(DATASET_KINDS)}")
-    root, sep, split = rest.rpartition(":")
-    if sep and split and "/" not in split and root:
-        return kind, root, split
-    return kind, rest, None
 
 
 def parse_operating_rule(rule: str) -> tuple[str, float | None]:
