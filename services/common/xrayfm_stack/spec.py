@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
-from xrayfm.registry import is_registry_name, pretrained_dir
+from xrayfm.registry import is_registry_name, pretrained_dir, store_ref
 from xrayfm.train.config import (
     AdaptConfig,
     CalibrateConfig,
@@ -42,7 +42,6 @@ CONFIGS: dict[str, type[JsonConfig]] = dict(
     zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig, TuneConfig, CalibrateConfig), strict=True)
 )
 RESERVED = ("out", "resume")
-STORE_PREFIX = "store:"
 PATH_FIELDS = (
     "root",
     "cache",
@@ -75,14 +74,6 @@ def check_plain(spec: Any) -> None:
                 todo.append((f"{where}.{str(key)[:40]}".lstrip("."), item, depth + 1))
         elif isinstance(value, list):
             todo.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
-
-
-def store_ref(value: str) -> tuple[str, str] | None:
-    """``store:<name>/<version>`` -> (name, version); None for any other value (a folder path)."""
-    if not value.startswith(STORE_PREFIX):
-        return None
-    name, _, version = value[len(STORE_PREFIX) :].partition("/")
-    return name, version
 
 
 def resolve_store_ref(value: str, store: Path) -> str:

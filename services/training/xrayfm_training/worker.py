@@ -28,12 +28,13 @@ from celery.signals import worker_ready, worker_shutting_down
 from celery.utils.log import get_task_logger
 
 from xrayfm.errors import XrayfmError
+from xrayfm.registry import store_ref
 from xrayfm.utils import to_jsonable
 from xrayfm_stack import store as model_store
 from xrayfm_stack.celery import BOOTSTRAP_TASK, TRAIN_TASK, training_celery
 from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
 from xrayfm_stack.settings import TrainingSettings
-from xrayfm_stack.spec import CONFIGS, resolve_store_ref, store_ref
+from xrayfm_stack.spec import CONFIGS, resolve_store_ref
 from xrayfm_training import bootstrap
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.publish import publish_run

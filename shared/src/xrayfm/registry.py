@@ -54,16 +54,25 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 STORE_PREFIX = "store:"
 
 
+def store_ref(value: str) -> tuple[str, str] | None:
+    """``store:<name>/<version>`` -> (name, version); None for any other value (a folder path)."""
+    if not str(value).startswith(STORE_PREFIX):
+        return None
+    name, _, version = str(value).removeprefix(STORE_PREFIX).partition("/")
+    return name, version
+
+
 def resolve_model_ref(model: str, store: str | os.PathLike | None = None) -> Path:
     """A checkpoint folder, a shipped model's name (``xrayfm/<name>``), or ``store:NAME/VERSION`` in the
     model store `store` (its layout: ``models/NAME/VERSION``) -> the checkpoint folder."""
-    if not str(model).startswith(STORE_PREFIX):
+    ref = store_ref(model)
+    if ref is None:
         return resolve_checkpoint_dir(model)
     if not store:
         raise XrayfmError(
             f"{model}: a store:NAME/VERSION needs the model store (--store, XRAYFM_MODEL_STORE)"
         )
-    name, _, version = str(model).removeprefix(STORE_PREFIX).partition("/")
+    name, version = ref
     folder = Path(store) / "models" / name / version
     if (
         not name
@@ -85,4 +94,5 @@ __all__ = [
     "pretrained_dir",
     "resolve_checkpoint_dir",
     "resolve_model_ref",
+    "store_ref",
 ]

@@ -41,7 +41,7 @@ from xrayfm.evaluate.metrics import expected_calibration_error, operating_points
 from xrayfm.inference import Predictor, load_served_model
 from xrayfm.operating_point import FILE as OPERATING_POINT_FILE
 from xrayfm.operating_point import write_operating_point
-from xrayfm.registry import STORE_PREFIX, is_registry_name, resolve_model_ref
+from xrayfm.registry import is_registry_name, resolve_model_ref, store_ref
 from xrayfm.train.config import CALIBRATION_METHODS, CalibrateConfig, parse_operating_rule
 from xrayfm.utils import atomic_dir, atomic_write, atomic_write_json, read_json, to_jsonable
 
@@ -165,9 +165,9 @@ def _resolve_model(model: str, store: str | Path | None) -> tuple[Path, str | No
     """(folder, store name, store version) of a checkpoint folder, ``xrayfm/<name>`` or
     ``store:NAME/VERSION`` in `store`."""
     folder = resolve_model_ref(model, store).resolve()
-    if model.startswith(STORE_PREFIX):
-        name, _, version = model.removeprefix(STORE_PREFIX).partition("/")
-        return folder, name, version
+    ref = store_ref(model)
+    if ref is not None:
+        return folder, *ref
     return folder, model if is_registry_name(model) else None, None
 
 
