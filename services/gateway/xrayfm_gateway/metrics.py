@@ -229,9 +229,10 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def training_families(snap: TrainingSnapshot) -> list[Metric]:
+def training_families(snap: TrainingSnapshot, per_job: bool = True) -> list[Metric]:
     """The Prometheus series of a snapshot: jobs by state, running jobs' progress and attempts, the last
-    validation metrics of the newest jobs, and the store's served model (an info metric)."""
+    validation metrics of the newest jobs (`per_job`: their labels name jobs), and the store's served model
+    (an info metric)."""
     families: list[Metric] = []
     if snap.states is not None:
         by_state = GaugeMetricFamily("xrayfm_training_jobs", "Training jobs by state", labels=["state"])
@@ -264,7 +265,7 @@ def training_families(snap: TrainingSnapshot) -> list[Metric]:
             for metric, value in sorted(metrics.items() if isinstance(metrics, dict) else []):
                 if (number := _number(value)) is not None:
                     last.add_metric([*ids, str(metric)], number)
-        families += [by_state, progress, last, attempts]
+        families += [by_state, progress, last, attempts] if per_job else [by_state]
     if snap.serving is not None:
         info = InfoMetricFamily("xrayfm_served_model", "The model version the store serves (serving.json)")
         info.add_metric([], {"name": snap.serving["name"], "version": snap.serving["version"]})
@@ -297,9 +298,12 @@ def read_snapshot(records: Any, store: Path) -> TrainingSnapshot:
     return snap
 
 
-async def training_exposition(records: Any, store: Path, timeout_s: float = SCRAPE_TIMEOUT_S) -> bytes:
-    """The training series in Prometheus' text format, read in a thread (never on the event loop);
-    empty when the reads take longer than `timeout_s` (the thread is abandoned, not waited for)."""
+async def training_exposition(
+    records: Any, store: Path, timeout_s: float = SCRAPE_TIMEOUT_S, per_job: bool = True
+) -> bytes:
+    """The training series in Prometheus' text format (the per-job ones only with `per_job`), read in a
+    thread (never on the event loop); empty when the reads take longer than `timeout_s` (the thread is
+    abandoned, not waited for)."""
     try:
         with anyio.fail_after(timeout_s):
             snap = await anyio.to_thread.run_sync(read_snapshot, records, store, abandon_on_cancel=True)
@@ -307,7 +311,7 @@ async def training_exposition(records: Any, store: Path, timeout_s: float = SCRA
         log.warning("metrics: training series left out: reads took over %.1f s", timeout_s)
         QUEUE_ERRORS.labels("metrics").inc()
         return b""
-    return generate_latest(_Families(training_families(snap)))
+    return generate_latest(_Families(training_families(snap, per_job)))
 
 
 def feedback_families(agreement: dict[tuple[str, str], dict[str, Any]]) -> list[Metric]:

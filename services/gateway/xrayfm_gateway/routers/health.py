@@ -11,7 +11,6 @@ from xrayfm_gateway.metrics import feedback_exposition, gateway_exposition, trai
 from xrayfm_stack.protocol import Readiness
 
 router = APIRouter(tags=["health"])
-PER_JOB = b"xrayfm_training_job_"  # progress, last_metric, attempts: labelled with job ids and names
 
 
 @router.get("/health", summary="The gateway process is alive")
@@ -31,16 +30,6 @@ async def ready(probe: ReadinessDep, details: DetailsDep) -> JSONResponse:
     return JSONResponse(shown, status_code=200 if body.ready else 503)
 
 
-def without_job_series(exposition: bytes) -> bytes:
-    """The exposition less the per-job series (``xrayfm_training_job_*``: their labels name jobs)."""
-    lines = exposition.splitlines(keepends=True)
-    return b"".join(
-        line
-        for line in lines
-        if not line.removeprefix(b"# HELP ").removeprefix(b"# TYPE ").startswith(PER_JOB)
-    )
-
-
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(
     training: TrainingDep, store: StoreDep, settings: SettingsDep, details: DetailsDep
@@ -48,8 +37,6 @@ async def metrics(
     """The gateway's metrics in Prometheus' text format, with the training jobs, the served model and staff
     feedback per model version (left out, not failed, when Redis, the store or the folder cannot be read).
     The per-job series only with a key, when keys are configured."""
-    series = await training_exposition(training.records, store)
-    if not details:
-        series = without_job_series(series)
+    series = await training_exposition(training.records, store, per_job=details)
     series += await feedback_exposition(settings.feedback_dir)
     return Response(gateway_exposition() + series, media_type=CONTENT_TYPE_LATEST)
