@@ -48,22 +48,19 @@ def _where_and_why(error: dict[str, Any]) -> str:
     return f"{where}: {str(error.get('msg', 'invalid'))[:200]}"
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Render FastAPI's request-validation errors as ``bad_request`` (422). Where and why, never the input:
     an echo could fail to serialise (NaN, Infinity, deep nesting) and repeat what the caller sent."""
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     said = "; ".join(_where_and_why(error) for error in errors[:SHOWN_ERRORS])
     more = f" (and {len(errors) - SHOWN_ERRORS} more)" if len(errors) > SHOWN_ERRORS else ""
-    return JSONResponse(status_code=422, content={"error": "bad_request", "detail": f"{said}{more}"})
+    return await api_error_handler(request, APIError(422, "bad_request", f"{said}{more}"))
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Render Starlette's HTTP errors (unknown route, wrong method, an unparsable body) in the same shape."""
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(
-        status_code=exc.status_code,
-        content={"error": code, "detail": str(exc.detail)},
-        headers=getattr(exc, "headers", None),
-    )
+    error = APIError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    return await api_error_handler(request, error)
