@@ -294,3 +294,30 @@ def test_domain_policy_is_refuse_by_default_and_checked():
     assert GatewaySettings.from_env({"XRAYFM_DOMAIN_POLICY": " Flag "}).domain_policy == "flag"
     with pytest.raises(XrayfmError, match="XRAYFM_DOMAIN_POLICY must be one of"):
         GatewaySettings.from_env({"XRAYFM_DOMAIN_POLICY": "ignore"})
+
+
+def test_a_subscriber_closed_under_subscribe_is_a_lost_redis_not_a_500():
+    """The soak's Redis restart can close the subscriber's transport while a request subscribes: uvloop
+    raises RuntimeError ("the handler is closed"), which must reach the caller as Redis lost (a 503)."""
+    import asyncio
+
+    from xrayfm_gateway.queue import LOST, ResultListener
+
+    class ClosedPubSub:
+        async def subscribe(self, *channels: str) -> None:
+            raise RuntimeError(
+                "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+            )
+
+    class FakeRedis:
+        def pubsub(self, **_kwargs):
+            return ClosedPubSub()
+
+    async def watch() -> ResultListener:
+        listener = ResultListener(FakeRedis())
+        with pytest.raises(LOST, match="the subscriber's connection closed"):
+            await listener.watch("celery-task-meta-x")
+        return listener
+
+    listener = asyncio.run(watch())
+    assert listener.waiters == {}  # the failed waiter left nothing behind

@@ -30,6 +30,7 @@ import anyio
 import redis.asyncio as aioredis
 from celery import states
 from kombu.exceptions import KombuError, OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from xrayfm_stack.celery import (
@@ -106,6 +107,9 @@ class ResultListener:
             try:
                 if first:
                     await self.pubsub.subscribe(channel)
+            except RuntimeError as exc:  # uvloop's "handler is closed": Redis went away under the send
+                self._drop(channel, inbox)
+                raise RedisConnectionError(f"the subscriber's connection closed: {exc}") from None
             except BaseException:
                 self._drop(channel, inbox)
                 raise
