@@ -24,7 +24,7 @@ SERVICES := services/common services/inference services/training services/gatewa
 $(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS)
 	$(PIP) install $(PIN) pip setuptools
 	$(PIP) install $(PIN) torch torchvision
-	$(PIP) install $(PIN) -e 'shared[torch,dev]'
+	$(PIP) install $(PIN) -e 'shared[torch,hospital,dev]'
 	$(PIP) install $(PIN) $(addprefix -e ,$(SERVICES))
 	touch $(STAMP)
 
