@@ -1,7 +1,7 @@
 """Ship a foundation run inside the package: ``xrayfm/models/weights/<name>/`` (bf16 safetensors + meta.json),
 keeping the MODEL_CARD.md already there. Refuses runs trained on CheXpert or MURA, and files over 25 MB.
 
-    python scripts/ship_foundation.py /work/runs/mae-real/run/best cxr-vit-tiny-mae
+    python scripts/ship_foundation.py runs/mae-real/run/best cxr-vit-tiny-mae
 """
 
 from __future__ import annotations

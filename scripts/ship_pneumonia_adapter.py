@@ -9,7 +9,7 @@ it on its first start with no training and no data (``XRAYFM_BOOTSTRAP=shipped``
    the foundation nor this adapter saw), 28 px upscaled to the model's 64 px: a harder, shifted test;
 3. ship: ``xrayfm/models/weights/<name>/`` (adapter + head, meta with both reports), beside the foundation.
 
-    python scripts/ship_pneumonia_adapter.py --out /work/runs/pneumonia-lora [--data ../shared/data]
+    python scripts/ship_pneumonia_adapter.py --out ../runs/pneumonia-lora [--data ../shared/data]
 
 Everything but the shipped folder goes under --out (outside the repository: no data enters it).
 """

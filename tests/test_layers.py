@@ -1,9 +1,12 @@
 """The library's layers: no import runs back up, and the CLI and the torch-free modules stay light.
 
 Layers, lowest first: errors/utils -> data -> models -> train/evaluate -> explain -> inference ->
-commands/cli. A module may import its own layer and the ones below, never one above, and nothing in
-``xrayfm`` imports a service (``xrayfm_*``). Checked twice: statically over every import statement
-(function-local ones too), and by importing each layer in a fresh interpreter and reading sys.modules.
+commands/cli. Layer 0 also holds the self-contained modules that need nothing above errors/utils (the
+registry of shipped names, the audit log, feedback records, operating points, the hospital formats). A
+module may import its own layer and the ones below, never one above, and nothing in ``xrayfm`` imports a
+service (``xrayfm_*``). Every module belongs to a layer named for it or its subpackage in ``LAYERS``: a new
+module is placed there explicitly. Checked twice: statically over every import statement (function-local
+ones too), and by importing each layer in a fresh interpreter and reading sys.modules.
 """
 
 from __future__ import annotations
@@ -22,11 +25,18 @@ from helpers import REPO
 SOURCE = REPO / "shared" / "src"
 PACKAGE = SOURCE / "xrayfm"
 
-# Module name prefix -> layer; a module belongs to the longest prefix that matches it.
+# Module or subpackage -> layer; a module belongs to the longest entry that is it or a package above it.
+# "xrayfm" is the package's own __init__ only: every module below it needs an entry of its own.
+ROOT = "xrayfm"
 LAYERS = {
-    "xrayfm": 0,
+    ROOT: 0,
     "xrayfm.errors": 0,
     "xrayfm.utils": 0,
+    "xrayfm.registry": 0,
+    "xrayfm.audit": 0,
+    "xrayfm.feedback": 0,
+    "xrayfm.operating_point": 0,
+    "xrayfm.hospital": 0,
     "xrayfm.data": 1,
     "xrayfm.models": 2,
     "xrayfm.train": 3,
@@ -41,9 +51,12 @@ HEAVY = ("torch", "torchvision", "timm", "peft", "transformers", "matplotlib", "
 
 
 def layer_of(module: str) -> int:
-    """The layer of an ``xrayfm`` module (longest matching prefix of LAYERS)."""
+    """The layer of an ``xrayfm`` module: its own entry in LAYERS, else its nearest package's (never the
+    root's, which is the package's __init__ alone). KeyError for a module with no layer."""
+    if module == ROOT:
+        return LAYERS[ROOT]
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
+    for n in range(len(parts), 1, -1):
         prefix = ".".join(parts[:n])
         if prefix in LAYERS:
             return LAYERS[prefix]
@@ -84,8 +97,25 @@ def library_files() -> list[Path]:
 
 
 def test_every_module_has_a_layer() -> None:
+    unplaced = []
     for path in library_files():
-        layer_of(module_name(path))  # KeyError names a module that belongs to no layer
+        try:
+            layer_of(module_name(path))
+        except KeyError:
+            unplaced.append(str(path.relative_to(REPO)))
+    assert not unplaced, f"modules with no layer (add them to LAYERS): {unplaced}"
+
+
+def test_a_new_module_without_a_layer_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above can fail: a new top-level module (or subpackage) has no layer until it is given one;
+    a new module inside a placed subpackage has its subpackage's."""
+    new = [PACKAGE / "newcomer.py", PACKAGE / "newpackage" / "__init__.py"]
+    monkeypatch.setattr(sys.modules[__name__], "library_files", lambda: [PACKAGE / "data" / "new.py", *new])
+    with pytest.raises(AssertionError, match="newcomer.py.*newpackage/__init__.py"):
+        test_every_module_has_a_layer()
+    assert layer_of("xrayfm.data.new") == LAYERS["xrayfm.data"] and layer_of(ROOT) == 0
+    with pytest.raises(KeyError):
+        layer_of("xrayfm.newcomer")
 
 
 def test_no_import_points_to_a_higher_layer_or_a_service() -> None:

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 
 import pytest
 
 from train_helpers import CHEST_LABELS, TINY_MODEL
 from xrayfm.cli import main
-from xrayfm.train.config import AdaptConfig, PretrainConfig
+from xrayfm.errors import XrayfmError
+from xrayfm.train.config import (
+    AdaptConfig,
+    CalibrateConfig,
+    CVConfig,
+    EvaluateConfig,
+    PretrainConfig,
+    TuneConfig,
+    bounds_text,
+    field_type,
+)
+
+# Each config class with the fewest settings that make it valid.
+MINIMAL = {
+    PretrainConfig: {"cache": "c"},
+    AdaptConfig: {"cache": "c", "foundation": "f"},
+    CVConfig: {"cache": "c", "foundation": "f"},
+    TuneConfig: {"cache": "c", "foundation": "f"},
+    EvaluateConfig: {"model": "m", "cache": "c"},
+    CalibrateConfig: {"model": "m", "data": ["folder:/x"]},
+}
 
 
 @pytest.mark.parametrize(
@@ -97,6 +119,54 @@ def test_bad_config_files_and_values_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--metric", "accuracy"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", MINIMAL, ids=lambda cls: cls.__name__)
+def test_every_number_has_a_documented_range_holding_its_default(cls):
+    for f in dataclasses.fields(cls):
+        if field_type(cls, f.name) in (int, float):
+            bounded = {"ge", "gt"} & set(f.metadata) and {"le", "lt"} & set(f.metadata)
+            assert bounded and bounds_text(f), f"{cls.__name__}.{f.name} has no lower and upper bound"
+    cls.from_dict(MINIMAL[cls])  # every default lies in its range
+
+
+def test_numbers_outside_their_range_are_refused_by_the_library_and_the_cli(capsys):
+    with pytest.raises(XrayfmError, match=re.escape("lr=nan (must lie in (0, 10])")):
+        PretrainConfig(cache="c", lr=math.nan).validate()
+    with pytest.raises(XrayfmError, match=re.escape("epochs=1000000000 (must lie in [1, 10000])")):
+        AdaptConfig.from_dict({**MINIMAL[AdaptConfig], "epochs": 10**9})
+    with pytest.raises(
+        XrayfmError, match=re.escape("n_bootstrap=<a 31-digit number> (must lie in [0, 100000])")
+    ):
+        EvaluateConfig.from_dict({**MINIMAL[EvaluateConfig], "n_bootstrap": 10**30})
+    with pytest.raises(XrayfmError, match="model_kwargs: only finite numbers"):
+        PretrainConfig.from_json('{"cache": "c", "model_kwargs": {"depth": [2, Infinity]}}')
+    with pytest.raises(XrayfmError, match=re.escape("space: lr must lie in (0, 10]")):
+        TuneConfig.from_dict({**MINIMAL[TuneConfig], "space": {"lr": {"low": 1e-5, "high": 100}}})
+    with pytest.raises(XrayfmError, match=re.escape("seed=-1 (must lie in [0, 4294967295])")):
+        CalibrateConfig.from_dict({**MINIMAL[CalibrateConfig], "seed": -1})
+    assert main(["pretrain", "--cache", "c", "--lr", "inf", "--print-config"]) == 1
+    assert "lr=inf (must lie in (0, 10])" in capsys.readouterr().err
+    assert main(["evaluate", "m", "--out", "e", "--cache", "c", "--num-workers", "10000"]) == 1
+    assert "num_workers=10000 (must lie in [0, 256])" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (AdamW) (default: 0.0003; range (0, 10])" in text
+    assert "number of epochs (default: 10; range [1, 10000])" in text
+
+
+def test_model_is_a_timm_architecture_never_a_hub_reference(tmp_path):
+    for name in ("hf-hub:attacker/evil-model", "hf_hub:org/name", "timm/vit_base_patch16_224", "../x", ""):
+        with pytest.raises(XrayfmError, match=re.escape(f"model {name!r} (a timm architecture name")):
+            PretrainConfig(cache="c", model=name).validate()
+    PretrainConfig(cache="c", model="vit_base_patch16_224.augreg_in21k").validate()  # a pretrained tag
+    from xrayfm.train import pretrain
+
+    # checked against timm's registry before any data is read (the cache does not exist)
+    config = PretrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "none"), model="vit_no_such_net")
+    with pytest.raises(XrayfmError, match="unknown timm model 'vit_no_such_net'"):
+        pretrain(config)
 
 
 def test_pretrain_then_evaluate_with_json_output(chest_cache, tmp_path, capsys):

@@ -2,7 +2,8 @@
 and the first-start bootstrap's state, which the training worker writes and the gateway's /ready reads.
 
 One hash per job (``<queue>:tjob:<id>``, JSON values per field, so the worker's progress updates and the
-gateway's cancel never overwrite each other) and a sorted set of job ids by submission time. Synchronous
+gateway's cancel never overwrite each other) and a sorted set of job ids by submission time; beside the
+hash, a job may have its cancel flag (``:cancel``), run lock (``:lock``) and log (``:log``). Synchronous
 redis-py: the worker calls it directly, the gateway from a thread.
 """
 
@@ -32,6 +33,22 @@ if (status == '"running"' or status == '"cancelling"') and redis.call('exists', 
   return status
 end
 return false
+"""
+
+# Atomically: if the job has finished (its status, JSON, is one of ARGV[2:]) and no worker holds its lock
+# (one that does may still write its last log line), delete its record, cancel flag and log and drop it from
+# the index. Returns {status, 1 if deleted else 0}, or nothing for an unknown job.
+_DELETE_FINISHED = """
+local status = redis.call('hget', KEYS[1], 'status')
+if not status then return false end
+local finished = false
+for i = 2, #ARGV do
+  if status == ARGV[i] then finished = true end
+end
+if not finished or redis.call('exists', KEYS[3]) == 1 then return {status, 0} end
+redis.call('del', KEYS[1], KEYS[2], KEYS[4])
+redis.call('zrem', KEYS[5], ARGV[1])
+return {status, 1}
 """
 
 
@@ -82,6 +99,18 @@ class JobRecords:
         if not raw:
             return None
         return {"job_id": job_id, **{k.decode(): json.loads(v) for k, v in raw.items()}}
+
+    def delete(self, job_id: str) -> tuple[str, bool] | None:
+        """Delete a finished job's record, cancel flag, log and index entry, all at once; its run folder and
+        any version it published stay. Returns its status and whether it was deleted (not while queued,
+        running or still held by its worker); None for an unknown job."""
+        keys = (self.key(job_id), self.cancel_key(job_id), self.lock_key(job_id), self.log_key(job_id))
+        terminal = [json.dumps(status) for status in TERMINAL]
+        answer = self.redis.eval(_DELETE_FINISHED, 5, *keys, self.index_key, job_id, *terminal)
+        if answer is None:
+            return None
+        status, deleted = answer
+        return json.loads(status), bool(deleted)
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest `limit` jobs, newest first (without their full spec)."""

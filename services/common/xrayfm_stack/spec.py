@@ -16,6 +16,13 @@ Confinement: given the data folders a stack may read (``XRAYFM_DATA_DIRS``), eve
 (``xrayfm/<name>``); so must the root of every ``KIND:ROOT[:SPLIT]`` in a calibrate job's ``data`` and
 ``eval_data``; timm arguments that name files are refused. So a spec
 cannot make the worker read, or report on, any other file of its container.
+
+Nothing is downloaded at run time: a training config's ``model`` is a timm architecture name, never a hub
+reference (checked by the config itself), and ``"pretrained": "timm"`` (timm's own weights, fetched from
+the Hugging Face hub) is refused: initial weights are a file under the data folders. Every number lies in
+its field's documented range and is finite, and every setting with choices (``kind``, ``resize_mode``,
+``verify``, ``method``...) holds one of them (the config classes check both, naming the setting and what
+it allows).
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ from xrayfm.train.config import (
     TuneConfig,
     split_source,
 )
-from xrayfm_stack.protocol import JOB_KINDS, JobSpec
+from xrayfm_stack.protocol import JobSpec
 from xrayfm_stack.store import version_dir
 
-CONFIGS: dict[str, type[JsonConfig]] = dict(
-    zip(JOB_KINDS, (PretrainConfig, AdaptConfig, EvaluateConfig, TuneConfig, CalibrateConfig), strict=True)
-)
+# Job kind -> the config class of its spec, by name: every kind of JOB_KINDS has one, and nothing else.
+CONFIGS: dict[str, type[JsonConfig]] = {
+    "pretrain": PretrainConfig,
+    "adapt": AdaptConfig,
+    "evaluate": EvaluateConfig,
+    "tune": TuneConfig,
+    "calibrate": CalibrateConfig,
+}
 RESERVED = ("out", "resume")
 PATH_FIELDS = (
     "root",
@@ -128,7 +140,7 @@ def _confine_config(kind: str, config: JsonConfig, data_dirs: Sequence[Path]) ->
         if field == "model" and kind not in CHECKPOINT_MODEL:
             continue  # a timm model name in training configs; evaluate's and calibrate's is a checkpoint
         value = getattr(config, field, None)
-        if not value or (field == "pretrained" and value == "timm"):
+        if not value:
             continue
         if field in STORE_FIELDS and store_ref(str(value)) is not None:
             continue
@@ -177,6 +189,11 @@ def validate_spec(
         parsed = CONFIGS[kind].from_dict(config)
     except TypeError as exc:  # e.g. a wrong value type that the dataclass constructor refuses
         raise XrayfmError(f"invalid {kind} config: {exc}") from None
+    if getattr(parsed, "pretrained", None) == "timm":
+        raise XrayfmError(
+            "pretrained 'timm' would fetch timm's weights from the Hugging Face hub, and jobs download "
+            "nothing: put the weights file under the data folders and name it"
+        )
     if store is not None and isinstance(parsed, AdaptConfig) and parsed.foundation:
         resolve_store_ref(parsed.foundation, store)
     if store is not None and isinstance(parsed, EvaluateConfig | CalibrateConfig):

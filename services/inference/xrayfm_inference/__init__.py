@@ -4,4 +4,9 @@ Torch-free modules (``config``, ``protocol``, ``celery_app``, ``store``) are sha
 ``model``, ``predictor``, ``batcher`` and ``worker`` load torch and run only in the worker.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xrayfm-inference")  # written once, in its pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

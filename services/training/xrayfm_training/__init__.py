@@ -1,3 +1,8 @@
 """xrayfm training worker: runs pre-training and adaptation jobs from the queue, publishes model versions."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xrayfm-training")  # written once, in its pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

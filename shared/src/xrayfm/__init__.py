@@ -1,3 +1,8 @@
 """xrayfm: X-ray foundation models — data, training, adaptation, evaluation, explanations."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xrayfm")  # written once, in its pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -25,6 +25,8 @@ from xrayfm.train.config import (
     JsonConfig,
     PretrainConfig,
     TuneConfig,
+    bounds_text,
+    choices_text,
     field_type,
 )
 
@@ -48,7 +50,8 @@ def _parse_json_object(text: str) -> dict[str, Any]:
 def add_config_arguments(
     parser: argparse.ArgumentParser, cls: type[JsonConfig], skip: tuple[str, ...] = ()
 ) -> None:
-    """One ``--option`` per config field (help and default from the dataclass); unset options stay unset."""
+    """One ``--option`` per config field (help, default, range and choices from the dataclass); unset
+    options stay unset."""
     parser.add_argument(
         "--config", metavar="FILE", help="JSON file of settings (options given here override it)"
     )
@@ -56,11 +59,16 @@ def add_config_arguments(
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {json.dumps(default)})"
+        limits = bounds_text(f)
+        allowed = choices_text(f)
+        shown = json.dumps(default) + (f"; range {limits}" if limits else "")
+        shown += f"; one of {allowed}" if allowed else ""
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         kind = field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
         common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if "choices" in f.metadata:
+        # argparse checks a single value's choices; the items of a list are checked by the config
+        if "choices" in f.metadata and typing.get_origin(kind) is not list:
             common["choices"] = f.metadata["choices"]
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
@@ -265,7 +273,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint on a dataset split: report.json/.md, ROC and reliability PNGs",
         description="Evaluate a full or adapted checkpoint. Binary tasks get image- and study-level AUROC "
         "with CIs, kappa, sensitivity/specificity and ECE (per body part when known); multi-label tasks get "
-        "per-label AUROC with CIs.",
+        "per-label AUROC with CIs. The dataset must have every label the model predicts, matched ignoring "
+        "case (a folder class pneumonia/ serves the label Pneumonia); a raw dataset is cached under "
+        "OUT/cache/SPLIT, rebuilt when its images change.",
     )
     p.add_argument("model", metavar="CHECKPOINT", help="checkpoint folder (a run's best/ or merged/)")
     p.add_argument("--out", required=True, help="report folder to write")

@@ -42,8 +42,7 @@ def create_model(
     """
     if is_registry_name(name):
         return _create_shipped(name, num_classes, pretrained, img_size, in_chans, drop_path_rate, kwargs)
-    if not timm.is_model(name):
-        raise XrayfmError(f"unknown timm model {name!r} (see timm.list_models())")
+    check_timm_model(name)
     model_kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
     if drop_path_rate:  # 0 is every timm model's default; DenseNet has no stochastic depth and refuses it
         model_kwargs["drop_path_rate"] = drop_path_rate
@@ -54,6 +53,13 @@ def create_model(
     if pretrained is True:
         return _create_from_timm_weights(name, model_kwargs)
     return _create_from_file(name, Path(pretrained), model_kwargs)
+
+
+def check_timm_model(name: str) -> None:
+    """XrayfmError unless `name` is an architecture in timm's registry (``arch`` or ``arch.tag``; a hub
+    reference such as ``hf-hub:org/name`` is not one)."""
+    if not timm.is_model(name):
+        raise XrayfmError(f"unknown timm model {name!r} (see timm.list_models())")
 
 
 def _create_shipped(

@@ -2,12 +2,15 @@
 
 The weights are stored in bf16 (half the bytes; they load into fp32 models unchanged in shape), the
 meta keeps the run's recipe, data and metrics, and records the new file's sha256 so that loading checks it.
+Shipped metadata holds no path of the machine that built it: every absolute path in it is replaced by its
+last component (the folder's or file's name), see :func:`portable_meta`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,21 @@ from xrayfm.utils import atomic_dir, sha256_file
 
 # Datasets whose terms forbid redistributing anything derived from them (Stanford research-use agreements).
 NOT_REDISTRIBUTABLE = ("chexpert", "mura")
+# A whole value that is an absolute path: POSIX (/work/runs/x) or Windows (C:\runs\x, \\server\share).
+ABSOLUTE_PATH = re.compile(r"(/|[A-Za-z]:[\\/]|\\\\)[^\n]*")
+
+
+def portable_meta(value: Any) -> Any:
+    """A JSON value with every string that is an absolute path replaced by its last component (``/work/runs/
+    pneumonia-lora/cache/kermany-train`` -> ``kermany-train``): what shipped metadata may say of where its
+    data and runs lay. Relative paths (an adapter's ``../<foundation>``) and other strings are kept."""
+    if isinstance(value, dict):
+        return {key: portable_meta(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable_meta(item) for item in value]
+    if isinstance(value, str) and ABSOLUTE_PATH.fullmatch(value):
+        return re.split(r"[\\/]", value.rstrip("\\/"))[-1]
+    return value
 
 
 def training_kinds(meta: dict[str, Any]) -> set[str]:
@@ -44,6 +62,12 @@ def _shippable(src: str | os.PathLike, fmt: str) -> tuple[Path, dict[str, Any]]:
     if banned:
         raise XrayfmError(f"{folder} was trained on {banned}: their terms forbid shipping derived weights")
     return folder, meta
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Shipped metadata as JSON, without the paths of this machine (:func:`portable_meta`)."""
+    text = json.dumps(portable_meta(meta), indent=2, allow_nan=False, ensure_ascii=False)
+    path.write_text(text + "\n")
 
 
 def export_foundation(
@@ -73,7 +97,7 @@ def export_foundation(
             },
             "exported_from": {"path": str(folder.resolve()), "sha256": meta["weights"]["sha256"]},
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        _write_meta(tmp / META, meta)
         if card is not None:
             shutil.copyfile(card, tmp / "MODEL_CARD.md")
     return Path(dst)
@@ -109,10 +133,10 @@ def export_adapter(
             "foundation": {"path": f"../{base.name}", "name": foundation, "sha256": base_sha},
             "exported_from": {"path": str(folder.resolve())},
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        _write_meta(tmp / META, meta)
         if card is not None:
             shutil.copyfile(card, tmp / "MODEL_CARD.md")
     return dst
 
 
-__all__ = ["NOT_REDISTRIBUTABLE", "export_adapter", "export_foundation", "training_kinds"]
+__all__ = ["NOT_REDISTRIBUTABLE", "export_adapter", "export_foundation", "portable_meta", "training_kinds"]

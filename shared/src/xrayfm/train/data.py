@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xrayfm.data.base import SYNTHETIC_MARKER
+from xrayfm.data.base import SYNTHETIC_MARKER, XrayDataset
 from xrayfm.data.cache import prepare_cache, read_manifest
 from xrayfm.data.splits import kfold_by_patient, split_by_patient, subsample_groups
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.data.transforms import build_transform
-from xrayfm.errors import DataError, list_offenders
+from xrayfm.errors import CacheMismatchError, DataError, list_offenders
 from xrayfm.train.config import TrainConfig
 from xrayfm.train.distributed import DistEnv, barrier
 from xrayfm.train.sampler import RawImage, SeededView
@@ -46,8 +47,20 @@ def reader_options(config: TrainConfig) -> dict[str, Any]:
     return options
 
 
-def ensure_cache(config: TrainConfig, split: str, cache_dir: str | Path | None, env: DistEnv) -> Path:
-    """The cache folder for ``split``: prepared from the raw dataset by rank 0 when ``config.kind`` is set."""
+def ensure_cache(
+    config: TrainConfig,
+    split: str,
+    cache_dir: str | Path | None,
+    env: DistEnv,
+    *,
+    check: Callable[[XrayDataset], object] | None = None,
+    replace: bool = False,
+) -> Path:
+    """The cache folder for ``split``: prepared from the raw dataset by rank 0 when ``config.kind`` is set.
+
+    ``check`` sees the opened dataset before any image is cached (it raises to refuse it, so a dataset
+    that cannot serve leaves no cache behind). With ``replace``, a cache built from other images or
+    settings is rebuilt instead of refused (for a cache the caller owns, such as a report's own)."""
     from xrayfm.data import open_dataset
 
     if config.kind is None:
@@ -60,9 +73,15 @@ def ensure_cache(config: TrainConfig, split: str, cache_dir: str | Path | None, 
     out = out.expanduser().resolve()
     if env.is_main:
         dataset = open_dataset(config.kind, config.root, split=split, **reader_options(config))
-        prepare_cache(
-            dataset, out, size=int(config.size), mode=config.resize_mode, progress=config.progress_bar
-        )
+        if check is not None:
+            check(dataset)
+        settings = {"size": int(config.size), "mode": config.resize_mode, "progress": config.progress_bar}
+        try:
+            prepare_cache(dataset, out, **settings)
+        except CacheMismatchError:
+            if not replace:
+                raise
+            prepare_cache(dataset, out, force=True, **settings)
     barrier(env)
     return out
 
@@ -79,15 +98,33 @@ def open_cache(path: Path, config: TrainConfig) -> CachedDataset:
 
 
 def label_columns(pathologies: list[str], wanted: list[str] | None) -> list[int] | None:
-    """Column indices of ``wanted`` labels (None: all); unknown names are an error."""
+    """Column indices of ``wanted`` labels (None: all). A name matches its label exactly or, when no label
+    is spelt so, ignoring case (a folder ``pneumonia/`` serves the label ``Pneumonia``); an unknown name,
+    or one that matches two labels ignoring case, is an error."""
     if not wanted:
         return None
-    unknown = [w for w in wanted if w not in pathologies]
+    columns, unknown, ambiguous = [], [], []
+    for name in wanted:
+        if name in pathologies:
+            columns.append(pathologies.index(name))
+            continue
+        folded = [i for i, label in enumerate(pathologies) if label.casefold() == name.casefold()]
+        if len(folded) == 1:
+            columns.append(folded[0])
+        elif folded:
+            ambiguous.append(f"{name} ({' or '.join(pathologies[i] for i in folded)})")
+        else:
+            unknown.append(name)
     if unknown:
         raise DataError(
-            f"unknown labels {list_offenders(unknown)}; this dataset has {', '.join(pathologies)}"
+            f"unknown labels {list_offenders(unknown)} (matched ignoring case); this dataset has "
+            f"{', '.join(pathologies)}"
         )
-    return [pathologies.index(w) for w in wanted]
+    if ambiguous:
+        raise DataError(
+            f"labels matching several of this dataset's ignoring case: {list_offenders(ambiguous)}"
+        )
+    return columns
 
 
 def is_synthetic(manifest: dict[str, Any]) -> bool:

@@ -132,7 +132,10 @@ def evaluate(
     """Evaluate a checkpoint (full or adapted) on a dataset split or a prepared cache; returns the summary.
 
     Images are prepared as the checkpoint's metadata says (size, resize mode, normalisation); a raw dataset
-    is cached under ``OUT/cache/SPLIT`` first. The dataset must have every label the model predicts.
+    is cached under ``OUT/cache/SPLIT`` first (rebuilt when the images or settings changed: it is the
+    report's own), or in ``cache`` when that is given too. The dataset must have every label the model
+    predicts, matched ignoring case (a folder class ``pneumonia`` serves a model's ``Pneumonia``); this is
+    checked before any image is cached.
     """
     env, dev = setup(device)
     try:
@@ -154,8 +157,16 @@ def evaluate(
             channels=int(prep["channels"]),
         )
         settings.validate()
-        base = open_cache(ensure_cache(settings, split, cache, env), settings)
         names = list(meta["labels"])
+        cache_dir = ensure_cache(
+            settings,
+            split,
+            cache,
+            env,
+            check=lambda dataset: label_columns(list(dataset.pathologies), names),
+            replace=cache is None,
+        )
+        base = open_cache(cache_dir, settings)
         columns = label_columns(list(base.pathologies), names)
         transform = build_transform(
             False, int(prep["size"]), prep["mean"], prep["std"], int(prep["channels"])

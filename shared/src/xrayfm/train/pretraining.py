@@ -11,7 +11,7 @@ from torch import nn
 
 from xrayfm.data.transforms import normalization_for
 from xrayfm.domain.fitting import save_run_gate
-from xrayfm.models.backbones import create_model
+from xrayfm.models.backbones import check_timm_model, create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_checkpoint
 from xrayfm.train.artifacts import model_spec, preprocessing
 from xrayfm.train.config import PretrainConfig
@@ -32,6 +32,7 @@ def pretrain(
     Under torchrun every process calls this; rank 0 writes. ``objective="mae"``: see :mod:`xrayfm.train.mae`.
     """
     config.validate()
+    check_timm_model(config.model)  # before any data is read or cached
     if config.objective == "mae":
         from xrayfm.train.mae import pretrain_mae
 
