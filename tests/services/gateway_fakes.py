@@ -3,7 +3,9 @@ and the upload fuzzer run the real gateway with no Redis and no worker."""
 
 from __future__ import annotations
 
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,7 +176,9 @@ class FakeTraining:
 
 
 def gateway_client(queue: FakeQueue, training: FakeTraining, **settings: Any) -> TestClient:
-    """A TestClient of the real gateway app whose queues are `queue` and `training`."""
+    """A TestClient of the real gateway app whose queues are `queue` and `training` (its audit log in a
+    temporary folder unless `audit_log` is given)."""
+    settings.setdefault("audit_log", Path(tempfile.mkdtemp(prefix="xrayfm-audit-")) / "audit.jsonl")
     app = create_app(GatewaySettings(**settings))
     app.dependency_overrides[get_queue] = lambda: queue
     app.dependency_overrides[get_training] = lambda: training

@@ -6,6 +6,7 @@ import base64
 import io
 import shutil
 import struct
+import tempfile
 import time
 import uuid
 import zlib
@@ -115,6 +116,7 @@ def stack_env(redis_port: int, model: Path, **extra: str) -> dict[str, str]:
         # fixed, so that tests of batching do not depend on a measurement (test_worker_batching covers auto)
         "XRAYFM_BATCH_MAX": "8",
         "XRAYFM_INSECURE_NO_AUTH": "1",  # a local test stack: its training and model endpoints are open
+        "XRAYFM_AUDIT_LOG": str(Path(tempfile.mkdtemp(prefix="xrayfm-audit-")) / "audit.jsonl"),
         **extra,
     }
 

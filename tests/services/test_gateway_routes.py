@@ -347,6 +347,7 @@ def test_training_routes_without_redis(http, fakes):
 
 
 ADMIN_ROUTES = (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/models"),
+                ("DELETE", f"/training/jobs/{uuid.UUID(int=0)}"),
                 ("POST", "/models/rollback"), ("POST", "/models/m/1/promote"),
                 ("PUT", "/models/m/1/operating-point"), ("DELETE", "/models/m/1/operating-point"))  # fmt: skip
 

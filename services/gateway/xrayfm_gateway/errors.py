@@ -32,9 +32,12 @@ class APIError(Exception):
         self.extra = extra or {}  # more fields of the body (out_of_domain: the gate's "domain" verdict)
 
 
-async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
-    """Render an APIError."""
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Render an APIError; an admin action's refusal also goes to the audit log (xrayfm_gateway.audit)."""
     assert isinstance(exc, APIError)
+    auditor = getattr(request.app.state, "audit", None)
+    if auditor is not None:
+        await auditor.admin_outcome(request, exc.status, exc.code)
     return JSONResponse(
         status_code=exc.status,
         content={"error": exc.code, "detail": exc.detail, **exc.extra},

@@ -43,6 +43,11 @@ QUEUE_ERRORS = Counter(
     "xrayfm_gateway_queue_errors_total", "Redis/queue failures seen by the gateway", ["kind"]
 )
 PREDICTIONS = Counter("xrayfm_gateway_predictions_total", "Answers by outcome", ["outcome"])
+AUDIT_FAILURES = Counter(
+    "xrayfm_gateway_audit_failures_total",
+    "Audit records that could not be written (admin: the action was refused, or done with its requested line only)",
+    ["kind"],
+)
 
 # -- the domain gate and drift, per model version ----------------------------------------------------------
 OUT_OF_DOMAIN = Counter(

@@ -417,6 +417,11 @@ class TrainingQueue:
         """Ask the job to stop; returns its new status."""
         return await self._call(self.records.request_cancel, job_id)
 
+    async def delete(self, job_id: str) -> tuple[str, bool] | None:
+        """Delete a finished job's record and log (:meth:`JobRecords.delete`): its status and whether it
+        was deleted, or None when unknown."""
+        return await self._call(self.records.delete, job_id)
+
     async def bootstrap_detail(self) -> str | None:
         """What the first-start bootstrap is doing, for /ready; None when none is under way."""
         return await self._call(lambda: describe_bootstrap(self.bootstrap.get(), self.records))

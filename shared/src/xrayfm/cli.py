@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "xrayfm.commands.feedback",
     "xrayfm.commands.gate",
     "xrayfm.commands.calibrate",
+    "xrayfm.commands.audit",
 )
 
 

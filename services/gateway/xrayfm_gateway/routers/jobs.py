@@ -8,6 +8,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from xrayfm_gateway.audit import audit_prediction
 from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
@@ -40,7 +41,9 @@ async def submit_job(
 ) -> JSONResponse:
     """Same input as ``POST /predict``; the result waits in Redis until ``XRAYFM_RESULT_EXPIRES``."""
     with IN_PROGRESS.one():
-        job_id, _ = await queue_upload(request, deps, explain, method)
+        async with audit_prediction(request, done_status=202) as seen:  # queued: no model or verdict yet
+            job_id, _ = await queue_upload(request, deps, explain, method)
+            seen.job_id = job_id
     url = f"/jobs/{job_id}"
     body = JobSubmitted(job_id=job_id, status_url=url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends
 
 from xrayfm import feedback
 from xrayfm.errors import XrayfmError
+from xrayfm_gateway.audit import AdminAuditDep, model_facts, model_target
 from xrayfm_gateway.deps import SettingsDep, StoreDep, require_admin_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_stack import store as model_store
@@ -27,6 +28,10 @@ router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(requ
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "an admin key is needed (when auth is on)"}
+}
+AUDITED: dict[int | str, dict[str, Any]] = {  # the routes that change something (xrayfm_gateway.audit)
+    **ERRORS,
+    503: {"model": ErrorBody, "description": "audit_unavailable: the audit log cannot be written"},
 }
 
 
@@ -55,40 +60,45 @@ async def list_models(store: StoreDep, settings: SettingsDep) -> ModelList:
     "/{name}/{version}/promote",
     response_model=ServingAnswer,
     responses={
-        **ERRORS,
+        **AUDITED,
         404: {"model": ErrorBody, "description": "no such version"},
         422: {"model": ErrorBody, "description": "not a valid name or version"},
     },
     summary="Serve this version",
 )
-async def promote_model(name: str, version: str, store: StoreDep) -> ServingAnswer:
+async def promote_model(name: str, version: str, store: StoreDep, audit: AdminAuditDep) -> ServingAnswer:
     try:
         model_store.version_dir(store, name, version)
     except XrayfmError as exc:
         raise APIError(422, "invalid_name", str(exc)) from None
+    await audit.requested(model={"name": name, "version": version})
     try:
         await anyio.to_thread.run_sync(model_store.promote, store, name, version)
     except XrayfmError as exc:
         raise APIError(404, "unknown_model", str(exc)) from None
+    await audit.ok(model=await model_facts(store, name, version))
     return ServingAnswer(serving=ModelRefBody(name=name, version=version))
 
 
 @router.post(
     "/rollback",
     response_model=ServingAnswer,
-    responses={**ERRORS, 409: {"model": ErrorBody, "description": "no earlier promoted version"}},
+    responses={**AUDITED, 409: {"model": ErrorBody, "description": "no earlier promoted version"}},
     summary="Serve the previously promoted version again",
 )
-async def rollback_model(store: StoreDep) -> ServingAnswer:
+async def rollback_model(store: StoreDep, audit: AdminAuditDep) -> ServingAnswer:
+    await audit.requested()
     try:
         serving = await anyio.to_thread.run_sync(model_store.rollback, store)
     except XrayfmError as exc:
         raise APIError(409, "nothing_to_roll_back", str(exc)) from None
+    model = await model_facts(store, serving["name"], serving["version"])
+    await audit.ok(target=model_target(serving["name"], serving["version"]), model=model)
     return ServingAnswer(serving=ModelRefBody(**serving))
 
 
 POINT_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
+    **AUDITED,
     404: {"model": ErrorBody, "description": "no such version"},
     422: {"model": ErrorBody, "description": "not a valid point, or no such evaluation or candidate"},
 }
@@ -101,7 +111,7 @@ POINT_ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Set the version's decision threshold",
 )
 async def set_operating_point(
-    name: str, version: str, body: OperatingPointBody, store: StoreDep
+    name: str, version: str, body: OperatingPointBody, store: StoreDep, audit: AdminAuditDep
 ) -> OperatingPointAnswer:
     """A threshold with its `source`, or a candidate point of one of the version's evaluate jobs
     (`job_id` + `rule`, e.g. youden). Workers serving this version decide with it within seconds, and every
@@ -112,10 +122,12 @@ async def set_operating_point(
             422, "invalid_operating_point", "give a threshold and its source, or an evaluate job_id"
         )
     point = body.model_dump(exclude_none=True)
+    await audit.requested(model={"name": name, "version": version})
     try:
         saved = await anyio.to_thread.run_sync(model_store.set_operating_point, store, name, version, point)
     except XrayfmError as exc:
         raise APIError(422, "invalid_operating_point", str(exc)) from None
+    await audit.ok(detail={"threshold": saved.get("threshold"), "rule": saved.get("rule")})
     return OperatingPointAnswer(name=name, version=version, operating_point=saved)
 
 
@@ -125,9 +137,13 @@ async def set_operating_point(
     responses=POINT_ERRORS,
     summary="Back to the default threshold 0.5 (not calibrated)",
 )
-async def clear_operating_point(name: str, version: str, store: StoreDep) -> OperatingPointAnswer:
+async def clear_operating_point(
+    name: str, version: str, store: StoreDep, audit: AdminAuditDep
+) -> OperatingPointAnswer:
     _version_folder(store, name, version)
+    await audit.requested(model={"name": name, "version": version})
     await anyio.to_thread.run_sync(model_store.set_operating_point, store, name, version, None)
+    await audit.ok()
     return OperatingPointAnswer(name=name, version=version, operating_point=None)
 
 

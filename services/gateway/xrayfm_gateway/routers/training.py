@@ -1,4 +1,4 @@
-"""Training jobs: submit / list / watch / cancel.
+"""Training jobs: submit / list / watch / cancel / delete.
 
 Admin endpoints: when auth is on (``XRAYFM_API_KEYS`` or ``XRAYFM_ADMIN_KEYS`` set), they need one of the
 ``XRAYFM_ADMIN_KEYS`` in ``X-API-Key``; a prediction key is not enough. The job spec is checked here with
@@ -13,9 +13,10 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from xrayfm.errors import XrayfmError
+from xrayfm_gateway.audit import AdminAuditDep, checked_name, job_target
 from xrayfm_gateway.deps import SettingsDep, StoreDep, TrainingDep, require_admin_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.queue import QueueUnavailable
@@ -35,7 +36,7 @@ router = APIRouter(prefix="/training/jobs", tags=["training"], dependencies=[Dep
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "an admin key is needed (when auth is on)"},
-    503: {"model": ErrorBody, "description": "Redis unreachable"},
+    503: {"model": ErrorBody, "description": "Redis unreachable, or the audit log cannot be written"},
 }
 UNKNOWN = {404: {"model": ErrorBody, "description": "unknown job"}}
 SPEC_BODY: dict[str, Any] = {
@@ -77,7 +78,7 @@ async def _existing(training: TrainingDep, job_id: str) -> JobRecord:
     summary="Queue a training job (JSON spec); 202 + job id",
 )
 async def submit_training_job(
-    request: Request, training: TrainingDep, store: StoreDep, settings: SettingsDep
+    request: Request, training: TrainingDep, store: StoreDep, settings: SettingsDep, audit: AdminAuditDep
 ) -> JSONResponse:
     """Body: ``{"kind": "pretrain"|"adapt"|"evaluate", "name": "...", "config": {...}}``; 422 says what is
     wrong, including a path outside ``XRAYFM_DATA_DIRS``."""
@@ -91,10 +92,15 @@ async def submit_training_job(
         spec = validate_spec(spec, store, settings.data_dirs)
     except XrayfmError as exc:
         raise APIError(422, "invalid_spec", str(exc)) from None
+    action = "calibrate" if spec["kind"] == "calibrate" else "train_submit"
+    await audit.requested(
+        action=action, detail={"kind": spec["kind"], "name": checked_name(spec.get("name"))}
+    )
     try:
         job_id = await training.submit(spec)
     except QueueUnavailable as exc:
         raise _unavailable(exc) from None
+    await audit.ok(202, target=job_target(job_id))
     url = f"/training/jobs/{job_id}"
     body = JobSubmitted(job_id=job_id, status_url=url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
@@ -143,11 +149,43 @@ async def training_job_log(
     responses={**ERRORS, **UNKNOWN, 409: {"model": ErrorBody, "description": "the job has already ended"}},
     summary="Ask a job to stop (cooperative)",
 )
-async def cancel_training_job(job_id: str, training: TrainingDep) -> CancelAnswer:
+async def cancel_training_job(job_id: str, training: TrainingDep, audit: AdminAuditDep) -> CancelAnswer:
     job = await _existing(training, job_id)
     if job.status in TERMINAL:
         raise APIError(409, "job_finished", f"job {job.job_id} is already {job.status}")
+    await audit.requested(detail={"kind": job.kind})
     try:
-        return CancelAnswer(job_id=job.job_id, status=await training.cancel(job.job_id))
+        status = await training.cancel(job.job_id)
     except QueueUnavailable as exc:
         raise _unavailable(exc) from None
+    await audit.ok(detail={"kind": job.kind, "status": status})
+    return CancelAnswer(job_id=job.job_id, status=status)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**ERRORS, **UNKNOWN, 409: {"model": ErrorBody, "description": "the job has not finished"}},
+    summary="Delete a finished job's record and log (its run folder and published version stay)",
+)
+async def delete_training_job(job_id: str, training: TrainingDep, audit: AdminAuditDep) -> Response:
+    """Only a done, failed or cancelled job (409 while it is queued or running: cancel it first)."""
+    job_id = _job_id(job_id)
+    await audit.requested()
+    try:
+        outcome = await training.delete(job_id)
+    except QueueUnavailable as exc:
+        raise _unavailable(exc) from None
+    if outcome is None:
+        raise APIError(404, "unknown_job", f"no training job {job_id}")
+    status, deleted = outcome
+    if not deleted:
+        why = (
+            "its worker is still wrapping it up; try again in a few seconds"
+            if status in TERMINAL
+            else "cancel it first, and delete it once it has ended"
+        )
+        raise APIError(409, "job_not_finished", f"job {job_id} is {status}: {why}")
+    await audit.ok(204)
+    return Response(status_code=204)
