@@ -19,7 +19,7 @@ help:  ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-SERVICES := services/common services/inference services/training services/gateway services/frontend
+SERVICES := services/common services/inference services/training services/gateway services/frontend services/router
 
 $(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS)
 	$(PIP) install $(PIN) pip setuptools

@@ -50,8 +50,8 @@ def env_vars_read_by_the_code() -> set[str]:
     return names
 
 
-def test_compose_files_parse_and_build_the_four_services():
-    assert set(BUILT) == {"gateway", "inference", "training", "frontend"}
+def test_compose_files_parse_and_build_the_services():
+    assert set(BUILT) == {"gateway", "inference", "training", "frontend", "orthanc", "router"}
     assert {"redis", "redis-training", "redis-secret", "prometheus"} <= set(SERVICES)
     assert set(GPU["services"]) <= set(SERVICES)
 
@@ -382,3 +382,27 @@ def test_gpu_file_gives_each_worker_one_gpu(name):
     assert devices[0]["count"] == 1  # a training job runs on one device; several GPUs: torchrun (README)
     if name == "inference":
         assert GPU["services"][name]["environment"]["XRAYFM_DEVICE"] == "cuda"
+
+
+def default_of(value: str) -> str:
+    """The default of a ``${VAR:-default}`` value (or the value itself)."""
+    match = re.fullmatch(r"\$\{\w+:-(.+)\}", str(value))
+    return match[1] if match else str(value)
+
+
+def test_every_long_running_service_has_a_memory_limit_and_the_gateway_fits_in_its_own():
+    """The gateway's memory is bounded by construction: the upload buffer, its decoder processes (each
+    capped at XRAYFM_DECODE_MEMORY_MB of address space) and the process itself (~120 MB measured,
+    docs/reliability.md; 300 MB allowed here). Its compose limit must hold all of them."""
+    from xrayfm_stack.settings import GatewaySettings
+
+    for name, svc in SERVICES.items():
+        if svc.get("restart") == "unless-stopped" or "profiles" in svc:
+            assert "mem_limit" in svc, f"{name} has no mem_limit"
+    gateway = SERVICES["gateway"]
+    limit = default_of(gateway["mem_limit"])
+    limit_mb = int(limit[:-1]) * {"g": 1024, "m": 1}[limit[-1]]
+    decoders = int(default_of(gateway["environment"]["XRAYFM_DECODE_CONCURRENCY"]))
+    defaults = GatewaySettings()
+    bound_mb = defaults.upload_buffer_bytes / 2**20 + decoders * defaults.decode_memory_mb + 300
+    assert bound_mb <= limit_mb, (bound_mb, limit_mb)

@@ -1,4 +1,5 @@
-"""Run the xrayfm stack as local processes: Redis, inference worker(s), gateway, frontend.
+"""Run the xrayfm stack as local processes: Redis, inference worker(s), gateway, frontend; and, when Orthanc
+is installed, a local PACS (Orthanc) with the router that sends its new studies to the gateway.
 
     python -m xrayfm_stack.local up      # start what is not running; wait until /ready; print the URLs
     python -m xrayfm_stack.local down    # stop everything started by `up`
@@ -15,9 +16,11 @@ and the benchmark (each on its own ports, Redis and queue). It runs from a check
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xrayfm_stack.settings import BOOTSTRAP_MODES, TrainingSettings, env_flag
+from xrayfm_stack.settings import BOOTSTRAP_MODES, GatewaySettings, TrainingSettings, env_flag, env_str
 from xrayfm_stack.store import SERVING_FILE
 
 REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
@@ -45,8 +48,11 @@ PYTHONPATH = os.pathsep.join(
         "services/training",
         "services/gateway",
         "services/frontend",
+        "services/router",
     )
 )
+ORTHANC_CONFIG = REPO / "deploy" / "orthanc" / "orthanc.json"  # the compose PACS's, which local ones adapt
+ORTHANC_USER = "xrayfm"  # the one user of deploy/orthanc/orthanc.json
 
 
 def free_port() -> int:
@@ -214,6 +220,35 @@ class Stack:
         wait_until(lambda: port_open("127.0.0.1", port), 60, f"frontend on port {port}", proc)
         return proc
 
+    def start_orthanc(
+        self, folder: Path, http_port: int, dicom_port: int, password: str, stable_age: int = 10
+    ) -> Proc:
+        """A local Orthanc PACS (``/usr/sbin/Orthanc``): deploy/orthanc/orthanc.json with its storage in
+        `folder`, its ports here, HTTP for this host only; user ``xrayfm`` with `password` (given in the
+        environment, never written into the configuration). `stable_age`: seconds without a new instance
+        before a study is ``StableStudy`` in the changes feed."""
+        binary = orthanc_binary()
+        if binary is None:
+            raise SystemExit("Orthanc not found: apt-get install orthanc orthanc-dicomweb orthanc-gdcm")
+        config = json.loads(ORTHANC_CONFIG.read_text())
+        folder.mkdir(parents=True, exist_ok=True)
+        storage = str((folder / "db").resolve())
+        config.update(
+            StorageDirectory=storage, IndexDirectory=storage, HttpPort=http_port, DicomPort=dicom_port,
+            RemoteAccessAllowed=False, StableAge=stable_age,
+        )  # fmt: skip
+        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
+        proc = self._start(
+            f"orthanc-{http_port}", [binary, str(folder / "orthanc.json")], {"ORTHANC_PASSWORD": password}
+        )
+        url = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: orthanc_answers(url, password), 30, f"Orthanc on port {http_port}", proc)
+        return proc
+
+    def start_router(self, extra_env: dict[str, str] | None = None) -> Proc:
+        """The PACS router (``python -m xrayfm_router``; its settings: XRAYFM_ORTHANC_URL...)."""
+        return self._start("router", [str(VENV_BIN / "python"), "-m", "xrayfm_router"], extra_env)
+
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Signal one process's group and wait for it (SIGKILL after `timeout`)."""
         stop_group(proc.pid, sig, timeout)
@@ -224,6 +259,23 @@ class Stack:
         for proc in reversed(self.procs):
             if proc.alive():
                 self.stop(proc)
+
+
+def orthanc_binary() -> str | None:
+    """Orthanc's server, when installed (Debian's ``orthanc`` package: /usr/sbin/Orthanc)."""
+    return shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+
+
+def orthanc_answers(url: str, password: str) -> bool:
+    """True when the Orthanc at `url` answers ``/system`` to user xrayfm with `password`."""
+    request = urllib.request.Request(f"{url}/system")
+    token = base64.b64encode(f"{ORTHANC_USER}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def stop_group(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -364,6 +416,7 @@ def up() -> int:
     gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
     stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
     gateway_url = f"http://127.0.0.1:{gateway_port}"
+    pacs = start_local_pacs(stack, gateway_url)
     try:
         if first_start:
             mode = TrainingSettings.from_env().bootstrap
@@ -387,8 +440,45 @@ def up() -> int:
         opened = env_flag({**os.environ, **env}, "XRAYFM_INSECURE_NO_AUTH")
         state = "OPEN (local development only)" if opened else "closed (403; XRAYFM_INSECURE_NO_AUTH is off)"
         print(f"training and model endpoints: {state}: no XRAYFM_ADMIN_KEYS")
+    print(pacs)
+    audit_log = env_str({**os.environ, **env}, "XRAYFM_AUDIT_LOG", str(GatewaySettings.audit_log))
+    print(f"audit log {audit_log} (check it: xrayfm audit verify {audit_log})")
     print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
     return 0
+
+
+def start_local_pacs(stack: Stack, gateway_url: str) -> str:
+    """When Orthanc is installed: a local Orthanc (configuration and storage in runs/stack/orthanc/; its
+    password XRAYFM_ORTHANC_PASSWORD, else generated once into runs/stack/orthanc/password) and the router
+    following it. What was started, in words (or why not)."""
+    if orthanc_binary() is None:
+        return (
+            "PACS: skipped, Orthanc is not installed (apt-get install orthanc orthanc-dicomweb orthanc-gdcm)"
+        )
+    folder = STACK_HOME / "orthanc"
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = folder / "password"
+    if os.environ.get("XRAYFM_ORTHANC_PASSWORD"):
+        secret.write_text(os.environ["XRAYFM_ORTHANC_PASSWORD"])
+    elif not secret.is_file():
+        secret.write_text(secrets.token_hex(16))
+    secret.chmod(0o600)
+    http_port = int(os.environ.get("XRAYFM_ORTHANC_PORT", "8042"))
+    dicom_port = int(os.environ.get("XRAYFM_ORTHANC_DICOM_PORT", "4242"))
+    busy = [port for port in (http_port, dicom_port) if port_open("127.0.0.1", port)]
+    if busy:  # e.g. Debian's own orthanc service: `systemctl disable --now orthanc`
+        return f"PACS: skipped, port {busy[0]} is taken (XRAYFM_ORTHANC_PORT, XRAYFM_ORTHANC_DICOM_PORT)"
+    stack.start_orthanc(folder, http_port, dicom_port, secret.read_text().strip())
+    keys = sorted(GatewaySettings.from_env().api_keys)
+    stack.start_router({
+        "XRAYFM_ORTHANC_URL": f"http://127.0.0.1:{http_port}", "XRAYFM_ORTHANC_PASSWORD_FILE": str(secret),
+        "XRAYFM_GATEWAY_URL": gateway_url, "XRAYFM_ROUTER_API_KEY": os.environ.get("XRAYFM_ROUTER_API_KEY") or
+        (keys[0] if keys else ""),
+    })  # fmt: skip
+    return (
+        f"PACS      http://127.0.0.1:{http_port} (Orthanc: user {ORTHANC_USER}, password in {secret}), DICOM "
+        f"127.0.0.1:{dicom_port} AE XRAYFMPACS; the router answers its new studies into them"
+    )
 
 
 def _pid_alive(pidfile: Path) -> bool:
@@ -403,8 +493,8 @@ def down() -> int:
     """Stop every process whose pid file `up` wrote (their whole process groups)."""
     pids = STACK_HOME / "pids"
     files = sorted(pids.glob("*.pid")) if pids.is_dir() else []
-    order = {"frontend": 0, "gateway": 1, "worker": 2, "trainer": 3}
-    for pidfile in sorted(files, key=lambda p: order.get(p.stem, 3)):
+    order = {"router": 0, "frontend": 0, "gateway": 1, "worker": 2, "trainer": 3}
+    for pidfile in sorted(files, key=lambda p: order.get(p.stem, 4 if p.stem.startswith("orthanc") else 3)):
         try:
             pid = int(pidfile.read_text())
         except ValueError:

@@ -280,8 +280,16 @@ class GatewaySettings:
     transport_side: int = 512  # XRAYFM_TRANSPORT_SIDE: longest side of the pixels sent to the worker
     predict_timeout_s: float = 60.0  # XRAYFM_PREDICT_TIMEOUT: /predict waits this long, then 504 + job id
     explain_method: str = "rollout"  # XRAYFM_EXPLAIN_METHOD: the default heatmap method
-    decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: uploads decoded at the same time (per process)
+    decode_concurrency: int = 4  # XRAYFM_DECODE_CONCURRENCY: decoder processes (uploads decoded at once)
+    decode_timeout_s: float = 15.0  # XRAYFM_DECODE_TIMEOUT: a decode taking longer is abandoned (422)
+    decode_memory_mb: int = 1024  # XRAYFM_DECODE_MEMORY_MB: address-space cap of each decoder process
+    max_study_pixels: int = 240_000_000  # XRAYFM_MAX_STUDY_PIXELS: pixels of a study's images in all
+    max_study_bytes: int = 256 * 1024 * 1024  # XRAYFM_MAX_STUDY_MB: a /predict/study upload in all
+    upload_buffer_bytes: int = (
+        512 * 1024 * 1024
+    )  # XRAYFM_UPLOAD_BUFFER_MB: uploads held at once (per process)
     workers: int = 1  # XRAYFM_GATEWAY_WORKERS: gateway processes sharing the port (xrayfm_gateway.serve)
+    max_json_bytes: int = 256 * 1024  # XRAYFM_MAX_JSON_KB: any request body but an upload (413 above)
     admin_keys: frozenset[str] = frozenset()  # XRAYFM_ADMIN_KEYS: training and model-store endpoints
     model_store: Path = DEFAULT_STORE  # XRAYFM_MODEL_STORE: listed, promoted, rolled back
     # XRAYFM_INSECURE_NO_AUTH=1: with no admin key, leave the training and model endpoints open (local
@@ -301,6 +309,8 @@ class GatewaySettings:
     # answered with a warning (flag), or not checked (off)
     domain_policy: str = "refuse"
     drift_window: int = 500  # XRAYFM_DRIFT_WINDOW: answers per version in the drift gauges' rolling window
+    # XRAYFM_AUDIT_LOG: the audit trail (xrayfm.audit), one hash-chained line per admin action and prediction
+    audit_log: Path = Path("runs/audit/audit.jsonl")
 
     @property
     def auth_enabled(self) -> bool:
@@ -326,7 +336,13 @@ class GatewaySettings:
             decode_concurrency=int(
                 env_number(env, "XRAYFM_DECODE_CONCURRENCY", cls.decode_concurrency, int, 1)
             ),
+            decode_timeout_s=env_number(env, "XRAYFM_DECODE_TIMEOUT", cls.decode_timeout_s, float, 0.01),
+            decode_memory_mb=int(env_number(env, "XRAYFM_DECODE_MEMORY_MB", cls.decode_memory_mb, int, 0)),
+            max_study_pixels=int(env_number(env, "XRAYFM_MAX_STUDY_PIXELS", cls.max_study_pixels, int, 1)),
+            max_study_bytes=int(env_number(env, "XRAYFM_MAX_STUDY_MB", 256, float, 0.001) * 1024 * 1024),
+            upload_buffer_bytes=int(env_number(env, "XRAYFM_UPLOAD_BUFFER_MB", 512, float, 1) * 1024 * 1024),
             workers=int(env_number(env, "XRAYFM_GATEWAY_WORKERS", cls.workers, int, 1)),
+            max_json_bytes=int(env_number(env, "XRAYFM_MAX_JSON_KB", 256, int, 1)) * 1024,
             admin_keys=env_keys(env, "XRAYFM_ADMIN_KEYS"),
             model_store=Path(env_str(env, "XRAYFM_MODEL_STORE", str(cls.model_store))),
             insecure_no_auth=env_flag(env, "XRAYFM_INSECURE_NO_AUTH"),
@@ -338,10 +354,63 @@ class GatewaySettings:
             data_dirs=env_paths(env, "XRAYFM_DATA_DIRS", cls.data_dirs),
             domain_policy=domain_policy(env),
             drift_window=int(env_number(env, "XRAYFM_DRIFT_WINDOW", cls.drift_window, int, 10)),
+            audit_log=Path(env_str(env, "XRAYFM_AUDIT_LOG", str(cls.audit_log))),
         )
         if settings.transport_side > MAX_SIDE:
             raise XrayfmError(f"XRAYFM_TRANSPORT_SIDE must be <= {MAX_SIDE}, got {settings.transport_side}")
         return settings
+
+
+def env_secret(env: Mapping[str, str], name: str) -> str | None:
+    """A secret from `name`, else from the file `name`_FILE names (compose mounts secrets as files)."""
+    value = env_str(env, name, "")
+    path = env_str(env, f"{name}_FILE", "")
+    if not value and path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise XrayfmError(f"{name}_FILE={path} cannot be read: {exc}") from None
+    return value or None
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The PACS router (xrayfm_router): the Orthanc it follows, the gateway it asks, where it keeps its place."""
+
+    orthanc_url: str = "http://127.0.0.1:8042"  # XRAYFM_ORTHANC_URL: REST root (DICOMweb: /dicom-web)
+    orthanc_user: str = "xrayfm"  # XRAYFM_ORTHANC_USER
+    orthanc_password: str | None = None  # XRAYFM_ORTHANC_PASSWORD, or the file XRAYFM_ORTHANC_PASSWORD_FILE
+    gateway_url: str = "http://127.0.0.1:8000"  # XRAYFM_GATEWAY_URL
+    api_key: str | None = None  # XRAYFM_ROUTER_API_KEY: sent to the gateway (one of its XRAYFM_API_KEYS)
+    # XRAYFM_ROUTER_REDIS_URL, else XRAYFM_TRAINING_REDIS_URL (kept on disk), else XRAYFM_REDIS_URL: the
+    # position in Orthanc's changes feed and the studies answered, so that a restart goes on where it was
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "xrayfm:router"  # XRAYFM_ROUTER_PREFIX: of its Redis keys
+    poll_s: float = 2.0  # XRAYFM_ROUTER_POLL_S: how often an idle router asks for changes
+    backfill: bool = False  # XRAYFM_ROUTER_BACKFILL=1: a first start answers the studies already stored
+    remember_days: float = 90.0  # XRAYFM_ROUTER_REMEMBER_DAYS: how long an answered study is remembered
+    timeout_s: float = 120.0  # XRAYFM_ROUTER_TIMEOUT: one HTTP call to Orthanc or the gateway
+    audit_log: Path = Path("runs/audit/audit.jsonl")  # XRAYFM_AUDIT_LOG: study_result records go here
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
+        """Read the router's variables."""
+        env = _environ(env)
+        redis_url = env_str(env, "XRAYFM_TRAINING_REDIS_URL", env_str(env, "XRAYFM_REDIS_URL", cls.redis_url))
+        return cls(
+            orthanc_url=env_str(env, "XRAYFM_ORTHANC_URL", cls.orthanc_url).rstrip("/"),
+            orthanc_user=env_str(env, "XRAYFM_ORTHANC_USER", cls.orthanc_user),
+            orthanc_password=env_secret(env, "XRAYFM_ORTHANC_PASSWORD"),
+            gateway_url=env_str(env, "XRAYFM_GATEWAY_URL", cls.gateway_url).rstrip("/"),
+            api_key=env_str(env, "XRAYFM_ROUTER_API_KEY", "") or None,
+            redis_url=env_str(env, "XRAYFM_ROUTER_REDIS_URL", redis_url),
+            prefix=env_str(env, "XRAYFM_ROUTER_PREFIX", cls.prefix),
+            poll_s=env_number(env, "XRAYFM_ROUTER_POLL_S", cls.poll_s, float, 0.05),
+            backfill=env_flag(env, "XRAYFM_ROUTER_BACKFILL"),
+            remember_days=env_number(env, "XRAYFM_ROUTER_REMEMBER_DAYS", cls.remember_days, float, 0.001),
+            timeout_s=env_number(env, "XRAYFM_ROUTER_TIMEOUT", cls.timeout_s, float, 1),
+            audit_log=Path(env_str(env, "XRAYFM_AUDIT_LOG", str(cls.audit_log))),
+        )
 
 
 @dataclass(frozen=True)

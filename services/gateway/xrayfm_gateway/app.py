@@ -7,24 +7,27 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
 from xrayfm_gateway import __version__
+from xrayfm_gateway.audit import Auditor
+from xrayfm_gateway.decoding import DecodePool
 from xrayfm_gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
+from xrayfm_gateway.limits import BodyLimit
 from xrayfm_gateway.metrics import DRIFT_WATCH, MetricsMiddleware, process_stopped
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
-from xrayfm_gateway.routers import feedback, health, jobs, models, predict, training
+from xrayfm_gateway.routers import dicomweb, feedback, health, inference_v2, jobs, models, predict, training
+from xrayfm_gateway.uploads import UploadBuffer
 from xrayfm_stack.settings import GatewaySettings
 
 DESCRIPTION = """Predictions and attention heatmaps for radiographs (PNG, JPEG, DICOM).
 
 `curl -X POST "http://127.0.0.1:8000/predict" -F "file=@sample_xray.png"`
 
-Uploads are checked and decoded here; only grey pixels travel to the inference workers.
+Uploads are checked and decoded here, in decoder processes; only grey pixels travel to the inference workers.
 """
 
 
@@ -47,10 +50,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.queue = InferenceQueue(settings.queue)
         app.state.training = TrainingQueue(settings.training)
-        app.state.decode_slots = anyio.CapacityLimiter(settings.decode_concurrency)
+        app.state.decoders = DecodePool(settings)
+        app.state.upload_buffer = UploadBuffer(settings.upload_buffer_bytes)
         try:
             yield
         finally:
+            await app.state.decoders.close()
             await app.state.queue.close()
             process_stopped()
 
@@ -65,6 +70,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
     app = FastAPI(title="xrayfm gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.audit = Auditor(settings.audit_log)  # xrayfm_gateway.audit: admin actions, predictions
     DRIFT_WATCH.configure(settings.model_store, settings.drift_window)
     if settings.domain_policy != "refuse":
         log.warning("XRAYFM_DOMAIN_POLICY=%s: images outside the model's domain are %s", settings.domain_policy,
@@ -72,7 +78,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # never echoes the input
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes)
+    app.add_middleware(MetricsMiddleware)  # added last: outermost, so it counts the 413s of BodyLimit too
     for router in (
         health.router,
         predict.router,
@@ -80,6 +87,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         training.router,
         models.router,
         feedback.router,
+        dicomweb.router,
+        inference_v2.router,
     ):
         app.include_router(router)
     return app

@@ -1,5 +1,5 @@
 """The gateway's dependencies, in the FastAPI full-stack template's style: routes ask for what they use
-(``SettingsDep``, ``QueueDep``, ``TrainingDep``, ``StoreDep``, ``ReadinessDep``, ``DecodeSlotsDep``) and
+(``SettingsDep``, ``QueueDep``, ``TrainingDep``, ``StoreDep``, ``ReadinessDep``, ``DecodersDep``, ``UploadBufferDep``) and
 never reach into ``request.app.state``. Tests replace any of them with ``app.dependency_overrides``.
 
 Auth is a dependency too: :func:`require_api_key` on the prediction routes, :func:`require_admin_key` on
@@ -17,13 +17,14 @@ import secrets
 from pathlib import Path
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from xrayfm_gateway.decoding import DecodePool
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import QUEUE_ERRORS
 from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable, TrainingQueue
+from xrayfm_gateway.uploads import UploadBuffer
 from xrayfm_stack.protocol import Readiness
 from xrayfm_stack.settings import GatewaySettings
 
@@ -45,15 +46,23 @@ async def get_training(request: Request) -> TrainingQueue:
     return request.app.state.training
 
 
-async def get_decode_slots(request: Request) -> anyio.CapacityLimiter:
-    """Bounds the uploads decoded at once (memory and CPU)."""
-    return request.app.state.decode_slots
+async def get_decoders(request: Request) -> DecodePool:
+    """The decoder processes uploads are decoded in (bounded in number, memory and time)."""
+    return request.app.state.decoders
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
 TrainingDep = Annotated[TrainingQueue, Depends(get_training)]
-DecodeSlotsDep = Annotated[anyio.CapacityLimiter, Depends(get_decode_slots)]
+
+
+async def get_upload_buffer(request: Request) -> UploadBuffer:
+    """Bounds the bytes of uploads this process holds at once."""
+    return request.app.state.upload_buffer
+
+
+DecodersDep = Annotated[DecodePool, Depends(get_decoders)]
+UploadBufferDep = Annotated[UploadBuffer, Depends(get_upload_buffer)]
 
 
 async def get_store(settings: SettingsDep) -> Path:
@@ -115,6 +124,12 @@ _admin_key = APIKeyHeader(
 )
 
 
+def key_hash(key: str) -> str:
+    """Who holds a key, without keeping it: the first 12 hex digits of its SHA-256 (feedback and audit
+    records)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def key_matches(given: str | None, keys: frozenset[str]) -> bool:
     """True when `given` is one of `keys`. Compared against every key with no early exit, in constant
     time, so timing does not tell which key nearly matched."""
@@ -168,7 +183,7 @@ async def key_identity(
     auth is off)."""
     if not settings.auth_enabled or not key:
         return None
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    return key_hash(key)
 
 
 async def require_admin_key(

@@ -9,6 +9,8 @@ dimensions or too many pixels (decompression bombs are refused from the header, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -16,7 +18,7 @@ import numpy as np
 from fastapi import Request
 from PIL import Image
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within, without_metadata
 from xrayfm.domain.checks import upload_facts
@@ -43,9 +45,38 @@ _NEUTRAL_MIMES = {"", "application/octet-stream", "binary/octet-stream"}
 class Upload:
     """An uploaded file's bytes and what the client said about it (the name is never logged)."""
 
-    data: bytes
+    data: bytes | bytearray
     filename: str | None
     content_type: str | None
+
+
+class UploadBuffer:
+    """The bytes of uploads this gateway process holds now, bounded (``XRAYFM_UPLOAD_BUFFER_MB``): when
+    full, another upload is answered 503 ``busy`` while it streams in, and the memory stays bounded
+    whatever the number of clients. Counted on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    @contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """A `take(n)` that reserves n more bytes for this request until the block ends."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.used + n > self.limit:
+                raise reject(
+                    503, "busy", "the gateway holds as many uploads as it may now: send it again shortly",
+                    {"Retry-After": "2"},
+                )  # fmt: skip
+            self.used += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            self.used -= taken
 
 
 @dataclass
@@ -60,21 +91,22 @@ class DecodedImage:
     facts: dict | None = None  # for the domain gate: colourfulness, DICOM Modality/BodyPart/View (no PHI)
 
 
-def reject(status: int, code: str, detail: str) -> APIError:
+def reject(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> APIError:
     """An APIError for a refused upload, counted by reason."""
     REJECTED.labels(code).inc()
-    return APIError(status, code, detail)
+    return APIError(status, code, detail, headers)
 
 
 class _FileParts:
     """python-multipart callbacks that keep the parts named `field` in memory, each within a size limit,
-    at most `max_files` of them (one more is counted, not kept, so the refusal can say so)."""
+    at most `max_files` of them (one more is counted, not kept, so the refusal can say so). Each kept byte
+    is reserved with `take` first (see :class:`UploadBuffer`)."""
 
-    def __init__(self, field: str, max_bytes: int, max_files: int) -> None:
-        self.field, self.max_bytes, self.max_files = field, max_bytes, max_files
+    def __init__(self, field: str, max_bytes: int, max_files: int, take: Callable[[int], None]) -> None:
+        self.field, self.max_bytes, self.max_files, self.take = field, max_bytes, max_files, take
         self.files: list[Upload] = []
         self.found = 0
-        self._chunks: list[bytes] | None = None  # the part being kept, if any
+        self._data: bytearray | None = None  # the part being kept, if any
         self._size = 0
         self._headers: dict[bytes, bytes] = {}
         self._field = self._value = b""
@@ -94,7 +126,7 @@ class _FileParts:
         setattr(self, attr, getattr(self, attr) + data)
 
     def _part_begin(self) -> None:
-        self._headers, self._chunks, self._size = {}, None, 0
+        self._headers, self._data, self._size = {}, None, 0
 
     def _header_end(self) -> None:
         self._headers[self._field.lower()] = self._value
@@ -109,43 +141,46 @@ class _FileParts:
             return
         filename = params.get(b"filename")
         mime = self._headers.get(b"content-type")
-        self._chunks = []
+        self._data = bytearray()
         self.files.append(
             Upload(
-                data=b"",
+                data=self._data,
                 filename=filename.decode("utf-8", "replace") if filename is not None else None,
                 content_type=mime.decode("latin-1").split(";")[0].strip().lower() if mime else None,
             )
         )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._chunks is None:
+        if self._data is None:
             return
         self._size += end - start
         if self._size > self.max_bytes:
             raise reject(
                 413, "file_too_large", f"the file exceeds the upload limit of {self.max_bytes:,} bytes"
             )
-        self._chunks.append(bytes(data[start:end]))
+        self.take(end - start)
+        self._data += data[start:end]
 
     def _part_end(self) -> None:
-        if self._chunks is not None:
-            self.files[-1].data = b"".join(self._chunks)
-            self._chunks = None
+        self._data = None
 
 
-async def receive_upload(request: Request, max_bytes: int) -> Upload:
+async def receive_upload(request: Request, max_bytes: int, take: Callable[[int], None]) -> Upload:
     """Read the multipart body's one ``file`` field into memory, refusing oversize bodies while streaming."""
-    [upload] = await receive_uploads(request, max_bytes, FILE_FIELD, 1)
+    [upload] = await receive_uploads(request, max_bytes, FILE_FIELD, 1, max_bytes, take)
     return upload
 
 
-async def receive_uploads(request: Request, max_bytes: int, field: str, max_files: int) -> list[Upload]:
-    """Read the multipart body's parts named `field` (1 to `max_files`, each at most `max_bytes`) into
-    memory, refusing oversize bodies while streaming."""
+async def receive_uploads(
+    request: Request, max_bytes: int, field: str, max_files: int, max_total: int, take: Callable[[int], None],
+    media_type: bytes = b"multipart/form-data",
+) -> list[Upload]:  # fmt: skip
+    """Read the multipart body's parts named `field` (1 to `max_files`, each at most `max_bytes`, all at most
+    `max_total`) into memory, each byte reserved with `take`, refusing oversize bodies while streaming.
+    `media_type` ``multipart/related`` with `field` ``""``: every part (they carry no name; STOW-RS)."""
     example = f'curl -F "{field}=@image.png"'
     mime, params = parse_options_header(request.headers.get("content-type", ""))
-    if mime != b"multipart/form-data":
+    if mime != media_type:
         raise reject(
             415,
             "not_multipart",
@@ -154,13 +189,13 @@ async def receive_uploads(request: Request, max_bytes: int, field: str, max_file
     boundary = params.get(b"boundary")
     if not boundary:
         raise reject(400, "bad_multipart", "multipart/form-data without a boundary")
-    limit = max_bytes * max_files + _MULTIPART_SLACK
+    limit = min(max_bytes * max_files, max_total) + _MULTIPART_SLACK
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise reject(
             413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {max_bytes:,}"
         )
-    parts = _FileParts(field, max_bytes, max_files)
+    parts = _FileParts(field, max_bytes, max_files, take)
     total = 0
     try:
         parser = MultipartParser(boundary, parts.callbacks())  # refuses a boundary over 256 characters
@@ -176,6 +211,8 @@ async def receive_uploads(request: Request, max_bytes: int, field: str, max_file
         parser.finalize()
     except FormParserError as exc:  # MultipartParseError included
         raise reject(400, "bad_multipart", f"malformed multipart body: {exc}") from None
+    if parser.state != MultipartState.END:  # finalize() accepts a body cut short: its last part may be too
+        raise reject(400, "bad_multipart", "the multipart body ends before its closing boundary (truncated?)")
     if parts.found == 0:
         raise reject(422, "missing_file", f"no field named '{field}' in the form ({example})")
     if parts.found > max_files:
@@ -199,8 +236,9 @@ def _declared_suffix(upload: Upload) -> str | None:
     return _TYPES_BY_MIME.get(mime, mime)
 
 
-def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
-    """Check and decode an upload to grey pixels sized for transport (runs in a worker thread)."""
+def decode_upload(upload: Upload, settings: GatewaySettings, pixel_budget: int | None = None) -> DecodedImage:
+    """Check and decode an upload to grey pixels sized for transport (in a decoder process:
+    :mod:`xrayfm_gateway.decoding`). `pixel_budget`: what is left of the study's ``XRAYFM_MAX_STUDY_PIXELS``."""
     if not upload.data:
         raise reject(400, "empty_file", "the uploaded file is empty (0 bytes)")
     declared = _declared_suffix(upload)
@@ -210,11 +248,20 @@ def decode_upload(upload: Upload, settings: GatewaySettings) -> DecodedImage:
         info = image_info(upload.data, max_pixels=settings.max_pixels)
     except ImageDecodeError as exc:
         raise _header_error(exc) from None
+    except MemoryError:
+        raise out_of_memory() from None
     except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
         log.warning("header reader raised %s", type(exc).__name__)
         raise reject(400, "corrupt_image", "cannot read the image header (truncated or corrupt?)") from None
     width, height = int(info["width"]), int(info["height"])
     _check_dimensions(width, height, settings)
+    if pixel_budget is not None and width * height > pixel_budget:
+        raise reject(
+            422,
+            "study_too_large",
+            f"image of {width}x{height} takes the study over its limit of pixels in all "
+            "(XRAYFM_MAX_STUDY_PIXELS; refused before decoding)",
+        )
     # Decode the upload without its metadata when that cannot change the pixels (no EXIF orientation), so
     # that the same bytes can travel to the worker (see _wire_file); else the upload as it is.
     stripped = without_metadata(upload.data) if info.get("orientation", 1) == 1 else None
@@ -251,6 +298,8 @@ def _decode_pixels(
         if not strict:
             return None
         raise reject(400, "corrupt_image", _public_message(exc)) from None
+    except MemoryError:
+        raise out_of_memory() from None
     except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
         if not strict:
             return None
@@ -263,6 +312,15 @@ def _decode_pixels(
 def _wire_file(stripped: bytes | None, pixels: np.ndarray) -> bytes | None:
     """The metadata-free upload `pixels` were decoded from, to send instead of them when it is smaller."""
     return stripped if stripped is not None and len(stripped) < pixels.size else None
+
+
+def out_of_memory() -> APIError:
+    """The refusal of an image whose decoding needs more memory than a decoder process may use."""
+    return reject(
+        422,
+        "image_too_large",
+        "decoding this image needs more memory than a decoder may use (XRAYFM_DECODE_MEMORY_MB)",
+    )
 
 
 def _public_message(exc: ImageDecodeError) -> str:

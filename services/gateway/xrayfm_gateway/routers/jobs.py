@@ -1,4 +1,5 @@
-"""The asynchronous form: ``POST /jobs`` (202 + job id), ``GET /jobs/{job_id}`` to poll."""
+"""The asynchronous form: ``POST /jobs`` (202 + job id), ``GET /jobs/{job_id}`` to poll; and
+``GET /jobs/{job_id}/fhir``: a DICOM study's answer as FHIR R4B resources for an EHR."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import uuid
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydicom.dataset import Dataset
 
+from xrayfm.hospital.fhir import fhir_bundle
 from xrayfm_gateway.audit import audit_prediction
 from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.queue import QueueUnavailable
+from xrayfm_gateway.queue import JobState, QueueUnavailable
 from xrayfm_gateway.routers.predict import (
     ERRORS,
     IN_PROGRESS,
@@ -20,8 +23,10 @@ from xrayfm_gateway.routers.predict import (
     prediction_from,
     queue_upload,
 )
-from xrayfm_stack.protocol import ErrorBody, ExplainMethod, JobStatus, JobSubmitted
+from xrayfm_stack.protocol import ErrorBody, ExplainMethod, JobStatus, JobSubmitted, StudyPrediction
+from xrayfm_stack.results import study_result
 
+FHIR_JSON = "application/fhir+json"
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 
@@ -57,6 +62,18 @@ async def submit_job(
 )
 async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
     """``queued`` | ``running`` | ``done`` (with ``result``) | ``failed`` (with ``error``)."""
+    job_id, record, job = await _job(job_id, queue)
+    if job.status not in ("done", "failed"):
+        return JobStatus(job_id=job_id, status=job.status)
+    try:
+        result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record, None, False)
+        return JobStatus(job_id=job_id, status="done", result=result)
+    except APIError as exc:
+        return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")
+
+
+async def _job(job_id: str, queue: QueueDep) -> tuple[str, dict, JobState]:
+    """(the id as a UUID, the job's record, its state); 404 when unknown or expired, 503 without Redis."""
     try:
         job_id = str(uuid.UUID(job_id))
     except ValueError:
@@ -65,13 +82,47 @@ async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
         record = await queue.record(job_id)
         if record is None:
             raise APIError(404, "unknown_job", f"no job {job_id} (unknown, or expired)")
-        job = await queue.state(job_id)
+        return job_id, record, await queue.state(job_id)
     except QueueUnavailable as exc:
         raise APIError(503, "queue_unavailable", str(exc)) from None
+
+
+@router.get(
+    "/{job_id}/fhir",
+    responses={
+        200: {"content": {FHIR_JSON: {}}, "description": "a FHIR R4B transaction Bundle"},
+        404: {"model": ErrorBody, "description": "unknown or expired job"},
+        409: {"model": ErrorBody, "description": "the job has not ended, or ended without an answer"},
+        422: {"model": ErrorBody, "description": "not a DICOM study's job: FHIR needs the study's UIDs"},
+        503: {"model": ErrorBody},
+    },
+    summary="A DICOM study's answer as FHIR: DiagnosticReport, Observations, Device",
+)
+async def job_fhir(job_id: str, queue: QueueDep) -> Response:
+    r"""For a study sent through STOW-RS (``/dicomweb/studies``): a transaction Bundle of a
+    ``DiagnosticReport`` on the ``ImagingStudy`` (by its Study Instance UID), the finding and probability
+    ``Observation``\ s and the model's ``Device`` (:func:`xrayfm.hospital.fhir.fhir_bundle`), with the same
+    identifiers as the SR the router writes. The gateway keeps no patient data, so the report has no
+    ``subject``: the EHR links it to its patient through the ImagingStudy."""
+    job_id, record, job = await _job(job_id, queue)
+    dicom = record.get("dicom")
+    if not dicom:
+        raise APIError(422, "not_dicom", f"job {job_id} was not a DICOM study sent by STOW-RS: no FHIR")
     if job.status not in ("done", "failed"):
-        return JobStatus(job_id=job_id, status=job.status)
-    try:
-        result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record, None, False)
-        return JobStatus(job_id=job_id, status="done", result=result)
-    except APIError as exc:
-        return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")
+        raise APIError(409, "not_finished", f"job {job_id} is {job.status}")
+    answer = await anyio.to_thread.run_sync(prediction_from, job_id, job, record, None, False)
+    if not isinstance(answer, StudyPrediction):
+        raise APIError(409, "not_a_study", f"job {job_id} holds no study answer")
+    bundle = await anyio.to_thread.run_sync(_bundle, answer, dicom)
+    return Response(bundle, media_type=FHIR_JSON)
+
+
+def _bundle(answer: StudyPrediction, dicom: dict) -> str:
+    """The FHIR JSON of a study's answer, from the UIDs the job kept."""
+    sources = []
+    for sop_class, sop_instance in dicom["instances"]:
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SOPClassUID, ds.SOPInstanceUID = dicom["study"], sop_class, sop_instance
+        sources.append(ds)
+    result = study_result(answer, [ds.SOPInstanceUID for ds in sources])
+    return fhir_bundle(sources, result).model_dump_json(exclude_none=True)

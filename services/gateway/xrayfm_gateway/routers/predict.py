@@ -15,12 +15,15 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from xrayfm.data.images import to_png_bytes
 from xrayfm.errors import XrayfmError
+from xrayfm_gateway.audit import audit_prediction
+from xrayfm_gateway.decoding import DecodePool
 from xrayfm_gateway.deps import (
-    DecodeSlotsDep,
+    DecodersDep,
     QueueDep,
     ReadinessDep,
     ReadinessProbe,
     SettingsDep,
+    UploadBufferDep,
     require_api_key,
 )
 from xrayfm_gateway.errors import APIError
@@ -30,7 +33,7 @@ from xrayfm_gateway.uploads import (
     STUDY_FIELD,
     DecodedImage,
     Upload,
-    decode_upload,
+    UploadBuffer,
     receive_upload,
     receive_uploads,
 )
@@ -91,14 +94,19 @@ class UploadDeps:
     settings: GatewaySettings
     queue: InferenceQueue
     probe: ReadinessProbe
-    decode_slots: anyio.CapacityLimiter
+    decoders: DecodePool
+    buffer: UploadBuffer
 
 
 async def upload_deps(
-    settings: SettingsDep, queue: QueueDep, probe: ReadinessDep, decode_slots: DecodeSlotsDep
+    settings: SettingsDep,
+    queue: QueueDep,
+    probe: ReadinessDep,
+    decoders: DecodersDep,
+    buffer: UploadBufferDep,
 ) -> UploadDeps:
     """The :class:`UploadDeps` of a request (a coroutine: FastAPI would run a class in its thread pool)."""
-    return UploadDeps(settings, queue, probe, decode_slots)
+    return UploadDeps(settings, queue, probe, decoders, buffer)
 
 
 UploadDepsDep = Annotated[UploadDeps, Depends(upload_deps)]
@@ -126,24 +134,20 @@ class InProgress:
 
 
 IN_PROGRESS = InProgress()
-INLINE_MAX_BYTES = 2**20  # uploads up to this size may be decoded on the event loop (see off_loop)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, small: bool = True) -> T:
-    """``fn(*args)``, CPU work (decoding an upload, drawing heatmaps), in a worker thread so that other
+    """``fn(*args)``, CPU work on trusted data (drawing heatmaps), in a worker thread so that other
     requests go on meanwhile; or right here when it is `small` and this is the only prediction request in
-    progress: nobody waits on the event loop then, and a thread hand-off costs ~0.3 ms on a 2-core machine,
-    twice per /predict."""
+    progress: nobody waits on the event loop then, and a thread hand-off costs ~0.3 ms on a 2-core machine.
+    Uploads are never decoded here: see :mod:`xrayfm_gateway.decoding`."""
     if small and IN_PROGRESS.alone:
         return fn(*args)
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-async def _decode(upload: Upload, deps: UploadDeps) -> DecodedImage:
-    async with deps.decode_slots:  # bounds the memory and CPU spent decoding at once
-        decoded = await off_loop(
-            decode_upload, upload, deps.settings, small=len(upload.data) <= INLINE_MAX_BYTES
-        )
+async def _decode(upload: Upload, deps: UploadDeps, pixel_budget: int | None = None) -> DecodedImage:
+    decoded = await deps.decoders.decode(upload, pixel_budget)
     UPLOAD_BYTES.observe(len(upload.data))
     return decoded
 
@@ -155,8 +159,11 @@ async def _submit(
     explain: bool,
     method: str | None,
     decode_ms: float,
+    dicom: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Queue decoded images (one request, or a study's list) once the stack is ready; (job id, record)."""
+    """Queue decoded images (one request, or a study's list) once the stack is ready; (job id, record).
+    `dicom`: the UIDs of a DICOM study's instances, in the order of `images` (no patient data), kept with the
+    job for ``GET /jobs/{id}/fhir``."""
     ready = await deps.probe.check()
     if not ready.ready:
         raise APIError(
@@ -190,6 +197,7 @@ async def _submit(
         **({"images": facts} if study else {"image": facts[0]}),
         "decode_ms": decode_ms,
         "submitted": time.time(),
+        **({"dicom": dicom} if dicom else {}),
     }
     try:
         job_id = await deps.queue.submit(payloads if study else payloads[0], record, inputs=inputs)
@@ -214,7 +222,8 @@ async def queue_upload(
 
     The upload is checked before readiness, so a bad file gets its 4xx even while no worker is ready."""
     started = time.perf_counter()
-    decoded = await _decode(await receive_upload(request, deps.settings.max_upload_bytes), deps)
+    with deps.buffer.hold() as take:
+        decoded = await _decode(await receive_upload(request, deps.settings.max_upload_bytes, take), deps)
     return await _submit(deps, [decoded], False, explain, method, 1000 * (time.perf_counter() - started))
 
 
@@ -224,15 +233,20 @@ async def queue_study(
     """As :func:`queue_upload` for the ``files`` of one study: every file is checked before any is queued."""
     started = time.perf_counter()
     settings = deps.settings
-    uploads = await receive_uploads(
-        request, settings.max_upload_bytes, STUDY_FIELD, settings.max_study_images
-    )
-    decoded = []
-    for k, upload in enumerate(uploads):
-        try:
-            decoded.append(await _decode(upload, deps))
-        except APIError as exc:  # say which file of the study (by position: names are never echoed)
-            raise APIError(exc.status, exc.code, f"file {k + 1} of {len(uploads)}: {exc.detail}") from None
+    decoded: list[DecodedImage] = []
+    budget = settings.max_study_pixels  # pixels left for the study's other images
+    with deps.buffer.hold() as take:
+        uploads = await receive_uploads(
+            request, settings.max_upload_bytes, STUDY_FIELD, settings.max_study_images,
+            settings.max_study_bytes, take,
+        )  # fmt: skip
+        for k, upload in enumerate(uploads):
+            try:
+                decoded.append(await _decode(upload, deps, budget))
+            except APIError as exc:  # say which file of the study (by position: names are never echoed)
+                detail = f"file {k + 1} of {len(uploads)}: {exc.detail}"
+                raise APIError(exc.status, exc.code, detail, exc.headers) from None
+            budget -= decoded[-1].width * decoded[-1].height
     return await _submit(deps, decoded, True, explain, method, 1000 * (time.perf_counter() - started))
 
 
@@ -315,14 +329,25 @@ def prediction_from(
     )
 
 
-async def _answer(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
-    """Queue with `queue_it` (one image or a study), wait, and answer (timed from the first byte read)."""
+async def answer_job(
+    queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None
+) -> tuple[JobState, Prediction | StudyPrediction]:
+    """Queue with `queue_it` (one image or a study), wait, and answer (timed from the first byte read);
+    (the finished job, the answer). The Open Inference Protocol route (routers/inference_v2.py) takes this
+    path too, with its own `queue_it`, and reads the model's map from the job."""
     started = time.perf_counter()
     with IN_PROGRESS.one():
-        job_id, record = await queue_it(request, deps, explain, method)
-        job = await wait_for(deps, job_id)
-        study = isinstance(job.result, StudyAnswer)
-        return await off_loop(prediction_from, job_id, job, record, started, small=not study)
+        async with audit_prediction(request) as seen:  # one audit record, however the request ends
+            job_id, record = await queue_it(request, deps, explain, method)
+            seen.job_id = job_id
+            seen.job = job = await wait_for(deps, job_id)
+            study = isinstance(job.result, StudyAnswer)
+            return job, await off_loop(prediction_from, job_id, job, record, started, small=not study)
+
+
+async def _answer(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
+    """As :func:`answer_job`, the answer only."""
+    return (await answer_job(queue_it, request, deps, explain, method))[1]
 
 
 @router.post(

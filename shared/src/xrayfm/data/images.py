@@ -796,7 +796,7 @@ def _decode_dicom(fp: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
     try:
         arr = pixel_array(ds, index=0)  # first frame only; compressed syntaxes through pydicom's plugins
         return _dicom_to_grey(arr, ds)
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):  # not enough memory says nothing about the file
         raise
     except Exception as exc:  # decoder plugins and LUT code raise many types (RuntimeError, ValueError...)
         syntax = _transfer_syntax(ds).name

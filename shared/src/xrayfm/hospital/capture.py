@@ -16,8 +16,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from xrayfm.errors import DataError
-from xrayfm.hospital.result import StudyResult
-from xrayfm.hospital.sr import MANUFACTURER
+from xrayfm.hospital.result import MANUFACTURER, StudyResult
 from xrayfm.hospital.uids import DEFAULT_ROOT, sc_uid, series_uid
 
 SC_SERIES_NUMBER = 9902

@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 
 from xrayfm.errors import DataError, list_offenders
 
+MANUFACTURER = "xrayfm"  # the Manufacturer of every SR and SC built here: how a PACS feed tells them apart
+
 
 def _check_probability(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

@@ -27,11 +27,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from xrayfm.hospital import codes as xc
-from xrayfm.hospital.result import StudyResult, check_sources
+from xrayfm.hospital.result import MANUFACTURER, StudyResult, check_sources
 from xrayfm.hospital.uids import DEFAULT_ROOT, derived_uid, device_uid, series_uid, sr_uid
 
 SR_SERIES_NUMBER = 9901
-MANUFACTURER = "xrayfm"
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 # The modalities for which highdicom's Image Library adds projection radiography descriptors (TID 1603).
 PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")

@@ -1,0 +1,3 @@
+from xrayfm_router.follow import main
+
+main()
