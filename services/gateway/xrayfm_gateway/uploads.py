@@ -254,7 +254,7 @@ def decode_upload(upload: Upload, settings: GatewaySettings, pixel_budget: int |
         log.warning("header reader raised %s", type(exc).__name__)
         raise reject(400, "corrupt_image", "cannot read the image header (truncated or corrupt?)") from None
     width, height = int(info["width"]), int(info["height"])
-    _check_dimensions(width, height, settings)
+    check_dimensions(width, height, settings)
     if pixel_budget is not None and width * height > pixel_budget:
         raise reject(
             422,
@@ -336,7 +336,7 @@ def _header_error(exc: ImageDecodeError) -> APIError:
     return reject(400, "corrupt_image", message)
 
 
-def _check_dimensions(width: int, height: int, settings: GatewaySettings) -> None:
+def check_dimensions(width: int, height: int, settings: GatewaySettings) -> None:
     if width * height > settings.max_pixels:
         raise reject(
             422,

@@ -19,7 +19,6 @@ decoded in the decoder processes as any upload's.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from collections.abc import Sequence
@@ -37,9 +36,17 @@ from xrayfm.hospital.result import MANUFACTURER
 from xrayfm_gateway.audit import actor
 from xrayfm_gateway.deps import API_KEY_HEADER, require_api_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.routers.predict import ERRORS, UploadDeps, UploadDepsDep, _answer, _decode, _submit
+from xrayfm_gateway.routers.predict import (
+    ERRORS,
+    UploadDeps,
+    UploadDepsDep,
+    answer_request,
+    decode_one,
+    submit_images,
+)
 from xrayfm_gateway.uploads import DecodedImage, Upload, receive_uploads, reject
 from xrayfm_stack.protocol import StudyPrediction
+from xrayfm_stack.studies import series_tag
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)])
 
@@ -137,11 +144,6 @@ def not_for_the_model(series: Sequence[Instance]) -> str | None:
     return None
 
 
-def series_tag(series_uid: str) -> str:
-    """A series named in the audit log without its UID: the first 16 hex digits of the UID's SHA-256."""
-    return hashlib.sha256(series_uid.encode()).hexdigest()[:16]
-
-
 def audit_skip(
     request: Request, series: str, reason: str, n: int, job_id: str | None = None, domain: dict | None = None
 ) -> None:
@@ -179,11 +181,11 @@ async def predict_images(
     }
 
     async def queue_it(request: Request, deps: UploadDeps, explain: bool, method: str | None):
-        job_id, record = await _submit(deps, images, True, explain, method, decode_ms, dicom)
+        job_id, record = await submit_images(deps, images, True, explain, method, decode_ms, dicom)
         queued.append(job_id)
         return job_id, record
 
-    prediction = await _answer(queue_it, request, deps, True, None)  # with heatmaps: the SCs need them
+    prediction = await answer_request(queue_it, request, deps, True, None)  # with heatmaps: the SCs need them
     assert isinstance(prediction, StudyPrediction)
     return prediction
 
@@ -203,7 +205,7 @@ async def answer_study(request: Request, deps: UploadDeps, instances: list[Insta
         decoded, failure, started = [], None, time.perf_counter()
         for inst in series:
             try:
-                decoded.append((inst, await _decode(inst.upload, deps, budget)))
+                decoded.append((inst, await decode_one(inst.upload, deps, budget)))
                 budget -= decoded[-1][1].width * decoded[-1][1].height
             except APIError as exc:  # this instance only: the rest of the series may still be read
                 failure = failure or exc.code

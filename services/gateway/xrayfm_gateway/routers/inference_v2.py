@@ -39,8 +39,8 @@ from pydantic import BaseModel, Field, ValidationError
 from xrayfm_gateway import __version__
 from xrayfm_gateway.deps import ReadinessDep, ReadinessProbe, require_api_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.routers.predict import UploadDeps, UploadDepsDep, _decode, _submit, answer_job
-from xrayfm_gateway.uploads import DecodedImage, Upload, _check_dimensions, fit_within, reject
+from xrayfm_gateway.routers.predict import UploadDeps, UploadDepsDep, answer_job, decode_one, submit_images
+from xrayfm_gateway.uploads import DecodedImage, Upload, check_dimensions, fit_within, reject
 from xrayfm_stack.protocol import DomainInfo, ModelInfo, Prediction, WorkerAnswer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension's header
@@ -386,7 +386,7 @@ def grey_pixels(tensor: RequestInput, binary: memoryview, deps: UploadDeps) -> n
     if len(shape) != 2 or min(shape) < 1:
         raise bad_tensor(f"input 'pixels' is one grey image: shape [H, W] or [1, H, W], got {tensor.shape}")
     height, width = shape
-    _check_dimensions(width, height, deps.settings)
+    check_dimensions(width, height, deps.settings)
     raw = _tensor_bytes(tensor, binary)
     try:
         if raw is not None:
@@ -424,7 +424,7 @@ class TensorUpload:
             self.wanted = self._outputs()
             decoded = await self._decoded(self.inference.inputs, binary, deps)
         decode_ms = 1000 * (time.perf_counter() - started)
-        return await _submit(deps, [decoded], False, "heatmap" in self.wanted, method, decode_ms)
+        return await submit_images(deps, [decoded], False, "heatmap" in self.wanted, method, decode_ms)
 
     def _outputs(self) -> list[str]:
         assert self.inference is not None
@@ -445,7 +445,7 @@ class TensorUpload:
         if tensor.datatype != wanted:
             raise bad_tensor(f"input {tensor.name!r} is {wanted}, got {tensor.datatype}")
         if tensor.name == "image":
-            return await _decode(Upload(image_file(tensor, binary), None, None), deps)
+            return await decode_one(Upload(image_file(tensor, binary), None, None), deps)
         pixels = grey_pixels(tensor, binary, deps)
         fitted = await anyio.to_thread.run_sync(fit_within, pixels, deps.settings.transport_side)
         return DecodedImage(pixels=fitted, format="FP32", width=pixels.shape[1], height=pixels.shape[0])

@@ -146,13 +146,14 @@ async def off_loop(fn: Callable[..., T], *args: Any, small: bool = True) -> T:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-async def _decode(upload: Upload, deps: UploadDeps, pixel_budget: int | None = None) -> DecodedImage:
+async def decode_one(upload: Upload, deps: UploadDeps, pixel_budget: int | None = None) -> DecodedImage:
+    """One upload checked and decoded by a decoder process (an APIError saying why it cannot be), counted."""
     decoded = await deps.decoders.decode(upload, pixel_budget)
     UPLOAD_BYTES.observe(len(upload.data))
     return decoded
 
 
-async def _submit(
+async def submit_images(
     deps: UploadDeps,
     images: list[DecodedImage],
     study: bool,
@@ -223,8 +224,10 @@ async def queue_upload(
     The upload is checked before readiness, so a bad file gets its 4xx even while no worker is ready."""
     started = time.perf_counter()
     with deps.buffer.hold() as take:
-        decoded = await _decode(await receive_upload(request, deps.settings.max_upload_bytes, take), deps)
-    return await _submit(deps, [decoded], False, explain, method, 1000 * (time.perf_counter() - started))
+        decoded = await decode_one(await receive_upload(request, deps.settings.max_upload_bytes, take), deps)
+    return await submit_images(
+        deps, [decoded], False, explain, method, 1000 * (time.perf_counter() - started)
+    )
 
 
 async def queue_study(
@@ -242,12 +245,12 @@ async def queue_study(
         )  # fmt: skip
         for k, upload in enumerate(uploads):
             try:
-                decoded.append(await _decode(upload, deps, budget))
+                decoded.append(await decode_one(upload, deps, budget))
             except APIError as exc:  # say which file of the study (by position: names are never echoed)
                 detail = f"file {k + 1} of {len(uploads)}: {exc.detail}"
                 raise APIError(exc.status, exc.code, detail, exc.headers) from None
             budget -= decoded[-1].width * decoded[-1].height
-    return await _submit(deps, decoded, True, explain, method, 1000 * (time.perf_counter() - started))
+    return await submit_images(deps, decoded, True, explain, method, 1000 * (time.perf_counter() - started))
 
 
 async def wait_for(deps: UploadDeps, job_id: str) -> JobState:
@@ -345,7 +348,7 @@ async def answer_job(
             return job, await off_loop(prediction_from, job_id, job, record, started, small=not study)
 
 
-async def _answer(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
+async def answer_request(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
     """As :func:`answer_job`, the answer only."""
     return (await answer_job(queue_it, request, deps, explain, method))[1]
 
@@ -365,7 +368,7 @@ async def predict(
 ) -> Prediction:
     """Multipart field ``file`` (.png, .jpg, .jpeg, .dcm). Answers the decision, its probability, the
     probabilities per label, the heatmap (base64 PNG), the model's identity and timings."""
-    return await _answer(queue_upload, request, deps, explain, method)
+    return await answer_request(queue_upload, request, deps, explain, method)
 
 
 STUDY_BODY: dict[str, Any] = {
@@ -406,4 +409,4 @@ async def predict_study(
     """Multipart fields ``files`` (one per image, up to ``XRAYFM_MAX_STUDY_IMAGES``). Answers the study's
     decision and probability (the mean of its images' probabilities, as in the MURA paper; `aggregation`
     says so), and each image's own answer with its heatmap, computed together in one worker call."""
-    return await _answer(queue_study, request, deps, explain, method)
+    return await answer_request(queue_study, request, deps, explain, method)
