@@ -1,11 +1,20 @@
 """CPU inference runtimes side by side: torch eager vs ONNX Runtime (fp32, int8), rollout included; the
-int8 AUROC change on a real validation set; and the worker's footprint (start-to-ready, RSS).
+int8 AUROC change on the shipped model's task and on a real validation set; and the worker's footprint
+(start-to-ready, RSS).
 
     .venv/bin/python bench/bench_inference.py --json                     # vit_base, batch 1, rollout
     .venv/bin/python bench/bench_inference.py --model vit_tiny_patch16_224 --batch 8
     .venv/bin/python bench/bench_inference.py --auroc CHECKPOINT         # int8 vs fp32 on MURA valid
     .venv/bin/python bench/bench_inference.py --footprint                # start-to-ready + RSS table
     .venv/bin/python bench/bench_inference.py --json --openvino          # + OpenVINO (a candidate only)
+
+``--json`` also reports ``shipped_int8``: the shipped model (xrayfm/cxr-vit-tiny-mae-pneumonia-lora) exported
+as publishing exports it, its image-level AUROC on the PneumoniaMNIST test split (624 images) in torch, ONNX
+Runtime fp32 and int8, ``int8_auroc_delta``, and the int8 verdict on its validation split (501 Kermany
+images, when ``$XRAYFM_SHARED_DATA/kermany-pneumonia`` is there; ``--no-shipped`` skips it). Measured with
+``nice .venv/bin/python bench/bench_inference.py --json`` on the 2-core shared AMD EPYC VM (2026-12-07):
+test AUROC torch 0.95205, fp32 0.95205, int8 0.95184 (change -0.00021; largest probability change 0.035);
+validation 0.99486 fp32 -> 0.99493 int8 (+0.00007): int8 is served under ``XRAYFM_QUANTIZE=auto``.
 
 Timings: each repeat runs every runtime once on the same preprocessed batch, interleaved, so that load
 from other processes hits them alike; the medians are printed. The issue's goal: the best runtime at
@@ -146,6 +155,59 @@ def speed(args: argparse.Namespace, cache: Path) -> dict:
     }
 
 
+SHIPPED = "xrayfm/cxr-vit-tiny-mae-pneumonia-lora"
+
+
+def shipped_int8(args: argparse.Namespace, cache: Path) -> dict:
+    """The shipped model's int8 AUROC change on its task: its graphs exported as publishing exports them
+    (with the int8 verdict on its validation split when the Kermany images are in the data folder), then
+    torch, fp32 and int8 image-level AUROC on the PneumoniaMNIST test split (624 images, 28 px, through
+    the serving path's preprocessing)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from xrayfm.inference import Predictor, load_served_model
+    from xrayfm.inference.graphs import GRAPH_FILES, version_graphs
+    from xrayfm.inference.runtime import OnnxPredictor
+    from xrayfm.registry import pretrained_dir
+
+    torch.set_num_threads(args.threads)
+    test = np.load(SHARED / "pneumoniamnist-full" / "pneumoniamnist.npz")
+    images, labels = list(test["test_images"]), test["test_labels"].reshape(-1).astype(int)
+    folder = cache / "shipped"
+    folder.mkdir()
+    record = version_graphs(pretrained_dir(SHIPPED), folder, (SHARED,))
+    served = load_served_model(SHIPPED, device="cpu")
+    predictors = {
+        "torch": Predictor(served),
+        **{
+            ("onnxruntime" if q == "none" else f"onnxruntime-{q}"): OnnxPredictor(
+                served, quantize=q, threads=args.threads, onnx_path=folder / name
+            )
+            for q, name in GRAPH_FILES.items()
+        },
+    }
+    scores = {}
+    for name, predictor in predictors.items():
+        probs = []
+        for i in range(0, len(images), 64):
+            probs += [r.probability for r in predictor.predict(images[i : i + 64], explain_maps=False)]
+        scores[name] = np.asarray(probs)
+    auroc = {name: round(float(roc_auc_score(labels, s)), 5) for name, s in scores.items()}
+    return {
+        "model": SHIPPED,
+        "test": f"PneumoniaMNIST test ({SHARED / 'pneumoniamnist-full'}), {len(labels)} images, "
+        f"{int(labels.sum())} pneumonia, image-level, 28 px upscaled by the serving preprocessing",
+        "test_auroc": auroc,
+        "int8_auroc_delta": round(auroc["onnxruntime-int8"] - auroc["onnxruntime"], 5),
+        "max_abs_prob_diff_int8": round(
+            float(np.abs(scores["onnxruntime-int8"] - scores["onnxruntime"]).max()), 5
+        ),
+        "validation_verdict": record["int8"],
+    }
+
+
 def mura_valid(root: Path) -> tuple[list[Path], list[int]]:
     rows = (root / "valid_image_paths.csv").read_text().split()
     paths = [root.parent / row.strip() for row in rows if row.strip()]
@@ -251,6 +313,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument(
+        "--no-shipped", action="store_true", help="skip the shipped model's int8 AUROC change on its task"
+    )
     parser.add_argument("--auroc", type=Path, help="a checkpoint trained on MURA: int8 vs fp32 AUROC")
     parser.add_argument("--mura", default=str(SHARED / "mura-humerus-64/MURA-v1.1"))
     parser.add_argument("--footprint", action="store_true", help="start-to-ready and RSS per runtime")
@@ -272,6 +337,8 @@ def main() -> int:
             result = {"footprint": footprint(args, cache)}
         else:
             result = speed(args, cache)
+            if not args.no_shipped:
+                result["shipped_int8"] = shipped_int8(args, cache)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -296,6 +363,11 @@ def main() -> int:
         print(
             f"\nbest: {result['best_runtime']} {result['speedup']:.2f}x torch eager ({goal} the >= 1.4x goal)"
         )
+        if "shipped_int8" in result:
+            shipped = result["shipped_int8"]
+            print(f"\n{shipped['model']} on {shipped['test']}: AUROC {shipped['test_auroc']}, "
+                  f"int8 change {shipped['int8_auroc_delta']:+.5f}; on its validation split: "
+                  f"{shipped['validation_verdict']['reason']}")  # fmt: skip
     return 0
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from xrayfm.data.cache import prepare_cache
 from xrayfm.data.folder import CsvDataset
-from xrayfm.models.shipping import export_adapter
+from xrayfm.models.shipping import export_adapter, kermany_train_csv
 from xrayfm.registry import PREFIX, WEIGHTS_DIR
 from xrayfm.train import AdaptConfig, adapt
 from xrayfm.train.evaluation import evaluate
@@ -37,22 +37,6 @@ INTENDED_USE = (
     "Research use only: not a medical device, not for diagnosis, triage or any clinical decision. "
     "Trained on 64 px paediatric chest X-rays from one hospital."
 )
-
-
-def kermany_csv(data: Path, out: Path) -> Path:
-    """path, Pneumonia (1/0), patient_id for the Kermany train split."""
-    src = data / "kermany-pneumonia"
-    table = pd.read_csv(src / "labels.csv")
-    rows = pd.DataFrame(
-        {
-            "path": [str(src / p) for p in table["path"]],
-            LABEL: (table["label"] == "PNEUMONIA").astype(int),
-            "patient_id": table["patient_id"],
-        }
-    )
-    path = out / "kermany-train.csv"
-    rows.to_csv(path, index=False)
-    return path
 
 
 def pneumoniamnist_test_csv(data: Path, out: Path) -> Path:
@@ -91,7 +75,7 @@ def main() -> None:
 
     train_cache, test_cache = out / "cache" / "kermany-train", out / "cache" / "pneumoniamnist-test"
     prepare_cache(
-        CsvDataset(kermany_csv(data, out), label_columns=[LABEL], patient_column="patient_id"),
+        CsvDataset(kermany_train_csv(data, out), label_columns=[LABEL], patient_column="patient_id"),
         train_cache,
         size=size,
     )

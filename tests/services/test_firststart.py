@@ -63,6 +63,24 @@ def test_install_shipped_stores_the_adapter_with_its_foundation(tmp_path: Path) 
     with torch.no_grad():
         torch.testing.assert_close(stored(x), shipped(x))
     assert meta["labels"] == ["Pneumonia"]
+    graphs = model_store.graphs_record(folder)  # exported on install; no data folder: int8 not measured
+    assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
+    assert graphs["int8"]["serve_int8"] is False and "not measured" in graphs["int8"]["reason"]
+
+
+@pytest.mark.slow
+def test_install_shipped_judges_int8_on_its_validation_images(tmp_path: Path, shared_data: Path) -> None:
+    """With the Kermany train images in a data folder, the shipped model's own validation split (501
+    images) is drawn again and int8 is judged on it: fp32 gives the AUROC its run recorded."""
+    store = tmp_path / "store"
+    ref = install_shipped(store, SHIPPED, (tmp_path / "elsewhere", shared_data))
+    verdict = model_store.graphs_record(model_store.version_dir(store, ref["name"], ref["version"]))["int8"]
+    from xrayfm.registry import pretrained_dir
+
+    shipped_meta = json.loads((pretrained_dir(SHIPPED) / "meta.json").read_text())
+    assert verdict["images"] == shipped_meta["data"]["val"]["images"] == 501
+    assert verdict["fp32_auroc"] == pytest.approx(shipped_meta["metrics"]["mean_auroc"], abs=1e-6)
+    assert verdict["serve_int8"] is (verdict["delta"] >= -0.005)
 
 
 def test_describe_says_what_installing_the_shipped_model_does() -> None:

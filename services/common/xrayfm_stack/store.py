@@ -6,7 +6,8 @@ Layout (documented in services/README.md)::
     <store>/serving.json                  {"name": "chest-demo", "version": "3"}
     <store>/models/<name>/<version>/      one checkpoint folder (safetensors weights + JSON metadata)
 
-    <store>/models/<name>/<version>/version.json   store facts: job, kind, metrics, lineage (training worker)
+    <store>/models/<name>/<version>/version.json   store facts: job, kind, metrics, lineage, onnx (training worker)
+    <store>/models/<name>/<version>/model.onnx, model.int8.onnx   its ONNX graphs (fp32, int8), exported on publish
     <store>/models/<name>/<version>/evaluations/<job>.json   results of evaluate jobs on this version
     <store>/models/<name>/<version>/operating_point.json   its chosen decision threshold (xrayfm.operating_point)
     <store>/serving-history.json          the promoted versions, oldest first (for :func:`rollback`)
@@ -163,6 +164,14 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def graphs_record(folder: Path) -> dict[str, Any] | None:
+    """What the version's ``version.json`` records about its stored ONNX graphs (files, sha256, opset,
+    source, int8 verdict; :mod:`xrayfm.inference.graphs`), or None when it has none."""
+    info = read_json(Path(folder) / VERSION_FILE, None) if Path(folder).is_dir() else None
+    record = info.get("onnx") if isinstance(info, dict) else None
+    return record if isinstance(record, dict) and "files" in record else None
+
+
 def add_evaluation(store: Path, name: str, version: str, job_id: str, result: dict[str, Any]) -> None:
     """Record an evaluate job's result with the version it evaluated (one file per job)."""
     folder = version_dir(store, name, version)
@@ -282,6 +291,7 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
                 "operating_point": _readable_point(folder),
                 "domain_gate": gate_summary(folder),
                 "calibration": _calibration_summary(folder),
+                "onnx": graphs_record(folder),
             }
         )
     rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))

@@ -44,7 +44,7 @@ from xrayfm_stack.protocol import (
     WorkerRejection,
 )
 from xrayfm_stack.settings import InferenceSettings
-from xrayfm_stack.store import resolve_model
+from xrayfm_stack.store import graphs_record, resolve_model
 
 log = logging.getLogger("xrayfm.worker")
 
@@ -116,7 +116,13 @@ AUTO_BATCH_LIMIT = 64  # XRAYFM_BATCH_MAX=auto measures sizes up to this (and th
 
 def model_info(predictor: Any) -> ModelInfo:
     """The served model's identity with the deployment's runtime (torch, onnxruntime, onnxruntime-int8)."""
-    return ModelInfo(**{**predictor.served.info(), "runtime": predictor.runtime})
+    return ModelInfo(
+        **{
+            **predictor.served.info(),
+            "runtime": predictor.runtime,
+            "runtime_reason": predictor.runtime_reason,
+        }
+    )
 
 
 _START_LOCK = threading.Lock()
@@ -258,6 +264,8 @@ def _load_model(ref) -> None:
         quantize=SETTINGS.quantize,
         cache_dir=SETTINGS.runtime_cache,
         threads=SETTINGS.torch_threads,
+        folder=Path(ref.path),
+        graphs=graphs_record(ref.path),
     )
     predictor.predict(
         [_warmup_image()], explain_maps=True, method=_method_for(predictor, SETTINGS.explain_method)
@@ -283,9 +291,9 @@ def _load_model(ref) -> None:
     )
     metrics.MODEL_LOADED.set(1)
     log.info(
-        "serving %s/%s (sha256 %s) on %s with %s, loaded in %.1f s%s",
+        "serving %s/%s (sha256 %s) on %s with %s (%s), loaded in %.1f s%s",
         served.name, served.version, served.sha256[:12], served.device, predictor.runtime,
-        time.perf_counter() - t0,
+        predictor.runtime_reason, time.perf_counter() - t0,
         f" (replaces {previous.name}/{previous.version})" if previous is not None else "",
     )  # fmt: skip
 

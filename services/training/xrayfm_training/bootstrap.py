@@ -5,7 +5,9 @@ The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOT
 
 - ``shipped`` (the default): publish the model shipped inside the library (``XRAYFM_BOOTSTRAP_MODEL``, by
   default ``xrayfm/cxr-vit-tiny-mae-pneumonia-lora``: LoRA on the MAE foundation, trained on real CC BY
-  radiographs) into the store, with its foundation, and promote it. No data and no training: seconds.
+  radiographs) into the store, with its foundation and its ONNX graphs, and promote it. No training:
+  seconds. Its int8 verdict is measured on its validation images when a data folder
+  (``XRAYFM_DATA_DIRS``) holds its dataset (Kermany train); else the version records that it was not.
 - ``demo`` / ``quick`` (tiny, for tests): draw synthetic chest and bone phantoms (:mod:`xrayfm.data.synth`),
   pre-train a small ViT on the chest ones, LoRA-adapt it to the bone ones (both as ordinary training jobs,
   visible in ``/training/jobs``) and promote the adapter. What it serves says it is synthetic
@@ -81,11 +83,14 @@ def _job_spec(kind: str, name: str, root: Path, sizes: dict[str, Any], foundatio
     return {"kind": kind, "name": name, "config": config}
 
 
-def install_shipped(store: Path, name: str) -> dict[str, str]:
+def install_shipped(store: Path, name: str, data_dirs: tuple[Path, ...] = ()) -> dict[str, str]:
     """Publish the shipped model `name` (``xrayfm/<name>``; an adapter brings its shipped foundation along)
-    into the store as a new version of ``<name>``; returns its {"name", "version"}."""
+    into the store as a new version of ``<name>``, with its ONNX graphs (int8 judged on its validation
+    images when one of `data_dirs` holds its dataset); returns its {"name", "version"}."""
     short = name.removeprefix(PREFIX)
-    version, _ = publish_run(store, short, pretrained_dir(name), job_id="first-start", kind="shipped")
+    version, _ = publish_run(
+        store, short, pretrained_dir(name), job_id="first-start", kind="shipped", data_dirs=data_dirs
+    )
     return {"name": short, "version": version}
 
 
@@ -101,7 +106,7 @@ def run_bootstrap(settings: TrainingSettings, records: JobRecords, run_job) -> d
     try:
         if mode == "shipped":
             state.set(stage="installing", model=settings.bootstrap_model, error=None)
-            ref = install_shipped(store, settings.bootstrap_model)
+            ref = install_shipped(store, settings.bootstrap_model, settings.data_dirs)
         else:
             ref = _train_demo(settings, records, run_job, state, mode, store)
         state.set(stage="promoting")

@@ -2,11 +2,17 @@
 
 A LoRA adapter is stored alone (small) and points at its foundation; a foundation from outside the store
 is copied in first (as ``<name>-foundation``), so that every stored adapter stays loadable.
+
+Each version gets its ONNX graphs beside the checkpoint (``model.onnx``, ``model.int8.onnx``), exported
+here where torch is, with the int8 verdict measured on the run's validation images; ``version.json``'s
+``onnx`` records them (:func:`xrayfm.inference.graphs.version_graphs`). A model that cannot be exported
+is published without them, and its ``onnx`` says why: a worker then exports it when it loads it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +21,8 @@ from typing import Any
 from xrayfm.errors import XrayfmError
 from xrayfm.utils import to_jsonable
 from xrayfm_stack.store import MODELS_DIR, VERSION_FILE, add_version
+
+log = logging.getLogger(__name__)
 
 
 def _store_ref(store: Path, folder: Path) -> dict[str, str] | None:
@@ -47,11 +55,33 @@ def _foundation_in_store(
     return {**ref, "path": str(path), "sha256": lineage.get("sha256")}
 
 
+def _graphs(best: Path, staged: Path, data_dirs: tuple[Path, ...]) -> dict[str, Any]:
+    """Export `best` (the run's checkpoint, whose foundation path resolves from where it is) into the
+    staged version folder and judge int8 (a shipped model on its dataset in `data_dirs`); a failure is
+    recorded, not raised (the version is still served, exported at load)."""
+    from xrayfm.inference.graphs import GRAPH_FILES, version_graphs
+
+    try:
+        return version_graphs(best, staged, data_dirs)
+    except Exception as exc:  # noqa: BLE001 - publishing the checkpoint matters more than its graphs
+        log.warning("no ONNX graphs for %s: %s: %s", best, type(exc).__name__, exc)
+        for name in GRAPH_FILES.values():
+            (staged / name).unlink(missing_ok=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def publish_run(
-    store: Path, name: str, best: Path, job_id: str, kind: str, lineage: dict[str, Any] | None = None
+    store: Path,
+    name: str,
+    best: Path,
+    job_id: str,
+    kind: str,
+    lineage: dict[str, Any] | None = None,
+    data_dirs: tuple[Path, ...] = (),
 ) -> tuple[str, dict[str, Any]]:
-    """Copy the run's `best` folder into the store as the next version of `name`; returns (version, info).
-    `lineage` adds to the version's lineage (e.g. the tuning study a trial's checkpoint came from)."""
+    """Copy the run's `best` folder into the store as the next version of `name`, with its ONNX graphs;
+    returns (version, info). `lineage` adds to the version's lineage (e.g. the tuning study a trial's
+    checkpoint came from); `data_dirs`: where a shipped model's validation data may be."""
     meta = json.loads((best / "meta.json").read_text())
     lineage = dict(lineage or {})
     Path(store).mkdir(parents=True, exist_ok=True)  # staged in the store: `best` may be read-only (shipped)
@@ -67,6 +97,7 @@ def publish_run(
                 meta["foundation"] = {**meta["foundation"], "path": relative}
                 (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         staged.joinpath(VERSION_FILE).unlink(missing_ok=True)
+        graphs = _graphs(best, staged, data_dirs)
         info = to_jsonable(
             {
                 "job_id": job_id,
@@ -76,6 +107,7 @@ def publish_run(
                 "manifest_sha256": meta.get("manifest_sha256"),
                 "library": meta.get("versions"),
                 "lineage": lineage,
+                "onnx": graphs,
             }
         )
         version = add_version(store, name, staged, info)

@@ -254,6 +254,7 @@ class Predictor:
     """Runs the served model on batches; thread-compatible (one batch at a time, from the batcher)."""
 
     runtime = "torch"  # the name answers carry; subclasses running another runtime override it
+    runtime_reason: str | None = None  # why this runtime and graph serve (set by make_predictor)
 
     def __init__(self, served: ServedModel) -> None:
         self.served = served

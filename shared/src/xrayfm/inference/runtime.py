@@ -11,7 +11,9 @@ Exports are cached in a folder keyed by the checkpoint's sha256 (:func:`cached_o
 the checkpoint's folder: the model store is mounted read-only in the worker containers, identical
 checkpoints share one export, and a changed checkpoint can never pick up a stale graph (the key also
 holds the input size, the opset, the quantization and the torch version that exported it). A file
-appears complete or not at all (written beside, then renamed).
+appears complete or not at all (written beside, then renamed). A model-store version published by the
+training side carries its graphs already (:mod:`xrayfm.inference.graphs`); :func:`make_predictor` serves
+those when they are intact and exports only for a version without them.
 
 :class:`OnnxPredictor` is a :class:`~xrayfm.inference.Predictor` whose logits and rollout maps come from
 ONNX Runtime; methods that need gradients (``grad_rollout``, ``gradcam``) fall back to the torch model,
@@ -52,7 +54,8 @@ from xrayfm.inference import Predictor, ServedModel
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8")  # the graphs there are
+QUANTIZE_SETTINGS = (*QUANTIZATIONS, "auto")  # what a deployment asks for (auto: the version's verdict)
 OPSET = 17
 EXPORT_FORMAT = 2  # bump when the exported graph's outputs change (part of the cache key)
 
@@ -226,9 +229,11 @@ class OnnxPredictor(Predictor):
         quantize: str = "none",
         threads: int = 0,
         providers: list[str] | None = None,
+        onnx_path: Path | None = None,
     ) -> None:
+        """`onnx_path`: a graph exported before (a version's stored one) instead of the cached export."""
         super().__init__(served)
-        self.onnx_path = cached_onnx(served, cache_dir, quantize)
+        self.onnx_path = onnx_path or cached_onnx(served, cache_dir, quantize)
         self.session = ort_session(self.onnx_path, threads, providers)
         self.runtime = "onnxruntime" if quantize == "none" else f"onnxruntime-{quantize}"
 
@@ -251,14 +256,34 @@ def make_predictor(
     quantize: str = "none",
     cache_dir: str | Path | None = None,
     threads: int = 0,
+    folder: Path | None = None,
+    graphs: dict[str, Any] | None = None,
 ) -> Predictor:
-    """The predictor for a deployment's runtime (``torch`` or ``onnxruntime``)."""
+    """The predictor for a deployment's runtime (``torch`` or ``onnxruntime``) and quantization (``none``,
+    ``int8``, or ``auto``: the version's int8 verdict). `folder` and `graphs`: the version's folder and its
+    record of stored graphs (:mod:`xrayfm.inference.graphs`), served instead of an export at load when
+    intact. The predictor's ``runtime_reason`` says what it serves and why."""
+    from xrayfm.inference.graphs import choose_quantize, stored_graph
+
+    if quantize not in QUANTIZE_SETTINGS:
+        raise XrayfmError(f"quantize must be one of {QUANTIZE_SETTINGS}, got {quantize!r}")
     if runtime == "torch":
-        if quantize != "none":
+        if quantize not in ("none", "auto"):
             raise XrayfmError(f"quantize={quantize!r} needs the onnxruntime runtime")
-        return Predictor(served)
+        predictor = Predictor(served)
+        predictor.runtime_reason = "torch eager (no quantization in torch)"
+        return predictor
     if runtime == "onnxruntime":
         if served.device.type != "cpu":
             raise XrayfmError("the onnxruntime runtime runs on the CPU here; set XRAYFM_DEVICE=cpu")
-        return OnnxPredictor(served, cache_dir=cache_dir, quantize=quantize, threads=threads)
+        chosen, why = choose_quantize(quantize, graphs)
+        stored, source = (
+            stored_graph(folder, graphs, chosen) if folder is not None else (None, "no version folder")
+        )
+        predictor = OnnxPredictor(
+            served, cache_dir=cache_dir, quantize=chosen, threads=threads, onnx_path=stored
+        )
+        graph = source if stored is not None else f"exported at load ({source})"
+        predictor.runtime_reason = f"{why}; graph: {graph}"
+        return predictor
     raise XrayfmError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")

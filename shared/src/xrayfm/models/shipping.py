@@ -29,6 +29,31 @@ NOT_REDISTRIBUTABLE = ("chexpert", "mura")
 ABSOLUTE_PATH = re.compile(r"(/|[A-Za-z]:[\\/]|\\\\)[^\n]*")
 
 
+def kermany_train_csv(data: Path, out: Path) -> Path:
+    """The label table (path, Pneumonia 1/0, patient_id) of the Kermany train split in the team's data
+    folder `data`, written to `out`: what the shipped pneumonia adapter was trained and validated on."""
+    import pandas as pd
+
+    src = Path(data) / "kermany-pneumonia"
+    table = pd.read_csv(src / "labels.csv")
+    rows = pd.DataFrame(
+        {
+            "path": [str(src / p) for p in table["path"]],
+            "Pneumonia": (table["label"] == "PNEUMONIA").astype(int),
+            "patient_id": table["patient_id"],
+        }
+    )
+    path = Path(out) / "kermany-train.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+# The caches shipped models were trained on, by the name their metadata keeps: the dataset folder they come
+# from in the team's data folder, and how to write their label table again (to find a shipped model's
+# validation images).
+TRAINING_TABLES = {"kermany-train": ("kermany-pneumonia", kermany_train_csv)}
+
+
 def portable_meta(value: Any) -> Any:
     """A JSON value with every string that is an absolute path replaced by its last component (``/work/runs/
     pneumonia-lora/cache/kermany-train`` -> ``kermany-train``): what shipped metadata may say of where its
