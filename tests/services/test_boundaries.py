@@ -81,6 +81,7 @@ def test_contracts_gateway_and_frontend_import_without_torch():
         app = xrayfm_gateway.app.create_app()
         assert "/predict" in app.openapi()["paths"]
         import xrayfm_frontend.client, xrayfm_frontend.render, xrayfm_frontend.training_page
+        import xrayfm_frontend.studies_page
         import xrayfm_router.follow, xrayfm_stack.results  # the router's image has no torch either
         print("ok")
         """

@@ -283,7 +283,7 @@ def test_async_jobs(http, fakes):
     assert done["status"] == "done" and done["result"]["job_id"] == job_id
     queue.next_state = JobState("running")
     assert http.get(f"/jobs/{job_id}").json() == {"job_id": job_id, "status": "running", "result": None,
-                                                   "error": None}  # fmt: skip
+                                                   "error": None, "domain": None}  # fmt: skip
     queue.next_state = JobState("failed", error="RuntimeError: boom")
     failed = http.get(f"/jobs/{job_id}").json()
     assert failed["status"] == "failed" and "boom" in failed["error"]

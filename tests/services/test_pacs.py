@@ -232,6 +232,21 @@ def test_a_pushed_study_is_answered_into_the_same_study(pacs, stack, chest_study
     assert skipped["reason"] == "out_of_domain" and skipped["detail"]["instances"] == 1
     assert skipped["detail"]["domain"]["in_domain"] is False and skipped["detail"]["domain"]["reasons"]
 
+    # The Studies page's list (GET /studies): the study by its Orthanc id, the answer, the tibia skipped.
+    study_id = pacs.study_id(study_uid)
+    with stack.client(headers={"X-API-Key": API_KEY}) as client:
+        [entry] = wait_for(lambda: [s for s in client.get("/studies").json()["studies"] if s["study"] == study_id],
+                           30, "the study in GET /studies")  # fmt: skip
+    assert entry["outcome"] == "answered" and entry["job_id"] == done["target"].removeprefix("job:")
+    assert entry["prediction"] == answer["prediction"]
+    assert entry["probability"] == pytest.approx(answer["probability"], abs=1e-9)
+    assert entry["sr_written"] is True and entry["captures"] == 3 and entry["error"] is None
+    chest_series, tibia_series = sorted(entry["series"], key=lambda s: not s["answered"])
+    assert chest_series["answered"] and chest_series["instances"] == 3 and chest_series["reason"] is None
+    assert not tibia_series["answered"] and tibia_series["reason"] == "out_of_domain"
+    assert tibia_series["gate"] == skipped["detail"]["domain"]["reasons"]
+    assert tibia_series["series"] == skipped["detail"]["series"]
+
 
 def test_a_second_push_makes_no_duplicate(pacs, stack, chest_study):
     study_uid = str(pydicom.dcmread(chest_study[0], stop_before_pixels=True).StudyInstanceUID)
@@ -280,6 +295,10 @@ def test_stow_rs_on_the_gateway(stack, chest_study):
     assert referenced == [str(d.SOPInstanceUID) for d in datasets[:3]]
     [failed] = response.FailedSOPSequence
     assert failed.ReferencedSOPInstanceUID == datasets[3].SOPInstanceUID and failed.FailureReason == 0xC000
+    with stack.client(headers={"X-API-Key": API_KEY}) as http:  # the refusing job: the gate's verdict
+        refusal = http.get(urlparse(str(failed.RetrieveURL)).path).json()
+    assert refusal["status"] == "failed" and refusal["error"].startswith("out_of_domain")
+    assert refusal["domain"]["in_domain"] is False and refusal["domain"]["reasons"]
     job_url = str(response.RetrieveURL)
     assert all(str(i.RetrieveURL) == job_url for i in response.ReferencedSOPSequence)
     with httpx.Client(headers={"X-API-Key": API_KEY}) as http:

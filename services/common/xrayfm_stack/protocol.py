@@ -257,6 +257,11 @@ class ModelInfo(BaseModel):
     runtime: str | None = Field(
         None, description="the worker's runtime for this model (torch, onnxruntime, onnxruntime-int8)"
     )
+    runtime_reason: str | None = Field(
+        None,
+        description="why that runtime: the XRAYFM_QUANTIZE choice (auto: the version's int8 verdict) and "
+        "the graph served (the version's stored one, or exported at load)",
+    )
     calibrated: bool = Field(False, description="probabilities scaled to a site's labelled images")
     calibration_source: str | None = Field(
         None, description="the calibration's method and the data it was fitted on"
@@ -498,6 +503,7 @@ class JobStatus(BaseModel):
     status: str = Field(description="queued | running | done | failed")
     result: Prediction | StudyPrediction | None = None
     error: str | None = None
+    domain: DomainInfo | None = Field(None, description="failed as out_of_domain: the domain gate's verdict")
 
 
 class Readiness(BaseModel):
@@ -518,6 +524,42 @@ class ErrorBody(BaseModel):
 
 
 # ---------------------------------------------------------------------------------- training and models
+
+
+class SeriesOutcome(BaseModel):
+    """One series of a study the router sent: answered, or skipped and why (no UID: a tag of it)."""
+
+    series: str = Field(description="the first 16 hex digits of the Series Instance UID's SHA-256")
+    instances: int
+    answered: bool
+    reason: str | None = Field(
+        None,
+        description="why it (or an instance of it) was not answered: out_of_domain | not_an_image | "
+        "corrupt_image | own_result | other_study",
+    )
+    gate: list[str] = Field(default_factory=list, description="out_of_domain: the gate's reason codes")
+
+
+class StudyRecord(BaseModel):
+    """What the router did with one PACS study (no patient data: the study by its Orthanc id)."""
+
+    time: float = Field(default_factory=time.time, description="unix time the router finished with the study")
+    study: str = Field(description="Orthanc's id of the study (a hash, not a DICOM UID)")
+    outcome: str = Field(description="answered | skipped (no series for the model) | failed")
+    job_id: str | None = None
+    prediction: str | None = None
+    probability: float | None = None
+    model: str | None = Field(None, description="name/version of the model that answered")
+    series: list[SeriesOutcome] = Field(default_factory=list)
+    sr_written: bool = False
+    captures: int = Field(0, description="heatmap Secondary Captures written")
+    error: str | None = Field(None, description="failed: what failed (an error code, never the data)")
+
+
+class StudyList(BaseModel):
+    """``GET /studies``: the studies the PACS router handled, newest first."""
+
+    studies: list[StudyRecord]
 
 
 class ModelRefBody(BaseModel):
@@ -610,6 +652,11 @@ class ModelVersion(BaseModel):
         "rate on held-out in-domain images it was set on and on validation images it was not set on",
     )
     calibration: dict[str, Any] | None = Field(None, description="the site calibration, when it has one")
+    onnx: dict[str, Any] | None = Field(
+        None,
+        description="its stored ONNX graphs (model.onnx, model.int8.onnx: sha256, opset, what they were "
+        "exported from) and the int8 verdict (serve_int8, reason, fp32/int8 AUROC on the validation images)",
+    )
 
 
 class ModelList(BaseModel):

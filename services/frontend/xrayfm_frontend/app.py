@@ -1,6 +1,7 @@
 """The xrayfm web UI (Streamlit): upload a radiograph (or the images of one study), see the prediction, the
-probability, and the attention heatmap over each image (opacity slider) next to the original; a second page (sidebar) for
-training jobs and model versions (xrayfm_frontend.training_page)."""
+probability, and the attention heatmap over each image (opacity slider) next to the original; more pages (sidebar) for
+training jobs and model versions (xrayfm_frontend.training_page) and the studies the PACS router answered
+(xrayfm_frontend.studies_page)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import hashlib
 import streamlit as st
 
 from xrayfm.errors import XrayfmError
-from xrayfm_frontend import training_page
+from xrayfm_frontend import studies_page, training_page
 from xrayfm_frontend.client import GatewayClient, GatewayError
 from xrayfm_frontend.render import heatmap_from_base64, original_for_display, overlay
 from xrayfm_stack.protocol import Prediction, StudyPrediction, WorkerAnswer
 from xrayfm_stack.settings import FrontendSettings
 
-PREDICTION, TRAINING = "Prediction", "Training & models"
+PREDICTION, TRAINING, STUDIES = "Prediction", "Training & models", "Studies"
 ONE_IMAGE, STUDY = "One image", "A study (several images)"
 
 
@@ -31,7 +32,7 @@ client = gateway_client(settings)
 
 ready, detail = client.ready()
 with st.sidebar:
-    page = st.radio("Page", [PREDICTION, TRAINING])
+    page = st.radio("Page", [PREDICTION, TRAINING, STUDIES])
     st.caption(f"Gateway: {settings.gateway_url}")
     if ready:
         st.success(f"Stack ready: {detail}")
@@ -39,6 +40,9 @@ with st.sidebar:
         st.warning(f"Stack not ready: {detail}")
 if page == TRAINING:
     training_page.render(client)
+    st.stop()
+if page == STUDIES:
+    studies_page.render(client)
     st.stop()
 
 st.title("xrayfm: radiograph prediction")

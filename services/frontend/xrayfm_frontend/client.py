@@ -1,5 +1,5 @@
-"""The UI's client of the gateway (httpx): readiness, predictions, training jobs and the model store;
-errors as readable messages."""
+"""The UI's client of the gateway (httpx): readiness, predictions, the PACS router's studies, training jobs
+and the model store; errors as readable messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from xrayfm_stack.protocol import Prediction, StudyPrediction
+from xrayfm_stack.protocol import Prediction, StudyList, StudyPrediction, StudyRecord
 from xrayfm_stack.settings import FrontendSettings
 
 T = TypeVar("T", bound=BaseModel)
@@ -70,6 +70,21 @@ class GatewayClient:
                 f"{answer.get('detail') or resp.text[:300]} (HTTP {resp.status_code})", resp.status_code
             )
         return answer
+
+    def studies(self, limit: int = 50) -> list[StudyRecord]:
+        """GET /studies (with the prediction key): the latest studies the PACS router handled, newest first."""
+        try:
+            resp = self._client.get("/studies", params={"limit": limit}, timeout=30.0)
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
+        body = _json(resp)
+        if resp.status_code != 200:
+            detail = body.get("detail") or resp.text[:300]
+            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
+        try:
+            return StudyList.model_validate(body).studies
+        except ValidationError as exc:
+            raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
 
     def _post_upload(self, path: str, explain: bool, method: str | None, files: Any, answer: type[T]) -> T:
         params: dict[str, Any] = {"explain": str(explain).lower()}

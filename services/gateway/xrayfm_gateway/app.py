@@ -19,7 +19,17 @@ from xrayfm_gateway.errors import APIError, api_error_handler, http_error_handle
 from xrayfm_gateway.limits import BodyLimit
 from xrayfm_gateway.metrics import DRIFT_WATCH, MetricsMiddleware, process_stopped
 from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
-from xrayfm_gateway.routers import dicomweb, feedback, health, inference_v2, jobs, models, predict, training
+from xrayfm_gateway.routers import (
+    dicomweb,
+    feedback,
+    health,
+    inference_v2,
+    jobs,
+    models,
+    predict,
+    studies,
+    training,
+)
 from xrayfm_gateway.uploads import UploadBuffer
 from xrayfm_stack.settings import GatewaySettings
 
@@ -88,6 +98,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         models.router,
         feedback.router,
         dicomweb.router,
+        studies.router,
         inference_v2.router,
     ):
         app.include_router(router)

@@ -48,11 +48,13 @@ from xrayfm_stack.protocol import (
     JobRecord,
     PredictRequest,
     StudyAnswer,
+    StudyRecord,
     WorkerAnswer,
     WorkerRejection,
     parse_worker_reply,
 )
 from xrayfm_stack.settings import QueueSettings, TrainingSettings
+from xrayfm_stack.studies import recent
 
 log = logging.getLogger("xrayfm.gateway")
 
@@ -425,3 +427,7 @@ class TrainingQueue:
     async def bootstrap_detail(self) -> str | None:
         """What the first-start bootstrap is doing, for /ready; None when none is under way."""
         return await self._call(lambda: describe_bootstrap(self.bootstrap.get(), self.records))
+
+    async def studies(self, prefix: str, limit: int) -> list[StudyRecord]:
+        """The latest studies the PACS router handled (kept under its `prefix`), newest first."""
+        return await self._call(recent, self.records.redis, prefix, limit)

@@ -10,7 +10,11 @@ For one study (:meth:`Router.answer`):
 4. the answer (``GET`` the response's Retrieve URL: the job) becomes an SR and one heatmap SC per image,
    stored into the study with STOW-RS; their UIDs are derived from the sources and the model, so storing
    them again makes no second copy;
-5. a ``study_result`` record in the audit log (the model, the job, the SR's UID; no patient data).
+5. a ``study_result`` record in the audit log (the model, the job, the SR's UID; no patient data);
+6. a short record of the study (:class:`~xrayfm_stack.protocol.StudyRecord`: the answer, each series answered
+   or skipped with the gate's reason codes, the SR and SCs written, or what failed) first in a capped list
+   in Redis (:mod:`xrayfm_stack.studies`), which the gateway's ``GET /studies`` serves to the UI. A study
+   with no series for the model, and one refused for good, are listed too.
 
 The position in the feed is kept in Redis after each change, so a restart goes on where it stopped. A
 study that fails for a passing reason (the gateway or Orthanc unreachable, 503, 504) is tried again after
@@ -26,6 +30,7 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,13 +43,21 @@ from dicomweb_client import DICOMwebClient
 from xrayfm import audit
 from xrayfm_router.pacs import Orthanc
 from xrayfm_router.results import Source, build
-from xrayfm_stack.protocol import JobStatus, StudyPrediction
+from xrayfm_stack import studies
+from xrayfm_stack.protocol import JobStatus, SeriesOutcome, StudyPrediction, StudyRecord
 from xrayfm_stack.settings import RouterSettings
 
 log = logging.getLogger("xrayfm.router")
 WHO = "router"  # the audit records' `who`
 MAX_BACKOFF_S = 60.0  # the longest wait between tries while the gateway or Orthanc fails
 PASSING = (httpx.TransportError, requests.ConnectionError, requests.Timeout, redis.ConnectionError)
+# STOW-RS Failure Reasons (as the gateway uses them) in words; 0xC000 with a Retrieve URL: the gate refused
+FAILURE_REASONS = {
+    0x0110: "corrupt_image",
+    0x0122: "not_an_image",
+    0xA900: "other_study",
+    0xC000: "own_result",
+}
 
 
 class Passing(Exception):
@@ -62,6 +75,18 @@ def describe(exc: Exception) -> str:
     except ValueError:
         code = None
     return f"HTTP {response.status_code}" + (f" {code}" if isinstance(code, str) else "")
+
+
+@dataclass
+class Sent:
+    """A study as the gateway took it: the instances it answered (in the answer's order), how many it did
+    not, each series' outcome, and the job that answered (empty when none did)."""
+
+    study_id: str
+    answered: list[Source]
+    skipped: int
+    series: list[SeriesOutcome]
+    job_url: str
 
 
 class Router:
@@ -107,12 +132,12 @@ class Router:
         for instance_id in instances:
             data = self.orthanc.instance_file(instance_id)
             sources.append(Source(data, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)))
-        outcome = self.ask_gateway(sources)
+        outcome = self.ask_gateway(study_id, sources)
         remember = int(self.settings.remember_days * 86400)
         self.redis.set(self.answered_key(study_id), fingerprint, ex=remember)
         return outcome
 
-    def ask_gateway(self, sources: list[Source]) -> str:
+    def ask_gateway(self, study_id: str, sources: list[Source]) -> str:
         """STOW-RS the study's instances to the gateway; store its answer back (when it gave one)."""
         study_uid = str(sources[0].header.StudyInstanceUID)
         datasets = [pydicom.dcmread(io.BytesIO(s.data)) for s in sources]
@@ -121,61 +146,108 @@ class Router:
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status == 409:  # none answered: every series skipped (the gateway's audit says why)
+                sent = self.read_response(study_id, sources, pydicom.Dataset.from_json(exc.response.json()))
+                self.list_study(StudyRecord(study=study_id, outcome="skipped", series=sent.series))
                 return "no series for the model"
             if status == 429 or status >= 500:
                 raise Passing(f"gateway answered {status}") from None
             raise  # refused for good: logged by the caller, not tried again
-        referenced = [
-            str(item.ReferencedSOPInstanceUID) for item in response.get("ReferencedSOPSequence", [])
-        ]
-        job_url = str(response.get("RetrieveURL") or "")
-        if not job_url:
+        sent = self.read_response(study_id, sources, response)
+        if not sent.job_url:
             return "no answer"
-        by_uid = {str(s.header.SOPInstanceUID): s for s in sources}  # referenced: in the answer's order
-        return self.store_results(
-            job_url, [by_uid[uid] for uid in referenced], len(sources) - len(referenced)
-        )
+        return self.store_results(sent)
 
-    def fetch_answer(self, job_url: str) -> StudyPrediction:
-        """The gateway's answer to the job the STOW-RS response's Retrieve URL names. Asked of
-        XRAYFM_GATEWAY_URL, not of the URL's host: that comes from the request's Host header, which
-        dicomweb-client sends without the port on a small request."""
+    def read_response(self, study_id: str, sources: list[Source], response: pydicom.Dataset) -> Sent:
+        """What the STOW-RS `response` says of each instance and series; the gate's reason codes of a
+        refused series from the refusing job its Failed SOP items name."""
+        referenced = [str(i.ReferencedSOPInstanceUID) for i in response.get("ReferencedSOPSequence", [])]
+        failed = {str(i.ReferencedSOPInstanceUID): i for i in response.get("FailedSOPSequence", [])}
+        by_series: dict[str, list[str]] = {}
+        for header in (s.header for s in sources):
+            by_series.setdefault(str(header.SeriesInstanceUID), []).append(str(header.SOPInstanceUID))
+        series = [self.series_outcome(uid, sops, set(referenced), failed) for uid, sops in by_series.items()]
+        by_uid = {str(s.header.SOPInstanceUID): s for s in sources}
+        answered = [by_uid[uid] for uid in referenced]
+        job_url = str(response.get("RetrieveURL") or "")
+        return Sent(study_id, answered, len(sources) - len(answered), series, job_url)
+
+    def series_outcome(
+        self, series_uid: str, sops: list[str], referenced: set[str], failed: dict[str, pydicom.Dataset]
+    ) -> SeriesOutcome:
+        """One series: answered when an instance of it was; the Failure Reason of its first failed instance
+        in words, and the gate's reason codes when the gate refused it (its item names the refusing job)."""
+        item = next((failed[uid] for uid in sops if uid in failed), None)
+        reason, gate = None, []
+        if item is not None and item.get("RetrieveURL"):
+            reason, gate = "out_of_domain", self.gate_reasons(str(item.RetrieveURL))
+        elif item is not None:
+            code = int(item.get("FailureReason", 0))
+            reason = FAILURE_REASONS.get(code, f"0x{code:04X}")
+        answered = any(uid in referenced for uid in sops)
+        tag = studies.series_tag(series_uid)
+        return SeriesOutcome(series=tag, instances=len(sops), answered=answered, reason=reason, gate=gate)
+
+    def job_status(self, job_url: str) -> JobStatus:
+        """The job a STOW-RS Retrieve URL names. Asked of XRAYFM_GATEWAY_URL, not of the URL's host: that
+        comes from the request's Host header, which dicomweb-client sends without the port on a small
+        request."""
         job_id = urlparse(job_url).path.rstrip("/").rpartition("/")[2]
         response = self.gateway_http.get(f"{self.settings.gateway_url}/jobs/{job_id}")
         if response.status_code >= 500:
             raise Passing(f"gateway answered {response.status_code} for the job")
         response.raise_for_status()
-        status = JobStatus.model_validate(response.json())
+        return JobStatus.model_validate(response.json())
+
+    def gate_reasons(self, job_url: str) -> list[str]:
+        """The domain gate's reason codes for the series its job refused (none when the job is gone)."""
+        try:
+            status = self.job_status(job_url)
+        except httpx.HTTPStatusError:
+            return []
+        return [r.code for r in status.domain.reasons] if status.domain is not None else []
+
+    def fetch_answer(self, job_url: str) -> StudyPrediction:
+        """The gateway's answer to the job the STOW-RS response's Retrieve URL names."""
+        status = self.job_status(job_url)
         if not isinstance(status.result, StudyPrediction):
             raise Passing(f"job {status.job_id} is {status.status}: {status.error}")
         return status.result
 
-    def store_results(self, job_url: str, sources: list[Source], skipped: int) -> str:
-        """Build the SR and SCs of the answer, store them into the study, record ``study_result``."""
-        answer = self.fetch_answer(job_url)
-        built = build(answer, sources)
+    def store_results(self, sent: Sent) -> str:
+        """Build the SR and SCs of the answer, store them into the study, record the outcome."""
+        answer = self.fetch_answer(sent.job_url)
+        built = build(answer, sent.answered)
         try:
             self.orthanc.store([built.report, *built.captures])
         except requests.HTTPError as exc:
-            self.record(
-                "failed", answer, built.report, len(built.captures), skipped, reason="pacs_store_failed"
-            )
+            self.record("failed", sent, answer, built.report, len(built.captures), reason="pacs_store_failed")
             raise Passing(f"Orthanc refused the results ({exc.response.status_code})") from None
-        self.record("ok", answer, built.report, len(built.captures), skipped)
+        self.record("ok", sent, answer, built.report, len(built.captures))
         return f"answered by job {answer.job_id}: SR and {len(built.captures)} heatmap(s) stored"
 
     def record(
-        self, outcome: str, answer: StudyPrediction, report: Any, captures: int, skipped: int,
+        self, outcome: str, sent: Sent, answer: StudyPrediction, report: Any, captures: int,
         reason: str | None = None,
     ) -> None:  # fmt: skip
-        """The ``study_result`` audit record: model, job, SR UID, counts (no patient data)."""
+        """The ``study_result`` audit record (model, job, SR UID, counts) and the study's line in the list
+        (no patient data in either)."""
         model = answer.model
         audit.append(self.settings.audit_log, audit.make_record(
             "study_result", outcome, who=WHO, reason=reason, target=f"job:{answer.job_id}",
             model={"name": model.name, "version": model.version, "sha256": model.sha256},
             detail={"sr": str(report.SOPInstanceUID), "captures": captures, "images": len(answer.images),
-                    "instances_skipped": skipped, "prediction": answer.prediction},
+                    "instances_skipped": sent.skipped, "prediction": answer.prediction},
         ), durable=True)  # fmt: skip
+        ok = outcome == "ok"
+        self.list_study(StudyRecord(
+            study=sent.study_id, outcome="answered" if ok else "failed", job_id=answer.job_id,
+            prediction=answer.prediction, probability=answer.probability, model=f"{model.name}/{model.version}",
+            series=sent.series, sr_written=ok, captures=captures if ok else 0, error=reason,
+        ))  # fmt: skip
+
+    def list_study(self, record: StudyRecord) -> None:
+        """Put the study's record first in the list ``GET /studies`` serves."""
+        studies.push(self.redis, self.settings.prefix, record)
 
     # -- the feed ----------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -197,6 +269,7 @@ class Router:
             raise
         except Exception as exc:  # refused for good (a 4xx, a study the library cannot use): passed
             log.error("study %s not answered: %s", study_id, describe(exc))
+            self.list_study(StudyRecord(study=study_id, outcome="failed", error=describe(exc)))
             return
         log.info("study %s: %s (%.1f s)", study_id, outcome, time.perf_counter() - started)
 

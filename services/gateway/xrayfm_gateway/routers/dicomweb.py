@@ -12,9 +12,11 @@ series left are answered together as the study.
 The answer is the standard STOW-RS response (DICOM JSON): Referenced SOP Sequence (00081199) for the
 instances answered, Failed SOP Sequence (00081198) with a Failure Reason (00081197) for the others, and a
 Retrieve URL (00081190) naming the job whose answer used them: ``GET`` it for the JSON answer with its
-heatmaps. 200 when every instance was answered, 202 when some were not, 409 when none was. The DICOM
-headers are read here (pydicom, pixels left unread) and never logged, queued or echoed; the pixels are
-decoded in the decoder processes as any upload's.
+heatmaps. An instance of a series the domain gate refused has the Retrieve URL of the refusing job in its
+Failed SOP item too (not in the standard; a client may ignore it): ``GET`` it for the gate's verdict. 200
+when every instance was answered, 202 when some were not, 409 when none was. The DICOM headers are read
+here (pydicom, pixels left unread) and never logged, queued or echoed; the pixels are decoded in the decoder
+processes as any upload's.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Outcome:
     referenced: list[tuple[Instance, str]] = field(default_factory=list)  # (instance, job id)
     failed: list[tuple[Instance, int]] = field(default_factory=list)  # (instance, failure reason)
     jobs: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # SOP instance UID -> the gate's refusing job
 
     def job_url(self, job_id: str) -> str:
         return f"{self.base_url}jobs/{job_id}"
@@ -93,11 +96,20 @@ class Outcome:
                 for inst, job in self.referenced
             ]}  # fmt: skip
         if self.failed:
-            body["00081198"] = {"vr": "SQ", "Value": [
-                {**_sop_item(inst), "00081197": {"vr": "US", "Value": [reason]}} for inst, reason in self.failed
-            ]}  # fmt: skip
+            body["00081198"] = {
+                "vr": "SQ",
+                "Value": [self._failed_item(inst, reason) for inst, reason in self.failed],
+            }
         status = 409 if not self.referenced else 202 if self.failed else 200
         return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+    def _failed_item(self, inst: Instance, reason: int) -> dict[str, Any]:
+        """A Failed SOP item: the instance, the reason, and the job of the gate's refusal when it was one."""
+        item = {**_sop_item(inst), "00081197": {"vr": "US", "Value": [reason]}}
+        job_id = self.refused.get(inst.sop[1])
+        if job_id is not None:
+            item["00081190"] = {"vr": "UR", "Value": [self.job_url(job_id)]}
+        return item
 
 
 def _sop_item(inst: Instance) -> dict[str, Any]:
@@ -227,6 +239,7 @@ async def answer_study(request: Request, deps: UploadDeps, instances: list[Insta
                 raise
             audit_skip(request, series_uid, exc.code, len(items), queued[0], exc.extra.get("domain"))
             out.failed += [(inst, CANNOT_UNDERSTAND) for inst, _ in items]
+            out.refused |= {inst.sop[1]: queued[0] for inst, _ in items}
     if not answered:
         return
     if len(answered) == 1:

@@ -69,7 +69,8 @@ async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
         result = await anyio.to_thread.run_sync(prediction_from, job_id, job, record, None, False)
         return JobStatus(job_id=job_id, status="done", result=result)
     except APIError as exc:
-        return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}")
+        domain = exc.extra.get("domain")  # out_of_domain: the gate's verdict (the router records its reasons)
+        return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}", domain=domain)
 
 
 async def _job(job_id: str, queue: QueueDep) -> tuple[str, dict, JobState]:
