@@ -9,13 +9,14 @@
 #                 docker-compose.yml runs unchanged. XRAYFM_BASE_IMAGE overrides the Python base.
 #   torch base    xrayfm/torch-base:<torch version>, from the wheelhouse (deploy/wheelhouse.sh); skipped
 #                 when an image built from the same Dockerfile, pins and Python base exists.
-#   services      xrayfm/{gateway,frontend,inference,training}:${XRAYFM_TAG:-local}, the names compose uses.
+#   services      xrayfm/{gateway,frontend,inference,training,router}:${XRAYFM_TAG:-local}, the names compose
+#                 uses, and the PACS of the `pacs` profile, xrayfm/orthanc (Debian's Orthanc on the Python base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DOCKER_CLI_HINTS=false
 TAG=${XRAYFM_TAG:-local}
 MB=1000000  # docker's unit in `docker images`
-BUDGET_GATEWAY=400 BUDGET_FRONTEND=600 BUDGET_WORKER_EXTRA=600
+BUDGET_GATEWAY=400 BUDGET_FRONTEND=600 BUDGET_WORKER_EXTRA=600 BUDGET_ORTHANC=310 BUDGET_ROUTER=460
 say() { printf '[images] %s\n' "$*" >&2; }
 exists() { docker image inspect "$1" >/dev/null 2>&1; }
 label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
@@ -74,13 +75,17 @@ else
 fi
 say "torch base: $((SECONDS - timer)) s"
 
-# 3. The services, one at a time (the workers' shared dependency layer is built by the first, reused by the second).
-for service in gateway frontend inference training; do
+# 3. The services, one at a time (the workers' shared dependency layer is built by the first, reused by the
+# second), then the PACS (its build context is deploy/orthanc).
+for service in gateway frontend router inference training; do
   timer=$SECONDS
   docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_BASE_IMAGE="$TORCH_BASE" \
     -f "services/$service/Dockerfile" -t "xrayfm/$service:$TAG" . >/dev/null
   say "xrayfm/$service:$TAG: $((SECONDS - timer)) s"
 done
+timer=$SECONDS
+docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -f deploy/orthanc/Dockerfile -t "xrayfm/orthanc:$TAG" deploy/orthanc >/dev/null
+say "xrayfm/orthanc:$TAG: $((SECONDS - timer)) s"
 
 # 4. Sizes against the budgets. A worker's own budget counts what it adds to the torch base image it
 # shares with the other worker (the Python base + the torch layer): its dependencies and code.
@@ -99,6 +104,8 @@ report() {  # name size budget note
 echo "image sizes (as docker images shows them, 1 MB = 10^6 bytes):"
 report "xrayfm/gateway:$TAG" "$(size xrayfm/gateway:"$TAG")" $((BUDGET_GATEWAY * MB))
 report "xrayfm/frontend:$TAG" "$(size xrayfm/frontend:"$TAG")" $((BUDGET_FRONTEND * MB))
+report "xrayfm/router:$TAG" "$(size xrayfm/router:"$TAG")" $((BUDGET_ROUTER * MB)) "torch-free (pacs profile)"
+report "xrayfm/orthanc:$TAG" "$(size xrayfm/orthanc:"$TAG")" $((BUDGET_ORTHANC * MB)) "Debian's Orthanc (pacs profile)"
 for worker in inference training; do
   worker_size=$(size xrayfm/$worker:"$TAG")
   report "xrayfm/$worker:$TAG" "$worker_size" $((base_size + BUDGET_WORKER_EXTRA * MB)) \

@@ -11,13 +11,16 @@ minutes with 4 clients here): paediatric chests are answered, other body parts r
 XRAYFM_COMPOSE_SAMPLE=N takes at most N of each folder of more than 300, evenly over the sorted list; the
 counts are printed.
 
-Order matters (one stack for the module): predictions, LoRA job with a kill of its worker and a restart of
-the training Redis, scaling, Prometheus, a Redis restart under load, feedback, and `down -v` last.
+Order matters (one stack for the module): predictions, the `pacs` profile (a study pushed into Orthanc
+with storescu, answered by the router while the shipped model is served), LoRA job with a kill of its
+worker and a restart of the training Redis, scaling, Prometheus, a Redis restart under load, feedback, and
+`down -v` last.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -32,7 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
+
+from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(3600)]
 
@@ -101,7 +107,10 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, every: fl
 class Stack:
     def __init__(self) -> None:
         self.compose = _compose_command()
-        self.ports = {name: _free_port() for name in ("gateway", "frontend", "prometheus")}
+        self.ports = {
+            name: _free_port() for name in ("gateway", "frontend", "prometheus", "orthanc", "orthanc_dicom")
+        }
+        self.profiles = ["monitoring"]  # the pacs test adds "pacs" (and `down -v` then removes it too)
         self.env = {
             **os.environ,
             "COMPOSE_PROJECT_NAME": PROJECT,
@@ -109,6 +118,9 @@ class Stack:
             "XRAYFM_GATEWAY_PORT": str(self.ports["gateway"]),
             "XRAYFM_FRONTEND_PORT": str(self.ports["frontend"]),
             "XRAYFM_PROMETHEUS_PORT": str(self.ports["prometheus"]),
+            "XRAYFM_ORTHANC_PORT": str(self.ports["orthanc"]),
+            "XRAYFM_ORTHANC_DICOM_PORT": str(self.ports["orthanc_dicom"]),
+            "XRAYFM_ROUTER_API_KEY": PREDICT_KEY,
             "XRAYFM_DATA_DIR": str(shared_data_dir().resolve()),
             "XRAYFM_API_KEYS": PREDICT_KEY,
             "XRAYFM_ADMIN_KEYS": ADMIN_KEY,
@@ -120,7 +132,7 @@ class Stack:
 
     def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            [*self.compose, "--profile", "monitoring", *args],
+            [*self.compose, *[arg for profile in self.profiles for arg in ("--profile", profile)], *args],
             cwd=REPO,
             env=self.env,
             capture_output=True,
@@ -300,6 +312,77 @@ def test_real_images_are_answered_in_the_models_domain_refused_outside_and_junk_
     assert httpx.get(stack.url + "/predict", timeout=10).status_code == 405
     no_key = httpx.post(stack.url + "/predict", files={"file": ("a.jpg", jpeg)}, timeout=30)
     assert no_key.status_code == 401
+
+
+def test_pacs_profile_answers_a_pushed_study_into_the_same_study(stack: Stack, tmp_path: Path) -> None:
+    """`--profile pacs` beside the running stack (the shipped model served): Orthanc and the router. Two
+    Kermany chest DICOMs (img2dcm) and the RG3 tibia as a second series, pushed with storescu to Orthanc's
+    published DICOM port, get an SR and one heatmap SC per chest image in the same study (Orthanc's REST
+    API, with the password the pacs-secret step generated); dciodvfy finds no errors in them; the tibia
+    series gets no SC, and the audit trail says the gate skipped it."""
+    missing = [tool for tool in ("storescu", "img2dcm", "dciodvfy") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"not installed: {missing} (dcmtk, dicom3tools)")
+    started = time.monotonic()
+    stack.profiles.append("pacs")
+    stack.run("up", "-d", "orthanc", "router")
+    password = stack.run("exec", "-T", "orthanc", "cat", "/run/xrayfm-pacs/orthanc-password").stdout.strip()
+    assert len(password) >= 32, "no generated password"
+    # The router reads its place in the feed when it starts: a study pushed before that would be past it.
+    wait_until(lambda: "following" in stack.logs("router"), 120, "the router following Orthanc's changes")
+    # No kept-alive connections: Docker's port proxy keeps a connection open that Orthanc closed when idle.
+    orthanc = httpx.Client(base_url=f"http://127.0.0.1:{stack.ports['orthanc']}", auth=("xrayfm", password),
+                           timeout=30, limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
+    assert httpx.get(f"{orthanc.base_url}/system", timeout=10).status_code == 401  # authentication on
+    assert orthanc.get("/system").status_code == 200
+    up = time.monotonic() - started
+
+    data = shared_data_dir()
+    files = make_study(tmp_path / "study", kermany_images(data, "PNEUMONIA")[:2], tibia=data / TIBIA,
+                       patient=("COMPOSE^TEST", "COMPOSE-1"))  # fmt: skip
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    chests = {str(h.SOPInstanceUID) for h in headers[:2]}
+    tibia = headers[2]
+    storescu(files, stack.ports["orthanc_dicom"])
+    pushed = time.monotonic()
+    [found] = orthanc.post("/tools/lookup", content=str(headers[0].StudyInstanceUID)).json()
+
+    def results() -> dict[str, list[str]] | None:
+        kinds: dict[str, list[str]] = {}
+        for series_id in orthanc.get(f"/studies/{found['ID']}").json()["Series"]:
+            series = orthanc.get(f"/series/{series_id}").json()
+            if series["MainDicomTags"].get("Manufacturer") == "xrayfm":
+                kind = "SR" if series["MainDicomTags"].get("Modality") == "SR" else "SC"
+                kinds.setdefault(kind, []).extend(series["Instances"])
+        return kinds if kinds.get("SR") and len(kinds.get("SC", [])) == 2 else None
+
+    try:
+        kinds = wait_until(results, 240, "an SR and two SCs in the study", every=1)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs('router')}\n{stack.logs('gateway', 40)}") from None
+    answered = time.monotonic() - pushed
+    assert len(kinds["SR"]) == 1 and set(kinds) == {"SR", "SC"}, kinds
+    sources = set()
+    for instance in [*kinds["SR"], *kinds["SC"]]:
+        path = tmp_path / f"{instance}.dcm"
+        path.write_bytes(orthanc.get(f"/instances/{instance}/file").content)
+        errors, warnings = dciodvfy(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        print(f"[compose-test] dciodvfy {ds.Modality}: {len(errors)} errors, warnings {warnings}")
+        assert not errors, errors
+        assert ds.StudyInstanceUID == headers[0].StudyInstanceUID and ds.PatientID == "COMPOSE-1"
+        if ds.Modality != "SR":
+            sources.add(str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID))
+    assert sources == chests  # one heatmap per chest image, none for the tibia
+    tag = hashlib.sha256(str(tibia.SeriesInstanceUID).encode()).hexdigest()[:16]
+    audit = stack.run("exec", "-T", "gateway", "cat", "/audit/audit.jsonl").stdout.splitlines()
+    skipped = [
+        r for r in map(json.loads, audit) if r["action"] == "series_skipped" and r["detail"]["series"] == tag
+    ]
+    assert [r["reason"] for r in skipped] == ["out_of_domain"], skipped
+    orthanc.close()
+    print(f"[compose-test] pacs profile: up and following {up:.0f} s; push to SR and SCs {answered:.0f} s "
+          f"(Orthanc's StableAge 10 s included)")  # fmt: skip
 
 
 def test_lora_on_real_mura_survives_a_kill_of_its_worker_and_a_redis_restart_then_is_served(
