@@ -77,14 +77,7 @@ class GatewayClient:
             resp = self._client.get("/studies", params={"limit": limit}, timeout=30.0)
         except httpx.HTTPError as exc:
             raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
-        body = _json(resp)
-        if resp.status_code != 200:
-            detail = body.get("detail") or resp.text[:300]
-            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
-        try:
-            return StudyList.model_validate(body).studies
-        except ValidationError as exc:
-            raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
+        return _parsed(resp, StudyList).studies
 
     def _post_upload(self, path: str, explain: bool, method: str | None, files: Any, answer: type[T]) -> T:
         params: dict[str, Any] = {"explain": str(explain).lower()}
@@ -96,14 +89,7 @@ class GatewayClient:
             raise GatewayError(f"no answer within {self.settings.timeout_s:g} s; try again later") from None
         except httpx.HTTPError as exc:
             raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
-        body = _json(resp)
-        if resp.status_code != 200:
-            detail = body.get("detail") or resp.text[:300]
-            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
-        try:
-            return answer.model_validate(body)
-        except ValidationError as exc:
-            raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
+        return _parsed(resp, answer)
 
     # -- training jobs and models (admin key) ---------------------------------------------------------
     def _admin(self, method: str, path: str, json_body: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -175,3 +161,15 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _parsed(resp: httpx.Response, answer: type[T]) -> T:
+    """A 200 answer as its protocol model; a GatewayError saying why otherwise."""
+    body = _json(resp)
+    if resp.status_code != 200:
+        detail = body.get("detail") or resp.text[:300]
+        raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
+    try:
+        return answer.model_validate(body)
+    except ValidationError as exc:
+        raise GatewayError(f"the gateway's answer does not follow the protocol: {exc}") from None
