@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from xrayfm import RESEARCH_USE
 from xrayfm.errors import DataError
 from xrayfm.hospital.result import StudyResult
+from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD
 from xrayfm_stack.protocol import StudyPrediction
-
-DEFAULT_THRESHOLD_SOURCE = "default 0.5 (not calibrated)"
-DEFAULT_NOTICE = "Research use only: not a medical device, not for diagnosis or any clinical decision."
 
 
 def result_label(answer: StudyPrediction) -> str:
@@ -30,12 +29,12 @@ def study_result(answer: StudyPrediction, sop_uids: Sequence[str]) -> StudyResul
     return StudyResult(
         label=label,
         probability=answer.probabilities[label],
-        threshold=model.threshold if model.threshold is not None else 0.5,
-        threshold_source=model.threshold_source or DEFAULT_THRESHOLD_SOURCE,
+        threshold=model.threshold if model.threshold is not None else DEFAULT_THRESHOLD,
+        threshold_source=model.threshold_source or DEFAULT_SOURCE,
         model_name=model.name,
         model_version=model.version,
         model_sha256=model.sha256,
-        notice=model.notice or DEFAULT_NOTICE,
+        notice=model.notice or RESEARCH_USE,
         image_probabilities={
             str(uid): image.probabilities[label] for uid, image in zip(sop_uids, answer.images, strict=True)
         },

@@ -10,9 +10,10 @@ import hashlib
 import streamlit as st
 
 from xrayfm.errors import XrayfmError
+from xrayfm.explain.overlay import heatmap_from_base64
 from xrayfm_frontend import studies_page, training_page
 from xrayfm_frontend.client import GatewayClient, GatewayError
-from xrayfm_frontend.render import heatmap_from_base64, original_for_display, overlay
+from xrayfm_frontend.render import original_for_display, overlay
 from xrayfm_stack.protocol import Prediction, StudyPrediction, WorkerAnswer
 from xrayfm_stack.settings import FrontendSettings
 

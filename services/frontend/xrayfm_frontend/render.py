@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 from PIL import Image
 
@@ -23,12 +20,6 @@ def original_for_display(data: bytes, side: int = DISPLAY_SIDE) -> np.ndarray:
     scale = side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
-
-
-def heatmap_from_base64(png_b64: str) -> np.ndarray:
-    """The API's attention map (base64 grey PNG) as float32 in [0, 1]."""
-    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, opacity: float) -> np.ndarray:

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 
 import streamlit as st
 
+from xrayfm import RESEARCH_USE
 from xrayfm_frontend.client import GatewayClient, GatewayError
 from xrayfm_stack.protocol import StudyRecord
 
 LIMIT = 50  # studies shown
-NOTICE = "Research use only: not a medical device, not for diagnosis or any clinical decision."
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")  # Orthanc's ids: a SHA-1 in five groups
 COLUMNS = ["time (UTC)", "study", "outcome", "answer", "gate", "SR written", "model"]
 
@@ -84,7 +84,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 def render(client: GatewayClient) -> None:
     """Draw the page."""
     st.title("xrayfm: studies from the PACS")
-    st.warning(NOTICE)
+    st.warning(RESEARCH_USE)
     if st.button("Refresh"):
         st.rerun()
     viewer = client.settings.pacs_viewer_url

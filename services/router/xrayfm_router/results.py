@@ -4,17 +4,14 @@ image's own pixels (xrayfm.explain.overlay)."""
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset
 
 from xrayfm.data.images import read_image
-from xrayfm.explain.overlay import render_overlay
+from xrayfm.explain.overlay import heatmap_from_base64, render_overlay
 from xrayfm.hospital import heatmap_capture, structured_report
 from xrayfm.hospital.result import StudyResult
 from xrayfm_stack.protocol import ImageAnswer, StudyPrediction
@@ -43,9 +40,7 @@ def heatmap_rgb(pixels: np.ndarray, image: ImageAnswer) -> np.ndarray | None:
     the answer has none."""
     if image.attention_map is None:
         return None
-    with Image.open(io.BytesIO(base64.b64decode(image.attention_map))) as png:
-        heat = np.asarray(png.convert("L"), dtype=np.float32) / 255.0
-    return render_overlay(pixels, heat, alpha=0.4)
+    return render_overlay(pixels, heatmap_from_base64(image.attention_map), alpha=0.4)
 
 
 def build(answer: StudyPrediction, sources: Sequence[Source]) -> Results:

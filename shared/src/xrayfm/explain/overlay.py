@@ -9,11 +9,13 @@ given as CPU torch tensors (anything ``np.asarray`` reads).
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from xrayfm.data.images import to_png_bytes
 from xrayfm.errors import XrayfmError
@@ -152,6 +154,12 @@ def render_overlay(
 def to_base64_png(rgb: np.ndarray) -> str:
     """Encode an HxWx3 uint8 array as a base64 (ASCII) PNG string, e.g. for JSON responses."""
     return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
+
+
+def heatmap_from_base64(png_b64: str) -> np.ndarray:
+    """An answer's attention map (a base64 grey PNG, 255 = most attended) as float32 in [0, 1]."""
+    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrayfm import RESEARCH_USE
 from xrayfm.data.images import RESIZE_MODES, fit_square
 from xrayfm.data.transforms import build_transform
 from xrayfm.domain import DeclaredDomain, DomainGate, DomainVerdict, InputFacts, input_only_verdict
@@ -46,8 +47,6 @@ from xrayfm.utils import sha256_folder
 
 # How a study's probability is made from its images' (Predictor.decide_study); answers say so.
 STUDY_AGGREGATION = "mean of the image probabilities (as in the MURA paper)"
-# What every answer says of its model unless the checkpoint's meta has an `intended_use` of its own.
-RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or any clinical decision."
 
 
 @dataclass(frozen=True)
