@@ -9,7 +9,7 @@ dimensions or too many pixels (decompression bombs are refused from the header, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -189,24 +189,11 @@ async def receive_uploads(
     boundary = params.get(b"boundary")
     if not boundary:
         raise reject(400, "bad_multipart", "multipart/form-data without a boundary")
-    limit = min(max_bytes * max_files, max_total) + _MULTIPART_SLACK
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise reject(
-            413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {max_bytes:,}"
-        )
+    allowed = min(max_bytes * max_files, max_total)
     parts = _FileParts(field, max_bytes, max_files, take)
-    total = 0
     try:
         parser = MultipartParser(boundary, parts.callbacks())  # refuses a boundary over 256 characters
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise reject(
-                    413,
-                    "file_too_large",
-                    f"the upload exceeds the limit of {limit - _MULTIPART_SLACK:,} bytes",
-                )
+        async for chunk in body_within(request, allowed + _MULTIPART_SLACK, allowed):
             parser.write(chunk)
         parser.finalize()
     except FormParserError as exc:  # MultipartParseError included
@@ -223,6 +210,23 @@ async def receive_uploads(
             else f"at most {max_files} files named '{field}' per request (XRAYFM_MAX_STUDY_IMAGES)",
         )  # fmt: skip
     return parts.files
+
+
+async def body_within(request: Request, limit: int, shown: int | None = None) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; 413 ``file_too_large`` as soon as it is declared
+    (``Content-Length``) or found to be over `limit` bytes (the detail names `shown`, default `limit`)."""
+    shown = limit if shown is None else shown
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise reject(
+            413, "file_too_large", f"the upload ({int(declared):,} bytes) exceeds the limit of {shown:,}"
+        )
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise reject(413, "file_too_large", f"the upload exceeds the limit of {shown:,} bytes")
+        yield chunk
 
 
 def _declared_suffix(upload: Upload) -> str | None:

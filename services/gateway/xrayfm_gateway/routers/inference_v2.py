@@ -40,7 +40,7 @@ from xrayfm_gateway import __version__
 from xrayfm_gateway.deps import ReadinessDep, ReadinessProbe, require_api_key
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.routers.predict import UploadDeps, UploadDepsDep, answer_job, decode_one, submit_images
-from xrayfm_gateway.uploads import DecodedImage, Upload, check_dimensions, fit_within, reject
+from xrayfm_gateway.uploads import DecodedImage, Upload, body_within, check_dimensions, fit_within, reject
 from xrayfm_stack.protocol import DomainInfo, ModelInfo, Prediction, WorkerAnswer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension's header
@@ -309,15 +309,8 @@ def bad_tensor(detail: str) -> APIError:
 
 async def _read_body(request: Request, limit: int, take: Callable[[int], None]) -> bytearray:
     """The whole body, at most `limit` bytes, each byte reserved with `take` (the gateway's upload buffer)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise reject(
-            413, "file_too_large", f"the request ({int(declared):,} bytes) exceeds the limit of {limit:,}"
-        )
     body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise reject(413, "file_too_large", f"the request exceeds the limit of {limit:,} bytes")
+    async for chunk in body_within(request, limit):
         take(len(chunk))
         body += chunk
     return body
