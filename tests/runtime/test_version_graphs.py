@@ -71,6 +71,21 @@ def test_publish_writes_both_graphs_and_the_int8_verdict(tmp_path, run_best):
     assert "validation images" in verdict["reason"]
 
 
+def test_a_job_that_runs_again_gets_its_version_back_without_exporting_again(tmp_path, run_best, monkeypatch):
+    store = tmp_path / "store"
+    version, info = publish_run(store, "chest", run_best, job_id="job-1", kind="pretrain")
+    import xrayfm.inference.graphs as graphs
+
+    def no_second_export(*args, **kwargs):
+        raise AssertionError("exported again for a job that had published")
+
+    monkeypatch.setattr(graphs, "version_graphs", no_second_export)
+    again, info_again = publish_run(store, "chest", run_best, job_id="job-1", kind="pretrain")
+    assert again == version and info_again["onnx"] == info["onnx"]
+    assert model_store.version_of_job(store, "chest", "job-1") == version
+    assert model_store.version_of_job(store, "chest", "job-2") is None
+
+
 def test_a_validation_split_that_is_not_the_runs_is_not_measured(tmp_path, run_best):
     import shutil
 

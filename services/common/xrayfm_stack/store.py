@@ -133,6 +133,16 @@ def rollback(store: Path) -> dict[str, str]:
         return {"name": previous["name"], "version": previous["version"]}
 
 
+def version_of_job(store: Path, name: str, job_id: str) -> str | None:
+    """The version of `name` that job `job_id` published, if it did (a job may run again after publishing)."""
+    models = Path(store) / MODELS_DIR / name
+    numbers = sorted(int(p.name) for p in models.iterdir() if p.name.isdigit()) if models.is_dir() else []
+    for number in numbers:
+        if read_json(models / str(number) / VERSION_FILE, {}).get("job_id") == job_id:
+            return str(number)
+    return None
+
+
 def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | None = None) -> str:
     """Copy the checkpoint folder `source` into the store as the next version of `name` (1, 2, ...).
 
@@ -151,12 +161,11 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
         payload = tmp / "v"
         shutil.copytree(source, payload)
         with file_lock(Path(store) / LOCK_FILE):
-            numbers = [int(p.name) for p in models.iterdir() if p.name.isdigit()]
             job_id = (info or {}).get("job_id")
-            for number in sorted(numbers) if job_id else ():
-                if read_json(models / str(number) / VERSION_FILE, {}).get("job_id") == job_id:
-                    return str(number)
-            version = str(max(numbers, default=0) + 1)
+            published = version_of_job(store, name, job_id) if job_id else None
+            if published is not None:
+                return published
+            version = str(max((int(p.name) for p in models.iterdir() if p.name.isdigit()), default=0) + 1)
             atomic_write_json(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
             os.rename(payload, models / version)
         return version

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
-from xrayfm.utils import to_jsonable
-from xrayfm_stack.store import MODELS_DIR, VERSION_FILE, add_version
+from xrayfm.utils import read_json, to_jsonable
+from xrayfm_stack.store import MODELS_DIR, VERSION_FILE, add_version, version_dir, version_of_job
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,12 @@ def publish_run(
                 meta["foundation"] = {**meta["foundation"], "path": relative}
                 (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         staged.joinpath(VERSION_FILE).unlink(missing_ok=True)
-        graphs = _graphs(best, staged, data_dirs)
+        published = version_of_job(store, name, job_id)  # a job run again: its version has its graphs
+        graphs = (
+            read_json(version_dir(store, name, published) / VERSION_FILE, {}).get("onnx")
+            if published is not None
+            else _graphs(best, staged, data_dirs)
+        )
         info = to_jsonable(
             {
                 "job_id": job_id,
