@@ -84,6 +84,11 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
+def _read_header(stream: BinaryIO) -> dict[str, Any]:
+    """A frame's JSON header (the child's side)."""
+    return json.loads(_read_exactly(stream, _LENGTH.unpack(_read_exactly(stream, 4))[0]))
+
+
 # -- the child -------------------------------------------------------------------------------------------
 
 
@@ -122,7 +127,7 @@ def child_main() -> None:
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
     proto_in = sys.stdin.buffer
-    limits = json.loads(_read_exactly(proto_in, _LENGTH.unpack(_read_exactly(proto_in, 4))[0]))
+    limits = _read_header(proto_in)
     memory = limits.pop("memory_bytes")
     settings = DecodeLimits(**limits).settings()
     if memory:
@@ -130,8 +135,7 @@ def child_main() -> None:
     os.nice(DECODER_NICE)
     while True:
         try:
-            size = _LENGTH.unpack(_read_exactly(proto_in, 4))[0]
-            header = json.loads(_read_exactly(proto_in, size))
+            header = _read_header(proto_in)
             data = _read_exactly(proto_in, int(header["size"]))
         except EOFError:
             return
