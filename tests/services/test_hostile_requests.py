@@ -215,7 +215,7 @@ def test_a_valid_operating_point_still_saves(store: Path) -> None:
     assert answer.json()["operating_point"]["threshold"] == 0.3
 
 
-# -- item 5: job specs accept only sane values; bodies are bounded; finished jobs can be deleted -------------
+# -- job specs accept only sane values; bodies are bounded; finished jobs can be deleted -------------
 def test_specs_at_the_limits_are_accepted() -> None:
     """The largest values of each range, and a tagged timm name, still queue (the 422s above are the limits)."""
     config = {"kind": "mura", "root": "/x", "epochs": 10_000, "batch_size": 65_536, "size": 4096,
