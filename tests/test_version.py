@@ -14,8 +14,6 @@ import pytest
 from helpers import REPO
 
 LITERAL = re.compile(r"""^__version__\s*(:[^=]*)?=\s*["']""", re.MULTILINE)
-# Packages whose __init__ still assigns a literal version (their services are changed on their own).
-LITERAL_YET = {"xrayfm_router"}
 
 
 def distributions() -> list[tuple[str, str, Path]]:
@@ -44,14 +42,7 @@ def test_the_library_and_the_services_are_all_found() -> None:
 
 @pytest.mark.parametrize(
     "dist, package, init",
-    [
-        pytest.param(
-            *d,
-            id=d[1],
-            marks=[pytest.mark.xfail(strict=True, reason="assigns a literal")] if d[1] in LITERAL_YET else [],
-        )
-        for d in DISTRIBUTIONS
-    ],
+    [pytest.param(*d, id=d[1]) for d in DISTRIBUTIONS],
 )
 def test_a_package_reads_its_version_from_its_metadata(dist: str, package: str, init: Path) -> None:
     assert not LITERAL.search(init.read_text()), f"{init.relative_to(REPO)} writes its version itself"
@@ -66,6 +57,6 @@ def test_no_other_source_file_writes_the_version() -> None:
         str(path.relative_to(REPO))
         for root in roots
         for path in sorted(root.rglob("*.py"))
-        if pattern.search(path.read_text()) and not LITERAL_YET & set(path.parts)
+        if pattern.search(path.read_text())
     ]
     assert not found, found

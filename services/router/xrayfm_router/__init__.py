@@ -6,4 +6,9 @@ the answer back into the study as a DICOM SR and one heatmap Secondary Capture p
 A client of the gateway like any other (HTTP, API key): it imports neither the gateway nor the worker.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xrayfm-router")  # written once, in its pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
