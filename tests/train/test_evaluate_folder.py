@@ -1,5 +1,5 @@
 """Evaluating the shipped model on a user's folder of images: labels match ignoring case, and a failed run
-leaves nothing that blocks the next one."""
+(an evaluation, or a training run before it could resume) leaves nothing that blocks the next one."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import pytest
 from PIL import Image
 
 from xrayfm.cli import main
-from xrayfm.errors import DataError
-from xrayfm.train.data import label_columns
+from xrayfm.data.cache import read_index, read_manifest
+from xrayfm.errors import CacheMismatchError, DataError
+from xrayfm.models.checkpoint import STATE_JSON
+from xrayfm.train.config import AdaptConfig
+from xrayfm.train.data import ensure_cache, label_columns
+from xrayfm.train.distributed import DistEnv
 from xrayfm.train.evaluation import evaluate
 
 SHIPPED = "xrayfm/cxr-vit-tiny-mae-pneumonia-lora"  # labels ["Pneumonia"]
@@ -94,3 +98,37 @@ def test_a_failed_evaluation_leaves_no_cache_and_a_rerun_takes_other_images(tmp_
     summary = evaluate(SHIPPED, out, kind="folder", root=str(second), split="train", **QUIET)
     image = summary["report"]["overall"]["image"]
     assert (image["positives"], image["negatives"]) == (4, 2)  # the second folder's images, not the first's
+
+
+def _adapt_config(out: Path, root: Path) -> AdaptConfig:
+    return AdaptConfig(
+        kind="folder", root=str(root), split="train", out=str(out), size=32, progress_bar=False
+    )
+
+
+def test_a_run_without_a_resumable_state_rebuilds_its_own_cache_from_other_images(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _folder(
+        tmp_path / "first",
+        {"normal": _phantoms(tmp_path / "a", 3, 0), "pneumonia": _phantoms(tmp_path / "b", 3, 1)},
+    )
+    second = _folder(
+        tmp_path / "second",
+        {"normal": _phantoms(tmp_path / "c", 2, 2), "pneumonia": _phantoms(tmp_path / "d", 4, 3)},
+    )
+    cache = ensure_cache(_adapt_config(out, first), "train", None, DistEnv())
+    assert len(read_index(cache, read_manifest(cache))) == 6
+    # The first run failed before training (no out/last/): its rerun on other images takes them.
+    assert ensure_cache(_adapt_config(out, second), "train", None, DistEnv()) == cache
+    assert len(read_index(cache, read_manifest(cache))) == 6 and "second" in read_manifest(cache)["root"]
+
+    # A run that can resume refuses a cache of other images: it would train on two datasets.
+    (out / "last").mkdir()
+    (out / "last" / STATE_JSON).write_text("{}")
+    with pytest.raises(CacheMismatchError):
+        ensure_cache(_adapt_config(out, first), "train", None, DistEnv())
+    # So does a cache the caller named, which the run does not own.
+    named = tmp_path / "named"
+    ensure_cache(_adapt_config(tmp_path / "other", first), "train", named, DistEnv())
+    with pytest.raises(CacheMismatchError):
+        ensure_cache(_adapt_config(tmp_path / "other", second), "train", named, DistEnv())

@@ -22,6 +22,7 @@ from xrayfm.data.splits import kfold_by_patient, split_by_patient, subsample_gro
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.data.transforms import build_transform
 from xrayfm.errors import CacheMismatchError, DataError, list_offenders
+from xrayfm.models.checkpoint import STATE_JSON
 from xrayfm.train.config import TrainConfig
 from xrayfm.train.distributed import DistEnv, barrier
 from xrayfm.train.sampler import RawImage, SeededView
@@ -76,14 +77,28 @@ def ensure_cache(
         if check is not None:
             check(dataset)
         settings = {"size": int(config.size), "mode": config.resize_mode, "progress": config.progress_bar}
-        try:
-            prepare_cache(dataset, out, **settings)
-        except CacheMismatchError:
-            if not replace:
-                raise
-            prepare_cache(dataset, out, force=True, **settings)
+        prepare_or_replace(dataset, out, replace or owns_cache(config, cache_dir), **settings)
     barrier(env)
     return out
+
+
+def owns_cache(config: TrainConfig, cache_dir: str | Path | None) -> bool:
+    """True when the run may rebuild the cache it would use from other images or settings: a cache of its
+    own (none named, so under its ``out`` folder) while it has no resumable state (``out/last/``). A run
+    that failed before training leaves such a cache, and its rerun with other images must not be refused
+    for it; a run that can resume keeps refusing, so it never mixes two datasets."""
+    return cache_dir is None and not (Path(config.out) / "last" / STATE_JSON).exists()
+
+
+def prepare_or_replace(dataset: XrayDataset, out: Path, replace: bool, **settings: Any) -> None:
+    """prepare_cache(dataset, out); a cache there built from other images or settings is refused
+    (CacheMismatchError) unless `replace`, when it is rebuilt."""
+    try:
+        prepare_cache(dataset, out, **settings)
+    except CacheMismatchError:
+        if not replace:
+            raise
+        prepare_cache(dataset, out, force=True, **settings)
 
 
 def open_cache(path: Path, config: TrainConfig) -> CachedDataset:

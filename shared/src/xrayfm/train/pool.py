@@ -34,13 +34,12 @@ import torch
 from torch.utils.data import Dataset
 
 from xrayfm.data.base import XrayDataset
-from xrayfm.data.cache import prepare_cache
 from xrayfm.data.csvio import read_csv_strict, require_columns
 from xrayfm.data.images import SUPPORTED_SUFFIXES
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import DataError
 from xrayfm.train.config import PretrainConfig
-from xrayfm.train.data import cache_fingerprint, is_synthetic
+from xrayfm.train.data import cache_fingerprint, is_synthetic, owns_cache, prepare_or_replace
 from xrayfm.train.distributed import DistEnv, barrier
 from xrayfm.train.sampler import RawImage
 
@@ -222,9 +221,8 @@ def _source_cache(config: PretrainConfig, source: Source, index: int, env: DistE
     )
     out = out.expanduser().resolve()
     if env.is_main:
-        prepare_cache(
-            source.open(), out, size=int(config.size), mode=config.resize_mode, progress=config.progress_bar
-        )
+        settings = {"size": int(config.size), "mode": config.resize_mode, "progress": config.progress_bar}
+        prepare_or_replace(source.open(), out, owns_cache(config, source.cache), **settings)
     barrier(env)
     return out
 
