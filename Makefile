@@ -19,7 +19,9 @@ help:  ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-SERVICES := services/common services/inference services/training services/gateway services/frontend services/router
+# services/local: the local launcher (make up), for this venv only: no image installs it
+SERVICES := services/common services/inference services/training services/gateway services/frontend services/router \
+            services/local
 
 $(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS)
 	$(PIP) install $(PIN) pip setuptools
@@ -51,10 +53,10 @@ bench: $(STAMP)  ## data benchmark (ratios measured side by side)
 	$(PY) bench/bench_data.py
 
 up: $(STAMP)  ## start the inference stack as local processes (Redis from the system); logs in runs/stack/logs
-	$(PY) -m xrayfm_stack.local up
+	$(PY) -m xrayfm_local up
 
 down:  ## stop what `make up` started
-	$(PY) -m xrayfm_stack.local down
+	$(PY) -m xrayfm_local down
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

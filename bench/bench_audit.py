@@ -1,5 +1,5 @@
 """What an audit line costs (xrayfm.audit): the gateway writes a prediction's line on the event loop, so
-that append must stay well under the ~0.3 ms a thread hand-off costs; admin lines are fsynced in a thread.
+that append must stay well under what a thread hand-off costs; admin lines are fsynced in a thread.
 
 Measured on a temporary folder on the same disk as the repository (``--dir`` to choose another):
 

@@ -51,7 +51,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit  # noqa: E402
 
 from hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size  # noqa: E402
 from xrayfm.registry import pretrained_dir  # noqa: E402
-from xrayfm_stack import local as stack_lib  # noqa: E402
+from xrayfm_local import launcher as stack_lib  # noqa: E402
 from xrayfm_stack.settings import GatewaySettings  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"

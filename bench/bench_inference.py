@@ -11,13 +11,11 @@ int8 AUROC change on the shipped model's task and on a real validation set; and 
 ``--json`` also reports ``shipped_int8``: the shipped model (xrayfm/cxr-vit-tiny-mae-pneumonia-lora) exported
 as publishing exports it, its image-level AUROC on the PneumoniaMNIST test split (624 images) in torch, ONNX
 Runtime fp32 and int8, ``int8_auroc_delta``, and the int8 verdict on its validation split (501 Kermany
-images, when ``$XRAYFM_SHARED_DATA/kermany-pneumonia`` is there; ``--no-shipped`` skips it). Measured with
-``nice .venv/bin/python bench/bench_inference.py --json`` on the 2-core shared AMD EPYC VM (2026-12-07):
-test AUROC torch 0.95205, fp32 0.95205, int8 0.95184 (change -0.00021; largest probability change 0.035);
-validation 0.99486 fp32 -> 0.99493 int8 (+0.00007): int8 is served under ``XRAYFM_QUANTIZE=auto``.
+images, when ``$XRAYFM_SHARED_DATA/kermany-pneumonia`` is there; ``--no-shipped`` skips it). Its figures,
+with the command and machine: docs/performance.md.
 
 Timings: each repeat runs every runtime once on the same preprocessed batch, interleaved, so that load
-from other processes hits them alike; the medians are printed. The issue's goal: the best runtime at
+from other processes hits them alike; the medians are printed. The goal: the best runtime at
 least 1.4x faster than torch eager for vit_base at batch 1 on the CPU, rollout included.
 """
 
@@ -69,7 +67,7 @@ def openvino_runner(onnx_path: Path, threads: int):
     """OpenVINO's CPU plugin on the worker's exported graph (logits + rollout), held to fp32 (its
     precision hint; it may otherwise pick bf16 on CPUs that have it) with `threads` threads:
     ``run(pixels) -> (logits, rollout)``. Measured as a candidate runtime only; the worker serves torch
-    and ONNX Runtime (services/README.md says why)."""
+    and ONNX Runtime (docs/performance.md says why)."""
     try:
         import openvino as ov
     except ImportError:

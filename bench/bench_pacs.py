@@ -54,7 +54,7 @@ sys.path[:0] = [str(REPO / "tests")]  # the tests' study builder (tests/dicom_st
 from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu  # noqa: E402
 from xrayfm.hospital.result import MANUFACTURER  # noqa: E402
 from xrayfm.registry import pretrained_dir  # noqa: E402
-from xrayfm_stack import local as stack_lib  # noqa: E402
+from xrayfm_local import launcher as stack_lib  # noqa: E402
 
 SHIPPED = "xrayfm/cxr-vit-tiny-mae-pneumonia-lora"
 API_KEY = "bench-pacs-key"

@@ -4,7 +4,7 @@ with and without worker-side batching.
 
     .venv/bin/python bench/bench_predict.py [--model vit_tiny_patch16_224] [--requests 40] [--seconds 8]
 
-Prints a Markdown table and writes runs/bench/bench_predict.json. The issue's goal: the stack adds at
+Prints a Markdown table and writes runs/bench/bench_predict.json. The goal: the stack adds at
 most 25% to the bare forward + rollout at p50 (CPU).
 """
 
@@ -26,7 +26,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ single requests go to them in turn, shuffled every round, so that this machine's
     .venv/bin/python bench/bench_stack_ab.py --checkout old=/path/to/worktree --checkout new=. [--requests 300]
 
 Make the other checkout with ``git worktree add ../old COMMIT``. Every stack runs on this .venv's packages
-with its checkout's code first on PYTHONPATH (xrayfm_stack.local of that checkout starts it). The figure to
+with its checkout's code first on PYTHONPATH (the launcher of that checkout starts it). The figure to
 compare is "overhead": the median over requests of the client's time minus the answer's own
 ``inference_ms``. Also printed: each process's CPU per request. Writes runs/bench/bench_stack_ab.json.
 """
@@ -28,17 +28,19 @@ import psutil
 from bench_predict import bench_image, cpu_seconds, make_checkpoint, stack_env
 from tqdm import tqdm
 
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def launcher_of(checkout: Path) -> ModuleType:
-    """`checkout`'s own ``xrayfm_stack.local``: its Stack puts that checkout's code on PYTHONPATH."""
-    path = checkout / "services/common/xrayfm_stack/local.py"
+    """`checkout`'s own launcher (``xrayfm_local.launcher``; ``xrayfm_stack.local`` in older checkouts):
+    its Stack puts that checkout's code on PYTHONPATH."""
+    places = ("services/local/xrayfm_local/launcher.py", "services/common/xrayfm_stack/local.py")
+    path = next((checkout / p for p in places if (checkout / p).is_file()), checkout / places[0])
     spec = importlib.util.spec_from_file_location(f"xrayfm_local_{abs(hash(str(checkout)))}", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"no xrayfm_stack/local.py under {checkout}")
+    if spec is None or spec.loader is None or not path.is_file():
+        raise SystemExit(f"no launcher ({' or '.join(places)}) under {checkout}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)

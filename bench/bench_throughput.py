@@ -9,7 +9,7 @@
 
 What it does, in one run:
 
-1. starts a private stack like `bench/bench_predict.py` (`xrayfm_stack.local.Stack`): redis-server, one
+1. starts a private stack like `bench/bench_predict.py` (`xrayfm_local.launcher.Stack`): redis-server, one
    inference worker (`XRAYFM_RUNTIME` / `XRAYFM_QUANTIZE` from the flags, `XRAYFM_BATCH_MAX`,
    `XRAYFM_BATCH_WAIT_MS`, `--concurrency` Celery threads) and the gateway, with a random-init
    checkpoint of `--model` (default `vit_tiny_patch16_224`, all 12 blocks, 224 px, one label: a
@@ -31,7 +31,7 @@ the deployment's worker runs); the worker's batches and busy share need ``--work
 Images: CheXpert v1.0-small valid JPEGs from `$XRAYFM_SHARED_DATA` or ../shared/data; generated chest
 phantoms (`xrayfm.data.synth`) when that is absent. Client, gateway, Redis and worker share this
 machine's cores (the clients' CPU counts against the stack), while the bare model runs alone: on a small
-machine this is a pessimistic setting for the stack. The issue's goal: >= 70% of the bare batched
+machine this is a pessimistic setting for the stack. The goal: >= 70% of the bare batched
 throughput at 16 clients and more, on CPU with the best runtime.
 """
 
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.70  # of the bare batched throughput, at GOAL_CLIENTS clients and more

@@ -1,4 +1,4 @@
-"""GPU serving, in one prepared run (for a session that is lent a GPU: one call, a few minutes):
+"""GPU serving, in one prepared run (one call on a machine with a GPU, a few minutes):
 
 - the bare model, batched, in bf16 (torch autocast) with and without ``torch.compile``: forward and
   forward + rollout (attention captured on the GPU, rollout maths on the GPU);

@@ -1,4 +1,5 @@
-"""The library's layers: no import runs back up, and the CLI and the torch-free modules stay light.
+"""The library's layers: no import runs back up, and the CLI and the torch-free modules stay light. And the
+stack's packages above it (``STACK_LAYERS``): the library, the contracts, the services and the launcher.
 
 Layers, lowest first: errors/utils -> data -> models -> train/evaluate -> explain -> inference ->
 commands/cli. Layer 0 also holds the self-contained modules that need nothing above errors/utils (the
@@ -254,13 +255,94 @@ def test_the_gateway_draws_heatmaps_without_torch_or_matplotlib() -> None:
         import numpy as np
         from PIL import Image
         import xrayfm_gateway.app
+        from xrayfm_gateway.drawing import draw_map
         from xrayfm_stack.protocol import ModelMap
 
         heat = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
-        png = base64.b64decode(ModelMap.from_array(heat, 64, "pad", (30, 20)).draw())
+        png = base64.b64decode(draw_map(ModelMap.from_array(heat, 64, "pad", (30, 20))))
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (30, 20)
         """,
         block_torch=True,
         block=("matplotlib",),
     )
     assert "xrayfm_gateway.app" in modules and "xrayfm.explain.overlay" in modules
+
+
+# -- the stack's packages ---------------------------------------------------------------------------------
+# Top-level package -> layer, lowest first: the library; the contracts every service shares (xrayfm_stack);
+# the services and the local launcher (xrayfm_local, which starts the services as processes). A package
+# imports its own modules and lower layers only, never another package of its own layer.
+STACK_LAYERS = {
+    "xrayfm": 0,
+    "xrayfm_stack": 1,
+    "xrayfm_gateway": 2,
+    "xrayfm_inference": 2,
+    "xrayfm_training": 2,
+    "xrayfm_frontend": 2,
+    "xrayfm_router": 2,
+    "xrayfm_local": 2,
+}
+# The contracts hold the wire models and their thin conversions: decoding uploads and drawing heatmaps are
+# the library's, used by the services themselves.
+NOT_IN_CONTRACTS = ("xrayfm.data.images", "xrayfm.explain.overlay", "PIL", "pydicom.pixels", "matplotlib")
+
+
+def stack_packages() -> dict[str, Path]:
+    """Every ``services/*/xrayfm_*`` package by name."""
+    return {p.parent.name: p.parent for p in sorted((REPO / "services").glob("*/xrayfm_*/__init__.py"))}
+
+
+def stack_offences(files: dict[str, str]) -> list[str]:
+    """What breaks the stack's layering in `files` (path -> source, under ``<package>/``), one line per
+    import statement: an import of a package of the same or a higher layer, or, in the contracts, of
+    decoding or drawing code."""
+    problems: dict[tuple[str, int], str] = {}
+    for path, text in files.items():
+        package = Path(path).parts[0]
+        for line, target in imports_in(text, package):  # `from a import b` gives a and a.b: one is said
+            top, where = target.split(".")[0], f"{path}:{line}"
+            if top in STACK_LAYERS and top != package and STACK_LAYERS[top] >= STACK_LAYERS[package]:
+                problems.setdefault((path, line), f"{where} imports {target}, not of a layer below its own")
+            elif package == "xrayfm_stack" and any(
+                target == m or target.startswith(m + ".") for m in NOT_IN_CONTRACTS
+            ):
+                problems.setdefault((path, line), f"{where} imports {target}: decoding or drawing code")
+    return list(problems.values())
+
+
+def test_every_stack_package_has_a_layer() -> None:
+    found = set(stack_packages())
+    assert "xrayfm_local" in found and "xrayfm_stack" in found
+    assert not found - set(STACK_LAYERS), (
+        f"packages with no layer (add them to STACK_LAYERS): {found - set(STACK_LAYERS)}"
+    )
+
+
+def test_stack_packages_import_only_lower_layers_and_contracts_neither_decode_nor_draw() -> None:
+    files = {
+        str(Path(name) / path.relative_to(folder)): path.read_text()
+        for name, folder in stack_packages().items()
+        for path in folder.rglob("*.py")
+    }
+    assert not stack_offences(files), "\n".join(stack_offences(files))
+
+
+def test_the_stack_check_can_fail() -> None:
+    bad = {
+        "xrayfm_stack/protocol.py": "from xrayfm.data.images import read_image\n",
+        "xrayfm_stack/draw.py": "def f():\n    from xrayfm.explain.overlay import heatmap_on_image\n",
+        "xrayfm_local/launcher.py": "import xrayfm_gateway.app\n",
+        "xrayfm_stack/celery.py": "from xrayfm_inference import worker\n",
+        "xrayfm_gateway/app.py": "from xrayfm_stack.protocol import PROTOCOL_VERSION\nimport PIL.Image\n",
+    }
+    problems = stack_offences(bad)
+    assert len(problems) == 4, problems  # the gateway may decode and draw; the rest may not do what they do
+    assert not any(p.startswith("xrayfm_gateway") for p in problems)
+
+
+@pytest.mark.slow
+def test_importing_the_contracts_loads_no_decoding_or_drawing_code() -> None:
+    modules = fresh_modules(import_with_submodules("xrayfm_stack"))
+    assert "xrayfm_stack.protocol" in modules and "xrayfm_stack.settings" in modules
+    loaded = sorted(m for m in modules if m in ("xrayfm.data.images", "xrayfm.explain.overlay"))
+    assert not loaded, f"importing xrayfm_stack loaded {loaded}"

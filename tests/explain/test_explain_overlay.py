@@ -149,3 +149,25 @@ def test_heatmap_on_image_matches_the_steps_done_one_by_one_in_torch() -> None:
             want = np.rint(np.clip(ref, 0, 1) * 255).astype(int)
             assert out.shape == (height, width)
             assert np.abs(out.astype(int) - want).max() <= 1, mode
+
+
+def test_an_answers_attention_map_is_the_drawn_map_as_a_lossless_grey_png() -> None:
+    """:func:`heatmap_to_base64`, what the gateway puts in every answer's ``attention_map``: the map drawn by
+    :func:`heatmap_on_image` (checked against torch above), as an 8-bit grey PNG that Pillow and
+    :func:`heatmap_from_base64` read back to the very levels; a malformed map or mode is an XrayfmError."""
+    from xrayfm.explain.overlay import heatmap_from_base64, heatmap_on_image, heatmap_to_base64
+
+    heat = np.random.default_rng(7).random((14, 14)).astype(np.float32)
+    for mode in ("pad", "crop", "stretch"):
+        drawn = heatmap_on_image(heat, (390, 320), 224, mode)
+        with Image.open(io.BytesIO(base64.b64decode(heatmap_to_base64(heat, (390, 320), 224, mode)))) as im:
+            assert im.mode == "L" and im.size == (320, 390)
+            np.testing.assert_array_equal(np.asarray(im), drawn)
+        read = heatmap_from_base64(heatmap_to_base64(heat, (390, 320), 224, mode))
+        np.testing.assert_array_equal(np.rint(read * 255).astype(np.uint8), drawn)
+    cropped = heatmap_on_image(heat, (390, 320), 224, "crop")  # the central 320 x 320 square is covered
+    assert cropped[:35].max() == cropped[-35:].max() == 0 and cropped[35:-35].min() > 0
+    with pytest.raises(XrayfmError, match="unknown resize mode 'zoom'"):
+        heatmap_to_base64(heat, (390, 320), 224, "zoom")
+    with pytest.raises(XrayfmError, match=r"must lie in \[0, 1\]"):
+        heatmap_to_base64(heat * 3, (390, 320), 224, "pad")

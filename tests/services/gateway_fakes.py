@@ -17,6 +17,7 @@ from xrayfm_gateway.app import create_app
 from xrayfm_gateway.deps import get_queue, get_training
 from xrayfm_gateway.queue import JobState, QueueUnavailable
 from xrayfm_stack.protocol import (
+    PROTOCOL_VERSION,
     JobRecord,
     ModelInfo,
     ModelMap,
@@ -28,7 +29,7 @@ from xrayfm_stack.protocol import (
 from xrayfm_stack.settings import GatewaySettings
 
 MODEL = ModelInfo(name="m", version="1", sha256="0" * 64, labels=["Abnormal"], input_size=64, device="cpu")
-READY_WORKER = {"hostname": "w1", "ready": True, "model": MODEL.model_dump()}
+READY_WORKER = {"hostname": "w1", "ready": True, "model": MODEL.model_dump(), "protocol": PROTOCOL_VERSION}
 
 
 def _model_map(image_shape: tuple[int, int]) -> ModelMap:
@@ -47,7 +48,7 @@ class FakeQueue:
         self.next_state: JobState | None = None  # what every job ends as (default: a real-looking answer)
         self.down = False  # Redis unreachable
         self.kept: dict[str, bytes] = {}  # images kept for feedback (XRAYFM_FEEDBACK_KEEP_IMAGES)
-        self.inputs: dict[str, list[bytes] | None] = {}
+        self.inputs: dict[str, list[bytes]] = {}
 
     def _check(self) -> None:
         if self.down:
@@ -58,12 +59,12 @@ class FakeQueue:
         return self.workers_list
 
     async def submit(
-        self, request: PredictRequest, record: dict[str, Any], inputs: list | None = None
+        self, request: PredictRequest | list[PredictRequest], record: dict[str, Any], inputs: list[bytes]
     ) -> str:
         self._check()
         job_id = str(uuid.uuid4())
         self.jobs[job_id] = (request, record)
-        self.inputs[job_id] = inputs  # the raw images of `stored` requests, as the inputs key holds them
+        self.inputs[job_id] = inputs  # the raw images, as the job's inputs key holds them
         return job_id
 
     async def keep_pixels(self, job_id: str, png: bytes) -> None:
@@ -85,7 +86,7 @@ class FakeQueue:
         if job_id not in self.jobs:
             return JobState("queued")  # as the result backend: no result key yet (or any more)
         request, _ = self.jobs[job_id]
-        stored = self.inputs.get(job_id) or [None] * (len(request) if isinstance(request, list) else 1)
+        stored = self.inputs[job_id]
         if isinstance(request, list):  # a study: each image answered, the mean decides (as the worker does)
             images = [self._answer(r, 0.2 + 0.3 * k, stored[k]) for k, r in enumerate(request)]
             mean = sum(a.probability for a in images) / len(images)
@@ -95,7 +96,7 @@ class FakeQueue:
         return JobState("done", result=self._answer(request, 0.75, stored[0]))
 
     @staticmethod
-    def _answer(request: PredictRequest, p: float, stored: bytes | None = None) -> WorkerAnswer:
+    def _answer(request: PredictRequest, p: float, stored: bytes) -> WorkerAnswer:
         image = request.image(stored)  # the pixels the gateway sent decode exactly
         return WorkerAnswer(
             prediction="Abnormal" if p >= 0.5 else "Normal",

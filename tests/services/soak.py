@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 PATIENT_NAME = "DOE^JOHN^Q"
 PATIENT_ID = "PID-7734-XRAYFM"

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from svc_helpers import logs_text, phantom, png_bytes
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
-"""The stack's boundaries: services import the contracts package (xrayfm_stack) and the library, never each
-other; the gateway, the web UI and the contracts run without torch."""
+"""The stack's boundaries: services (and the local launcher, xrayfm_local) import the contracts package
+(xrayfm_stack) and the library, never each other; the gateway, the web UI, the contracts and the launcher run
+without torch. The layers themselves: tests/test_layers.py (STACK_LAYERS)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def imported_modules(package: Path) -> dict[str, set[str]]:
     return found
 
 
-def test_the_six_packages_are_there():
+def test_the_seven_packages_are_there():
     assert set(SERVICES) == {
         CONTRACTS,
         "xrayfm_gateway",
@@ -39,6 +40,7 @@ def test_the_six_packages_are_there():
         "xrayfm_training",
         "xrayfm_frontend",
         "xrayfm_router",
+        "xrayfm_local",
     }
 
 
@@ -75,7 +77,7 @@ def run_without_torch(code: str, also: tuple[str, ...] = ()) -> subprocess.Compl
 def test_contracts_gateway_and_frontend_import_without_torch():
     result = run_without_torch(
         """
-        import xrayfm_stack.celery, xrayfm_stack.jobs, xrayfm_stack.local, xrayfm_stack.protocol
+        import xrayfm_local.launcher, xrayfm_stack.celery, xrayfm_stack.jobs, xrayfm_stack.protocol
         import xrayfm_stack.settings, xrayfm_stack.spec, xrayfm_stack.store
         import xrayfm_gateway.app
         app = xrayfm_gateway.app.create_app()

@@ -5,7 +5,6 @@ of the model's name."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -83,8 +82,8 @@ def test_training_worker_runs_a_calibrate_job(stack_files, records, tmp_path: Pa
     from xrayfm_training.worker import run_job
 
     data, store, site = stack_files
-    settings = dataclasses.replace(
-        TrainingSettings.from_env({}), model_store=store, runs_dir=tmp_path / "runs"
+    settings = TrainingSettings.from_env({}).model_copy(
+        update={"model_store": store, "runs_dir": tmp_path / "runs"}
     )
     spec = validate_spec({"kind": "calibrate", "config": {
         "model": "store:m/1", "data": [f"folder:{site}"], "label": "positive", "method": "temperature",

@@ -330,7 +330,7 @@ def test_starting_a_task_waits_out_a_redis_restart(tmp_path) -> None:
     import threading
 
     from svc_helpers import require_redis_server
-    from xrayfm_stack import local as stack_lib
+    from xrayfm_local import launcher as stack_lib
 
     require_redis_server()
     port, stack = stack_lib.free_port(), stack_lib.Stack(tmp_path)

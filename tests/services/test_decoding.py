@@ -8,7 +8,6 @@ import asyncio
 import io
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ def test_uploads_are_decoded_in_another_process_and_the_loop_stays_free():
 
 
 def test_a_decode_over_its_time_limit_is_422_and_its_child_is_replaced():
-    settings = replace(GatewaySettings(), decode_timeout_s=0.05, decode_concurrency=1)
+    settings = GatewaySettings(decode_timeout_s=0.05, decode_concurrency=1)
 
     async def body(pool: DecodePool):
         with pytest.raises(APIError) as refused:
@@ -79,7 +78,7 @@ def test_a_decode_over_its_time_limit_is_422_and_its_child_is_replaced():
 def test_a_decode_over_its_memory_cap_is_422_and_the_next_one_works():
     buf = io.BytesIO()
     Image.new("RGB", (7000, 7000)).save(buf, "JPEG")  # 147 MB of RGB pixels from a 770 KB file
-    settings = replace(GatewaySettings(), decode_memory_mb=400)
+    settings = GatewaySettings(decode_memory_mb=400)
 
     async def body(pool: DecodePool):
         with pytest.raises(APIError) as refused:

@@ -12,7 +12,7 @@ import pytest
 
 from svc_helpers import require_redis_server
 from test_training import _pretrain_spec, _wait
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from svc_helpers import phantom, png_bytes, stack_env
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 
 from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
 from xrayfm.errors import XrayfmError
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
 from xrayfm_stack.settings import TrainingSettings
@@ -43,8 +43,8 @@ def test_shipped_is_the_default_and_names_a_shipped_adapter() -> None:
 
 
 def test_install_shipped_stores_the_adapter_with_its_foundation(tmp_path: Path) -> None:
-    """The stored version loads from the store alone (its foundation copied in beside it) and predicts
-    exactly what the shipped model predicts."""
+    """The stored version loads from the store alone (its foundation stored once, by content, under
+    foundations/) and predicts exactly what the shipped model predicts."""
     import torch
 
     from xrayfm.models.checkpoint import load_any
@@ -53,7 +53,7 @@ def test_install_shipped_stores_the_adapter_with_its_foundation(tmp_path: Path) 
     ref = install_shipped(store, SHIPPED)
     assert ref == {"name": SHIPPED.removeprefix("xrayfm/"), "version": "1"}
     names = sorted(v["name"] for v in model_store.list_versions(store))
-    assert names == sorted([ref["name"], f"{ref['name']}-foundation"])
+    assert names == [ref["name"]]  # the foundation is a blob, not a version of its own
     folder = model_store.version_dir(store, ref["name"], ref["version"])
     assert json.loads((folder / "meta.json").read_text())["foundation"]["path"].startswith("../../")
     assert not list(store.glob(".publish-*"))  # staged in the store, then gone
@@ -149,7 +149,7 @@ def test_first_start_serves_the_shipped_real_data_model(tmp_path: Path) -> None:
             assert body["prediction"] in ("Pneumonia", "Normal") and body["attention_map"]
             assert http.get("/training/jobs").json()["jobs"] == []  # nothing was trained
             listed = {m["name"]: m for m in http.get("/models").json()["models"]}
-            assert listed[model["name"]]["lineage"]["foundation"]["name"] == f"{model['name']}-foundation"
+            assert listed[model["name"]]["lineage"]["foundation"]["form"] == "blob"
         state = BootstrapState(env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_QUEUE"]).get()
         assert state["stage"] == "done" and state["mode"] == "shipped", state
     except BaseException:

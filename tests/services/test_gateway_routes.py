@@ -22,6 +22,7 @@ from svc_helpers import decode_map, phantom, png_bytes
 from xrayfm_gateway.queue import JobState, QueueUnavailable
 from xrayfm_stack import store as model_store
 from xrayfm_stack.protocol import (
+    PROTOCOL_VERSION,
     ModelMap,
     RejectionReason,
     WorkerAnswer,
@@ -66,7 +67,7 @@ def test_health_and_ready(http, fakes):
         and ready.json()["ready"]
         and ready.json()["detail"] == "1 worker(s) answering"
     )
-    queue.workers_list = [{"hostname": "w1", "ready": False, "loading": True}]
+    queue.workers_list = [{**READY_WORKER, "ready": False, "loading": True}]
     body = http.get("/ready")
     assert body.status_code == 503 and "loading the model" in body.json()["detail"]
     training.bootstrap = "bootstrapping: training the demo model on SYNTHETIC data: queued"
@@ -77,6 +78,31 @@ def test_health_and_ready(http, fakes):
     queue.down = True
     down = http.get("/ready")
     assert down.status_code == 503 and down.json()["broker"] == "unreachable"
+
+
+def test_workers_of_another_protocol_version_get_no_work_and_ready_says_why(http, fakes):
+    """Every worker takes messages from the one queue: while one of another protocol version is live, the
+    gateway sends nothing (it would misread the requests) and /ready names the versions."""
+    queue, _ = fakes
+    queue.workers_list = [
+        {**READY_WORKER, "protocol": PROTOCOL_VERSION - 1},
+        {**READY_WORKER, "hostname": "w2", "protocol": PROTOCOL_VERSION - 1},
+    ]
+    body = http.get("/ready")
+    assert body.status_code == 503 and not body.json()["ready"]
+    assert body.json()["detail"] == (
+        f"2 workers speak protocol {PROTOCOL_VERSION - 1}, this gateway speaks {PROTOCOL_VERSION}: "
+        "stop or upgrade them (they share the queue)"
+    )
+    assert _error(http.post("/predict", files=_png()), 503, "not_ready") and not queue.jobs
+    unversioned = {key: value for key, value in READY_WORKER.items() if key != "protocol"}
+    # one of ours beside it: still no work, as the other takes messages from the same queue
+    queue.workers_list = [READY_WORKER, {**unversioned, "hostname": "w3"}]
+    detail = http.get("/ready").json()["detail"]
+    assert detail.startswith("1 worker speaks no protocol version (an earlier release), this gateway speaks")
+    assert _error(http.post("/predict", files=_png()), 503, "not_ready") and not queue.jobs
+    queue.workers_list = [READY_WORKER]
+    assert http.get("/ready").status_code == 200 and http.post("/predict", files=_png()).status_code == 200
 
 
 def test_metrics_without_redis_still_answer(http):
@@ -111,34 +137,25 @@ def test_predict_answers_the_typed_prediction(http, fakes):
     assert None not in body["timings"].values()
     (request, _record), *_ = queue.jobs.values()
     assert (request.height, request.width) == (512, 256)  # sent at the transport size, aspect kept
-    assert request.pixels is not None and queue.inputs[body["job_id"]] is None  # this worker: in the message
     no_map = http.post("/predict", files=_png(), params={"explain": "false"}).json()
     assert no_map["attention_map"] is None
 
 
-def test_images_go_to_the_inputs_key_only_when_every_worker_reads_it(http, fakes):
-    """Workers that say ``stored_inputs`` get the raw pixels beside the message (a study's in order); while
-    one live worker does not (an earlier release, mid-upgrade), every image stays inside its message."""
+def test_images_go_raw_to_the_inputs_key_beside_the_message(http, fakes):
+    """Each request carries its size and options; its raw pixels go to the job's inputs key (a study's in
+    order)."""
     queue, _ = fakes
-    queue.workers_list = [
-        {**READY_WORKER, "stored_inputs": True},
-        {**READY_WORKER, "hostname": "w2", "stored_inputs": True},
-    ]
     body = http.post("/predict", files=_png(600, 300)).json()
     (request, _record) = queue.jobs[body["job_id"]]
     [raw] = queue.inputs[body["job_id"]]
-    assert request.stored == "pixels" and request.pixels is None and request.encoded is None
     assert len(raw) == request.height * request.width and body["attention_map"]
+    assert "pixels" not in request.model_dump()
     study = http.post(
         "/predict/study", files=[("files", _png(64, 32)["file"]), ("files", _png(32, 64)["file"])]
     )
     assert study.status_code == 200, study.text
     sent, _ = queue.jobs[study.json()["job_id"]]
     assert [len(raw) for raw in queue.inputs[study.json()["job_id"]]] == [r.height * r.width for r in sent]
-    queue.workers_list[1] = READY_WORKER  # an earlier release joins
-    body = http.post("/predict", files=_png(600, 300)).json()
-    (request, _record) = queue.jobs[body["job_id"]]
-    assert request.stored is None and queue.inputs[body["job_id"]] is None
 
 
 def test_gateway_draws_the_workers_model_map(http, fakes):
@@ -155,7 +172,7 @@ def test_gateway_draws_the_workers_model_map(http, fakes):
 
 def test_gateway_keeps_blas_to_one_thread(fakes):
     """Drawing heatmaps uses small matrix products; OpenBLAS's extra threads would spin on the cores after
-    each one (~90 ms of CPU per request measured on 2 cores), so the gateway caps BLAS at one thread."""
+    each one, burning far more CPU than the products themselves, so the gateway caps BLAS at one thread."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     before = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
@@ -165,15 +182,6 @@ def test_gateway_keeps_blas_to_one_thread(fakes):
         assert after and set(after) == {1}
     finally:
         threadpool_limits(limits=before, user_api="blas")  # the rest of the session keeps its setting
-
-
-def test_answer_drawn_by_an_earlier_worker_passes_unchanged(http, fakes):
-    queue, _ = fakes
-    old = WorkerAnswer(prediction="Normal", probability=0.1, probabilities={"Abnormal": 0.1},
-                       attention_map="iVBORw0KGgo=", explain_method="rollout", model=MODEL)  # fmt: skip
-    queue.next_state = JobState("done", result=old)
-    body = http.post("/predict", files=_png()).json()
-    assert body["attention_map"] == "iVBORw0KGgo=" and "render_ms" not in body["timings"]
 
 
 @pytest.mark.parametrize(

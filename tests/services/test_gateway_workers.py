@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from xrayfm_gateway.serve import prepare_metrics_dir
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 HEALTH_OK = re.compile(
     r'^xrayfm_gateway_requests_total\{method="GET",route="/health",status="200"\} (\S+)$', re.M
@@ -136,7 +136,7 @@ def test_the_shared_socket_gives_connections_without_nagle_delays() -> None:
 
 def test_uvicorn_serves_with_its_fast_loop_and_parser_and_redis_with_hiredis() -> None:
     """The gateway's dependencies bring uvloop, httptools and hiredis, and uvicorn's "auto" settings (what
-    serve.py leaves them at) pick the first two: together ~0.7 ms less per /predict (services/README.md).
+    serve.py leaves them at) pick the first two, which take less CPU per /predict (docs/performance.md).
     They bring ISA-L too, which the library's PNG writer then uses for the heatmaps drawn there."""
     import asyncio
 

@@ -19,11 +19,11 @@ import pytest
 from openjpeg.utils import encode_array
 from pydicom.uid import JPEG2000Lossless
 
-from gateway_fakes import MODEL, FakeQueue, FakeTraining, gateway_client
+from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
 from hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
 from svc_helpers import jpeg_bytes, phantom
 from xrayfm_gateway.queue import TrainingQueue
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack.settings import GatewaySettings, TrainingSettings
 from xrayfm_stack.spec import MAX_DEPTH, check_plain
 from xrayfm_stack.store import version_dir
@@ -328,7 +328,7 @@ def test_make_up_respects_an_explicit_insecure_no_auth(environ: dict[str, str], 
 
 
 # -- item 7: /ready and /metrics without a key -----------------------------------------------------------------
-WORKER = {"hostname": "celery@radiology-host-7", "pid": 4242, "ready": True, "model": MODEL.model_dump()}
+WORKER = {**READY_WORKER, "hostname": "celery@radiology-host-7", "pid": 4242}
 KEYED = {"api_keys": frozenset({API_KEY}), "admin_keys": frozenset({ADMIN_KEY})}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput, InferResult
 
-from gateway_fakes import MODEL, FakeQueue, FakeTraining, gateway_client
+from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
 from svc_helpers import phantom, png_bytes
 from xrayfm_gateway.queue import JobState
 from xrayfm_stack.protocol import DomainInfo, DomainReason, RejectionReason, WorkerRejection
@@ -168,8 +168,7 @@ def test_fp32_grey_pixels_reach_the_worker_as_sent(http, queue, shape, binary):
     assert response.status_code == 200, response.text
     [job_id] = queue.jobs
     request, record = queue.jobs[job_id]
-    stored = queue.inputs[job_id]
-    np.testing.assert_array_equal(request.image(stored[0] if stored else None), IMAGE)
+    np.testing.assert_array_equal(request.image(queue.inputs[job_id][0]), IMAGE)
     assert record["image"] == {"format": "FP32", "width": 80, "height": 96}
 
 
@@ -237,7 +236,7 @@ def test_a_wrong_binary_size_or_header_length_is_400(http):
 def test_an_answer_from_another_version_than_asked_is_503_to_send_again(http, queue):
     """A promotion that takes effect while the request waits: the answer names another version."""
     queue.workers_list = [
-        {"hostname": "w2", "ready": True, "model": MODEL.model_copy(update={"version": "2"}).model_dump()}
+        {**READY_WORKER, "hostname": "w2", "model": MODEL.model_copy(update={"version": "2"}).model_dump()}
     ]
     response, _ = infer(http, [image_input()], path="/v2/models/m/versions/2/infer")
     assert "m version 1 answered" in assert_v2_error(response, 503, "model_changed")

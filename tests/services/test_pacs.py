@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu, uncompressed
 from svc_helpers import RunningStack, free_port, jpeg_bytes, phantom, start_stack
 from xrayfm.hospital.result import MANUFACTURER
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_training.bootstrap import install_shipped
 
 pytestmark = [

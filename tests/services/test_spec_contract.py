@@ -3,17 +3,18 @@ only those, in a job spec as in the library and the CLI."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+from pydantic import Field
 
 from xrayfm.errors import XrayfmError
-from xrayfm.train.config import JsonConfig, choices_text, field_type
+from xrayfm.train.config import JsonConfig, choices_text, config_class, field_type, settings_of
 from xrayfm_stack.protocol import JOB_KINDS
-from xrayfm_stack.spec import CONFIGS, validate_spec
+from xrayfm_stack.spec import CONFIGS, KINDS, job_kind, register_job_kind, validate_spec
 
 # Each kind's config with the fewest settings that make it valid.
 MINIMAL: dict[str, dict[str, Any]] = {
@@ -27,8 +28,8 @@ MINIMAL: dict[str, dict[str, Any]] = {
 CHOICE_FIELDS = [
     (kind, f.name)
     for kind, cls in CONFIGS.items()
-    for f in dataclasses.fields(cls)
-    if "choices" in f.metadata
+    for f in settings_of(cls).values()
+    if f.choices is not None
 ]
 
 
@@ -47,13 +48,13 @@ def test_the_choice_fields_are_found() -> None:
 @pytest.mark.parametrize("kind, name", CHOICE_FIELDS, ids=[f"{k}.{n}" for k, n in CHOICE_FIELDS])
 def test_a_setting_with_choices_refuses_any_other_value(kind: str, name: str) -> None:
     cls = CONFIGS[kind]
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    f = settings_of(cls)[name]
     is_list = typing.get_origin(field_type(cls, name)) is list
-    for choice in f.metadata["choices"]:  # every allowed value passes
+    for choice in f.choices:  # every allowed value passes
         value = [choice] if is_list else choice
         checked = validate_spec({"kind": kind, "config": {**MINIMAL[kind], name: value}})
         assert checked["config"][name] == value
-    bad = [f.metadata["choices"][0], "zigzag"] if is_list else "zigzag"
+    bad = [f.choices[0], "zigzag"] if is_list else "zigzag"
     with pytest.raises(XrayfmError) as info:
         validate_spec({"kind": kind, "config": {**MINIMAL[kind], name: bad}})
     message = str(info.value)
@@ -81,11 +82,9 @@ def test_a_search_space_offers_only_a_settings_choices() -> None:
 def test_a_list_setting_with_choices_checks_each_item() -> None:
     """No list setting has choices today; the rule is the config's, so a list-valued one is covered."""
 
-    @dataclasses.dataclass
+    @config_class
     class Listed(JsonConfig):
-        parts: list[str] | None = dataclasses.field(
-            default=None, metadata={"help": "parts", "choices": ("HAND", "WRIST")}
-        )
+        parts: list[Literal["HAND", "WRIST"]] | None = Field(None, description="parts")
 
     Listed.from_dict({"parts": ["HAND", "WRIST"]})
     Listed.from_dict({})
@@ -123,3 +122,33 @@ def test_the_gateway_answers_422_naming_the_setting(config: dict[str, Any], tmp_
     name = next(iter(config))
     assert body["error"] == "invalid_spec" and f"{name} '{config[name]}' (choose one of" in body["detail"]
     assert not training.jobs
+
+
+def test_the_openapi_document_shows_each_kinds_config(tmp_path: Path) -> None:
+    """POST /training/jobs documents one object per kind, with its config's choices, ranges and help."""
+    from gateway_fakes import FakeQueue, FakeTraining, gateway_client
+
+    with gateway_client(FakeQueue(), FakeTraining(), insecure_no_auth=True, model_store=tmp_path) as http:
+        schema = http.get("/openapi.json").json()
+    body = schema["paths"]["/training/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["discriminator"]["propertyName"] == "kind"
+    by_kind = {member["properties"]["kind"]["const"]: member for member in body["oneOf"]}
+    assert set(by_kind) == set(CONFIGS)
+    adapt = by_kind["adapt"]["properties"]["config"]["properties"]
+    assert adapt["method"]["enum"] == ["lora", "full", "linear", "scratch"]
+    assert adapt["lora_rank"]["minimum"] == 1 and adapt["lora_rank"]["maximum"] == 1024
+    assert adapt["lr"]["exclusiveMinimum"] == 0 and "peak learning rate" in adapt["lr"]["description"]
+    assert by_kind["calibrate"]["properties"]["config"]["additionalProperties"] is False
+    assert "$ref" not in json.dumps(body)  # the body's schema stands alone in the document
+
+
+def test_every_kind_is_registered_with_fields_of_its_config() -> None:
+    """The registry names, per kind, fields its config has; evaluate alone publishes no version."""
+    for kind, spec in KINDS.items():
+        names = set(settings_of(spec.config))
+        assert {*spec.path_fields, *spec.store_fields, *spec.source_fields} <= names, kind
+    assert [k for k, spec in KINDS.items() if not spec.publishes] == ["evaluate"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_job_kind("adapt", KINDS["adapt"].config, path_fields=(), publishes=True)
+    with pytest.raises(XrayfmError, match="choose one of"):
+        job_kind("bogus")

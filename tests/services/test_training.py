@@ -15,7 +15,7 @@ import pytest
 
 from svc_helpers import require_redis_server
 from xrayfm.errors import XrayfmError
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 
 REPO = Path(__file__).resolve().parents[2]

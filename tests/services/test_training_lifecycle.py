@@ -18,7 +18,7 @@ import pytest
 from helpers import shared_data_dir
 from svc_helpers import require_redis_server, stack_env
 from test_training import QUIET, _pretrain_spec, _wait
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 
 pytestmark = pytest.mark.slow

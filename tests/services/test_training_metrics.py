@@ -20,7 +20,7 @@ from xrayfm_gateway.metrics import (
     training_exposition,
     training_families,
 )
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 from xrayfm_stack.jobs import JobRecords
 from xrayfm_stack.settings import TrainingSettings

@@ -3,8 +3,6 @@ the heatmap geometry, the micro-batcher and the decision rule."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 import time
@@ -12,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from svc_helpers import decode_map, phantom, png_bytes
-from xrayfm.data.images import read_image
+from svc_helpers import phantom
 from xrayfm.errors import XrayfmError
 from xrayfm_gateway.uploads import fit_within
 from xrayfm_inference.batcher import MicroBatcher
@@ -45,100 +42,41 @@ def test_settings_from_env_and_clear_errors():
 
 
 def test_protocol_round_trip_is_json_and_pixel_exact():
+    """The request carries no image, only its size and options; the raw pixels, read back from the
+    job's inputs key, give the very image."""
     image = phantom(37, 53)
-    payload = PredictRequest.from_image(image, explain=False, method="grad_rollout", submitted_at=12.5)
-    back = PredictRequest.parse(json.loads(json.dumps(payload.model_dump())))
-    np.testing.assert_array_equal(back.image(), image)
+    request, data = PredictRequest.to_store(image, explain=False, method="grad_rollout", submitted_at=12.5)
+    assert data == image.tobytes() and "pixels" not in json.dumps(request.model_dump())
+    back = PredictRequest.parse(json.loads(json.dumps(request.model_dump())))
+    np.testing.assert_array_equal(back.image(data), image)
     options = back.model_dump(include={"explain", "method", "submitted_at"})
     assert options == {"explain": False, "method": "grad_rollout", "submitted_at": 12.5}
-    assert payload.describe() == "<grey 53x37 explain=False>"
+    assert request.describe() == "<grey 53x37 explain=False>"
+    with pytest.raises(JobLost, match="no longer in Redis"):  # not the request's fault: not a rejection
+        back.image(None)
 
 
 @pytest.mark.parametrize(
-    "mutate",
+    ("mutate", "match"),
     [
-        lambda p: p.pop("pixels"),
-        lambda p: p.update(height=p["height"] + 1),
-        lambda p: p.update(pixels="not base64!"),
-        lambda p: p.update(width=10**6),
+        (lambda p: p.pop("height"), "height: Field required"),
+        (lambda p: p.update(height=p["height"] + 1), "pixel buffer has 64 bytes, expected 9x8=72"),
+        (lambda p: p.update(width=10**6), "width: Input should be less than or equal to 4096"),
+        (lambda p: p.update(domain_policy="ignore"), "domain_policy"),
     ],
 )
-def test_protocol_rejects_malformed_requests(mutate):
-    payload = PredictRequest.from_image(phantom(8, 8)).model_dump()
+def test_protocol_rejects_malformed_requests(mutate, match):
+    request, data = PredictRequest.to_store(phantom(8, 8))
+    payload = request.model_dump()
     mutate(payload)
-    with pytest.raises(ProtocolError):
-        PredictRequest.parse(payload).image()
-
-
-def test_protocol_sends_a_smaller_file_instead_of_pixels_and_checks_it():
-    image = phantom(120, 100)
-    file = png_bytes(image)
-    assert len(file) < image.size
-    payload = PredictRequest.from_image(image, encoded=file)
-    assert payload.pixels is None and payload.encoded is not None
-    back = PredictRequest.parse(json.loads(json.dumps(payload.model_dump())))
-    np.testing.assert_array_equal(back.image(), image)
-    noise = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)
-    assert PredictRequest.from_image(noise, encoded=png_bytes(noise)).encoded is None  # larger: pixels
-    wrong = PredictRequest.from_image(phantom(121, 100), encoded=file)  # announces another size
-    with pytest.raises(ProtocolError, match="decodes to 100x120, expected 100x121"):
-        wrong.image()
-    garbage = PredictRequest.parse({**payload.model_dump(), "encoded": base64.b64encode(b"x" * 50).decode()})
-    with pytest.raises(ProtocolError, match="malformed request"):
-        garbage.image()
-    with pytest.raises(ProtocolError, match="exactly one of pixels, encoded and stored"):
-        PredictRequest.parse({**payload.model_dump(), "pixels": "AAAA"})
-
-
-def test_protocol_keeps_a_stored_requests_pixels_apart_raw():
-    """``to_store``: the request carries no image, only its size and options; the raw pixels, read back
-    from the inputs key, give the very image."""
-    image = phantom(120, 100)
-    request, data = PredictRequest.to_store(image, method="gradcam")
-    assert request.stored == "pixels" and request.method == "gradcam"
-    assert request.pixels is None and request.encoded is None and data == image.tobytes()
-    back = PredictRequest.parse(json.loads(json.dumps(request.model_dump())))
-    np.testing.assert_array_equal(back.image(data), image)
-    with pytest.raises(JobLost, match="no longer in Redis"):  # not the request's fault: not a rejection
-        back.image(None)
-    with pytest.raises(ProtocolError, match="pixel buffer has 3 bytes"):
-        back.image(b"abc")
-    with pytest.raises(ProtocolError, match="exactly one"):
-        PredictRequest.parse({**request.model_dump(), "pixels": "AAAA"})
-    with pytest.raises(ProtocolError, match="stored"):
-        PredictRequest.parse({**request.model_dump(), "stored": "encoded"})
-
-
-def test_gateway_sends_the_upload_without_metadata_when_that_keeps_its_pixels():
-    from PIL import Image
-
-    from xrayfm_gateway.uploads import Upload, decode_upload
-
-    settings = GatewaySettings.from_env({"XRAYFM_TRANSPORT_SIDE": "128"})
-    image = phantom(120, 100)
-
-    def upload(**save) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, **save)
-        return buf.getvalue()
-
-    original = upload(format="JPEG", comment=b"Doe^Jane")
-    plain = decode_upload(Upload(original, None, None), settings)
-    assert plain.encoded is not None and b"Doe^Jane" not in plain.encoded
-    np.testing.assert_array_equal(plain.pixels, read_image(original))  # the upload's own pixels
-    np.testing.assert_array_equal(
-        PredictRequest.from_image(plain.pixels, encoded=plain.encoded).image(), plain.pixels
-    )
-    exif = Image.Exif()
-    exif[0x0112] = 3  # upside down: without the EXIF the file would decode to other pixels: pixels travel
-    assert decode_upload(Upload(upload(format="JPEG", exif=exif), None, None), settings).encoded is None
-    big = GatewaySettings.from_env({"XRAYFM_TRANSPORT_SIDE": "64"})  # resized for transport: pixels
-    assert decode_upload(Upload(upload(format="PNG"), None, None), big).encoded is None
+    with pytest.raises(ProtocolError, match=match):
+        PredictRequest.parse(payload).image(data)
 
 
 def test_protocol_refuses_non_grey_images():
-    with pytest.raises(ProtocolError):
-        PredictRequest.from_image(np.zeros((4, 4, 3), np.uint8))
+    for image in (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(ProtocolError, match="expected a non-empty 2-D uint8 image"):
+            PredictRequest.to_store(image)
 
 
 def test_model_store_resolution_and_promotion(tmp_path):
@@ -245,27 +183,29 @@ def test_served_model_predicts_batches_like_single_images(tiny_model_factory):
     assert together[0].batch_size == 2
 
 
-def test_model_map_drawn_at_the_gateway_equals_the_library_drawing(tiny_model_factory):
-    """The worker sends the model's map (float32) and the geometry; the gateway's PNG is pixel-equal to
-    the heatmap the library draws in process, for every fitting mode."""
+def test_model_map_travels_exactly_and_a_worker_answer_carries_no_drawn_map(tiny_model_factory):
+    """The worker sends the model's map (float32) and the geometry; through JSON, as through Redis, the
+    gateway reads back the very map the library computed (and draws it with the library's one drawing
+    path, :func:`xrayfm.explain.overlay.heatmap_to_base64`). A drawn map in a worker's answer is refused."""
     from xrayfm.inference import Predictor
 
-    for mode in ("pad", "crop", "stretch"):
-        predictor = Predictor(tiny_model_factory(["A"], preprocessing={"size": 64, "mode": mode}))
-        image = phantom(90, 50, seed=4)
-        (raw,) = predictor.predict([image], draw=False)
-        (drawn,) = predictor.predict([image])
-        pre = predictor.served.preprocessing
-        assert pre.mode == mode
-        model_map = ModelMap.from_array(raw.model_map, pre.size, pre.mode, image.shape)
-        wire = WorkerAnswer.model_validate_json(  # through JSON, as through Redis
-            WorkerAnswer(prediction=raw.prediction, probability=raw.probability,
-                         probabilities=raw.probabilities, model_map=model_map,
-                         model=ModelInfo(name="m", version="1", sha256="0" * 64, labels=["A"],
-                                         input_size=64, device="cpu")).model_dump_json()
-        )  # fmt: skip
-        assert len(base64.b64decode(wire.model_map.data)) == 4 * raw.model_map.size
-        np.testing.assert_array_equal(decode_map(wire.drawn().attention_map), drawn.heatmap)
+    predictor = Predictor(tiny_model_factory(["A"], preprocessing={"size": 64, "mode": "pad"}))
+    image = phantom(90, 50, seed=4)
+    (raw,) = predictor.predict([image], draw=False)
+    model = ModelInfo(name="m", version="1", sha256="0" * 64, labels=["A"], input_size=64, device="cpu")
+    fields = {"prediction": raw.prediction, "probability": raw.probability}
+    fields["probabilities"] = raw.probabilities
+    model_map = ModelMap.from_array(raw.model_map, 64, "pad", image.shape)
+    wire = WorkerAnswer.model_validate_json(
+        WorkerAnswer(**fields, model_map=model_map, model=model).model_dump_json()
+    )
+    np.testing.assert_array_equal(wire.model_map.array(), raw.model_map)
+    assert (wire.model_map.out_height, wire.model_map.out_width) == image.shape
+    answer = wire.answer("iVBORw0KGgo=", render_ms=0.5)
+    assert answer.attention_map == "iVBORw0KGgo=" and answer.timings.render_ms == 0.5
+    assert "model_map" not in answer.model_dump()
+    with pytest.raises(ValueError, match="attention_map"):
+        WorkerAnswer(**fields, attention_map="iVBORw0KGgo=", model=model)
 
 
 def test_label_count_mismatch_is_refused_at_load(tmp_path):

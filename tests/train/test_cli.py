@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from xrayfm.train.config import (
     TuneConfig,
     bounds_text,
     field_type,
+    settings_of,
 )
 
 # Each config class with the fewest settings that make it valid.
@@ -52,12 +52,12 @@ def test_help_documents_every_option(argv, config, capsys):
         assert "--out" in text and "--n-bootstrap" in text and "checkpoint" in text
         return
     skipped = {"method", "label_fraction", "resume", "report_on"} if argv[0] == "experiment" else set()
-    for f in dataclasses.fields(config):
+    for f in settings_of(config).values():
         if f.name not in skipped:
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, flag
             # The help text of the field is shown (first few words, as argparse may wrap the rest).
-            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+            assert " ".join(f.help.split()[:3]) in text, f.name
 
 
 def test_experiment_without_subcommand_prints_help(capsys):
@@ -123,9 +123,9 @@ def test_bad_config_files_and_values_are_clear_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("cls", MINIMAL, ids=lambda cls: cls.__name__)
 def test_every_number_has_a_documented_range_holding_its_default(cls):
-    for f in dataclasses.fields(cls):
+    for f in settings_of(cls).values():
         if field_type(cls, f.name) in (int, float):
-            bounded = {"ge", "gt"} & set(f.metadata) and {"le", "lt"} & set(f.metadata)
+            bounded = {"ge", "gt"} & set(f.bounds) and {"le", "lt"} & set(f.bounds)
             assert bounded and bounds_text(f), f"{cls.__name__}.{f.name} has no lower and upper bound"
     cls.from_dict(MINIMAL[cls])  # every default lies in its range
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -15,7 +14,7 @@ from train_helpers import QUIET
 from xrayfm.data.splits import kfold_by_patient
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import DataError, XrayfmError
-from xrayfm.train.config import AdaptConfig, CVConfig, PretrainConfig
+from xrayfm.train.config import AdaptConfig, CVConfig, PretrainConfig, settings_of
 from xrayfm.train.cv import cross_validate, pooled_auroc
 
 
@@ -195,10 +194,10 @@ def test_cv_help_documents_every_option_and_prints_its_config(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     skipped = {"fold", "val_split", "val_cache", "val_fraction", "resume"}
-    for f in dataclasses.fields(CVConfig):
+    for f in settings_of(CVConfig).values():
         if f.name not in skipped:
             assert "--" + f.name.replace("_", "-") in text, f.name
-            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+            assert " ".join(f.help.split()[:3]) in text, f.name
     argv = ["cv", "--cache", "c", "--foundation", "f", "--folds", "4", "--print-config"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
@@ -12,7 +11,7 @@ import xrayfm.train.tune as tuning
 from train_helpers import QUIET
 from xrayfm.errors import XrayfmError
 from xrayfm.train.artifacts import load_any
-from xrayfm.train.config import TuneConfig
+from xrayfm.train.config import TuneConfig, settings_of
 from xrayfm.train.tune import DEFAULT_SPACE, decode, parse_space, tune
 
 optuna = pytest.importorskip("optuna")
@@ -154,10 +153,10 @@ def test_tune_help_documents_every_option_and_prints_its_config(capsys):
         main(["tune", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(TuneConfig):
+    for f in settings_of(TuneConfig).values():
         if f.name not in {"val_split", "val_cache", "folds", "fold", "resume"}:
             assert "--" + f.name.replace("_", "-") in text, f.name
-            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+            assert " ".join(f.help.split()[:3]) in text, f.name
     space = '{"lr": {"low": 1e-4, "high": 1e-2, "log": true}, "lora_rank": [4, 8]}'
     argv = ["tune", "--cache", "c", "--foundation", "f", "--space", space, "--trials", "3", "--print-config"]
     assert main(argv) == 0

@@ -5,10 +5,10 @@
 - :mod:`xrayfm_stack.celery`: the Celery configuration and task names of both queues;
 - :mod:`xrayfm_stack.store`: the model store (read side and write side);
 - :mod:`xrayfm_stack.jobs`: training job records and the first-start bootstrap's state in Redis;
-- :mod:`xrayfm_stack.spec`: the training job spec and its check;
-- :mod:`xrayfm_stack.local`: run the whole stack as local processes (``make up``).
+- :mod:`xrayfm_stack.spec`: the training job spec and its check.
 
-Services import this package and the library, never each other.
+Services import this package and the library, never each other. It holds no decoding or drawing code
+(that is the library's), and the local launcher is a package of its own (``xrayfm_local``, in no image).
 """
 
 from importlib.metadata import PackageNotFoundError, version

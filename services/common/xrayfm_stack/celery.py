@@ -98,8 +98,8 @@ class _Channel(kombu_redis.Channel):
     publishes collected instead of sent inside :func:`collected_publishes`.
 
     kombu builds a new ``redis.Redis`` around the channel's connection pool for every publish, every
-    message taken (recording it as unacknowledged) and every acknowledgement; building one took ~0.2 ms here
-    (redis-py 8), twice on each request's way to the worker. The client holds no connection of its own (each
+    message taken (recording it as unacknowledged) and every acknowledgement; building one is not free
+    (redis-py 8), and it happens twice on each request's way to the worker. The client holds no connection of its own (each
     command borrows one from the pool, so threads may share it); a new pool, after a lost connection, gets a
     new client."""
 
@@ -149,7 +149,7 @@ class ResultBackend(RedisBackend):
 
     Celery reads the stored state before writing a new one (a GET, then SETEX + PUBLISH), so that a task run
     twice cannot overwrite a SUCCESS. A prediction stores two states (STARTED, then its answer), each on the
-    request's path: four round trips of ~0.45 ms here. :data:`_STORE_STATE` applies the same rule inside Redis
+    request's path: four round trips. :data:`_STORE_STATE` applies the same rule inside Redis
     in one call, which also closes the gap Celery leaves between its read and its write. Values stay JSON
     (``result_serializer``), which the script reads with Redis's own cjson."""
 
@@ -157,7 +157,7 @@ class ResultBackend(RedisBackend):
         """Nothing. Celery subscribes to every sent task's result channel here (and unsubscribes when its
         ``AsyncResult`` is collected), for callers that wait with ``AsyncResult.get()``; the gateway waits
         through its own subscriber (``xrayfm_gateway.queue.ResultListener``), so those were two Redis
-        commands per request for nobody (~0.25 ms of ``send_task`` here). ``get()`` still works: it
+        commands per request for nobody, inside ``send_task``. ``get()`` still works: it
         subscribes when called and reads the stored state."""
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):  # noqa: D102
@@ -251,7 +251,7 @@ def reliable_queue_conf(queue: str, visibility_timeout_s: int) -> dict[str, Any]
             "socket_connect_timeout": 2,
             "socket_timeout": 10,
             # The JSON body goes into the message as it is, not base64-encoded once more (kombu's default
-            # for Redis): a third less to push and pop, ~1 ms less queue wait per 200 KB request here.
+            # for Redis): a third less to push and pop, and so less queue wait for large requests.
             # Receivers decode by the message's own body_encoding, so either kind of sender works.
             "body_encoding": None,
         },

@@ -2,19 +2,15 @@
 
 Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gateway)::
 
-    PredictRequest  {"pixels": "<base64 of H*W uint8, row-major>", "height": H, "width": W,
-                     "explain": true, "method": "rollout", "submitted_at": <unix time>}
-                    or, instead of "pixels", "encoded": "<base64 of the uploaded PNG/JPEG file>" when that
-                    file is smaller than its pixels and decodes to exactly them (fewer bytes on the wire)
-                    or "stored": "pixels": the H*W pixels, raw, in the job's inputs key in Redis
-                    (xrayfm_stack.celery.inputs_key) rather than in the message; sent only while every
-                    live worker's heartbeat says "stored_inputs", so the two upgrade in either order
+    PredictRequest  {"height": H, "width": W, "explain": true, "method": "rollout",
+                     "submitted_at": <unix time>, "facts": {...} | null, "domain_policy": "refuse"}
+                    the image itself, H*W uint8 grey pixels (row-major, raw), waits in the job's inputs key
+                    in Redis (xrayfm_stack.celery.inputs_key), beside the message rather than inside it
     WorkerAnswer    {"prediction", "probability", "probabilities", "model_map": ModelMap | null,
                      "explain_method", "model": ModelInfo, "timings": Timings, "batch_size", "worker"}
                     ModelMap: the explanation over the model's input (float32, e.g. 14 x 14) and the
                     geometry to draw it on; the gateway draws it into "attention_map" (a base64 PNG on
-                    the image's own aspect). A worker of an earlier release sends "attention_map" drawn
-                    instead, which the gateway passes on: upgrade gateways before workers.
+                    the image's own aspect: xrayfm.explain.overlay.heatmap_to_base64)
     WorkerRejection {"error": {"type": "bad_request", "message": "..."}}   (the request was unusable)
     Prediction      an ImageAnswer (a WorkerAnswer with its map drawn) plus the gateway's "image" facts
                     and "job_id": the answer of /predict
@@ -22,6 +18,12 @@ Inference (gateway -> Redis/Celery -> inference worker -> result backend -> gate
 A request is grey pixels and options, never a file name or a header. Training jobs travel as a job id;
 their :class:`JobSpec` and :class:`JobRecord` live in Redis (:mod:`xrayfm_stack.jobs`). The gateway's
 OpenAPI document is generated from these models.
+
+Gateways and inference workers speak one version of this protocol, :data:`PROTOCOL_VERSION`: each worker's
+heartbeat says which, and a gateway sends no work while no ready worker speaks its own (``/ready`` says
+why). There is no compatibility code for other versions: a change to the messages raises the version.
+This module holds the models and their thin wire conversions (base64, raw bytes); decoding uploads and
+drawing heatmaps are the library's (:mod:`xrayfm.data.images`, :mod:`xrayfm.explain.overlay`).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
-from xrayfm.data.images import read_image, to_png_bytes
-from xrayfm.errors import ImageDecodeError, XrayfmError
+from xrayfm.errors import XrayfmError
 from xrayfm.explain.methods import METHODS as EXPLAIN_METHODS
 
+# The version of the messages below that gateways and inference workers exchange, in every worker heartbeat
+# ("protocol"). Raise it with any change a gateway or a worker of the other version would misread.
+PROTOCOL_VERSION = 2
 PREDICT_TASK = "xrayfm.predict"
 PREDICT_STUDY_TASK = "xrayfm.predict_study"  # several images of one study, batched in one worker call
 MAX_SIDE = 4096  # a request larger than this on either side is refused by the worker (the gateway sends less)
@@ -74,53 +78,14 @@ class JobLost(RuntimeError):
 # ----------------------------------------------------------------------------------------------- requests
 
 
-def _grey_image(image: np.ndarray) -> np.ndarray:
-    """`image` as a contiguous non-empty 2-D uint8 array (ProtocolError otherwise)."""
-    arr = np.ascontiguousarray(image)
-    if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
-        raise ProtocolError(f"expected a non-empty 2-D uint8 image, got {arr.dtype} {arr.shape}")
-    return arr
-
-
-def _request_fields(
-    arr: np.ndarray,
-    explain: bool,
-    method: str,
-    submitted_at: float | None,
-    facts: dict[str, Any] | None = None,
-    domain_policy: str = "refuse",
-) -> dict[str, Any]:
-    """A request's fields besides its image: the image's size, the options, the time it was queued, the
-    upload's facts for the domain gate and what to do with an out-of-domain image."""
-    return {
-        "height": int(arr.shape[0]),
-        "width": int(arr.shape[1]),
-        "explain": bool(explain),
-        "method": str(method),
-        "submitted_at": time.time() if submitted_at is None else float(submitted_at),
-        "facts": facts or None,
-        "domain_policy": domain_policy,
-    }
-
-
 class PredictRequest(BaseModel):
-    """One image to predict: 2-D uint8 grey pixels (base64), or the PNG/JPEG file they decode from, and
-    the options.
-
-    The file form exists for the wire: a 320 x 390 CheXpert JPEG is 46 KB against 125 KB of pixels, and
-    every byte of a Celery message is JSON-encoded, pushed, popped and decoded again (about 4 ms per
-    200 KB here, the largest part of the queue wait). The worker decodes the file with the same decoder
-    the gateway checked it with, so it gets the same pixels."""
+    """One image to predict: its size and the options. The image itself, 2-D uint8 grey pixels, travels
+    raw in the job's inputs key (:meth:`to_store`, :meth:`image`): raw bytes in their own key skip the
+    base64 and the JSON of the Celery message and its copy in kombu's unacknowledged index. A request holds
+    at most XRAYFM_TRANSPORT_SIDE squared bytes (256 KB at 512) in Redis meanwhile."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    pixels: str | None = Field(None, description="base64 of height*width uint8 grey values, row-major")
-    encoded: str | None = Field(
-        None, description="instead of pixels: base64 of a PNG or JPEG file that decodes to height x width"
-    )
-    stored: Literal["pixels"] | None = Field(
-        None, description="instead of both: the pixels lie, raw, in the job's inputs key"
-    )
     height: int = Field(ge=1, le=MAX_SIDE)
     width: int = Field(ge=1, le=MAX_SIDE)
     explain: bool = True
@@ -135,34 +100,6 @@ class PredictRequest(BaseModel):
         "refuse", description="what the worker does with an out-of-domain image"
     )
 
-    @model_validator(mode="after")
-    def _one_image(self) -> PredictRequest:
-        if [self.pixels, self.encoded, self.stored].count(None) != 2:
-            raise ValueError("exactly one of pixels, encoded and stored")
-        return self
-
-    @classmethod
-    def from_image(
-        cls,
-        image: np.ndarray,
-        *,
-        encoded: bytes | None = None,
-        explain: bool = True,
-        method: str = "rollout",
-        submitted_at: float | None = None,
-        facts: dict[str, Any] | None = None,
-        domain_policy: str = "refuse",
-    ) -> PredictRequest:
-        """Pack a 2-D uint8 grey image and options. `encoded`: the PNG/JPEG file `image` was decoded from,
-        sent instead of the pixels when it is smaller (the caller vouches that it decodes to `image`)."""
-        arr = _grey_image(image)
-        small = encoded is not None and len(encoded) < arr.size
-        return cls(
-            pixels=None if small else base64.b64encode(arr.tobytes()).decode("ascii"),
-            encoded=base64.b64encode(encoded).decode("ascii") if small else None,
-            **_request_fields(arr, explain, method, submitted_at, facts, domain_policy),
-        )
-
     @classmethod
     def to_store(
         cls,
@@ -174,13 +111,21 @@ class PredictRequest(BaseModel):
         facts: dict[str, Any] | None = None,
         domain_policy: str = "refuse",
     ) -> tuple[PredictRequest, bytes]:
-        """As :meth:`from_image`, with the pixels kept out of the request: (the request, its raw pixels) for
-        the job's inputs key. Raw bytes in their own key skip the base64 and the JSON of the Celery message
-        and its copy in kombu's unacknowledged index; and raw pixels skip the worker's decoding a file. A
-        request holds at most XRAYFM_TRANSPORT_SIDE squared bytes (256 KB at 512) in Redis meanwhile."""
-        arr = _grey_image(image)
-        fields = _request_fields(arr, explain, method, submitted_at, facts, domain_policy)
-        return cls(stored="pixels", **fields), arr.tobytes()
+        """Pack a 2-D uint8 grey image and options: (the request, its raw pixels for the job's inputs key).
+        :class:`ProtocolError` when `image` is not a non-empty 2-D uint8 array."""
+        arr = np.ascontiguousarray(image)
+        if arr.ndim != 2 or arr.dtype != np.uint8 or 0 in arr.shape:
+            raise ProtocolError(f"expected a non-empty 2-D uint8 image, got {arr.dtype} {arr.shape}")
+        request = cls(
+            height=int(arr.shape[0]),
+            width=int(arr.shape[1]),
+            explain=bool(explain),
+            method=str(method),
+            submitted_at=time.time() if submitted_at is None else float(submitted_at),
+            facts=facts or None,
+            domain_policy=domain_policy,
+        )
+        return request, arr.tobytes()
 
     @classmethod
     def parse(cls, payload: Any) -> PredictRequest:
@@ -195,34 +140,16 @@ class PredictRequest(BaseModel):
             )
             raise ProtocolError(f"malformed request: {problems}") from None
 
-    def image(self, stored: bytes | None = None) -> np.ndarray:
-        """The H x W uint8 image, from the request or, for a ``stored`` one, from the bytes read from its
-        inputs key (`stored`): :class:`JobLost` when those are missing, :class:`ProtocolError` when the data
-        does not match the size."""
-        if self.stored is not None:
-            if stored is None:
-                raise JobLost("the request's image is no longer in Redis (lost in a restart, or expired)")
-            raw = bytes(stored)
-        else:
-            try:
-                raw = base64.b64decode(self.pixels if self.encoded is None else self.encoded, validate=True)
-            except (ValueError, binascii.Error) as exc:
-                raise ProtocolError(f"malformed request: the image is not base64 ({exc})") from None
-        if self.encoded is not None:
-            try:  # the gateway's decoder; never more pixels than the request announced
-                arr = read_image(raw, max_pixels=self.height * self.width)
-            except ImageDecodeError as exc:
-                raise ProtocolError(f"malformed request: {exc}") from None
-            if arr.shape != (self.height, self.width):
-                raise ProtocolError(
-                    f"encoded image decodes to {arr.shape[1]}x{arr.shape[0]}, expected {self.width}x{self.height}"
-                )
-            return arr
-        if len(raw) != self.height * self.width:
+    def image(self, stored: bytes | None) -> np.ndarray:
+        """The H x W uint8 image from the bytes read from the job's inputs key (`stored`): :class:`JobLost`
+        when those are missing, :class:`ProtocolError` when they do not match the size."""
+        if stored is None:
+            raise JobLost("the request's image is no longer in Redis (lost in a restart, or expired)")
+        if len(stored) != self.height * self.width:
             raise ProtocolError(
-                f"pixel buffer has {len(raw)} bytes, expected {self.height}x{self.width}={self.height * self.width}"
+                f"pixel buffer has {len(stored)} bytes, expected {self.height}x{self.width}={self.height * self.width}"
             )
-        return np.frombuffer(raw, dtype=np.uint8).reshape(self.height, self.width)
+        return np.frombuffer(bytes(stored), dtype=np.uint8).reshape(self.height, self.width)
 
     def describe(self) -> str:
         """A short, pixel-free description for logs and Celery's argsrepr."""
@@ -323,9 +250,10 @@ class ImageInfo(BaseModel):
 class ModelMap(BaseModel):
     """An explanation over the model's square input, as the model computed it, and where to draw it.
 
-    The worker sends this instead of a drawn PNG: ~1 KB against ~46 KB, and drawing (upsample, invert
-    the letterbox, PNG, base64: ~0.4 ms a map) moves from the model's CPU to the gateway's, which scale
-    apart. Float32, so the gateway draws exactly what the worker would have."""
+    The worker sends this instead of a drawn PNG (a few hundred floats instead of a PNG in base64), and
+    drawing (upsample, invert the letterbox, PNG, base64) moves from the model's CPU to the gateway's, which scale
+    apart. Float32, so the gateway draws exactly what the library draws in process, with the same function
+    (:func:`xrayfm.explain.overlay.heatmap_to_base64`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -368,17 +296,6 @@ class ModelMap(BaseModel):
             raise ProtocolError("malformed model map: values must be finite and in [0, 1]")
         return heat
 
-    def draw(self) -> str:
-        """The map drawn on the image's geometry: a base64 8-bit grey PNG (ProtocolError when malformed)."""
-        from xrayfm.explain.overlay import heatmap_on_image
-
-        heat = self.array()
-        try:  # its own checks (the fitting mode) name what is wrong
-            drawn = heatmap_on_image(heat, (self.out_height, self.out_width), self.input_size, self.mode)
-        except XrayfmError as exc:
-            raise ProtocolError(f"malformed model map: {exc}") from None
-        return base64.b64encode(to_png_bytes(drawn)).decode("ascii")
-
 
 class ImageAnswer(BaseModel):
     """One image's answer, as callers get it."""
@@ -417,18 +334,19 @@ class ImageAnswer(BaseModel):
 
 class WorkerAnswer(ImageAnswer):
     """What the inference worker answers for one image: an :class:`ImageAnswer` whose heatmap is still the
-    model's map (``model_map``), for the gateway to draw (:meth:`drawn`)."""
+    model's map (``model_map``), for the gateway to draw into ``attention_map`` (which the worker leaves
+    null: a drawn map in a worker's answer does not follow the protocol)."""
 
+    attention_map: None = Field(None, description="always null: the gateway draws model_map")
     model_map: ModelMap | None = None
 
-    def drawn(self) -> ImageAnswer:
-        """The caller's answer: the model map drawn into ``attention_map`` (time in ``timings.render_ms``).
-        An answer from an earlier worker, already drawn, passes as it is."""
+    def answer(self, attention_map: str | None, render_ms: float | None = None) -> ImageAnswer:
+        """The caller's answer: this one with `attention_map` (the gateway's drawing of ``model_map``)
+        and the time drawing took in ``timings.render_ms``."""
         fields = self.model_dump(exclude={"model_map"})
-        if self.model_map is not None:
-            t0 = time.perf_counter()
-            fields["attention_map"] = self.model_map.draw()
-            fields["timings"]["render_ms"] = 1000 * (time.perf_counter() - t0)
+        fields["attention_map"] = attention_map
+        if render_ms is not None:
+            fields["timings"]["render_ms"] = render_ms
         return ImageAnswer.model_validate(fields)
 
 

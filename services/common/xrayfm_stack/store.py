@@ -11,19 +11,36 @@ Layout (documented in services/README.md)::
     <store>/models/<name>/<version>/evaluations/<job>.json   results of evaluate jobs on this version
     <store>/models/<name>/<version>/operating_point.json   its chosen decision threshold (xrayfm.operating_point)
     <store>/serving-history.json          the promoted versions, oldest first (for :func:`rollback`)
+    <store>/foundations/<sha256>/         a LoRA adapter's foundation checkpoint, stored once by content
+                                          (sha256 of the folder, :func:`xrayfm.utils.sha256_folder`)
 
 ``XRAYFM_MODEL_PATH`` (a checkpoint folder) wins over the store when set. Promotion = rewriting
 ``serving.json`` atomically (:func:`promote`); :func:`add_version` publishes a new version atomically
 (a folder renamed into place), :func:`list_versions` describes them, :func:`rollback` re-serves the
 previously promoted one.
+
+Foundations: an adapter's ``meta.json`` points at its foundation by a path relative to its own folder,
+``../../../foundations/<sha256>`` (a foundation that is itself a store version: ``../../<name>/<version>``),
+and ``version.json``'s ``lineage.foundation`` says which form it is (``"form": "blob"`` with
+``folder_sha256``, or ``"form": "version"`` with ``name``/``version``; no ``form``: written before
+foundations were stored by content, a version such as ``<name>-foundation/<n>``). A publish stages its
+foundation (:func:`stage_foundation`: a pin, plus a copy when the store lacks it) and commits blob and
+version under the store lock (:func:`add_version`). :func:`gc` removes the blobs no version references and
+stale leftovers of interrupted writes; it never removes a version. Command line::
+
+    python -m xrayfm_stack.store gc [--dry-run] [--store PATH] [--grace SECONDS] [--audit-log PATH] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +48,7 @@ from typing import Any
 from xrayfm.domain.gate import GATE_JSON
 from xrayfm.errors import XrayfmError
 from xrayfm.operating_point import read_operating_point, write_operating_point
-from xrayfm.utils import atomic_write_json, file_lock, read_json
+from xrayfm.utils import atomic_write_json, file_lock, read_json, sha256_folder
 
 SERVING_FILE = "serving.json"
 MODELS_DIR = "models"
@@ -42,7 +59,14 @@ LOCK_FILE = ".store.lock"
 # xrayfm.evaluate.calibration.CALIBRATION_FILE, named here without importing it (it needs scipy, which the
 # gateway's image has not); tests/services/test_units.py checks that the two agree
 CALIBRATION_FILE = "calibration.json"
+FOUNDATIONS_DIR = "foundations"
+PIN_FILE = "pin.json"  # in a foundation's staging folder: the sha256 a publish is about to reference
+GC_GRACE_S = 86400.0  # gc leaves temporaries younger than a day (a publish in progress) alone
+# leftovers of interrupted writes: staging folders of add_version / publish / stage_foundation / gc, and the
+# temporaries of xrayfm.utils.atomic_path (.<name>.<random>.tmp) and atomic_dir (.<name>.tmp-<hex>, .old-<hex>)
+_TEMPORARY = re.compile(r"^\.(incoming-|publish-|removing-)|^\..+\.tmp$|^\..+\.(tmp|old)-[0-9a-f]{8}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -143,13 +167,104 @@ def version_of_job(store: Path, name: str, job_id: str) -> str | None:
     return None
 
 
-def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | None = None) -> str:
+def foundation_dir(store: Path, sha256: str) -> Path:
+    """The folder of the foundation stored by content `sha256` (it may not exist)."""
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise XrayfmError(f"invalid foundation sha256 {sha256!r}: 64 lower-case hex digits")
+    return Path(store) / FOUNDATIONS_DIR / sha256
+
+
+def stored_foundation(store: Path, folder: Path) -> str | None:
+    """The sha256 when `folder` is a foundation stored by content in `store`, else None."""
+    try:
+        rel = Path(folder).resolve().relative_to((Path(store) / FOUNDATIONS_DIR).resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] if len(rel.parts) == 1 and _SHA256.match(rel.parts[0]) else None
+
+
+@dataclass(frozen=True)
+class StagedFoundation:
+    """A foundation a publish is about to reference: its sha256, the folder it came from, and its staging
+    folder in ``<store>/foundations/`` (a pin that :func:`gc` honours while it is young, plus ``blob/``, a
+    copy, when the store did not have it)."""
+
+    sha256: str
+    source: Path
+    staging: Path
+
+    @property
+    def relative_path(self) -> str:
+        """The path an adapter stored at ``models/<name>/<version>/`` records for this foundation."""
+        return f"../../../{FOUNDATIONS_DIR}/{self.sha256}"
+
+    def release(self) -> None:
+        """Remove the staging folder (after :func:`add_version`, or when the publish is abandoned)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _copy_checked(source: Path, target: Path, sha256: str) -> None:
+    shutil.copytree(source, target)
+    if sha256_folder(target) != sha256:
+        shutil.rmtree(target, ignore_errors=True)
+        raise XrayfmError(f"the foundation {source} changed while it was being stored: publish again")
+
+
+def stage_foundation(store: Path, folder: Path) -> StagedFoundation:
+    """Stage the foundation checkpoint `folder` for a version that will reference it by content.
+
+    Hashes the folder (a stored foundation is known by its name), pins the hash under the store lock, and
+    copies the folder beside its target when the store has no foundation with that hash yet. Pass the
+    result to :func:`add_version`, which moves the copy into place with the version under one lock, then
+    call its ``release()``."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise XrayfmError(f"{folder} is not a checkpoint folder (no meta.json)")
+    sha256 = stored_foundation(store, folder) or sha256_folder(folder)
+    root = Path(store) / FOUNDATIONS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(store) / LOCK_FILE):  # gc sees either the pin or, before it, the blob's absence
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".incoming-"))
+        atomic_write_json(staging / PIN_FILE, {"sha256": sha256})
+        present = foundation_dir(store, sha256).is_dir()
+    staged = StagedFoundation(sha256=sha256, source=folder, staging=staging)
+    if not present:
+        try:
+            _copy_checked(folder, staging / "blob", sha256)
+        except BaseException:
+            staged.release()
+            raise
+    return staged
+
+
+def _commit_foundation_locked(store: Path, staged: StagedFoundation) -> None:
+    """Under the store lock: make sure the staged foundation is in place (rename its copy; copy it now if
+    its pin outlived the grace period and gc took the blob)."""
+    target = foundation_dir(store, staged.sha256)
+    if target.is_dir():
+        return
+    copy = staged.staging / "blob"
+    if not copy.is_dir():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        _copy_checked(staged.source, copy, staged.sha256)
+    os.rename(copy, target)
+
+
+def add_version(
+    store: Path,
+    name: str,
+    source: Path,
+    info: dict[str, Any] | None = None,
+    foundation: StagedFoundation | None = None,
+) -> str:
     """Copy the checkpoint folder `source` into the store as the next version of `name` (1, 2, ...).
 
     The copy is made beside the target and renamed into place, so a version is complete or absent.
     `info` (job, kind, metrics, lineage...) is written to the version's ``version.json``. Idempotent per
     job: when `info` has a ``job_id`` that already published a version of `name` (a job that was
-    interrupted after publishing and ran again), that version is returned and nothing is added."""
+    interrupted after publishing and ran again), that version is returned and nothing is added.
+    `foundation` (from :func:`stage_foundation`): the foundation the version references, put in place
+    under the same lock as the version, so :func:`gc` never sees it unreferenced."""
     _check_name("name", name)
     source = Path(source)
     if not (source / "meta.json").is_file():
@@ -165,12 +280,134 @@ def add_version(store: Path, name: str, source: Path, info: dict[str, Any] | Non
             published = version_of_job(store, name, job_id) if job_id else None
             if published is not None:
                 return published
+            if foundation is not None:
+                _commit_foundation_locked(store, foundation)
             version = str(max((int(p.name) for p in models.iterdir() if p.name.isdigit()), default=0) + 1)
             atomic_write_json(payload / VERSION_FILE, {"name": name, "version": version, **(info or {})})
             os.rename(payload, models / version)
         return version
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- garbage collection
+def _version_folders(store: Path) -> list[Path]:
+    return [
+        folder
+        for folder in sorted((Path(store) / MODELS_DIR).glob("*/*"))
+        if folder.is_dir() and not folder.name.startswith(".") and not folder.parent.name.startswith(".")
+    ]
+
+
+def referenced_foundations(store: Path) -> dict[str, list[str]]:
+    """sha256 -> the versions (``name/version``) that reference that stored foundation, by the path in
+    their ``meta.json`` (what loading follows) or their ``version.json`` lineage. A version whose JSON
+    cannot be read raises (gc must not guess)."""
+    found: dict[str, list[str]] = {}
+    for folder in _version_folders(store):
+        meta, info = read_json(folder / "meta.json", {}), read_json(folder / VERSION_FILE, {})
+        shas = set()
+        recorded = meta.get("foundation") if isinstance(meta, dict) else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
+            shas.add(stored_foundation(store, folder / recorded["path"]))
+        lineage = (info.get("lineage") or {}).get("foundation") if isinstance(info, dict) else None
+        if isinstance(lineage, dict) and isinstance(lineage.get("folder_sha256"), str):
+            shas.add(lineage["folder_sha256"])
+        for sha in shas - {None}:
+            found.setdefault(sha, []).append(f"{folder.parent.name}/{folder.name}")
+    return found
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of `path` and, for a folder, of anything inside it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for entry in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+                except FileNotFoundError:
+                    continue
+    return newest
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _temporaries(store: Path) -> list[Path]:
+    """Leftovers of interrupted writes anywhere in the store (staging folders, atomic-write temporaries)."""
+    found = []
+    for root, dirs, files in os.walk(store):
+        for entry in list(dirs) + files:
+            if _TEMPORARY.match(entry):
+                found.append(Path(root) / entry)
+        dirs[:] = [d for d in dirs if not _TEMPORARY.match(d)]  # a staging folder is removed whole
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder; a folder is first renamed to a ``.removing-`` name, so that a crash midway
+    leaves a temporary for the next gc rather than half a foundation."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".removing-{path.name}-{os.getpid()}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def gc(store: Path, *, dry_run: bool = False, grace_s: float = GC_GRACE_S) -> dict[str, Any]:
+    """Remove the stored foundations no version references and the leftovers of interrupted writes older
+    than `grace_s` seconds; never a version folder. Runs under the store lock (publishes commit foundation
+    and version under it, and a foundation pinned by a publish's young staging folder is kept).
+
+    Returns what it removed (or would remove, with `dry_run`): ``removed`` (``path`` relative to the
+    store, ``kind`` foundation or temporary, ``bytes``), ``freed_bytes``, ``kept`` (sha256 -> the
+    versions referencing it, or ``["pinned by a publish in progress"]``)."""
+    store = Path(store)
+    if not (store / MODELS_DIR).is_dir() and not (store / FOUNDATIONS_DIR).is_dir():
+        raise XrayfmError(f"{store} is not a model store (no {MODELS_DIR}/ nor {FOUNDATIONS_DIR}/ in it)")
+    removed: list[dict[str, Any]] = []
+    with file_lock(store / LOCK_FILE):
+        kept = referenced_foundations(store)
+        now = time.time()
+        for path in _temporaries(store):
+            try:
+                young = now - _newest_mtime(path) < grace_s
+            except FileNotFoundError:
+                continue
+            if young:
+                pin = read_json(path / PIN_FILE, {}) if path.is_dir() else {}
+                sha = pin.get("sha256") if isinstance(pin, dict) else None
+                if isinstance(sha, str) and sha not in kept:
+                    kept[sha] = ["pinned by a publish in progress"]
+                continue
+            removed.append(
+                {"path": path.relative_to(store).as_posix(), "kind": "temporary", "bytes": _size(path)}
+            )
+        root = store / FOUNDATIONS_DIR
+        blobs = (
+            sorted(p for p in root.iterdir() if p.is_dir() and _SHA256.match(p.name)) if root.is_dir() else []
+        )
+        for blob in blobs:
+            if blob.name not in kept:
+                removed.append(
+                    {"path": blob.relative_to(store).as_posix(), "kind": "foundation", "bytes": _size(blob)}
+                )
+        if not dry_run:
+            for item in removed:
+                _remove(store / item["path"])
+    return {
+        "store": str(store),
+        "dry_run": dry_run,
+        "grace_s": grace_s,
+        "removed": removed,
+        "freed_bytes": sum(item["bytes"] for item in removed),
+        "kept": {sha: sorted(versions) for sha, versions in sorted(kept.items())},
+    }
 
 
 def graphs_record(folder: Path) -> dict[str, Any] | None:
@@ -305,3 +542,99 @@ def list_versions(store: Path) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0, r["version"]))
     return rows
+
+
+# ----------------------------------------------------------------------------------------- command line
+AUDIT_WHO = f"store-cli:uid-{os.getuid()}"  # the audit records' `who`: an admin on the store's host
+
+
+def _audit(log: Path | None, outcome: str, detail: dict[str, Any], reason: str | None = None) -> None:
+    """Append a ``store_gc`` record to the audit trail at `log` (none when `log` is None)."""
+    if log is None:
+        return
+    from xrayfm import audit
+
+    record = audit.make_record(
+        "store_gc", outcome, who=AUDIT_WHO, reason=reason, target="store:foundations", detail=detail
+    )
+    audit.append(log, record, durable=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xrayfm_stack.store gc``: garbage-collect the model store."""
+    from xrayfm_stack.settings import GatewaySettings
+
+    try:
+        settings = GatewaySettings.from_env()  # the store and audit trail the gateway uses
+    except XrayfmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m xrayfm_stack.store",
+        description="Model store maintenance (layout: docs/ops.md, 'Model store').",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "gc",
+        help="remove unreferenced foundations and stale leftovers of interrupted writes",
+        description="Remove the foundations (foundations/<sha256>/) no version references and leftovers "
+        "of interrupted writes older than the grace period. Never removes a version. Holds the store "
+        "lock while it runs. A real run writes store_gc records to the audit log when one is configured.",
+    )
+    run.add_argument(
+        "--store",
+        type=Path,
+        metavar="PATH",
+        default=settings.model_store,
+        help=f"the model store (default: XRAYFM_MODEL_STORE, as the gateway reads it: {settings.model_store})",
+    )
+    run.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=GC_GRACE_S,
+        metavar="SECONDS",
+        help=f"keep leftovers younger than this: a publish may be writing them (default: {GC_GRACE_S:.0f})",
+    )
+    run.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="PATH",
+        default=settings.audit_log,
+        help="append store_gc records (requested, then ok or failed) to this audit trail; dry runs are "
+        f"not recorded (default: XRAYFM_AUDIT_LOG, as the gateway reads it: {settings.audit_log})",
+    )
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if args.grace < 0:
+        parser.error("--grace must be >= 0")
+    log = None if args.dry_run else args.audit_log
+    try:
+        _audit(log, "requested", {"grace_s": args.grace})
+    except (OSError, XrayfmError) as exc:  # an admin action that cannot be recorded does not run
+        print(f"error: cannot write the audit log {log}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        report = gc(args.store, dry_run=args.dry_run, grace_s=args.grace)
+    except (OSError, XrayfmError) as exc:
+        _audit(log, "failed", {"grace_s": args.grace, "error": type(exc).__name__}, reason="store_gc_failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    kinds = [item["kind"] for item in report["removed"]]
+    _audit(log, "ok", {"foundations_removed": kinds.count("foundation"),
+                       "temporaries_removed": kinds.count("temporary"), "freed_bytes": report["freed_bytes"],
+                       "foundations_kept": len(report["kept"])})  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for item in report["removed"]:
+        print(f"{verb} {item['kind']:10s} {item['bytes'] / 1e6:10.1f} MB  {item['path']}")
+    for sha, versions in report["kept"].items():
+        print(f"kept foundation {sha[:12]}  ({', '.join(versions)})")
+    print(f"{verb} {len(kinds)} item(s), {report['freed_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

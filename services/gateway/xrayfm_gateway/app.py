@@ -15,10 +15,16 @@ from threadpoolctl import threadpool_limits
 from xrayfm_gateway import __version__
 from xrayfm_gateway.audit import Auditor
 from xrayfm_gateway.decoding import DecodePool
-from xrayfm_gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
+from xrayfm_gateway.errors import (
+    APIError,
+    api_error_handler,
+    http_error_handler,
+    queue_unavailable_handler,
+    validation_error_handler,
+)
 from xrayfm_gateway.limits import BodyLimit
 from xrayfm_gateway.metrics import DRIFT_WATCH, MetricsMiddleware, process_stopped
-from xrayfm_gateway.queue import InferenceQueue, TrainingQueue
+from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable, TrainingQueue
 from xrayfm_gateway.routers import (
     dicomweb,
     feedback,
@@ -46,8 +52,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     reach the routes through the dependencies of :mod:`xrayfm_gateway.deps`."""
     settings = GatewaySettings.from_env() if settings is None else settings
     # One BLAS thread. The gateway's only linear algebra is drawing heatmaps (a few tiny matrix products,
-    # xrayfm.explain.overlay), and OpenBLAS's other threads spin after each call: on 2 cores they burned
-    # ~90 ms of CPU per /predict (106 ms for the gateway in all, against 13 ms with one thread).
+    # xrayfm.explain.overlay), and OpenBLAS's other threads spin after each call, burning far more CPU per
+    # /predict than the products themselves, which on a small machine is CPU the worker needs.
     threadpool_limits(limits=1, user_api="blas")
     log = logging.getLogger("xrayfm.gateway")
     log.setLevel(logging.INFO)
@@ -88,6 +94,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # never echoes the input
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(QueueUnavailable, queue_unavailable_handler)  # 503 from any route
     app.add_middleware(BodyLimit, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so it counts the 413s of BodyLimit too
     for router in (

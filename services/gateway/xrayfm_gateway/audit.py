@@ -9,7 +9,7 @@ Admin actions (:data:`ADMIN_ACTIONS`) are recorded twice: ``requested`` before a
 ``failed`` from the error handler (:func:`xrayfm_gateway.errors.api_error_handler`), which also records the
 refusals that come before the route runs (401, 403, 422). Both lines carry the same ``request_id``. They
 are written in a worker thread and fsynced (refusals are not). A prediction is one line, written on the
-event loop (an append of ~0.2 ms, not fsynced: ``bench/bench_audit.py``): when it cannot be written the
+event loop (a short append, not fsynced; ``bench/bench_audit.py`` measures it): when it cannot be written the
 answer still goes out, and the failure is counted (``xrayfm_gateway_audit_failures_total``) and logged.
 """
 
@@ -238,7 +238,7 @@ def prediction_facts(seen: SeenPrediction) -> tuple[dict[str, Any] | None, dict[
 
 
 def _record_prediction(request: Request, seen: SeenPrediction, status: int, reason: str | None) -> None:
-    """Append the prediction's line on the event loop (~0.2 ms); a failure is counted and logged."""
+    """Append the prediction's line on the event loop (a short, unsynced append); a failure is counted and logged."""
     model, detail = prediction_facts(seen)
     request.app.state.audit.write(
         "prediction",

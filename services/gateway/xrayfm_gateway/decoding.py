@@ -16,7 +16,7 @@ Each child
   memory a huge image took is given back to the system with the process).
 
 The pipe carries length-prefixed frames: a small JSON header, then raw bytes (the upload one way; the grey
-pixels and the metadata-free upload the other way). Nothing is pickled: a child that a hostile file took
+pixels the other way). Nothing is pickled: a child that a hostile file took
 over could send a pickle that runs code in the gateway; here it can send only bytes that are checked.
 No library does this without pickling (multiprocessing, concurrent.futures, pebble and loky all pickle
 results), hence these ~200 lines.
@@ -108,18 +108,16 @@ def _decode_one(header: dict[str, Any], data: bytes, settings: GatewaySettings) 
     except APIError as exc:
         return _frame({"ok": False, "status": exc.status, "code": exc.code, "detail": exc.detail})
     pixels = np.ascontiguousarray(decoded.pixels, dtype=np.uint8)
-    encoded = decoded.encoded or b""
     reply = {
         "ok": True,
         "format": decoded.format,
         "width": decoded.width,
         "height": decoded.height,
         "shape": list(pixels.shape),
-        "encoded": len(encoded),
         "facts": decoded.facts,
         "rss": _rss_bytes(),
     }
-    return _frame(reply, pixels.data, encoded)
+    return _frame(reply, pixels.data)
 
 
 def child_main() -> None:
@@ -182,13 +180,9 @@ class _Child:
         if not reply.get("ok"):
             return reply, b""
         height, width = (int(v) for v in reply["shape"])
-        payload = height * width + int(reply["encoded"])
-        if (
-            not (0 < height <= header["side"] and 0 < width <= header["side"])
-            or payload > len(data) + height * width
-        ):
+        if not (0 < height <= header["side"] and 0 < width <= header["side"]):
             raise EOFError("reply out of bounds")
-        return reply, await self.process.stdout.readexactly(payload)
+        return reply, await self.process.stdout.readexactly(height * width)
 
     def kill(self) -> None:
         """Stop the child now (asyncio reaps it)."""
@@ -246,7 +240,6 @@ class DecodePool:
             format=str(reply["format"]),
             width=int(reply["width"]),
             height=int(reply["height"]),
-            encoded=payload[height * width :] or None,
             facts=reply.get("facts"),
         )
 

@@ -6,8 +6,8 @@ Auth is a dependency too: :func:`require_api_key` on the prediction routes, :fun
 the training and model routes. Keys are compared in constant time, never logged.
 
 Every dependency here is ``async def`` although none awaits anything: FastAPI runs a plain ``def``
-dependency in its thread pool, and each such hand-off cost ~0.3 ms on a 2-core machine; /predict resolved
-eight of them one after the other. None of them blocks, so they run on the event loop.
+dependency in its thread pool, and each such hand-off costs more than the dependency's own work; /predict
+resolves eight of them one after the other. None of them blocks, so they run on the event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from xrayfm_gateway.decoding import DecodePool
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import QUEUE_ERRORS
-from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable, TrainingQueue
+from xrayfm_gateway.queue import InferenceQueue, QueueUnavailable, TrainingQueue, protocol_mismatch
 from xrayfm_gateway.uploads import UploadBuffer
 from xrayfm_stack.protocol import Readiness
 from xrayfm_stack.settings import GatewaySettings
@@ -74,8 +74,9 @@ StoreDep = Annotated[Path, Depends(get_store)]
 
 
 class ReadinessProbe:
-    """Can the stack predict now? Redis answers and a worker with a loaded model sends heartbeats. When
-    not, it says why, including what the first-start bootstrap is doing."""
+    """Can the stack predict now? Redis answers, a worker with a loaded model sends heartbeats, and every
+    live worker speaks this gateway's protocol version. When not, it says why, including what the
+    first-start bootstrap is doing."""
 
     def __init__(self, queue: InferenceQueue, training: TrainingQueue) -> None:
         self.queue, self.training = queue, training
@@ -88,6 +89,9 @@ class ReadinessProbe:
         except QueueUnavailable as exc:
             QUEUE_ERRORS.labels("ready").inc()
             return Readiness(ready=False, broker="unreachable", detail=str(exc))
+        mismatch = protocol_mismatch(workers)
+        if mismatch is not None:  # they share the queue: no work is sent while one is live
+            return Readiness(ready=False, broker="ok", workers=workers, detail=mismatch)
         answering = [w for w in workers if w.get("ready")]
         if answering:
             return Readiness(

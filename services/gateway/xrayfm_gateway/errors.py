@@ -1,4 +1,6 @@
-"""API errors: one exception type, answered as JSON ``{"error": code, "detail": message}``."""
+"""API errors: every error answers as JSON ``{"error": code, "detail": message}``, one handler per exception
+type (registered in :func:`xrayfm_gateway.app.create_app`): :class:`APIError`, FastAPI's validation errors,
+Starlette's HTTP errors and a lost Redis (``QueueUnavailable``: 503 ``queue_unavailable``)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,17 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     said = "; ".join(_where_and_why(error) for error in errors[:SHOWN_ERRORS])
     more = f" (and {len(errors) - SHOWN_ERRORS} more)" if len(errors) > SHOWN_ERRORS else ""
     return await api_error_handler(request, APIError(422, "bad_request", f"{said}{more}"))
+
+
+def unavailable(exc: Exception) -> APIError:
+    """A lost Redis (``xrayfm_gateway.queue.QueueUnavailable``, whose message says what failed) as the 503
+    every route answers: the caller may send the request again in a few seconds."""
+    return APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"})
+
+
+async def queue_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Render a ``QueueUnavailable`` raised by any route or dependency (no route translates it by hand)."""
+    return await api_error_handler(request, unavailable(exc))
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
+    PROTOCOL_VERSION,
     JobLost,
     JobRecord,
     PredictRequest,
@@ -81,6 +83,28 @@ class JobState:
 
 RECHECK_S = 0.5  # a waiting request reads its result key at least this often (lost pub/sub messages)
 WORKERS_CACHE_S = 0.25  # the live-worker list is read from Redis at most this often per gateway process
+
+
+def protocol_mismatch(workers: list[dict[str, Any]]) -> str | None:
+    """Why this gateway sends no work, in words, when live workers (their heartbeats, as
+    :meth:`InferenceQueue.workers` reads them) speak another protocol version than
+    :data:`~xrayfm_stack.protocol.PROTOCOL_VERSION`; None when every one speaks it.
+
+    Every worker takes messages from the one queue, so the gateway cannot steer work around a worker of
+    another version: it sends none while one is live (such a worker would misread the requests, or its
+    answers would be misread), and ``/ready`` says so."""
+    others = Counter(w.get("protocol") for w in workers if w.get("protocol") != PROTOCOL_VERSION)
+    if not others:
+        return None
+    speak = [
+        f"{n} worker{'s speak' if n > 1 else ' speaks'} "
+        + (f"protocol {version}" if version is not None else "no protocol version (an earlier release)")
+        for version, n in sorted(others.items(), key=lambda item: str(item[0]))
+    ]
+    return (
+        f"{', '.join(speak)}, this gateway speaks {PROTOCOL_VERSION}: "
+        "stop or upgrade them (they share the queue)"
+    )
 
 
 class ResultListener:
@@ -237,18 +261,19 @@ class InferenceQueue:
         self,
         request: PredictRequest | list[PredictRequest],
         record: dict[str, Any],
-        inputs: list[bytes] | None = None,
+        inputs: list[bytes],
     ) -> str:
         """Queue one request (or a study's list of them, answered in one worker call); returns its job id.
         `record` (technical facts only: no names, no header) is kept with the job until it expires, so
-        that unknown ids answer 404 and results say what came in. `inputs`: the images of ``stored``
-        requests, in order, written raw to the job's inputs key (:func:`xrayfm_stack.celery.inputs_key`)
-        before the message that names them; they expire with it, and go when the answer is stored.
+        that unknown ids answer 404 and results say what came in. `inputs`: the requests' images
+        (:meth:`PredictRequest.to_store`), in order, written raw to the job's inputs key
+        (:func:`xrayfm_stack.celery.inputs_key`) before the message that names them; they expire with it,
+        and go when the answer is stored.
 
         The record, the inputs and the Celery message go in one pipeline from the asyncio client: Celery
         and kombu build the message (``send_task``) but do not send it (:func:`collected_publishes`), so no
         request waits on a blocking client, on the event loop or in a thread, and the message costs no round
-        trip of its own: 0.5-0.9 ms less per /predict here (services/README.md, "Fifth pass")."""
+        trip of its own."""
         job_id = str(uuid.uuid4())
         key, expires = self.settings.job_key(job_id), self.settings.result_expires_s
         try:  # all before the id is handed out, so /jobs/{id} never answers 404 for a queued job
@@ -256,9 +281,8 @@ class InferenceQueue:
                 self._send(job_id, request)
             async with self.redis.pipeline(transaction=False) as writes:  # executed in this order
                 writes.set(key, json.dumps(record), ex=expires)
-                if inputs is not None:
-                    writes.hset(inputs_key(job_id), mapping={str(i): data for i, data in enumerate(inputs)})
-                    writes.expire(inputs_key(job_id), expires)
+                writes.hset(inputs_key(job_id), mapping={str(i): data for i, data in enumerate(inputs)})
+                writes.expire(inputs_key(job_id), expires)
                 for command, args in message:  # LPUSH onto the queue, after the inputs it names
                     getattr(writes, command)(*args)
                 await writes.execute()
@@ -277,7 +301,7 @@ class InferenceQueue:
             argsrepr=f"<study of {len(request)} images>" if study else request.describe(),
             kwargsrepr="{}",
             expires=self.settings.result_expires_s,  # a message nobody took in time is dropped, not run
-            # No queue declaration on each send (kombu's cached check took a third of the send's 0.4 ms):
+            # No queue declaration on each send (kombu's check, even cached, is a large part of building a message):
             # Celery sends to a direct queue by its name (kombu's default exchange), which needs no binding,
             # and the workers declare the queue they consume.
             declare=[],

@@ -2,8 +2,8 @@
 
 One process by default. ``XRAYFM_GATEWAY_WORKERS=N`` starts N (uvicorn's ``workers``) sharing the port:
 each has its own event loop, so uploads are decoded, results awaited and heatmaps drawn on N cores. One
-process uses ~9 ms of CPU per ``/predict`` on a 2-core machine (12 ms before the fourth and fifth passes
-on serving speed), about 110 requests a second at most, which a small model on a GPU worker outruns.
+process spends a few milliseconds of CPU on each ``/predict``, which caps it at about a hundred requests a
+second on one core: a small model on a GPU worker can outrun that (docs/performance.md).
 
 Several processes keep separate Prometheus counters, and ``/metrics`` is answered by whichever process
 takes the connection. They therefore use prometheus_client's multiprocess mode: each writes its values
@@ -52,8 +52,8 @@ class TcpConfig(uvicorn.Config):
 
     uvicorn 0.54 creates that socket with ``proto`` 0. Accepted connections inherit it, and asyncio only
     turns Nagle's algorithm off (``TCP_NODELAY``) on sockets that say ``IPPROTO_TCP``. Every keep-alive
-    response then waited for the client's delayed ACK: +47 ms per ``/predict`` here with 2 processes
-    (uvicorn issue #3149, open). One process is not affected: asyncio binds that socket itself."""
+    response would then wait for the client's delayed ACK, adding tens of milliseconds to every request
+    (an open uvicorn bug). One process is not affected: asyncio binds that socket itself."""
 
     def bind_socket(self) -> socket.socket:  # noqa: D102 (uvicorn's)
         family = socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET

@@ -20,7 +20,7 @@ from PIL import Image
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within, without_metadata
+from xrayfm.data.images import SUPPORTED_SUFFIXES, image_info, read_image, shape_within
 from xrayfm.domain.checks import upload_facts
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from xrayfm_gateway.errors import APIError
@@ -87,7 +87,6 @@ class DecodedImage:
     format: str
     width: int  # of the original image
     height: int
-    encoded: bytes | None = None  # the upload without its metadata, when it decodes to exactly `pixels`
     facts: dict | None = None  # for the domain gate: colourfulness, DICOM Modality/BodyPart/View (no PHI)
 
 
@@ -266,19 +265,13 @@ def decode_upload(upload: Upload, settings: GatewaySettings, pixel_budget: int |
             f"image of {width}x{height} takes the study over its limit of pixels in all "
             "(XRAYFM_MAX_STUDY_PIXELS; refused before decoding)",
         )
-    # Decode the upload without its metadata when that cannot change the pixels (no EXIF orientation), so
-    # that the same bytes can travel to the worker (see _wire_file); else the upload as it is.
-    stripped = without_metadata(upload.data) if info.get("orientation", 1) == 1 else None
-    pixels = _decode_pixels(stripped, settings, info) if stripped is not None else None
-    if pixels is None:
-        stripped, pixels = None, _decode_pixels(upload.data, settings, info, strict=True)
+    pixels = _decode_pixels(upload.data, settings, info)
     fitted = fit_within(pixels, settings.transport_side)
     return DecodedImage(
         pixels=fitted,
         format=str(info["format"]),
         width=width,
         height=height,
-        encoded=_wire_file(stripped, fitted) if fitted.shape == pixels.shape else None,
         facts=_facts(upload.data, info, settings) if settings.domain_policy != "off" else None,
     )
 
@@ -292,30 +285,19 @@ def _facts(data: bytes, info: dict, settings: GatewaySettings) -> dict | None:
         return None
 
 
-def _decode_pixels(
-    data: bytes, settings: GatewaySettings, info: dict, strict: bool = False
-) -> np.ndarray | None:
-    """The grey pixels of `data`; a decoding failure is a 400 when `strict`, else None (try the upload)."""
+def _decode_pixels(data: bytes, settings: GatewaySettings, info: dict) -> np.ndarray:
+    """The grey pixels of `data`; a decoding failure is a 400."""
     try:
         return read_image(data, max_pixels=settings.max_pixels)
     except ImageDecodeError as exc:
-        if not strict:
-            return None
         raise reject(400, "corrupt_image", _public_message(exc)) from None
     except MemoryError:
         raise out_of_memory() from None
     except Exception as exc:  # decoders raise more than the library maps (e.g. struct.error from Pillow)
-        if not strict:
-            return None
         log.warning("decoder raised %s on a %s upload", type(exc).__name__, info["format"])
         raise reject(
             400, "corrupt_image", f"cannot decode the {info['format']} pixels (truncated or corrupt?)"
         ) from None
-
-
-def _wire_file(stripped: bytes | None, pixels: np.ndarray) -> bytes | None:
-    """The metadata-free upload `pixels` were decoded from, to send instead of them when it is smaller."""
-    return stripped if stripped is not None and len(stripped) < pixels.size else None
 
 
 def out_of_memory() -> APIError:

@@ -5,14 +5,20 @@ python -m xrayfm_inference.healthcheck     # exit 0 = healthy
 
 from __future__ import annotations
 
-import os
 import sys
 import urllib.request
+
+from xrayfm.errors import XrayfmError
+from xrayfm_stack.settings import InferenceSettings
 
 
 def main() -> int:
     """0 when ``xrayfm_worker_model_loaded`` is 1 on this container's metrics port, else 1."""
-    port = os.environ.get("XRAYFM_WORKER_METRICS_PORT", "9101")
+    try:
+        port = InferenceSettings.from_env().metrics_port  # the worker's own settings: same port, same default
+    except XrayfmError as exc:
+        print(f"the worker's settings are wrong: {exc}")
+        return 1
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
             text = resp.read().decode()

@@ -1,4 +1,5 @@
-"""Workers announce themselves in Redis so the gateway's /ready can tell that a model is answering."""
+"""Workers announce themselves in Redis so the gateway's /ready can tell that a model is answering, and
+that the worker speaks the gateway's protocol version (``protocol``: :data:`PROTOCOL_VERSION`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import redis
 
+from xrayfm_stack.protocol import PROTOCOL_VERSION
 from xrayfm_stack.settings import QueueSettings
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,9 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        """Publish one heartbeat: the worker's description plus the time."""
+        """Publish one heartbeat: the worker's description plus its protocol version, name and the time."""
         with self._lock:
-            info = dict(self.describe(), hostname=self.hostname, time=time.time())
+            info = dict(self.describe(), protocol=PROTOCOL_VERSION, hostname=self.hostname, time=time.time())
             ttl_ms = int(1000 * self.settings.heartbeat_ttl_s)
             pipe = self._client.pipeline()
             pipe.set(self.settings.worker_info_key(self.hostname), json.dumps(info), px=ttl_ms)

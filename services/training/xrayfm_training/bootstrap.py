@@ -5,7 +5,8 @@ The training worker queues the bootstrap task once when it starts (``XRAYFM_BOOT
 
 - ``shipped`` (the default): publish the model shipped inside the library (``XRAYFM_BOOTSTRAP_MODEL``, by
   default ``xrayfm/cxr-vit-tiny-mae-pneumonia-lora``: LoRA on the MAE foundation, trained on real CC BY
-  radiographs) into the store, with its foundation and its ONNX graphs, and promote it. No training:
+  radiographs) into the store, with its ONNX graphs, and promote it; its foundation is stored once by
+  content (``<store>/foundations/<sha256>/``, :mod:`xrayfm_training.publish`). No training:
   seconds. Its int8 verdict is measured on its validation images when a data folder
   (``XRAYFM_DATA_DIRS``) holds its dataset (Kermany train); else the version records that it was not.
 - ``demo`` / ``quick`` (tiny, for tests): draw synthetic chest and bone phantoms (:mod:`xrayfm.data.synth`),
@@ -84,8 +85,9 @@ def _job_spec(kind: str, name: str, root: Path, sizes: dict[str, Any], foundatio
 
 
 def install_shipped(store: Path, name: str, data_dirs: tuple[Path, ...] = ()) -> dict[str, str]:
-    """Publish the shipped model `name` (``xrayfm/<name>``; an adapter brings its shipped foundation along)
-    into the store as a new version of ``<name>``, with its ONNX graphs (int8 judged on its validation
+    """Publish the shipped model `name` (``xrayfm/<name>``; an adapter's shipped foundation goes to the
+    store's ``foundations/<sha256>/``, once) into the store as a new version of ``<name>``, with its ONNX
+    graphs (int8 judged on its validation
     images when one of `data_dirs` holds its dataset); returns its {"name", "version"}."""
     short = name.removeprefix(PREFIX)
     version, _ = publish_run(

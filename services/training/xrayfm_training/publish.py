@@ -1,7 +1,9 @@
 """Publishing a finished run into the model store: its ``best/`` folder becomes a new version.
 
-A LoRA adapter is stored alone (small) and points at its foundation; a foundation from outside the store
-is copied in first (as ``<name>-foundation``), so that every stored adapter stays loadable.
+A LoRA adapter is stored alone (small) and points at its foundation, so that every stored adapter stays
+loadable: a foundation that is a store version is referenced as it is (``"form": "version"``); any other is
+stored once by content, ``<store>/foundations/<sha256>/`` (``"form": "blob"``), and shared by every adapter
+on it (:func:`xrayfm_stack.store.stage_foundation`).
 
 Each version gets its ONNX graphs beside the checkpoint (``model.onnx``, ``model.int8.onnx``), exported
 here where torch is, with the int8 verdict measured on the run's validation images; ``version.json``'s
@@ -20,7 +22,15 @@ from typing import Any
 
 from xrayfm.errors import XrayfmError
 from xrayfm.utils import read_json, to_jsonable
-from xrayfm_stack.store import MODELS_DIR, VERSION_FILE, add_version, version_dir, version_of_job
+from xrayfm_stack.store import (
+    MODELS_DIR,
+    VERSION_FILE,
+    StagedFoundation,
+    add_version,
+    stage_foundation,
+    version_dir,
+    version_of_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +44,23 @@ def _store_ref(store: Path, folder: Path) -> dict[str, str] | None:
     return {"name": rel.parts[0], "version": rel.parts[1]} if len(rel.parts) == 2 else None
 
 
-def _foundation_in_store(
-    store: Path, name: str, lineage: dict[str, Any], job_id: str, where: Path
-) -> dict[str, Any]:
-    """The store version of the foundation in `lineage` (copied in when it lives elsewhere); a relative
-    path in `lineage` (a shipped adapter's) is relative to the adapter's folder `where`."""
+def _foundation_ref(
+    store: Path, lineage: dict[str, Any], where: Path
+) -> tuple[dict[str, Any], str, StagedFoundation | None]:
+    """The foundation in `lineage` as the store will hold it: (the version's ``lineage.foundation``, the
+    path an adapter at ``models/<name>/<version>`` records, the staged foundation to commit with the
+    version or None). A relative path in `lineage` (a shipped adapter's) is relative to `where`."""
     folder = where / lineage.get("path", "")
     if not (folder / "meta.json").is_file():
         raise XrayfmError(f"the foundation {folder} of this run is gone: cannot store its adapter")
     ref = _store_ref(store, folder)
-    if ref is None:
-        version = add_version(
-            store,
-            f"{name}-foundation",
-            folder,
-            {"job_id": job_id, "kind": "foundation", "copied_from": str(folder)},
-        )
-        ref = {"name": f"{name}-foundation", "version": version}
-    path = (Path(store) / MODELS_DIR / ref["name"] / ref["version"]).resolve()
-    return {**ref, "path": str(path), "sha256": lineage.get("sha256")}
+    if ref is not None:
+        entry = {"form": "version", **ref, "sha256": lineage.get("sha256")}
+        return entry, f"../../{ref['name']}/{ref['version']}", None
+    staged = stage_foundation(store, folder)
+    entry = {"form": "blob", "folder_sha256": staged.sha256, "sha256": lineage.get("sha256"),
+             "source": str(folder.resolve())}  # fmt: skip
+    return entry, staged.relative_path, staged
 
 
 def _graphs(best: Path, staged: Path, data_dirs: tuple[Path, ...]) -> dict[str, Any]:
@@ -88,14 +96,6 @@ def publish_run(
     with tempfile.TemporaryDirectory(dir=store, prefix=".publish-") as tmp:
         staged = Path(tmp) / "v"
         shutil.copytree(best, staged)
-        if isinstance(meta.get("foundation"), dict):
-            foundation = _foundation_in_store(store, name, meta["foundation"], job_id, best)
-            lineage["foundation"] = {k: foundation[k] for k in ("name", "version", "sha256")}
-            if meta.get("format") == "xrayfm.adapted":  # the adapter finds its foundation in the store,
-                # by a path relative to its own folder (models/<name>/<version>), so the store can move
-                relative = f"../../{foundation['name']}/{foundation['version']}"
-                meta["foundation"] = {**meta["foundation"], "path": relative}
-                (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         staged.joinpath(VERSION_FILE).unlink(missing_ok=True)
         published = version_of_job(store, name, job_id)  # a job run again: its version has its graphs
         graphs = (
@@ -103,6 +103,13 @@ def publish_run(
             if published is not None
             else _graphs(best, staged, data_dirs)
         )
+        foundation: StagedFoundation | None = None  # staged after the graphs: its pin lives for seconds
+        if isinstance(meta.get("foundation"), dict):
+            lineage["foundation"], relative, foundation = _foundation_ref(store, meta["foundation"], best)
+            if meta.get("format") == "xrayfm.adapted":  # the adapter finds its foundation in the store,
+                # by a path relative to its own folder (models/<name>/<version>), so the store can move
+                meta["foundation"] = {**meta["foundation"], "path": relative}
+                (staged / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         info = to_jsonable(
             {
                 "job_id": job_id,
@@ -115,5 +122,9 @@ def publish_run(
                 "onnx": graphs,
             }
         )
-        version = add_version(store, name, staged, info)
+        try:
+            version = add_version(store, name, staged, info, foundation=foundation)
+        finally:
+            if foundation is not None:
+                foundation.release()
     return version, info

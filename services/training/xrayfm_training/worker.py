@@ -12,6 +12,7 @@ has its own log (xrayfm_training.joblog).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from xrayfm_stack import store as model_store
 from xrayfm_stack.celery import BOOTSTRAP_TASK, TRAIN_TASK, training_celery
 from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
 from xrayfm_stack.settings import TrainingSettings
-from xrayfm_stack.spec import CONFIGS, resolve_store_ref
+from xrayfm_stack.spec import job_kind, register_runner, resolve_store_ref
 from xrayfm_training import bootstrap
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.publish import publish_run
@@ -164,57 +165,13 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         except Exception:  # Redis restarting: keep training; the lock keeper decides if the job is lost
             return False
 
+    context = JobContext(job_id, job, spec, settings, records, run_dir, say, resume, progress, should_cancel,
+                         keeper)  # fmt: skip
     try:
-        if spec["kind"] == "evaluate":
-            return _evaluate(job_id, spec, settings, records, run_dir, say)
-        if spec["kind"] == "calibrate":
-            return _calibrate(job_id, spec, settings, records, run_dir, say)
-        config_dict = {**spec["config"], "out": str(run_dir), "resume": resume}
-        if spec["kind"] in ("adapt", "tune"):
-            config_dict["foundation"] = resolve_store_ref(config_dict["foundation"], settings.model_store)
-        config = CONFIGS[spec["kind"]].from_dict(config_dict)
-        # torch (and optuna) are imported here, not when the worker module loads
-        from xrayfm.train import adapt, pretrain
-        from xrayfm.train.tune import read_best, tune
-
-        runner = {"pretrain": pretrain, "adapt": adapt, "tune": tune}[spec["kind"]]
-        summary = runner(config, progress=progress, should_cancel=should_cancel)
-        best_dir, lineage = run_dir / "best", None
-        if spec["kind"] == "tune":  # the study resumes from its SQLite file; the best trial is published
-            summary["status"] = "cancelled" if summary["cancelled"] else "completed"
-            if not summary["cancelled"]:
-                best = read_best(run_dir)
-                best_dir = Path(best["checkpoint"])
-                lineage = {"tune": {"job_id": job_id, "study": best.get("study"), "trial": best["number"],
-                                    "params": best["params"], "metric": best["metric"], "value": best["value"],
-                                    "trials": best.get("trials")}}  # fmt: skip
-                summary |= {"metric": best["metric"], "best_metric": best["value"], "step": None}
-        if summary["status"] == "cancelled":
-            if keeper.lost.is_set():
-                say("lost its lock; stopped (another worker resumes it)", logging.WARNING)
-                return {"status": "lock-lost"}
-            if shutting_down.is_set() and not records.cancel_requested(job_id):
-                # left "running" without a lock once released: the orphan check queues it again
-                records.update(job_id, handed_back=int(job.get("handed_back") or 0) + 1)
-                say(f"the worker is shutting down: stopped at step {summary.get('step')} with its state "
-                    "saved; it resumes there on the next free worker", logging.WARNING)  # fmt: skip
-                return {"status": "handed-back"}
-            records.update(job_id, status="cancelled", finished=time.time())
-            say(f"cancelled at step {summary.get('step')}")
-            return {"status": "cancelled"}
-        version, info = publish_run(
-            settings.model_store, spec["name"], best_dir, job_id, spec["kind"], lineage
-        )
-        result = to_jsonable({"status": summary["status"], "best_metric": summary.get("best_metric"),
-                        "metric": summary.get("metric"), "best_epoch": summary.get("best_epoch"),
-                        "steps": summary.get("step"), "seconds": summary.get("seconds"),
-                        "resumed_from_step": summary.get("resumed_from_step"),
-                        "metrics": info.get("metrics"), "report": summary.get("report")})  # fmt: skip
-        model = {"name": spec["name"], "version": version}
-        records.update(job_id, status="done", finished=time.time(), result=result, model=model)
-        say(f"done ({summary['status']}, {summary.get('metric')} = {summary.get('best_metric')}); "
-            f"stored as {spec['name']}/{version}")  # fmt: skip
-        return {"status": "done", "model": model}
+        runner = job_kind(spec["kind"]).runner
+        if runner is None:
+            raise XrayfmError(f"this training worker has no runner for {spec['kind']} jobs")
+        return runner(context)
     except Exception as exc:
         error = failure_text(exc)
         say(f"failed: {error}", logging.ERROR, detail=traceback.format_exc())
@@ -222,12 +179,105 @@ def _train(job: dict[str, Any], settings: TrainingSettings, records: JobRecords,
         return {"status": "failed"}
 
 
-def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, records: JobRecords,
-              run_dir: Path, say: JobLog) -> dict[str, Any]:  # fmt: skip
+@dataclasses.dataclass
+class JobContext:
+    """What a runner gets: the job, its spec, where it runs, how it reports, when it should stop."""
+
+    job_id: str
+    job: dict[str, Any]
+    spec: dict[str, Any]
+    settings: TrainingSettings
+    records: JobRecords
+    run_dir: Path
+    say: JobLog
+    resume: bool
+    progress: Callable[[dict[str, Any]], None]
+    should_cancel: Callable[[], bool]
+    keeper: _LockKeeper
+
+
+# -- the runners, one per job kind (registered in xrayfm_stack.spec's registry at the end of this module) --
+def _fit(ctx: JobContext, fit: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Train with the library's `fit` (pretrain, adapt, tune) on the job's config, in its run folder,
+    resuming from it; store versions named by the config resolved to their folders."""
+    kind = job_kind(ctx.spec["kind"])
+    config_dict = {**ctx.spec["config"], "out": str(ctx.run_dir), "resume": ctx.resume}
+    for field in kind.store_fields:
+        if config_dict.get(field):
+            config_dict[field] = resolve_store_ref(config_dict[field], ctx.settings.model_store)
+    config = kind.config.from_dict(config_dict)
+    return fit(config, progress=ctx.progress, should_cancel=ctx.should_cancel)
+
+
+def _run_pretrain(ctx: JobContext) -> dict[str, Any]:
+    from xrayfm.train import pretrain  # torch is imported here, not when the worker module loads
+
+    return _conclude(ctx, _fit(ctx, pretrain), ctx.run_dir / "best", None)
+
+
+def _run_adapt(ctx: JobContext) -> dict[str, Any]:
+    from xrayfm.train import adapt
+
+    return _conclude(ctx, _fit(ctx, adapt), ctx.run_dir / "best", None)
+
+
+def _run_tune(ctx: JobContext) -> dict[str, Any]:
+    """A tune job: the study resumes from its SQLite file; the best trial is published."""
+    from xrayfm.train.tune import read_best, tune  # optuna too
+
+    summary = _fit(ctx, tune)
+    summary["status"] = "cancelled" if summary["cancelled"] else "completed"
+    best_dir, lineage = ctx.run_dir / "best", None
+    if not summary["cancelled"]:
+        best = read_best(ctx.run_dir)
+        best_dir = Path(best["checkpoint"])
+        lineage = {"tune": {"job_id": ctx.job_id, "study": best.get("study"), "trial": best["number"],
+                            "params": best["params"], "metric": best["metric"], "value": best["value"],
+                            "trials": best.get("trials")}}  # fmt: skip
+        summary |= {"metric": best["metric"], "best_metric": best["value"], "step": None}
+    return _conclude(ctx, summary, best_dir, lineage)
+
+
+def _conclude(
+    ctx: JobContext, summary: dict[str, Any], best_dir: Path, lineage: dict | None
+) -> dict[str, Any]:
+    """A training run's end: cancelled (or handed back, or its lock lost), or published as a new version."""
+    job_id, spec, records, say = ctx.job_id, ctx.spec, ctx.records, ctx.say
+    if summary["status"] == "cancelled":
+        if ctx.keeper.lost.is_set():
+            say("lost its lock; stopped (another worker resumes it)", logging.WARNING)
+            return {"status": "lock-lost"}
+        if shutting_down.is_set() and not records.cancel_requested(job_id):
+            # left "running" without a lock once released: the orphan check queues it again
+            records.update(job_id, handed_back=int(ctx.job.get("handed_back") or 0) + 1)
+            say(f"the worker is shutting down: stopped at step {summary.get('step')} with its state "
+                "saved; it resumes there on the next free worker", logging.WARNING)  # fmt: skip
+            return {"status": "handed-back"}
+        records.update(job_id, status="cancelled", finished=time.time())
+        say(f"cancelled at step {summary.get('step')}")
+        return {"status": "cancelled"}
+    version, info = publish_run(
+        ctx.settings.model_store, spec["name"], best_dir, job_id, spec["kind"], lineage
+    )
+    result = to_jsonable({"status": summary["status"], "best_metric": summary.get("best_metric"),
+                    "metric": summary.get("metric"), "best_epoch": summary.get("best_epoch"),
+                    "steps": summary.get("step"), "seconds": summary.get("seconds"),
+                    "resumed_from_step": summary.get("resumed_from_step"),
+                    "metrics": info.get("metrics"), "report": summary.get("report")})  # fmt: skip
+    model = {"name": spec["name"], "version": version}
+    records.update(job_id, status="done", finished=time.time(), result=result, model=model)
+    say(f"done ({summary['status']}, {summary.get('metric')} = {summary.get('best_metric')}); "
+        f"stored as {spec['name']}/{version}")  # fmt: skip
+    return {"status": "done", "model": model}
+
+
+def _run_evaluate(ctx: JobContext) -> dict[str, Any]:
     """An evaluate job: report on the dataset split; a store version gets the result in its evaluations."""
     from xrayfm.train.config import EvaluateConfig
     from xrayfm.train.evaluation import evaluate_config
 
+    job_id, spec, settings, records, run_dir, say = (ctx.job_id, ctx.spec, ctx.settings, ctx.records,
+                                                     ctx.run_dir, ctx.say)  # fmt: skip
     ref = store_ref(spec["config"]["model"])
     model_dir = resolve_store_ref(spec["config"]["model"], settings.model_store)
     config = EvaluateConfig.from_dict({**spec["config"], "model": model_dir})
@@ -247,13 +297,14 @@ def _evaluate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, rec
     return {"status": "done"}
 
 
-def _calibrate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, records: JobRecords,
-               run_dir: Path, say: JobLog) -> dict[str, Any]:  # fmt: skip
+def _run_calibrate(ctx: JobContext) -> dict[str, Any]:
     """A calibrate job: the model calibrated to the site's images (xrayfm.inference.calibrate), published as
     the next version of the job's name with the source version in its lineage."""
     from xrayfm.inference.calibrate import calibrate_config
     from xrayfm.train.config import CalibrateConfig
 
+    job_id, spec, settings, records, run_dir, say = (ctx.job_id, ctx.spec, ctx.settings, ctx.records,
+                                                     ctx.run_dir, ctx.say)  # fmt: skip
     out = run_dir / "calibrated"
     shutil.rmtree(out, ignore_errors=True)  # an earlier attempt's, never published (publishing is last)
     config = CalibrateConfig.from_dict({**spec["config"], "out": str(out), "progress_bar": False})
@@ -275,6 +326,11 @@ def _calibrate(job_id: str, spec: dict[str, Any], settings: TrainingSettings, re
     say(f"done: {summary['method']} calibration, ECE {ev['before']['ece']:.4f} -> {ev['after']['ece']:.4f} on "
         f"{ev['after']['n']} evaluation images; stored as {spec['name']}/{version}")  # fmt: skip
     return {"status": "done", "model": model}
+
+
+for _kind, _runner in (("pretrain", _run_pretrain), ("adapt", _run_adapt), ("tune", _run_tune),
+                       ("evaluate", _run_evaluate), ("calibrate", _run_calibrate)):  # fmt: skip
+    register_runner(_kind, _runner)
 
 
 def _prepare_process() -> None:

@@ -56,6 +56,7 @@ TAIL_BYTES = 16384  # how far back an append looks for the last line (make_recor
 ACTIONS = (
     "predict", "predict_study", "predict_job", "train_submit", "calibrate", "train_cancel", "train_delete",
     "promote", "rollback", "operating_point_set", "operating_point_clear", "study_result", "series_skipped",
+    "store_gc",
 )  # fmt: skip
 OUTCOMES = ("requested", "ok", "refused", "failed")  # requested: written before an admin action runs
 FIELDS = ("seq", "time", "who", "action", "outcome", "status", "reason", "target", "model", "request_id",
@@ -175,7 +176,7 @@ def append(path: str | os.PathLike, record: Mapping[str, Any], *, durable: bool 
     """Append `record` (from :func:`make_record`) to the log at `path`, chained; returns it as written.
 
     Under an exclusive flock of the log: read the head and the last line, write the line, rewrite the head
-    in place (a fixed size: one small write, no rename; about a dozen system calls in all, ~0.13 ms).
+    in place (a fixed size: one small write, no rename; about a dozen system calls in all).
     `durable`: fsync both before returning (admin actions). Without it a crash may lose the last lines and
     leave the head ahead of the log, which :func:`verify` then reports. A log whose end no longer reaches
     its head (lines cut) is chained on from the head, so that the gap stays visible."""
@@ -310,7 +311,8 @@ def load(path: str | os.PathLike) -> list[dict[str, Any]]:
 # -- FHIR ---------------------------------------------------------------------------------------------
 # AuditEvent.action: Create, Delete, Execute; everything else changes what is served or run: Update.
 FHIR_ACTION = {"train_submit": "C", "calibrate": "C", "study_result": "C", "train_delete": "D",
-               "predict": "E", "predict_study": "E", "predict_job": "E", "series_skipped": "E"}  # fmt: skip
+               "predict": "E", "predict_study": "E", "predict_job": "E", "series_skipped": "E",
+               "store_gc": "D"}  # fmt: skip
 FHIR_OUTCOME = {"ok": "0", "refused": "4", "failed": "8"}  # success, minor failure, serious failure
 SYSTEM = "urn:xrayfm:audit"  # xrayfm's own codes and identifiers: actions, key hashes, targets, models
 

@@ -20,7 +20,6 @@ from xrayfm import feedback
 from xrayfm.errors import XrayfmError
 from xrayfm_gateway.deps import QueueDep, SettingsDep, key_identity, require_admin_key, require_api_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_stack.protocol import ErrorBody, FeedbackAnswer, FeedbackBody, StudyAnswer, WorkerAnswer
 
 log = logging.getLogger("xrayfm.gateway")
@@ -46,11 +45,8 @@ async def give_feedback(
     who: Annotated[str | None, Depends(key_identity)],
 ) -> FeedbackAnswer:
     """Store a verdict on the answer of `job_id` (its result must still be kept: XRAYFM_RESULT_EXPIRES)."""
-    try:
-        job = await queue.state(body.job_id)
-        pixels = await queue.pixels(body.job_id) if settings.feedback_keep_images else None
-    except QueueUnavailable as exc:
-        raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None
+    job = await queue.state(body.job_id)  # a lost Redis answers 503 (xrayfm_gateway.errors.unavailable)
+    pixels = await queue.pixels(body.job_id) if settings.feedback_keep_images else None
     answer = job.result
     if job.status != "done" or not isinstance(answer, WorkerAnswer | StudyAnswer):
         raise APIError(404, "unknown_job", f"no finished answer for job {body.job_id} (results expire)")

@@ -38,7 +38,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from xrayfm_gateway import __version__
 from xrayfm_gateway.deps import ReadinessDep, ReadinessProbe, require_api_key
-from xrayfm_gateway.errors import APIError
+from xrayfm_gateway.errors import APIError, unavailable
+from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_gateway.routers.predict import UploadDeps, UploadDepsDep, answer_job, decode_one, submit_images
 from xrayfm_gateway.uploads import DecodedImage, Upload, body_within, check_dimensions, fit_within, reject
 from xrayfm_stack.protocol import DomainInfo, ModelInfo, Prediction, WorkerAnswer
@@ -167,7 +168,8 @@ def v2_error(exc: APIError) -> JSONResponse:
 
 
 class V2Route(APIRoute):
-    """A route whose APIErrors, its dependencies' included (the API key), answer in the protocol's shape."""
+    """A route whose APIErrors and lost Redis (QueueUnavailable), its dependencies' included (the API key),
+    answer in the protocol's shape."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -177,6 +179,8 @@ class V2Route(APIRoute):
                 return await handler(request)
             except APIError as exc:
                 return v2_error(exc)
+            except QueueUnavailable as exc:
+                return v2_error(unavailable(exc))
 
         return route
 

@@ -14,7 +14,7 @@ from xrayfm.hospital.fhir import fhir_bundle
 from xrayfm_gateway.audit import audit_prediction
 from xrayfm_gateway.deps import QueueDep, require_api_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.queue import JobState, QueueUnavailable
+from xrayfm_gateway.queue import JobState
 from xrayfm_gateway.routers.predict import (
     ERRORS,
     IN_PROGRESS,
@@ -79,13 +79,10 @@ async def _job(job_id: str, queue: QueueDep) -> tuple[str, dict, JobState]:
         job_id = str(uuid.UUID(job_id))
     except ValueError:
         raise APIError(404, "unknown_job", "job ids are UUIDs; this one is not") from None
-    try:
-        record = await queue.record(job_id)
-        if record is None:
-            raise APIError(404, "unknown_job", f"no job {job_id} (unknown, or expired)")
-        return job_id, record, await queue.state(job_id)
-    except QueueUnavailable as exc:
-        raise APIError(503, "queue_unavailable", str(exc)) from None
+    record = await queue.record(job_id)
+    if record is None:
+        raise APIError(404, "unknown_job", f"no job {job_id} (unknown, or expired)")
+    return job_id, record, await queue.state(job_id)
 
 
 @router.get(

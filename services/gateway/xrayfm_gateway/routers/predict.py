@@ -26,6 +26,7 @@ from xrayfm_gateway.deps import (
     UploadBufferDep,
     require_api_key,
 )
+from xrayfm_gateway.drawing import drawn as drawn_answer
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import PREDICTIONS, QUEUE_ERRORS, UPLOAD_BYTES, observe_domain
 from xrayfm_gateway.queue import InferenceQueue, JobState, QueueUnavailable
@@ -139,7 +140,7 @@ IN_PROGRESS = InProgress()
 async def off_loop(fn: Callable[..., T], *args: Any, small: bool = True) -> T:
     """``fn(*args)``, CPU work on trusted data (drawing heatmaps), in a worker thread so that other
     requests go on meanwhile; or right here when it is `small` and this is the only prediction request in
-    progress: nobody waits on the event loop then, and a thread hand-off costs ~0.3 ms on a 2-core machine.
+    progress: nobody waits on the event loop then, and a thread hand-off would cost more than the drawing.
     Uploads are never decoded here: see :mod:`xrayfm_gateway.decoding`."""
     if small and IN_PROGRESS.alone:
         return fn(*args)
@@ -172,27 +173,11 @@ async def submit_images(
         )
     method = method or deps.settings.explain_method
     policy = deps.settings.domain_policy
-    inputs: list[bytes] | None = None
-    if all(w.get("stored_inputs") for w in ready.workers):  # every live worker reads images from Redis keys
-        packed = [
-            PredictRequest.to_store(
-                d.pixels, explain=explain, method=method, facts=d.facts, domain_policy=policy
-            )
-            for d in images
-        ]
-        payloads, inputs = [p[0] for p in packed], [p[1] for p in packed]
-    else:  # a worker of an earlier release: the images inside the message
-        payloads = [
-            PredictRequest.from_image(
-                d.pixels,
-                encoded=d.encoded,
-                explain=explain,
-                method=method,
-                facts=d.facts,
-                domain_policy=policy,
-            )
-            for d in images
-        ]
+    packed = [  # each image's pixels go raw to the job's inputs key, beside its message
+        PredictRequest.to_store(d.pixels, explain=explain, method=method, facts=d.facts, domain_policy=policy)
+        for d in images
+    ]
+    payloads, inputs = [p[0] for p in packed], [p[1] for p in packed]
     facts = [{"format": d.format, "width": d.width, "height": d.height} for d in images]
     record = {
         **({"images": facts} if study else {"image": facts[0]}),
@@ -205,9 +190,9 @@ async def submit_images(
         if deps.settings.feedback_keep_images and not study:  # opted in: feedback may keep this image
             png = await anyio.to_thread.run_sync(to_png_bytes, images[0].pixels)
             await deps.queue.keep_pixels(job_id, png)
-    except QueueUnavailable as exc:
+    except QueueUnavailable:  # counted here, answered 503 by the app's handler (xrayfm_gateway.errors)
         QUEUE_ERRORS.labels("submit").inc()
-        raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None
+        raise
     # Technical facts only: never the file name, the key or anything from a DICOM header.
     log.info(
         "queued job %s: %s, decode %.1f ms", job_id,
@@ -258,13 +243,8 @@ async def wait_for(deps: UploadDeps, job_id: str) -> JobState:
     timeout = deps.settings.predict_timeout_s
     try:
         job = await deps.queue.wait(job_id, timeout)
-    except QueueUnavailable as exc:
-        raise APIError(
-            503,
-            "queue_unavailable",
-            f"lost Redis while waiting for job {job_id}: {exc}",
-            {"Retry-After": "5"},
-        ) from None
+    except QueueUnavailable as exc:  # the 503 names the job, which may still be answered
+        raise QueueUnavailable(f"lost Redis while waiting for job {job_id}: {exc}") from None
     if job.status not in ("done", "failed"):
         PREDICTIONS.labels("timeout").inc()
         raise APIError(
@@ -278,7 +258,7 @@ def prediction_from(
 ) -> Prediction | StudyPrediction:
     """Turn a finished job into the API answer (one image's, or a study's), its heatmaps drawn from the
     worker's model maps, or raise the matching APIError. `started` (``perf_counter`` at the first byte
-    read) gives ``timings.total_ms``. Drawing costs ~0.4 ms an image: async routes call this in a thread
+    read) gives ``timings.total_ms``. Drawing is CPU work for each image: async routes call this in a thread
     (:func:`off_loop`). `observe`: count the domain verdicts and feed the drift windows (once per answer:
     ``GET /jobs/{id}``, which may be polled many times, does not)."""
     if job.status == "failed":
@@ -301,7 +281,7 @@ def prediction_from(
     answer = job.result
     assert answer is not None, "a done job has a result"
     try:
-        drawn = [a.drawn() for a in answer.images] if isinstance(answer, StudyAnswer) else [answer.drawn()]
+        drawn = [drawn_answer(a) for a in (answer.images if isinstance(answer, StudyAnswer) else [answer])]
     except XrayfmError as exc:  # a worker bug, not the caller's: say what, never echo the data
         PREDICTIONS.labels("failed").inc()
         raise APIError(

@@ -11,8 +11,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from xrayfm_gateway.deps import SettingsDep, TrainingDep, require_api_key
-from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_stack.protocol import ErrorBody, StudyList
 from xrayfm_stack.studies import KEEP
 
@@ -31,7 +29,4 @@ async def list_studies(
     limit: int = Query(50, ge=1, le=KEEP, description="how many, newest first"),
 ) -> StudyList:
     """The router's records of the latest studies (it keeps the last 200)."""
-    try:
-        return StudyList(studies=await training.studies(settings.router_prefix, limit))
-    except QueueUnavailable as exc:
-        raise APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"}) from None
+    return StudyList(studies=await training.studies(settings.router_prefix, limit))

@@ -19,7 +19,6 @@ from xrayfm.errors import XrayfmError
 from xrayfm_gateway.audit import AdminAuditDep, checked_name, job_target
 from xrayfm_gateway.deps import SettingsDep, StoreDep, TrainingDep, require_admin_key
 from xrayfm_gateway.errors import APIError
-from xrayfm_gateway.queue import QueueUnavailable
 from xrayfm_stack.jobs import LOG_LINES, TERMINAL
 from xrayfm_stack.protocol import (
     CancelAnswer,
@@ -27,10 +26,9 @@ from xrayfm_stack.protocol import (
     JobList,
     JobLogTail,
     JobRecord,
-    JobSpec,
     JobSubmitted,
 )
-from xrayfm_stack.spec import validate_spec
+from xrayfm_stack.spec import JOB_SPEC, KINDS, job_kind, validate_spec
 
 router = APIRouter(prefix="/training/jobs", tags=["training"], dependencies=[Depends(require_admin_key)])
 
@@ -39,11 +37,56 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "Redis unreachable, or the audit log cannot be written"},
 }
 UNKNOWN = {404: {"model": ErrorBody, "description": "unknown job"}}
-SPEC_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": JobSpec.model_json_schema()}},
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its ``$defs`` written in place of their ``$ref``s (the configs do not nest, so
+    this ends), to stand alone inside the OpenAPI document; a discriminator keeps its property name only
+    (its mapping named the ``$defs``)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if str(node.get("$ref", "")).startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return walk({**defs[node["$ref"].rpartition("/")[2]], **rest})
+        out = {k: walk(v) for k, v in node.items()}
+        if isinstance(out.get("discriminator"), dict) and "propertyName" in out["discriminator"]:
+            out["discriminator"] = {"propertyName": out["discriminator"]["propertyName"]}
+        return out
+
+    return walk(schema)
+
+
+def _spec_body_schema() -> dict[str, Any]:
+    """The request body as documented: an object of ``kind``, ``name`` and ``config``, and one of the job
+    kinds' models (told apart by ``kind``: :data:`xrayfm_stack.spec.JobSpecBody`), each with its config's
+    settings, types, choices, ranges and help."""
+    union = _inlined(JOB_SPEC.json_schema())
+    common = union["oneOf"][0]["properties"]
+    return {
+        "type": "object",
+        "properties": {
+            "kind": {
+                "type": "string",
+                "enum": list(KINDS),
+                "description": common["kind"].get("description"),
+            },
+            "name": common["name"],
+            "config": {"type": "object", "description": "the settings of the kind's config (see oneOf)"},
+        },
+        "required": ["kind", "config"],
+        **union,
     }
+
+
+# The route reads the body itself, so that a spec nested too deeply or holding a NUL is refused (by
+# validate_spec, naming why) before anything parses it as a model.
+SPEC_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _spec_body_schema()}}}
 }
 
 
@@ -54,16 +97,9 @@ def _job_id(job_id: str) -> str:
         raise APIError(404, "unknown_job", "job ids are UUIDs; this one is not") from None
 
 
-def _unavailable(exc: QueueUnavailable) -> APIError:
-    return APIError(503, "queue_unavailable", str(exc), {"Retry-After": "5"})
-
-
 async def _existing(training: TrainingDep, job_id: str) -> JobRecord:
     """The job's record, or 404."""
-    try:
-        job = await training.get(_job_id(job_id))
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    job = await training.get(_job_id(job_id))
     if job is None:
         raise APIError(404, "unknown_job", f"no training job {job_id}")
     return job
@@ -80,8 +116,9 @@ async def _existing(training: TrainingDep, job_id: str) -> JobRecord:
 async def submit_training_job(
     request: Request, training: TrainingDep, store: StoreDep, settings: SettingsDep, audit: AdminAuditDep
 ) -> JSONResponse:
-    """Body: ``{"kind": "pretrain"|"adapt"|"evaluate", "name": "...", "config": {...}}``; 422 says what is
-    wrong, including a path outside ``XRAYFM_DATA_DIRS``."""
+    """Body: ``{"kind": "pretrain"|"adapt"|"evaluate"|"tune"|"calibrate", "name": "...", "config": {...}}``
+    (each kind's config in the schema); 422 says what is wrong, including a path outside
+    ``XRAYFM_DATA_DIRS``."""
     try:
         spec = json.loads(await request.body() or b"null")
     except ValueError as exc:
@@ -92,14 +129,11 @@ async def submit_training_job(
         spec = validate_spec(spec, store, settings.data_dirs)
     except XrayfmError as exc:
         raise APIError(422, "invalid_spec", str(exc)) from None
-    action = "calibrate" if spec["kind"] == "calibrate" else "train_submit"
+    action = job_kind(spec["kind"]).audit_action
     await audit.requested(
         action=action, detail={"kind": spec["kind"], "name": checked_name(spec.get("name"))}
     )
-    try:
-        job_id = await training.submit(spec)
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    job_id = await training.submit(spec)
     await audit.ok(202, target=job_target(job_id))
     url = f"/training/jobs/{job_id}"
     body = JobSubmitted(job_id=job_id, status_url=url)
@@ -108,10 +142,7 @@ async def submit_training_job(
 
 @router.get("", response_model=JobList, responses=ERRORS, summary="The latest training jobs, newest first")
 async def list_training_jobs(training: TrainingDep) -> JobList:
-    try:
-        return JobList(jobs=await training.list())
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    return JobList(jobs=await training.list())
 
 
 @router.get(
@@ -137,10 +168,7 @@ async def training_job_log(
     """Worker events, per-epoch progress and metrics, and the traceback of a failure (the whole log is
     ``job.log`` in the job's run folder)."""
     job = await _existing(training, job_id)
-    try:
-        return JobLogTail(job_id=job.job_id, lines=await training.log_tail(job.job_id, tail))
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    return JobLogTail(job_id=job.job_id, lines=await training.log_tail(job.job_id, tail))
 
 
 @router.post(
@@ -154,10 +182,7 @@ async def cancel_training_job(job_id: str, training: TrainingDep, audit: AdminAu
     if job.status in TERMINAL:
         raise APIError(409, "job_finished", f"job {job.job_id} is already {job.status}")
     await audit.requested(detail={"kind": job.kind})
-    try:
-        status = await training.cancel(job.job_id)
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    status = await training.cancel(job.job_id)
     await audit.ok(detail={"kind": job.kind, "status": status})
     return CancelAnswer(job_id=job.job_id, status=status)
 
@@ -173,10 +198,7 @@ async def delete_training_job(job_id: str, training: TrainingDep, audit: AdminAu
     """Only a done, failed or cancelled job (409 while it is queued or running: cancel it first)."""
     job_id = _job_id(job_id)
     await audit.requested()
-    try:
-        outcome = await training.delete(job_id)
-    except QueueUnavailable as exc:
-        raise _unavailable(exc) from None
+    outcome = await training.delete(job_id)
     if outcome is None:
         raise APIError(404, "unknown_job", f"no training job {job_id}")
     status, deleted = outcome

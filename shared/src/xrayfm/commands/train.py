@@ -1,7 +1,7 @@
 """`xrayfm pretrain`, `adapt`, `evaluate`, `cv`, `tune` and `experiment label-efficiency`: thin layers over
 :mod:`xrayfm.train`.
 
-Training options are generated from the config dataclasses (:mod:`xrayfm.train.config`), so every
+Training options are generated from the configs' fields (:mod:`xrayfm.train.config`), so every
 setting of a JSON job spec is also a documented command-line option, with the same name and default.
 ``--config FILE.json`` loads settings; options given on the command line override them.
 """
@@ -9,7 +9,6 @@ setting of a JSON job spec is also a documented command-line option, with the sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import typing
 from pathlib import Path
@@ -27,7 +26,7 @@ from xrayfm.train.config import (
     TuneConfig,
     bounds_text,
     choices_text,
-    field_type,
+    settings_of,
 )
 
 C = TypeVar("C", bound=JsonConfig)
@@ -50,36 +49,34 @@ def _parse_json_object(text: str) -> dict[str, Any]:
 def add_config_arguments(
     parser: argparse.ArgumentParser, cls: type[JsonConfig], skip: tuple[str, ...] = ()
 ) -> None:
-    """One ``--option`` per config field (help, default, range and choices from the dataclass); unset
-    options stay unset."""
+    """One ``--option`` per config field (help, default, range and choices from the config's fields);
+    unset options stay unset."""
     parser.add_argument(
         "--config", metavar="FILE", help="JSON file of settings (options given here override it)"
     )
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    for s in settings_of(cls).values():
+        if s.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        limits = bounds_text(f)
-        allowed = choices_text(f)
-        shown = json.dumps(default) + (f"; range {limits}" if limits else "")
+        limits, allowed = bounds_text(s), choices_text(s)
+        shown = json.dumps(s.default) + (f"; range {limits}" if limits else "")
         shown += f"; one of {allowed}" if allowed else ""
-        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
-        kind = field_type(cls, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        common: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        help_text = f"{s.help} (default: {shown})"
+        kind = s.type
+        flag = "--" + s.name.replace("_", "-")
+        common: dict[str, Any] = {"dest": s.name, "default": argparse.SUPPRESS, "help": help_text}
         # argparse checks a single value's choices; the items of a list are checked by the config
-        if "choices" in f.metadata and typing.get_origin(kind) is not list:
-            common["choices"] = f.metadata["choices"]
+        if s.choices is not None and typing.get_origin(kind) is not list:
+            common["choices"] = s.choices
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, type=_parse_list, metavar="A,B", **common)
-        elif typing.get_origin(kind) is dict:
+        elif kind is dict or typing.get_origin(kind) is dict:
             parser.add_argument(flag, type=_parse_json_object, metavar="JSON", **common)
         elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **common)
+            parser.add_argument(flag, type=kind, metavar=s.name.upper(), **common)
         else:
-            raise TypeError(f"no CLI parser for {cls.__name__}.{f.name}: {kind}")
+            raise TypeError(f"no CLI parser for {cls.__name__}.{s.name}: {kind}")
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
@@ -92,7 +89,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
             raise XrayfmError(f"cannot read config {args.config}: {exc}") from exc
         if not isinstance(data, dict):
             raise XrayfmError(f"config {args.config} must hold one JSON object")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(settings_of(cls))
     data.update({k: v for k, v in vars(args).items() if k in names})
     if getattr(args, "json", False):
         data["progress_bar"] = False

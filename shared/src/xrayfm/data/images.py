@@ -53,7 +53,7 @@ from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedForma
 
 try:  # ISA-L's deflate (the gateway installs it: it draws every answer's heatmap); the same format as zlib's
     from isal import isal_zlib as deflate
-except ImportError:  # elsewhere (the web UI, the workers) zlib writes the same PNGs, ~5x slower
+except ImportError:  # elsewhere (the web UI, the workers) zlib writes the same PNGs, more slowly
     import zlib as deflate
 
 # pydicom reports a malformed value by quoting it, as a warning and on its logger. Values of an uploaded
@@ -95,12 +95,11 @@ def to_png_bytes(rgb: np.ndarray) -> bytes:
     """Encode an HxWx3 (or HxW) uint8 array as PNG bytes: every row with PNG's "Up" filter, deflated at
     level 1 by ISA-L (``isal``) when installed, else zlib.
 
-    A heatmap is encoded on every answer. Pillow (level 1 already: 8.6 ms against 13.5 ms at its default 6
-    for a 390x320 map) chooses a filter for each row by trying all five, and offers no way to fix one. On
-    a drawn 256x210 map here that took 0.95 ms and 14.1 KB; one filter (Up: each byte minus the byte
-    above, which suits smooth maps) took 0.44 ms for 10.9 KB with zlib; ISA-L's deflate (the same format,
-    any inflater reads it), used where ``isal`` is installed (the gateway), takes 0.14 ms against zlib's
-    0.70 at level 1 for a 54 KB filtered map, and writes 17.7 KB against 18.5. Any PNG reader decodes it
+    A heatmap is encoded on every answer, so this is on the request path. Pillow chooses a filter for each
+    row by trying all five, and offers no way to fix one; one filter (Up: each byte minus the byte above,
+    which suits smooth maps) is cheaper and gives smaller files on drawn maps. ISA-L's deflate (the same
+    format, any inflater reads it), used where ``isal`` is installed (the gateway), is faster than zlib at
+    the same level and writes files of about the same size. Any PNG reader decodes it
     (tests/explain/test_explain_overlay.py reads it back with Pillow)."""
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):

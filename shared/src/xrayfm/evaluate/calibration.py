@@ -28,9 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.isotonic import IsotonicRegression
-from sklearn.model_selection import StratifiedKFold
 
 from xrayfm.errors import DataError, XrayfmError
 from xrayfm.evaluate.metrics import (
@@ -236,6 +233,8 @@ class Calibration:
 
 # ------------------------------------------------------------------------------------------------ fitting
 def _fit_temperature(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    from scipy.optimize import minimize_scalar
+
     z = _logit(p)
     res = minimize_scalar(
         lambda log_t: _nll_logits(z / math.exp(log_t), y),
@@ -278,6 +277,8 @@ def _fit_platt(p: np.ndarray, y: np.ndarray, max_iter: int = 100) -> dict[str, f
 
 
 def _fit_isotonic(p: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
+    from sklearn.isotonic import IsotonicRegression
+
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(p, y)
     x = np.asarray(iso.X_thresholds_, dtype=np.float64)
     fx = np.clip(np.asarray(iso.y_thresholds_, dtype=np.float64), ISOTONIC_EPS, 1 - ISOTONIC_EPS)
@@ -353,6 +354,8 @@ def choose_calibration(
     holds each method's per-fold and mean (std) NLL / Brier / ECE, those of the uncalibrated probabilities
     for reference, the margins the rule compared, the method of lowest NLL, folds, seed and rule.
     """
+    from sklearn.model_selection import StratifiedKFold
+
     if rule not in SELECTION_RULES:
         raise XrayfmError(f"rule must be one of {', '.join(SELECTION_RULES)}; got {rule!r}")
     p_arr, y_arr = _labelled(p, y)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 
 from xrayfm.errors import DataError, list_offenders
 
@@ -57,7 +56,7 @@ def _weighted_auroc(pos: np.ndarray, groups: np.ndarray, n_groups: int, weights:
     """AUROC of each row of sample weights [B, n] (Mann-Whitney, ties count 1/2); NaN where one class.
 
     ``pos`` marks positives; ``groups`` index each sample's score among the sorted unique scores.
-    Hand-written because calling sklearn's roc_auc_score once per resample is ~100x slower; with
+    Hand-written because calling sklearn's roc_auc_score once per resample is far slower (it re-sorts); with
     integer weights (bootstrap counts) it equals roc_auc_score on the resampled data (tested).
     """
     b = weights.shape[0]
@@ -155,6 +154,8 @@ def label_counts(y: np.ndarray) -> dict[str, int]:
 
 def point_auroc(y: np.ndarray, s: np.ndarray) -> tuple[float | None, str | None]:
     """sklearn's AUROC over the unmasked entries, or (None, reason) when undefined."""
+    from sklearn.metrics import roc_auc_score
+
     keep = ~np.isnan(y)
     if not keep.any():
         return None, NO_SAMPLES
@@ -196,6 +197,8 @@ def roc_curves(y_true: Any, y_prob: Any, names: Sequence[str]) -> dict[str, dict
 
     Accepts [N] (one name) or [N, L] labels with NaN = masked.
     """
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_prob, dtype=np.float64)
     if y.ndim == 1:
@@ -219,6 +222,8 @@ def threshold_metrics(y_true: Any, y_prob: Any, threshold: float = 0.5) -> dict[
 
     Labels must be 1/0. A metric with a zero denominator is None, with the reason in ``undefined``.
     """
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
     y, p = check_binary(y_true, y_prob, allow_masked=False)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y.astype(int), pred, labels=[0, 1]).ravel())
@@ -306,6 +311,8 @@ def operating_points(
     the CIs (rows, or whole ``clusters`` such as studies, resampled at the fixed threshold) show the
     spread. An empty list when a class is missing.
     """
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.asarray(y_prob, dtype=np.float64).ravel()
     keep = ~np.isnan(y)

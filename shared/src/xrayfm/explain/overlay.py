@@ -73,8 +73,8 @@ def _resized(heat: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     """``rows @ heat @ cols.T``, clipped to [0, 1]: the map resized along both axes by weight matrices.
 
     Matrices rather than per-axis gathers: a resize, a crop and a second resize compose into one pair of
-    small matrices (:func:`heatmap_on_image`), and the gateway draws every answer's map this way (~0.2 ms
-    for 14 x 14 -> 256 x 210, against ~1.4 ms for the two resizes through the model's 224 x 224 square)."""
+    small matrices (:func:`heatmap_on_image`), so the gateway draws every answer's map from the small patch
+    map directly instead of resizing twice through the model's square input."""
     out = (rows @ heat) @ cols.T
     return np.clip(out, 0.0, 1.0, out=out)
 
@@ -152,8 +152,15 @@ def render_overlay(
 
 
 def to_base64_png(rgb: np.ndarray) -> str:
-    """Encode an HxWx3 uint8 array as a base64 (ASCII) PNG string, e.g. for JSON responses."""
+    """Encode an HxWx3 (or HxW grey) uint8 array as a base64 (ASCII) PNG string, e.g. for JSON responses."""
     return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
+
+
+def heatmap_to_base64(heat: Any, image_shape: tuple[int, ...], size: int, mode: str) -> str:
+    """An answer's attention map: the model's map (over its `size` square input, fitted in `mode`) drawn
+    on the image's geometry by :func:`heatmap_on_image`, as a base64 grey PNG (255 = most attended).
+    The gateway draws every worker's map with it; :func:`heatmap_from_base64` reads it back."""
+    return to_base64_png(heatmap_on_image(heat, image_shape, size, mode))
 
 
 def heatmap_from_base64(png_b64: str) -> np.ndarray:

@@ -1,11 +1,18 @@
-"""Training configurations: plain dataclasses that round-trip through JSON (a worker's job spec is JSON).
+"""Training configurations: pydantic dataclasses that round-trip through JSON (a worker's job spec is JSON).
 
-Every field carries its help text in ``metadata["help"]``; when it is a number, its allowed range in
-``metadata`` as ``ge``/``gt`` and ``le``/``lt`` (as pydantic's ``Field`` names them); and when it takes one
-of a few values, those in ``metadata["choices"]`` (for a list, each item must be one of them). The CLI
-builds its options from them and :meth:`JsonConfig.validate` checks them, so the library, the CLI and a
-JSON job spec always agree on names, defaults, meaning and limits. No setting may hold NaN or an infinity,
-also inside lists and objects (``model_kwargs``, ``pool``, ``space``).
+Every field is a ``pydantic.Field`` carrying its help text (``description``), when it is a number its
+allowed range (``ge``/``gt`` and ``le``/``lt``), and when it takes one of a few values a ``Literal[...]``
+type (for a list, each item must be one of them); single-field rules (a timm name, the shape of a pool, a
+search space, sources) are field validators. The CLI builds its options from the fields
+(:func:`settings_of`), pydantic checks every value (building a config, :meth:`JsonConfig.from_dict`, a job
+spec's config), and :meth:`JsonConfig.validate` adds the rules that relate settings to each other. So the
+library, the CLI, a JSON job spec and the gateway's OpenAPI schema always agree on names, defaults,
+meaning and limits. No setting may hold NaN or an infinity, also inside lists and objects
+(``model_kwargs``, ``pool``, ``space``). Every refusal is an :class:`~xrayfm.errors.XrayfmError` naming the
+settings and what they allow.
+
+They are pydantic *dataclasses*, so ``dataclasses.replace``/``asdict``/``fields`` keep working and every
+instance, however built, holds valid values.
 """
 
 from __future__ import annotations
@@ -14,24 +21,55 @@ import dataclasses
 import functools
 import json
 import math
-import operator
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, PydanticCustomError
 
 from xrayfm.data import DATASET_KINDS, split_source
 from xrayfm.errors import XrayfmError, list_offenders
 from xrayfm.registry import is_registry_name, list_pretrained
 
-METRICS = ("mean_auroc", "val_loss")
-LOSSES = ("bce", "focal")
-PRECISIONS = ("auto", "fp32", "bf16")
-METHODS = ("lora", "full", "linear", "scratch")
-OBJECTIVES = ("supervised", "mae")
-BOUNDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}  # metadata keys
+# The settings that take one of a few values, as types (the constants list their values).
+Metric = Literal["mean_auroc", "val_loss"]
+Loss = Literal["bce", "focal"]
+Precision = Literal["auto", "fp32", "bf16"]
+Method = Literal["lora", "full", "linear", "scratch"]
+Objective = Literal["supervised", "mae"]
+Verify = Literal["stat", "size", "exists", "none"]
+ResizeMode = Literal["pad", "crop", "stretch"]
+SubsampleBy = Literal["study_id", "patient_id"]
+Weights = Literal["best", "last"]
+Pruner = Literal["median", "none"]
+CalibrationMethod = Literal[
+    "auto", "temperature", "platt", "isotonic"
+]  # xrayfm.evaluate.calibration's + auto
+DatasetKind = Literal[DATASET_KINDS]  # type: ignore[valid-type]
+METRICS: tuple[str, ...] = typing.get_args(Metric)
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+METHODS: tuple[str, ...] = typing.get_args(Method)
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+PRUNERS: tuple[str, ...] = typing.get_args(Pruner)
+CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
+OPERATING_RULES = ("youden", "sensitivity>=S", "specificity>=T")  # as xrayfm.evaluate.metrics names them
+BOUND_KEYS = ("ge", "gt", "le", "lt")  # as pydantic's Field names them
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 STEPS_MAX = 100_000_000  # optimizer steps: max_steps, save_every, log_every
 BATCH_MAX = 65_536
@@ -40,45 +78,124 @@ BOOTSTRAP_MAX = 100_000
 # A timm architecture name, optionally with a pretrained tag (vit_base_patch16_224.augreg_in21k): never a
 # hub reference (hf-hub:org/name, timm/name), which timm would download.
 TIMM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+PROBLEM = "config_problem"  # the error type of this module's validators: their message names the setting
+
+# Numbers, strings and flags are strict types (a JSON "224" is not a number, 1 is not true); objects are
+# searched for NaN and infinities by JsonConfig's validator.
+JsonObject = dict[str, Any]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text (mutable defaults are copied per instance)."""
+    """A config field with its help text and range (mutable defaults are copied per instance)."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return Field(default_factory=lambda d=default: type(d)(d), description=help, **kw)
+    return Field(default, description=help, **kw)
 
 
-def bounds_text(f: dataclasses.Field) -> str | None:
-    """A field's allowed range in interval notation (``[1, 10000]``, ``(0, 10]``); None when it has none."""
-    meta = f.metadata
-    if not any(key in meta for key in BOUNDS):
+def problem(text: str) -> PydanticCustomError:
+    """A validator's refusal, worded for people (it names the setting and what it allows)."""
+    return PydanticCustomError(PROBLEM, "{problem}", {"problem": text})
+
+
+# -- what a config's fields are, for the CLI, errors and search spaces ----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One field of a config: plain type (int, float, str, bool, list[...], dict[...]), default, help,
+    choices (of the value, or of each item of a list) and range."""
+
+    name: str
+    type: Any
+    annotation: Any
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    bounds: dict[str, float]
+
+    @property
+    def optional(self) -> bool:
+        """Whether the setting may be left unset (None)."""
+        return self.default is None
+
+
+def _strip(hint: Any) -> Any:
+    """`hint` without ``None``, ``Annotated`` and ``Literal`` (a Literal's type is its values' type)."""
+    if typing.get_origin(hint) is Annotated:
+        return _strip(typing.get_args(hint)[0])
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [_strip(a) for a in typing.get_args(hint) if a is not type(None)]
+        return members[0] if len(members) == 1 else hint
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return list[_strip(item)]
+    return hint
+
+
+def _choices(hint: Any) -> tuple[Any, ...] | None:
+    """The values a Literal allows, found through Optional, Annotated and list; None when any goes."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint) if typing.get_origin(hint) is not dict else ():
+        if arg is not type(None) and (found := _choices(arg)) is not None:
+            return found
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    """'int', 'str | None', 'list[str]': an annotation as a person writes it."""
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return "None"
+    if origin is Annotated:
+        return _type_name(typing.get_args(hint)[0])
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return type(typing.get_args(hint)[0]).__name__
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(hint))}]"
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+@functools.cache
+def settings_of(cls: type) -> dict[str, Setting]:
+    """Every field of a config class as a :class:`Setting`, in declaration order."""
+    out = {}
+    for name, info in cls.__pydantic_fields__.items():
+        hint = info.annotation
+        default = info.default_factory() if info.default_factory is not None else info.default
+        bounds = {k: getattr(m, k) for m in info.metadata for k in BOUND_KEYS if hasattr(m, k)}
+        out[name] = Setting(name, _strip(hint), hint, default, info.description or "", _choices(hint), bounds)
+    return out
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The plain type of a config field, without ``None`` (for CLI parsing)."""
+    return settings_of(cls)[name].type
+
+
+def bounds_text(setting: Setting) -> str | None:
+    """A setting's allowed range in interval notation (``[1, 10000]``, ``(0, 10]``); None when it has none."""
+    b = setting.bounds
+    if not b:
         return None
-    low = f"[{meta['ge']}" if "ge" in meta else f"({meta.get('gt', '-inf')}"
-    high = f"{meta['le']}]" if "le" in meta else f"{meta.get('lt', 'inf')})"
+    low = f"[{b['ge']}" if "ge" in b else f"({b.get('gt', '-inf')}"
+    high = f"{b['le']}]" if "le" in b else f"{b.get('lt', 'inf')})"
     return f"{low}, {high}"
 
 
-def choices_text(f: dataclasses.Field) -> str | None:
-    """A field's allowed values as an error names them (``pad, crop, stretch``); None when any value goes."""
-    choices = f.metadata.get("choices")
-    return None if choices is None else ", ".join(str(c) for c in choices)
+def choices_text(setting: Setting) -> str | None:
+    """A setting's allowed values as an error names them (``pad, crop, stretch``); None when any goes."""
+    return None if setting.choices is None else ", ".join(str(c) for c in setting.choices)
 
 
-def _off_choices(value: Any, choices: typing.Collection[Any]) -> list[Any]:
-    """The values of a setting (itself, or each item of a list) that are not among its choices; None (an
-    unset optional setting) is never one of them."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list | tuple) else [value]
-    return [item for item in items if item not in choices]
-
-
-def _in_bounds(value: float, meta: typing.Mapping[str, Any]) -> bool:
-    """Whether a number is finite and within the ``ge``/``gt``/``le``/``lt`` limits of a field's metadata."""
+def _in_bounds(value: float, bounds: typing.Mapping[str, float]) -> bool:
+    """Whether a number is finite and within ``ge``/``gt``/``le``/``lt`` limits."""
     if isinstance(value, float) and not math.isfinite(value):
         return False
-    return all(compare(value, meta[key]) for key, compare in BOUNDS.items() if key in meta)
+    checks = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
+    return all(checks[key](limit) for key, limit in bounds.items())
 
 
 def _finite(value: Any) -> bool:
@@ -96,15 +213,74 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def _shown(value: float) -> str:
+def _shown(value: Any) -> str:
     """A number as an error names it; a long integer by its number of digits only (never echoed in full)."""
     if isinstance(value, int) and abs(value) >= 10**15:
         return f"<a {int(math.log10(abs(value))) + 1}-digit number>"
     return str(value)
 
 
+# -- pydantic's errors in this module's words -----------------------------------------------------------------
+TYPE_ERRORS = ("unexpected_keyword_argument", "extra_forbidden", "missing")
+
+
+def explain(cls: type, errors: list[dict[str, Any]], data: typing.Mapping[str, Any]) -> str:
+    """pydantic's validation errors of a `cls` config as one message naming each setting and what it
+    allows (`data`: the settings given, to name a wrong-typed value's type); error locations are relative
+    to the config."""
+    settings = settings_of(cls)
+    unknown, mistyped, problems = [], {}, {}  # problems by setting, in order
+    off_choices: dict[str, list[Any]] = {}
+    for error in errors:
+        loc = error.get("loc") or ("",)
+        name, kind = str(loc[0]), error["type"]
+        setting = settings.get(name)
+        if kind in TYPE_ERRORS[:2] or setting is None:
+            unknown.append(name)
+        elif kind == PROBLEM:
+            problems.setdefault(name, str(error["ctx"]["problem"]))
+        elif kind == "literal_error":
+            off_choices.setdefault(name, []).append(error.get("input"))
+            allowed = choices_text(setting)
+            shown = ", ".join(repr(item)[:80] for item in off_choices[name][:5])
+            shown += ", ..." if len(off_choices[name]) > 5 else ""
+            problems[name] = f"{name} {shown} (choose one of {allowed})"
+        elif (kind.startswith(("greater_than", "less_than")) or kind == "finite_number") and len(loc) == 1:
+            limits = bounds_text(setting)
+            if limits is None:
+                problems[name] = f"{name}: only finite numbers are allowed (no nan or infinity)"
+            else:
+                problems[name] = f"{name}={_shown(error.get('input'))} (must lie in {limits})"
+        else:
+            given = type(data.get(name, error.get("input"))).__name__
+            mistyped[name] = f"{name} ({given}, expected {_type_name(setting.annotation)})"
+    if unknown:
+        return f"unknown {cls.__name__} settings: {list_offenders(sorted(set(unknown)))}"
+    if mistyped:
+        return f"wrong type of {cls.__name__} settings: {list_offenders(mistyped.values())}"
+    return f"invalid {cls.__name__}: " + "; ".join(problems.values())
+
+
+def config_class(cls: type) -> type:
+    """Make `cls` a config: a pydantic dataclass (unknown settings refused, no NaN or infinity) whose
+    constructor raises :class:`XrayfmError` naming the settings at fault."""
+    cls = dataclass(cls, config=ConfigDict(extra="forbid", allow_inf_nan=False))
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise XrayfmError(explain(cls, exc.errors(include_url=False), kwargs)) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+@config_class
 class JsonConfig:
-    """Round-trips a config dataclass through JSON; unknown keys and impossible values are errors."""
+    """Round-trips a config through JSON; unknown keys and impossible values are errors."""
 
     # -- (de)serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -120,28 +296,14 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Build from a dict (e.g. a JSON job spec); unknown keys are an error, not silently ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
-        # An optional setting given as "" is a mistake, not "unset": an empty path means the working folder.
-        empty = sorted(
-            f.name for f in dataclasses.fields(cls) if f.default is None and data.get(f.name) == ""
-        )
-        if empty:
-            raise XrayfmError(
-                f"empty {cls.__name__} settings: {list_offenders(empty)} (leave them out instead)"
-            )
-        hints = _type_hints(cls)
-        mistyped = [
-            f"{k} ({type(v).__name__}, expected {_type_name(hints[k])})"
-            for k, v in data.items()
-            if not _fits(v, hints[k])
-        ]
-        if mistyped:
-            raise XrayfmError(f"wrong type of {cls.__name__} settings: {list_offenders(mistyped)}")
-        config = cls(**data)
+        """Build from a dict (e.g. a JSON job spec) and :meth:`validate` it; unknown keys are an error, not
+        silently ignored."""
+        if not isinstance(data, dict):
+            raise XrayfmError(f"{cls.__name__} settings must be a JSON object")
+        try:
+            config = cls.__pydantic_validator__.validate_python(data)
+        except ValidationError as exc:
+            raise XrayfmError(explain(cls, exc.errors(include_url=False), data)) from None
         config.validate()
         return config
 
@@ -159,144 +321,181 @@ class JsonConfig:
             raise XrayfmError("config JSON must be an object")
         return cls.from_dict(data)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_and_not_empty(cls, data: Any) -> Any:
+        """Unknown settings are refused by name; so is an optional setting given as "" in a dict (JSON):
+        that is a mistake, not "unset" (an empty path means the working folder)."""
+        given = data.kwargs or {} if isinstance(data, ArgsKwargs) else data
+        if not isinstance(given, dict):
+            return data
+        unknown = sorted(str(key) for key in set(given) - set(cls.__pydantic_fields__))
+        if unknown:
+            raise XrayfmError(f"unknown {cls.__name__} settings: {list_offenders(unknown)}")
+        settings = settings_of(cls)
+        empty = sorted(k for k, v in given.items() if v == "" and settings[k].optional)
+        if empty and not isinstance(data, ArgsKwargs):
+            raise XrayfmError(
+                f"empty {cls.__name__} settings: {list_offenders(empty)} (leave them out instead)"
+            )
+        return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _only_finite(cls, value: Any, info: ValidationInfo) -> Any:
+        """No NaN or infinity inside a list or object either (numbers themselves: ``allow_inf_nan``)."""
+        if isinstance(value, dict | list) and not _finite(value):
+            raise problem(f"{info.field_name}: only finite numbers are allowed (no nan or infinity)")
+        return value
+
     def validate(self) -> None:
-        """Raise XrayfmError for a number outside its field's range, a value that is not one of its field's
-        choices, or NaN or an infinity anywhere, naming the fields and what they allow (subclasses call this
-        first, then add their own checks)."""
-        problems = []
-        for f in dataclasses.fields(self):
-            value, limits, allowed = getattr(self, f.name), bounds_text(f), choices_text(f)
-            off = _off_choices(value, f.metadata["choices"]) if allowed is not None else []
-            if off:
-                shown = ", ".join(repr(item)[:80] for item in off[:5]) + (", ..." if len(off) > 5 else "")
-                problems.append(f"{f.name} {shown} (choose one of {allowed})")
-            elif isinstance(value, int | float) and not isinstance(value, bool) and limits is not None:
-                if not _in_bounds(value, f.metadata):
-                    problems.append(f"{f.name}={_shown(value)} (must lie in {limits})")
-            elif not _finite(value):
-                problems.append(f"{f.name}: only finite numbers are allowed (no nan or infinity)")
+        """Raise XrayfmError when a setting holds what its field does not allow (e.g. after an assignment);
+        subclasses call this first, then check how their settings relate to each other."""
+        type(self).from_values(dataclasses.asdict(self))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Self:
+        """Build from values already in Python form, checking each field only (not :meth:`validate`)."""
+        try:
+            return cls.__pydantic_validator__.validate_python(ArgsKwargs((), values))
+        except ValidationError as exc:
+            raise XrayfmError(explain(cls, exc.errors(include_url=False), values)) from None
+
+    def _raise(self, problems: list[str]) -> None:
         if problems:
             raise XrayfmError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
 
-@dataclass
+@config_class
 class TrainConfig(JsonConfig):
     """Settings shared by pre-training and adaptation: data, model, optimisation, system."""
 
     # One training run (not a dataclass field): --folds then needs --fold. CVConfig runs every fold.
     one_run: typing.ClassVar[bool] = True
 
-    out: str = _f("runs/run", "run folder: best/, last/, log.csv, metrics.csv, tensorboard/, summary.json")
-    # -- data
-    kind: str | None = _f(
-        None, "dataset layout; omit to train from a prepared --cache", choices=DATASET_KINDS
+    out: StrictStr = _f(
+        "runs/run", "run folder: best/, last/, log.csv, metrics.csv, tensorboard/, summary.json"
     )
-    root: str | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
-    split: str = _f("train", "training split of the dataset")
-    val_split: str | None = _f(
+    # -- data
+    kind: DatasetKind | None = _f(None, "dataset layout; omit to train from a prepared --cache")
+    root: StrictStr | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
+    split: StrictStr = _f("train", "training split of the dataset")
+    val_split: StrictStr | None = _f(
         None, "separate validation split (e.g. valid); default: a patient-level split of the training data"
     )
-    cache: str | None = _f(
+    cache: StrictStr | None = _f(
         None,
         "training cache folder: used as is, or prepared there from --kind/--root (default OUT/cache/SPLIT)",
     )
-    val_cache: str | None = _f(None, "validation cache folder (same rules as --cache)")
-    size: int | None = _f(224, "image side in pixels of the cache and the model input", ge=16, le=4096)
-    resize_mode: str = _f(
-        "pad", "how images are fitted to a square when caching", choices=("pad", "crop", "stretch")
-    )
-    policy: str | None = _f(
+    val_cache: StrictStr | None = _f(None, "validation cache folder (same rules as --cache)")
+    size: StrictInt | None = _f(224, "image side in pixels of the cache and the model input", ge=16, le=4096)
+    resize_mode: ResizeMode = _f("pad", "how images are fitted to a square when caching")
+    policy: StrictStr | None = _f(
         None, "uncertainty/blank policy, e.g. u-ones or 'u-zeros;Edema=u-ones;blank=mask'"
     )
-    labels: list[str] | None = _f(
+    labels: list[StrictStr] | None = _f(
         None, "train on these labels only (comma-separated, matched ignoring case); default all"
     )
-    body_parts: list[str] | None = _f(None, "mura: keep these body parts (comma-separated, e.g. XR_HUMERUS)")
-    frontal_only: bool = _f(False, "chexpert: frontal views only")
-    val_fraction: float = _f(
+    body_parts: list[StrictStr] | None = _f(
+        None, "mura: keep these body parts (comma-separated, e.g. XR_HUMERUS)"
+    )
+    frontal_only: StrictBool = _f(False, "chexpert: frontal views only")
+    val_fraction: StrictFloat = _f(
         0.1, "share of patients held out for validation when there is no validation split", ge=0, lt=1
     )
-    split_seed: int = _f(
+    split_seed: StrictInt = _f(
         0, "seed of that patient-level validation split (kept apart from --seed)", ge=0, le=SEED_MAX
     )
-    folds: int | None = _f(
+    folds: StrictInt | None = _f(
         None,
         "validate on one fold of a K-fold split of the training data grouped by patient (stratified by the "
         "label when there is one binary label), seeded by --split-seed; needs --fold",
         ge=2,
         le=100,
     )
-    fold: int | None = _f(None, "the validation fold (0 to folds-1); the other folds train", ge=0, le=99)
-    verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
+    fold: StrictInt | None = _f(
+        None, "the validation fold (0 to folds-1); the other folds train", ge=0, le=99
+    )
+    verify: Verify = _f("stat", "cache staleness check")
     # -- model
-    model: str = _f(
+    model: StrictStr = _f(
         "vit_base_patch16_224",
         "timm architecture name (no hub reference): a ViT (vit_*) or a CNN (convnext_*, resnet*, densenet*; "
         "explained with Grad-CAM)",
     )
-    model_kwargs: dict[str, Any] = _f({}, "extra timm model arguments as JSON, e.g. '{\"depth\": 4}'")
-    drop_path_rate: float = _f(0.1, "stochastic depth rate", ge=0, lt=1)
-    channels: int = _f(3, "input channels (the grey image is repeated)", ge=1, le=16)
+    model_kwargs: JsonObject = _f({}, "extra timm model arguments as JSON, e.g. '{\"depth\": 4}'")
+    drop_path_rate: StrictFloat = _f(0.1, "stochastic depth rate", ge=0, lt=1)
+    channels: StrictInt = _f(3, "input channels (the grey image is repeated)", ge=1, le=16)
     # -- optimisation
-    epochs: int = _f(10, "number of epochs", ge=1, le=10_000)
-    max_steps: int | None = _f(
+    epochs: StrictInt = _f(10, "number of epochs", ge=1, le=10_000)
+    max_steps: StrictInt | None = _f(
         None, "stop after this many optimizer steps in total (a budget)", ge=1, le=STEPS_MAX
     )
-    batch_size: int = _f(
+    batch_size: StrictInt = _f(
         32, "images per process and step (global batch = this x processes)", ge=1, le=BATCH_MAX
     )
-    lr: float = _f(3e-4, "peak learning rate (AdamW)", gt=0, le=10)
-    min_lr_ratio: float = _f(0.01, "final learning rate as a fraction of the peak (cosine decay)", ge=0, le=1)
-    weight_decay: float = _f(
+    lr: StrictFloat = _f(3e-4, "peak learning rate (AdamW)", gt=0, le=10)
+    min_lr_ratio: StrictFloat = _f(
+        0.01, "final learning rate as a fraction of the peak (cosine decay)", ge=0, le=1
+    )
+    weight_decay: StrictFloat = _f(
         0.05, "AdamW weight decay (not applied to biases, norms, embeddings)", ge=0, le=10
     )
-    warmup_fraction: float = _f(0.05, "share of the total steps spent in linear warm-up", ge=0, lt=1)
-    grad_clip: float | None = _f(1.0, "clip the gradient norm to this (0: no clipping)", ge=0, le=10_000)
-    loss: str = _f("bce", "bce (with per-label pos_weight) or focal", choices=LOSSES)
-    focal_gamma: float = _f(2.0, "focal loss gamma", ge=0, le=10)
-    pos_weight: bool = _f(True, "weight positives by negatives/positives per label (from training labels)")
-    augment: bool = _f(True, "mild radiograph augmentation (crop, rotation, brightness/contrast)")
-    hflip: bool = _f(False, "also flip left-right (off by default: sides matter on radiographs)")
+    warmup_fraction: StrictFloat = _f(0.05, "share of the total steps spent in linear warm-up", ge=0, lt=1)
+    grad_clip: StrictFloat | None = _f(
+        1.0, "clip the gradient norm to this (0: no clipping)", ge=0, le=10_000
+    )
+    loss: Loss = _f("bce", "bce (with per-label pos_weight) or focal")
+    focal_gamma: StrictFloat = _f(2.0, "focal loss gamma", ge=0, le=10)
+    pos_weight: StrictBool = _f(
+        True, "weight positives by negatives/positives per label (from training labels)"
+    )
+    augment: StrictBool = _f(True, "mild radiograph augmentation (crop, rotation, brightness/contrast)")
+    hflip: StrictBool = _f(False, "also flip left-right (off by default: sides matter on radiographs)")
     # -- validation, checkpoints
-    metric: str = _f("mean_auroc", "validation metric that picks the best checkpoint", choices=METRICS)
-    early_stopping: int | None = _f(
+    metric: Metric = _f("mean_auroc", "validation metric that picks the best checkpoint")
+    early_stopping: StrictInt | None = _f(
         None, "stop after this many epochs without improvement of --metric", ge=1, le=10_000
     )
-    save_every: int = _f(
+    save_every: StrictInt = _f(
         0, "also save the resumable training state every N steps (0: at epoch ends only)", ge=0, le=STEPS_MAX
     )
-    resume: bool = _f(False, "continue from OUT/last/ (exactly where the last saved state left off)")
-    eval_batch_size: int | None = _f(
+    resume: StrictBool = _f(False, "continue from OUT/last/ (exactly where the last saved state left off)")
+    eval_batch_size: StrictInt | None = _f(
         None, "validation batch size (default: 2 x batch size)", ge=1, le=BATCH_MAX
     )
     # -- system
-    seed: int = _f(
+    seed: StrictInt = _f(
         0, "seed of the model init, data order, augmentation and the validation split", ge=0, le=SEED_MAX
     )
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
-    precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
-    compile: bool = _f(False, "torch.compile the model")
-    num_workers: int = _f(0, "DataLoader worker processes", ge=0, le=WORKERS_MAX)
-    log_every: int = _f(10, "write a log row every N steps", ge=1, le=STEPS_MAX)
-    tensorboard: bool = _f(True, "write TensorBoard events under OUT/tensorboard")
-    progress_bar: bool = _f(True, "show tqdm progress bars")
+    device: StrictStr = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: Precision = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: StrictBool = _f(False, "torch.compile the model")
+    num_workers: StrictInt = _f(0, "DataLoader worker processes", ge=0, le=WORKERS_MAX)
+    log_every: StrictInt = _f(10, "write a log row every N steps", ge=1, le=STEPS_MAX)
+    tensorboard: StrictBool = _f(True, "write TensorBoard events under OUT/tensorboard")
+    progress_bar: StrictBool = _f(True, "show tqdm progress bars")
+
+    @field_validator("model")
+    @classmethod
+    def _timm_name(cls, model: str) -> str:
+        if not TIMM_NAME.fullmatch(model):
+            raise problem(
+                f"model {model[:80]!r} (a timm architecture name: letters, digits, '_', '.', '-'; "
+                "no hub reference such as hf-hub:ORG/NAME)"
+            )
+        return model
 
     def validate(self) -> None:
         """Raise XrayfmError for settings that cannot work (before any data is read)."""
         super().validate()
         problems = []
-        if not TIMM_NAME.fullmatch(self.model):
-            problems.append(
-                f"model {self.model[:80]!r} (a timm architecture name: letters, digits, '_', '.', '-'; "
-                "no hub reference such as hf-hub:ORG/NAME)"
-            )
         if self.kind is None and self.cache is None and not getattr(self, "pool", None):
             problems.append("no data: give --kind and --root, or a prepared --cache")
         if self.kind is not None and self.root is None:
             problems.append(f"--kind {self.kind} needs --root")
         problems += self._fold_problems()
-        if problems:
-            raise XrayfmError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+        self._raise(problems)
 
     def _fold_problems(self) -> list[str]:
         if self.folds is None and self.fold is None:
@@ -313,30 +512,37 @@ class TrainConfig(JsonConfig):
         return problems
 
 
-@dataclass
+@config_class
 class PretrainConfig(TrainConfig):
     """Pre-training a foundation model on multi-label chest radiographs."""
 
-    pretrained: str | None = _f(
+    pretrained: StrictStr | None = _f(
         None, "initial weights: a local .safetensors/.pth file, or 'timm' for timm's own (no download here)"
     )
-    objective: str = _f(
+    objective: Objective = _f(
         "supervised",
         "supervised (multi-label BCE/focal on the labels) or mae (masked autoencoder on unlabelled images: "
         "labels ignored, best/ = the encoder with the lowest validation reconstruction loss)",
-        choices=OBJECTIVES,
     )
-    pool: dict[str, Any] = _f(
+    pool: JsonObject = _f(
         {},
         'mae: unlabelled corpus as JSON {"sources": [{"kind", "root", "split"} or {"cache"}, ...], '
         '"exclude": [{"kind", "root", "split"}, ...]}; patients of excluded splits never enter '
         "(default: the one --kind/--root/--split or --cache)",
     )
-    mask_ratio: float = _f(0.75, "mae: share of the patches hidden from the encoder", gt=0, lt=1)
-    decoder_dim: int = _f(128, "mae: width of the (discarded) decoder", ge=1, le=8192)
-    decoder_depth: int = _f(2, "mae: transformer blocks of the decoder", ge=1, le=64)
-    decoder_heads: int = _f(4, "mae: attention heads of the decoder", ge=1, le=64)
-    norm_pix_loss: bool = _f(True, "mae: normalise each target patch to mean 0, variance 1")
+    mask_ratio: StrictFloat = _f(0.75, "mae: share of the patches hidden from the encoder", gt=0, lt=1)
+    decoder_dim: StrictInt = _f(128, "mae: width of the (discarded) decoder", ge=1, le=8192)
+    decoder_depth: StrictInt = _f(2, "mae: transformer blocks of the decoder", ge=1, le=64)
+    decoder_heads: StrictInt = _f(4, "mae: attention heads of the decoder", ge=1, le=64)
+    norm_pix_loss: StrictBool = _f(True, "mae: normalise each target patch to mean 0, variance 1")
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_shape(cls, pool: dict[str, Any]) -> dict[str, Any]:
+        problems = _pool_problems(pool)
+        if problems:
+            raise problem("; ".join(problems))
+        return pool
 
     def validate(self) -> None:
         super().validate()
@@ -350,53 +556,47 @@ class PretrainConfig(TrainConfig):
                 problems.append(
                     "mae validates on a patient-level split of its pool: drop --val-split/--val-cache"
                 )
-            problems += _pool_problems(self.pool)
             if self.pool and (self.kind is not None or self.cache is not None):
                 problems.append("give either a --pool or one dataset (--kind/--root or --cache), not both")
         elif self.pool:
             problems.append("--pool is for --objective mae (supervised training needs labels)")
-        if problems:
-            raise XrayfmError("invalid PretrainConfig: " + "; ".join(problems))
+        self._raise(problems)
 
 
-@dataclass
+@config_class
 class AdaptConfig(TrainConfig):
     """Adapting a foundation checkpoint to a new task (LoRA, full fine-tuning, linear probe or scratch)."""
 
-    foundation: str | None = _f(None, "foundation checkpoint folder (e.g. a pre-training run's best/)")
-    method: str = _f(
-        "lora", "lora, full (all weights), linear (head only, frozen backbone) or scratch", choices=METHODS
-    )
-    lora_rank: int = _f(8, "LoRA rank", ge=1, le=1024)
-    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / rank)", ge=1, le=4096)
-    lora_dropout: float = _f(0.1, "dropout on the LoRA branch", ge=0, lt=1)
-    lora_targets: list[str] = _f(
+    foundation: StrictStr | None = _f(None, "foundation checkpoint folder (e.g. a pre-training run's best/)")
+    method: Method = _f("lora", "lora, full (all weights), linear (head only, frozen backbone) or scratch")
+    lora_rank: StrictInt = _f(8, "LoRA rank", ge=1, le=1024)
+    lora_alpha: StrictInt = _f(16, "LoRA alpha (scale = alpha / rank)", ge=1, le=4096)
+    lora_dropout: StrictFloat = _f(0.1, "dropout on the LoRA branch", ge=0, lt=1)
+    lora_targets: list[StrictStr] = _f(
         ["qkv"],
         "layers that get LoRA (comma-separated): ViT qkv, proj, fc1, fc2; ConvNeXt fc1, fc2; ResNet conv1, "
         "conv2, conv3; DenseNet conv1, conv2. The default qkv means each CNN family's default "
         "(ConvNeXt fc1,fc2; ResNet/DenseNet all block convs)",
     )
-    label_fraction: float | None = _f(
+    label_fraction: StrictFloat | None = _f(
         None, "keep this share of training studies (seeded), e.g. 0.1", gt=0, le=1
     )
-    max_studies: int | None = _f(
+    max_studies: StrictInt | None = _f(
         None, "keep at most this many training studies (seeded)", ge=1, le=100_000_000
     )
-    subsample_by: str = _f(
-        "study_id", "group that label subsampling keeps whole", choices=("study_id", "patient_id")
-    )
-    merge: bool = _f(False, "lora: also save a merged full model under OUT/merged/")
-    report_on: str = _f(
-        "best", "weights the final report evaluates: best (by --metric) or last", choices=("best", "last")
-    )
-    n_bootstrap: int = _f(
+    subsample_by: SubsampleBy = _f("study_id", "group that label subsampling keeps whole")
+    merge: StrictBool = _f(False, "lora: also save a merged full model under OUT/merged/")
+    report_on: Weights = _f("best", "weights the final report evaluates: best (by --metric) or last")
+    n_bootstrap: StrictInt = _f(
         1000, "bootstrap resamples for the confidence intervals of the final report", ge=0, le=BOOTSTRAP_MAX
     )
     # Different defaults for adaptation: size/model come from the foundation, shorter schedule.
-    size: int | None = _f(None, "image side (default: the foundation's)", ge=16, le=4096)
-    epochs: int = _f(5, "number of epochs", ge=1, le=10_000)
-    lr: float = _f(1e-3, "peak learning rate (AdamW); lower it (e.g. 1e-4) for --method full", gt=0, le=10)
-    drop_path_rate: float = _f(0.0, "stochastic depth rate", ge=0, lt=1)
+    size: StrictInt | None = _f(None, "image side (default: the foundation's)", ge=16, le=4096)
+    epochs: StrictInt = _f(5, "number of epochs", ge=1, le=10_000)
+    lr: StrictFloat = _f(
+        1e-3, "peak learning rate (AdamW); lower it (e.g. 1e-4) for --method full", gt=0, le=10
+    )
+    drop_path_rate: StrictFloat = _f(0.0, "stochastic depth rate", ge=0, lt=1)
 
     def validate(self) -> None:
         super().validate()
@@ -409,8 +609,7 @@ class AdaptConfig(TrainConfig):
             problems.append(
                 f"foundation {self.foundation!r} is not a shipped model (have: {', '.join(list_pretrained())})"
             )
-        if problems:
-            raise XrayfmError("invalid AdaptConfig: " + "; ".join(problems))
+        self._raise(problems)
 
     def adapt_config(self) -> AdaptConfig:
         """The plain :class:`AdaptConfig` of these settings (drops the fields of subclasses)."""
@@ -418,7 +617,7 @@ class AdaptConfig(TrainConfig):
         return AdaptConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-@dataclass
+@config_class
 class CVConfig(AdaptConfig):
     """k-fold cross-validation of an adaptation (``xrayfm cv``): one adapt run per patient-grouped fold.
 
@@ -427,13 +626,12 @@ class CVConfig(AdaptConfig):
     """
 
     one_run: typing.ClassVar[bool] = False
-    folds: int | None = _f(
+    folds: StrictInt | None = _f(
         5, "number of folds (K >= 2), grouped by patient, seeded by --split-seed", ge=2, le=100
     )
-    report_on: str = _f(
+    report_on: Weights = _f(
         "last",
         "weights each fold reports: last (default: no checkpoint picked on the held-out fold) or best",
-        choices=("best", "last"),
     )
 
     def validate(self) -> None:
@@ -443,11 +641,9 @@ class CVConfig(AdaptConfig):
             problems.append("folds: give the number of folds (>= 2)")
         if self.fold is not None:
             problems.append("fold: cv runs every fold; leave --fold unset")
-        if problems:
-            raise XrayfmError("invalid CVConfig: " + "; ".join(problems))
+        self._raise(problems)
 
 
-PRUNERS = ("median", "none")
 # Settings a tuning search space may vary, and the kind of value each takes.
 TUNABLE: dict[str, type] = {
     "lr": float,
@@ -466,7 +662,7 @@ TUNABLE: dict[str, type] = {
 }
 
 
-@dataclass
+@config_class
 class TuneConfig(AdaptConfig):
     """Hyper-parameter search over adaptation settings with Optuna (``xrayfm tune``).
 
@@ -474,25 +670,26 @@ class TuneConfig(AdaptConfig):
     ``split`` (``val_fraction``, ``split_seed``): never on a separate (reported) split.
     """
 
-    trials: int = _f(
+    trials: StrictInt = _f(
         20, "number of finished trials (complete or pruned) the study should hold", ge=1, le=10_000
     )
-    space: dict[str, Any] = _f(
+    space: JsonObject = _f(
         {},
         'search space as JSON: {NAME: {"low": L, "high": H, "log": true} or [choice, ...]} over '
         f"{', '.join(TUNABLE)}; lora_targets choices are lists or 'qkv,proj' strings "
         "(default: lr, weight_decay and, for lora, lora_rank/alpha/dropout/targets)",
     )
-    tune_seed: int = _f(0, "seed of Optuna's TPE sampler (trials themselves use --seed)", ge=0, le=SEED_MAX)
-    pruner: str = _f(
+    tune_seed: StrictInt = _f(
+        0, "seed of Optuna's TPE sampler (trials themselves use --seed)", ge=0, le=SEED_MAX
+    )
+    pruner: Pruner = _f(
         "median",
         "median (stop a trial whose epoch metric is below the median of earlier trials) or none",
-        choices=PRUNERS,
     )
-    prune_startup_trials: int = _f(
+    prune_startup_trials: StrictInt = _f(
         2, "trials that always run to the end before pruning starts", ge=0, le=10_000
     )
-    prune_warmup_epochs: int = _f(0, "epochs of each trial that are never pruned", ge=0, le=10_000)
+    prune_warmup_epochs: StrictInt = _f(0, "epochs of each trial that are never pruned", ge=0, le=10_000)
 
     def validate(self) -> None:
         super().validate()
@@ -504,51 +701,53 @@ class TuneConfig(AdaptConfig):
             )
         if self.folds is not None or self.fold is not None:
             problems.append("tune does not run folds: drop --folds/--fold")
-        unknown = sorted(set(self.space) - set(TUNABLE))
-        if unknown:
-            problems.append(f"space: cannot tune {list_offenders(unknown)} (tunable: {', '.join(TUNABLE)})")
-        problems += self._space_range_problems()
-        if problems:
-            raise XrayfmError("invalid TuneConfig: " + "; ".join(problems))
+        self._raise(problems)
 
-    def _space_range_problems(self) -> list[str]:
-        """Values of the search space outside what their setting allows: numbers (a range's low/high, numeric
-        choices) outside its range, and choices that are not among its own."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
+    @field_validator("space")
+    @classmethod
+    def _space_values(cls, space: dict[str, Any]) -> dict[str, Any]:
+        """Only tunable settings, and values of the search space within what their setting allows: numbers
+        (a range's low/high, numeric choices) within its range, choices among its own."""
+        unknown = sorted(set(space) - set(TUNABLE))
+        if unknown:
+            raise problem(f"space: cannot tune {list_offenders(unknown)} (tunable: {', '.join(TUNABLE)})")
         problems = []
-        for name, spec in self.space.items():
-            if name not in TUNABLE:
-                continue
-            limits, allowed = bounds_text(fields[name]), choices_text(fields[name])
+        for name, spec in space.items():
+            setting = settings_of(cls)[name]
+            limits, allowed = bounds_text(setting), choices_text(setting)
             values = [spec.get("low"), spec.get("high")] if isinstance(spec, dict) else spec
             values = values if isinstance(values, list) else []
             numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-            if limits and not all(_in_bounds(v, fields[name].metadata) for v in numbers):
+            if limits and not all(_in_bounds(v, setting.bounds) for v in numbers):
                 problems.append(f"space: {name} must lie in {limits}")
-            if allowed and _off_choices(values, fields[name].metadata["choices"]):
+            if allowed and any(v not in setting.choices for v in values if v is not None):
                 problems.append(f"space: {name} choices must be among {allowed}")
-        return problems
+        if problems:
+            raise problem("; ".join(problems))
+        return space
 
 
-@dataclass
+@config_class
 class EvaluateConfig(JsonConfig):
     """Evaluating a checkpoint on a dataset split (``xrayfm evaluate``; an ``evaluate`` job of the stack)."""
 
-    model: str = _f("", "checkpoint folder (full or adapted), or store:<name>/<version> in the stack")
-    kind: str | None = _f(None, "dataset layout (or give a --cache instead)", choices=DATASET_KINDS)
-    root: str | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
-    split: str = _f("valid", "split to evaluate")
-    cache: str | None = _f(None, "a prepared cache folder instead of kind/root")
-    body_parts: list[str] | None = _f(None, "mura: keep these body parts")
-    frontal_only: bool = _f(False, "chexpert: frontal views only")
-    policy: str | None = _f(None, "uncertainty policy (default: the checkpoint's)")
-    batch_size: int = _f(64, "images per batch", ge=1, le=BATCH_MAX)
-    n_bootstrap: int = _f(1000, "bootstrap resamples for the confidence intervals", ge=0, le=BOOTSTRAP_MAX)
-    seed: int = _f(0, "seed of the bootstrap", ge=0, le=SEED_MAX)
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
-    verify: str = _f("stat", "cache staleness check", choices=("stat", "size", "exists", "none"))
-    num_workers: int = _f(0, "DataLoader worker processes", ge=0, le=WORKERS_MAX)
-    progress_bar: bool = _f(True, "show tqdm progress bars")
+    model: StrictStr = _f("", "checkpoint folder (full or adapted), or store:<name>/<version> in the stack")
+    kind: DatasetKind | None = _f(None, "dataset layout (or give a --cache instead)")
+    root: StrictStr | None = _f(None, "dataset root (or label CSV for chexpert/csv)")
+    split: StrictStr = _f("valid", "split to evaluate")
+    cache: StrictStr | None = _f(None, "a prepared cache folder instead of kind/root")
+    body_parts: list[StrictStr] | None = _f(None, "mura: keep these body parts")
+    frontal_only: StrictBool = _f(False, "chexpert: frontal views only")
+    policy: StrictStr | None = _f(None, "uncertainty policy (default: the checkpoint's)")
+    batch_size: StrictInt = _f(64, "images per batch", ge=1, le=BATCH_MAX)
+    n_bootstrap: StrictInt = _f(
+        1000, "bootstrap resamples for the confidence intervals", ge=0, le=BOOTSTRAP_MAX
+    )
+    seed: StrictInt = _f(0, "seed of the bootstrap", ge=0, le=SEED_MAX)
+    device: StrictStr = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    verify: Verify = _f("stat", "cache staleness check")
+    num_workers: StrictInt = _f(0, "DataLoader worker processes", ge=0, le=WORKERS_MAX)
+    progress_bar: StrictBool = _f(True, "show tqdm progress bars")
 
     def validate(self) -> None:
         super().validate()
@@ -559,12 +758,7 @@ class EvaluateConfig(JsonConfig):
             problems.append("no data: give kind and root, or a prepared cache")
         if self.kind is not None and self.root is None:
             problems.append(f"kind {self.kind} needs root")
-        if problems:
-            raise XrayfmError("invalid EvaluateConfig: " + "; ".join(problems))
-
-
-CALIBRATION_METHODS = ("auto", "temperature", "platt", "isotonic")  # xrayfm.evaluate.calibration's + auto
-OPERATING_RULES = ("youden", "sensitivity>=S", "specificity>=T")  # as xrayfm.evaluate.metrics names them
+        self._raise(problems)
 
 
 def parse_operating_rule(rule: str) -> tuple[str, float | None]:
@@ -582,31 +776,64 @@ def parse_operating_rule(rule: str) -> tuple[str, float | None]:
     return name, value
 
 
-@dataclass
+@config_class
 class CalibrateConfig(JsonConfig):
     """Calibrating a binary model to a site (``xrayfm calibrate``; a ``calibrate`` job of the stack)."""
 
-    model: str = _f("", "checkpoint folder, shipped model name (xrayfm/...), or store:<name>/<version>")
-    data: list[str] = _f([], "the site's labelled images, each KIND:ROOT[:SPLIT] (e.g. folder:/data/site)")
-    eval_data: list[str] | None = _f(
+    model: StrictStr = _f("", "checkpoint folder, shipped model name (xrayfm/...), or store:<name>/<version>")
+    data: list[StrictStr] = _f(
+        [], "the site's labelled images, each KIND:ROOT[:SPLIT] (e.g. folder:/data/site)"
+    )
+    eval_data: list[StrictStr] | None = _f(
         None, "separate evaluation sets (KIND:ROOT[:SPLIT]); default: eval_fraction of data's patients"
     )
-    eval_fraction: float = _f(
+    eval_fraction: StrictFloat = _f(
         0.3, "share of the site's patients kept out of the fit, for evaluation", gt=0, lt=1
     )
-    label: str | None = _f(
+    label: StrictStr | None = _f(
         None, "the dataset class that is the model's positive label (default: the model's label name)"
     )
-    method: str = _f("auto", "calibration map", choices=CALIBRATION_METHODS)
-    rule: str = _f("youden", "operating point: youden, sensitivity>=S or specificity>=T")
-    seed: int = _f(
+    method: CalibrationMethod = _f("auto", "calibration map")
+    rule: StrictStr = _f("youden", "operating point: youden, sensitivity>=S or specificity>=T")
+    seed: StrictInt = _f(
         0, "seed of the patient split, the method's cross-validation and the bootstraps", ge=0, le=SEED_MAX
     )
-    n_bootstrap: int = _f(1000, "bootstrap resamples for the confidence intervals", ge=0, le=BOOTSTRAP_MAX)
-    batch_size: int = _f(64, "images per forward pass", ge=1, le=BATCH_MAX)
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
-    out: str | None = _f(None, "folder of the calibrated checkpoint (a job's worker sets it)")
-    progress_bar: bool = _f(True, "show tqdm progress bars")
+    n_bootstrap: StrictInt = _f(
+        1000, "bootstrap resamples for the confidence intervals", ge=0, le=BOOTSTRAP_MAX
+    )
+    batch_size: StrictInt = _f(64, "images per forward pass", ge=1, le=BATCH_MAX)
+    device: StrictStr = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    out: StrictStr | None = _f(None, "folder of the calibrated checkpoint (a job's worker sets it)")
+    progress_bar: StrictBool = _f(True, "show tqdm progress bars")
+
+    @field_validator("data", "eval_data")
+    @classmethod
+    def _sources(cls, specs: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        problems = []
+        for i, spec in enumerate(specs or []):
+            try:
+                split_source(spec)
+            except XrayfmError as exc:
+                problems.append(f"{info.field_name}[{i}] {exc}")
+        if problems:
+            raise problem("; ".join(problems))
+        return specs
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, rule: str) -> str:
+        try:
+            parse_operating_rule(rule)
+        except XrayfmError as exc:
+            raise problem(str(exc)) from None
+        return rule
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, label: str | None) -> str | None:
+        if label is not None and not label.strip():
+            raise problem("label: must name a class (or be left out)")
+        return label
 
     def validate(self) -> None:
         super().validate()
@@ -615,22 +842,9 @@ class CalibrateConfig(JsonConfig):
             problems.append("model: the checkpoint to calibrate is required")
         if not self.data:
             problems.append("data: at least one KIND:ROOT[:SPLIT] of labelled site images is required")
-        for name in ("data", "eval_data"):
-            for i, spec in enumerate(getattr(self, name) or []):
-                try:
-                    split_source(spec)
-                except XrayfmError as exc:
-                    problems.append(f"{name}[{i}] {exc}")
         if self.eval_data is not None and not self.eval_data:
             problems.append("eval_data: give at least one set, or leave it out")
-        try:
-            parse_operating_rule(self.rule)
-        except XrayfmError as exc:
-            problems.append(str(exc))
-        if self.label is not None and not self.label.strip():
-            problems.append("label: must name a class (or be left out)")
-        if problems:
-            raise XrayfmError("invalid CalibrateConfig: " + "; ".join(problems))
+        self._raise(problems)
 
 
 POOL_KEYS = {"sources", "exclude"}
@@ -660,51 +874,6 @@ def _pool_problems(pool: dict[str, Any]) -> list[str]:
     return problems
 
 
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """``typing.get_type_hints(cls)``, resolved once per class (the CLI asks for every field)."""
-    return typing.get_type_hints(cls)
-
-
-def _type_name(hint: Any) -> str:
-    """'int', 'str | None', 'list[str]': an annotation as a person writes it."""
-    plain = isinstance(hint, type) and not typing.get_origin(hint)
-    return hint.__name__ if plain else str(hint).replace("typing.", "")
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a config field's annotation (str, int, float, bool, None, list, dict and
-    unions of them: what the configs use); a list for a path, say, is refused before anything opens it."""
-    origin = typing.get_origin(hint)
-    if isinstance(hint, types.UnionType) or origin is typing.Union:
-        return any(_fits(value, member) for member in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list or hint is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list | tuple) and all(item is Any or _fits(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True  # any other annotation is the dataclass's own business
-
-
-def field_type(cls: type, name: str) -> Any:
-    """The resolved annotation of a config field, without ``None`` (for CLI parsing)."""
-    hint = _type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return args[0] if len(args) == 1 else hint
-    return hint
-
-
 __all__ = [
     "AdaptConfig",
     "CALIBRATION_METHODS",
@@ -722,8 +891,13 @@ __all__ = [
     "TUNABLE",
     "TrainConfig",
     "TuneConfig",
+    "Setting",
+    "bounds_text",
     "choices_text",
+    "config_class",
+    "explain",
     "field_type",
     "parse_operating_rule",
+    "settings_of",
     "split_source",
 ]

@@ -1,16 +1,18 @@
 """Run the xrayfm stack as local processes: Redis, inference worker(s), gateway, frontend; and, when Orthanc
 is installed, a local PACS (Orthanc) with the router that sends its new studies to the gateway.
 
-    python -m xrayfm_stack.local up      # start what is not running; wait until /ready; print the URLs
-    python -m xrayfm_stack.local down    # stop everything started by `up`
-    python -m xrayfm_stack.local status
+    python -m xrayfm_local up      # start what is not running; wait until /ready; print the URLs
+    python -m xrayfm_local down    # stop everything started by `up`
+    python -m xrayfm_local status
 
-`make up` / `make down` call this. Logs go to runs/stack/logs/, pid files to runs/stack/pids/.
+`make up` / `make down` call this. Logs go to runs/stack/logs/, pid files to runs/stack/pids/. What it reads
+of the environment it reads through settings objects: the services' own (:mod:`xrayfm_stack.settings`, as
+the processes it starts will read them) and :class:`LaunchSettings` for its ports and hosts.
 Redis comes from the system: a server already answering on XRAYFM_REDIS_URL is used as is; otherwise
 `redis-server` is started (install it with `apt-get install redis-server`, `brew install redis`, or run
 `docker run -p 6379:6379 redis:7`). The same `Stack` class starts the stacks of the integration tests
 and the benchmark (each on its own ports, Redis and queue). It runs from a checkout of the repository
-(the services installed in editable mode, as `make install` does).
+(the services installed in editable mode, as `make install` does); no image installs it.
 """
 
 from __future__ import annotations
@@ -34,10 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xrayfm_stack.settings import BOOTSTRAP_MODES, GatewaySettings, TrainingSettings, env_flag, env_str
+from pydantic import Field
+
+from xrayfm.errors import XrayfmError
+from xrayfm_stack.settings import (
+    BOOTSTRAP_MODES,
+    GatewaySettings,
+    InferenceSettings,
+    RouterSettings,
+    StackSettings,
+)
 from xrayfm_stack.store import SERVING_FILE
 
-REPO = Path(__file__).resolve().parents[3]  # services/common/xrayfm_stack/local.py -> the repository
+REPO = Path(__file__).resolve().parents[3]  # services/local/xrayfm_local/launcher.py -> the repository
 VENV_BIN = Path(sys.executable).parent
 PYTHONPATH = os.pathsep.join(
     str(REPO / p)
@@ -198,8 +209,8 @@ class Stack:
         """The FastAPI gateway under uvicorn (``XRAYFM_GATEWAY_WORKERS`` processes, :mod:`xrayfm_gateway.serve`).
 
         MALLOC_ARENA_MAX=2: decoding large uploads in several threads makes glibc keep one heap per thread;
-        two arenas halve the gateway's memory under a mix of real radiographs (about 200-290 MB instead of
-        410-540 MB, same throughput: services/README.md, "Soak")."""
+        two arenas keep the gateway's memory far lower under a mix of real radiographs, at the same
+        throughput (docs/reliability.md)."""
         argv = [str(VENV_BIN / "python"), "-m", "xrayfm_gateway.serve", "--host", host, "--port", str(port)]
         proc = self._start(name, argv, {"MALLOC_ARENA_MAX": "2", **(extra_env or {})})
         wait_until(
@@ -324,11 +335,23 @@ def wait_until(check, timeout: float, what: str, proc: Proc | None = None, inter
 # -- make up / make down ----------------------------------------------------------------------------------
 STACK_HOME = REPO / "runs" / "stack"
 DEFAULT_STORE = REPO / "runs" / "model-store"
+PORT = {"ge": 1, "le": 65535}
 
 
-def model_configured(store: Path) -> bool:
+class LaunchSettings(StackSettings):
+    """What `make up` reads for itself: where it puts the gateway, the web UI and the local PACS (the
+    services' own variables are read by their settings objects)."""
+
+    gateway_host: str = Field("127.0.0.1", validation_alias="XRAYFM_GATEWAY_HOST")
+    gateway_port: int = Field(8000, validation_alias="XRAYFM_GATEWAY_PORT", **PORT)
+    frontend_port: int = Field(8501, validation_alias="XRAYFM_FRONTEND_PORT", **PORT)
+    orthanc_port: int = Field(8042, validation_alias="XRAYFM_ORTHANC_PORT", **PORT)  # Orthanc's HTTP
+    orthanc_dicom_port: int = Field(4242, validation_alias="XRAYFM_ORTHANC_DICOM_PORT", **PORT)
+
+
+def model_configured(store: Path, environ: Mapping[str, str] | None = None) -> bool:
     """True when something is set to be served: XRAYFM_MODEL_PATH, or a promoted version in `store`."""
-    return bool(os.environ.get("XRAYFM_MODEL_PATH")) or (store / SERVING_FILE).is_file()
+    return InferenceSettings.from_env(environ).model_path is not None or (store / SERVING_FILE).is_file()
 
 
 def await_first_model(
@@ -371,22 +394,23 @@ def await_first_model(
 
 
 def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables `make up` sets for every process it starts (over `environ`, which they also inherit).
+    """The variables `make up` sets for every process it starts where `environ` (which they also inherit)
+    leaves them unset or blank; the processes' settings then read ``{**environ, **launch_env(environ)}``.
 
-    Local development: with no admin key the training and model endpoints are left open (compose keeps
-    them closed) unless ``XRAYFM_INSECURE_NO_AUTH`` is set: an explicit 0 keeps them closed (403). Jobs may
-    read the repository's data folder (or ``XRAYFM_DATA_DIRS``)."""
+    The training side's records and queue must survive a Redis restart: a Redis of their own that keeps an
+    append-only file under runs/stack/. The model store lies under runs/; jobs may read the repository's
+    data folder. Local development: with no admin key the training and model endpoints are left open
+    (compose keeps them closed) unless ``XRAYFM_INSECURE_NO_AUTH`` is set: an explicit 0 keeps them closed
+    (403)."""
     env = {
-        "XRAYFM_REDIS_URL": environ.get("XRAYFM_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        # The training side's records and queue must survive a Redis restart: a Redis of their own that
-        # keeps an append-only file under runs/stack/ (or XRAYFM_TRAINING_REDIS_URL).
-        "XRAYFM_TRAINING_REDIS_URL": environ.get("XRAYFM_TRAINING_REDIS_URL", "redis://127.0.0.1:6380/0"),
-        "XRAYFM_MODEL_STORE": str(Path(environ.get("XRAYFM_MODEL_STORE", DEFAULT_STORE))),
-        "XRAYFM_DATA_DIRS": environ.get("XRAYFM_DATA_DIRS") or str(REPO / "data"),
+        "XRAYFM_TRAINING_REDIS_URL": "redis://127.0.0.1:6380/0",
+        "XRAYFM_MODEL_STORE": str(DEFAULT_STORE),
+        "XRAYFM_DATA_DIRS": str(REPO / "data"),
+        "XRAYFM_RUNTIME": "onnxruntime",  # the inference worker without torch, as in docker-compose.yml
     }
-    if not environ.get("XRAYFM_ADMIN_KEYS") and not environ.get("XRAYFM_INSECURE_NO_AUTH", "").strip():
+    if not GatewaySettings.from_env(environ).admin_keys:
         env["XRAYFM_INSECURE_NO_AUTH"] = "1"
-    return env
+    return {name: value for name, value in env.items() if not environ.get(name, "").strip()}
 
 
 def up() -> int:
@@ -395,10 +419,11 @@ def up() -> int:
         print("the stack is already running (make down first)")
         return 1
     env = launch_env(os.environ)
-    redis_url, training_redis_url = env["XRAYFM_REDIS_URL"], env["XRAYFM_TRAINING_REDIS_URL"]
-    gateway_port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
-    frontend_port = int(os.environ.get("XRAYFM_FRONTEND_PORT", "8501"))
-    store = Path(env["XRAYFM_MODEL_STORE"])
+    environ = {**os.environ, **env}  # what the processes started here read
+    settings, launch = GatewaySettings.from_env(environ), LaunchSettings.from_env(environ)
+    redis_url, training_redis_url = settings.queue.redis_url, settings.training.redis_url
+    gateway_port, frontend_port = launch.gateway_port, launch.frontend_port
+    store = settings.model_store
     stack = Stack(STACK_HOME, env=env)
     for url, data_dir in ((redis_url, None), (training_redis_url, STACK_HOME / "redis-training")):
         if redis_answers(url):
@@ -410,16 +435,16 @@ def up() -> int:
         kept = f", keeping its data in {data_dir}" if data_dir else ""
         print(f"no Redis at {url}: starting redis-server{kept} (logs in {STACK_HOME / 'logs'})")
         stack.start_redis(parsed.port or 6379, data_dir=data_dir)
-    first_start = not model_configured(store)
+    first_start = not model_configured(store, environ)
     stack.start_training_worker()  # with an empty store it queues the first-start bootstrap by itself
     worker = stack.start_worker()
-    gateway = stack.start_gateway(gateway_port, host=os.environ.get("XRAYFM_GATEWAY_HOST", "127.0.0.1"))
+    gateway = stack.start_gateway(gateway_port, host=launch.gateway_host)
     stack.start_frontend(frontend_port, f"http://127.0.0.1:{gateway_port}")
     gateway_url = f"http://127.0.0.1:{gateway_port}"
-    pacs = start_local_pacs(stack, gateway_url)
+    pacs = start_local_pacs(stack, gateway_url, environ)
     try:
         if first_start:
-            mode = TrainingSettings.from_env().bootstrap
+            mode = settings.training.bootstrap
             print(f"empty model store {store}: first start, {BOOTSTRAP_MODES[mode]}")
             print(f"  (watch it at {gateway_url}/ready or in the UI; XRAYFM_BOOTSTRAP=off to skip)")
             if mode == "off":
@@ -436,21 +461,20 @@ def up() -> int:
     print(
         f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@radiograph.png" (a radiograph of yours)'
     )
-    if not os.environ.get("XRAYFM_ADMIN_KEYS"):
-        opened = env_flag({**os.environ, **env}, "XRAYFM_INSECURE_NO_AUTH")
+    if not settings.admin_keys:
+        opened = settings.insecure_no_auth
         state = "OPEN (local development only)" if opened else "closed (403; XRAYFM_INSECURE_NO_AUTH is off)"
         print(f"training and model endpoints: {state}: no XRAYFM_ADMIN_KEYS")
     print(pacs)
-    audit_log = env_str({**os.environ, **env}, "XRAYFM_AUDIT_LOG", str(GatewaySettings.audit_log))
-    print(f"audit log {audit_log} (check it: xrayfm audit verify {audit_log})")
+    print(f"audit log {settings.audit_log} (check it: xrayfm audit verify {settings.audit_log})")
     print(f"logs in {STACK_HOME / 'logs'}; stop with: make down")
     return 0
 
 
-def start_local_pacs(stack: Stack, gateway_url: str) -> str:
+def start_local_pacs(stack: Stack, gateway_url: str, environ: Mapping[str, str]) -> str:
     """When Orthanc is installed: a local Orthanc (configuration and storage in runs/stack/orthanc/; its
     password XRAYFM_ORTHANC_PASSWORD, else generated once into runs/stack/orthanc/password) and the router
-    following it. What was started, in words (or why not)."""
+    following it. `environ`: what the processes read. What was started, in words (or why not)."""
     if orthanc_binary() is None:
         return (
             "PACS: skipped, Orthanc is not installed (apt-get install orthanc orthanc-dicomweb orthanc-gdcm)"
@@ -458,22 +482,21 @@ def start_local_pacs(stack: Stack, gateway_url: str) -> str:
     folder = STACK_HOME / "orthanc"
     folder.mkdir(parents=True, exist_ok=True)
     secret = folder / "password"
-    if os.environ.get("XRAYFM_ORTHANC_PASSWORD"):
-        secret.write_text(os.environ["XRAYFM_ORTHANC_PASSWORD"])
+    router, launch = RouterSettings.from_env(environ), LaunchSettings.from_env(environ)
+    if router.orthanc_password:
+        secret.write_text(router.orthanc_password)
     elif not secret.is_file():
         secret.write_text(secrets.token_hex(16))
     secret.chmod(0o600)
-    http_port = int(os.environ.get("XRAYFM_ORTHANC_PORT", "8042"))
-    dicom_port = int(os.environ.get("XRAYFM_ORTHANC_DICOM_PORT", "4242"))
+    http_port, dicom_port = launch.orthanc_port, launch.orthanc_dicom_port
     busy = [port for port in (http_port, dicom_port) if port_open("127.0.0.1", port)]
     if busy:  # e.g. Debian's own orthanc service: `systemctl disable --now orthanc`
         return f"PACS: skipped, port {busy[0]} is taken (XRAYFM_ORTHANC_PORT, XRAYFM_ORTHANC_DICOM_PORT)"
     stack.start_orthanc(folder, http_port, dicom_port, secret.read_text().strip())
-    keys = sorted(GatewaySettings.from_env().api_keys)
+    keys = sorted(GatewaySettings.from_env(environ).api_keys)
     stack.start_router({
         "XRAYFM_ORTHANC_URL": f"http://127.0.0.1:{http_port}", "XRAYFM_ORTHANC_PASSWORD_FILE": str(secret),
-        "XRAYFM_GATEWAY_URL": gateway_url, "XRAYFM_ROUTER_API_KEY": os.environ.get("XRAYFM_ROUTER_API_KEY") or
-        (keys[0] if keys else ""),
+        "XRAYFM_GATEWAY_URL": gateway_url, "XRAYFM_ROUTER_API_KEY": router.api_key or (keys[0] if keys else ""),
     })  # fmt: skip
     return (
         f"PACS      http://127.0.0.1:{http_port} (Orthanc: user {ORTHANC_USER}, password in {secret}), DICOM "
@@ -513,19 +536,22 @@ def status() -> int:
     pids = STACK_HOME / "pids"
     for pidfile in sorted(pids.glob("*.pid")) if pids.is_dir() else []:
         print(f"{pidfile.stem:10s} {'running' if _pid_alive(pidfile) else 'dead'}")
-    port = int(os.environ.get("XRAYFM_GATEWAY_PORT", "8000"))
+    port = LaunchSettings.from_env().gateway_port
     print("ready:", http_json(f"http://127.0.0.1:{port}/ready"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m xrayfm_local up|down|status``; a wrong ``XRAYFM_*`` value is said, not raised."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m xrayfm_local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
-    return {"up": up, "down": down, "status": status}[args.command]()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return {"up": up, "down": down, "status": status}[args.command]()
+    except XrayfmError as exc:
+        print(f"{args.command}: {exc}")
+        return 2
