@@ -10,13 +10,16 @@
 #   torch base    xrayfm/torch-base:<torch version>, from the wheelhouse (deploy/wheelhouse.sh); skipped
 #                 when an image built from the same Dockerfile, pins and Python base exists.
 #   services      xrayfm/{gateway,frontend,inference,training,router}:${XRAYFM_TAG:-local}, the names compose
-#                 uses, and the PACS of the `pacs` profile, xrayfm/orthanc (Debian's Orthanc on the Python base).
+#                 uses (inference: the torch-free CPU worker, services/inference/Dockerfile.cpu), the torch
+#                 inference worker of docker-compose.gpu.yml, xrayfm/inference-torch (services/inference/Dockerfile),
+#                 and the PACS of the `pacs` profile, xrayfm/orthanc (Debian's Orthanc on the Python base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DOCKER_CLI_HINTS=false
 TAG=${XRAYFM_TAG:-local}
 MB=1000000  # docker's unit in `docker images`
 BUDGET_GATEWAY=400 BUDGET_FRONTEND=600 BUDGET_WORKER_EXTRA=600 BUDGET_ORTHANC=310 BUDGET_ROUTER=460
+BUDGET_INFERENCE=500  # the torch-free CPU inference worker
 say() { printf '[images] %s\n' "$*" >&2; }
 exists() { docker image inspect "$1" >/dev/null 2>&1; }
 label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
@@ -77,11 +80,12 @@ say "torch base: $((SECONDS - timer)) s"
 
 # 3. The services, one at a time (the workers' shared dependency layer is built by the first, reused by the
 # second), then the PACS (its build context is deploy/orthanc).
-for service in gateway frontend router inference training; do
-  timer=$SECONDS
+for build in gateway:gateway/Dockerfile frontend:frontend/Dockerfile router:router/Dockerfile \
+  inference:inference/Dockerfile.cpu inference-torch:inference/Dockerfile training:training/Dockerfile; do
+  image=${build%%:*} timer=$SECONDS
   docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_BASE_IMAGE="$TORCH_BASE" \
-    -f "services/$service/Dockerfile" -t "xrayfm/$service:$TAG" . >/dev/null
-  say "xrayfm/$service:$TAG: $((SECONDS - timer)) s"
+    -f "services/${build#*:}" -t "xrayfm/$image:$TAG" . >/dev/null
+  say "xrayfm/$image:$TAG: $((SECONDS - timer)) s"
 done
 timer=$SECONDS
 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -f deploy/orthanc/Dockerfile -t "xrayfm/orthanc:$TAG" deploy/orthanc >/dev/null
@@ -105,15 +109,16 @@ echo "image sizes (as docker images shows them, 1 MB = 10^6 bytes):"
 report "xrayfm/gateway:$TAG" "$(size xrayfm/gateway:"$TAG")" $((BUDGET_GATEWAY * MB))
 report "xrayfm/frontend:$TAG" "$(size xrayfm/frontend:"$TAG")" $((BUDGET_FRONTEND * MB))
 report "xrayfm/router:$TAG" "$(size xrayfm/router:"$TAG")" $((BUDGET_ROUTER * MB)) "torch-free (pacs profile)"
+report "xrayfm/inference:$TAG" "$(size xrayfm/inference:"$TAG")" $((BUDGET_INFERENCE * MB)) "torch-free (ONNX Runtime, CPU)"
 report "xrayfm/orthanc:$TAG" "$(size xrayfm/orthanc:"$TAG")" $((BUDGET_ORTHANC * MB)) "Debian's Orthanc (pacs profile)"
-for worker in inference training; do
+for worker in inference-torch training; do
   worker_size=$(size xrayfm/$worker:"$TAG")
   report "xrayfm/$worker:$TAG" "$worker_size" $((base_size + BUDGET_WORKER_EXTRA * MB)) \
     "= torch base + $(((worker_size - base_size) / MB)) MB (torch layer alone + $(((worker_size - torch_layer) / MB)) MB)"
 done
 printf '  %-26s %6d MB   the Python base %d MB + the torch layer %d MB\n' "$TORCH_BASE" $((base_size / MB)) \
   $(((base_size - torch_layer) / MB)) $((torch_layer / MB))
-shared=$(comm -12 <(layers xrayfm/inference:"$TAG" | sort) <(layers xrayfm/training:"$TAG" | sort))
+shared=$(comm -12 <(layers xrayfm/inference-torch:"$TAG" | sort) <(layers xrayfm/training:"$TAG" | sort))
 if grep -qx "$torch_digest" <<<"$shared"; then
   echo "  the workers share the torch layer ${torch_digest:7:12} and $(($(wc -l <<<"$shared") - 1)) other layers (stored once)"
 else

@@ -225,6 +225,24 @@ def stack():
 def test_images_are_within_their_budgets(stack: Stack) -> None:
     assert stack.build.returncode == 0, f"over budget (deploy/images.sh):\n{stack.build.stdout}"
     assert "the workers share the torch layer" in stack.build.stdout
+    assert "torch-free (ONNX Runtime, CPU)" in stack.build.stdout  # the CPU inference image's own budget
+
+
+def test_the_inference_image_has_no_torch_and_refuses_gradient_methods_with_422(stack: Stack) -> None:
+    """docker-compose.yml's worker is the torch-free one: torch does not import in its image, it serves the
+    shipped model's stored graph, and gradient methods get 422 method_unavailable naming what it serves."""
+    image = f"xrayfm/inference:{stack.env.get('XRAYFM_TAG', 'local')}"
+    probe = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python", image, "-c", "import torch"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr, probe.stderr[-2000:]
+    chest = kermany_images(shared_data_dir(), "NORMAL")[0]
+    answer = stack.predict(chest, method="grad_rollout")
+    assert answer.status_code == 422 and answer.json()["error"] == "method_unavailable", answer.text
+    assert "onnxruntime" in answer.text and "rollout" in answer.text
+    served = stack.predict(chest)
+    assert served.status_code == 200 and served.json()["runtime"].startswith("onnxruntime"), served.text
 
 
 def _spread(paths: list[Path], limit: int) -> list[Path]:

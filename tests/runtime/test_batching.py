@@ -37,6 +37,9 @@ class TimedModel:
         self.clock.now += self.cost(int(batch.shape[0]))
         return None, None, "fake"
 
+    def synchronize(self, batch: torch.Tensor) -> None:
+        """Nothing runs asynchronously here (PredictorBase.synchronize)."""
+
 
 @pytest.fixture()
 def clock(monkeypatch) -> FakeClock:

@@ -4,6 +4,18 @@ probabilities and heatmaps.
 Run with a thread pool (requests wait in threads while the batcher runs the model)::
 
     celery -A xrayfm_inference.worker worker --pool=threads --concurrency=16 --loglevel=INFO
+
+Two runtimes (``XRAYFM_RUNTIME``). ``onnxruntime`` (the CPU image's, and ``make up``'s) serves the
+version's stored ONNX graph without torch (:mod:`xrayfm.inference.onnx_serving`): nothing on that path
+imports torch, so the CPU image carries none. A version without stored graphs is not served: the load
+error (in the log and in /ready) says how to export them. ``torch`` (the GPU image's,
+docker-compose.gpu.yml) runs the torch model eagerly and serves every explanation method.
+
+The methods that need gradients (``grad_rollout``, ``gradcam``) are answered on a torch-free worker
+with a rejection naming the runtime and the methods it serves (the gateway answers 422
+``method_unavailable``), not with a torch model loaded beside the graph for them: every worker would
+then hold the model twice and carry torch, doubling the fleet's memory and the CPU image's size for a
+method few requests ask for. A deployment that needs them runs torch workers.
 """
 
 from __future__ import annotations
@@ -88,7 +100,6 @@ class Runtime:
             "swap_error": self.watcher.error if self.watcher is not None else None,
             "batch_max": self.batcher.max_batch if self.batcher is not None else SETTINGS.batch_max,
             "pid": os.getpid(),
-            "stored_inputs": True,  # reads a request's image from its inputs key (PredictRequest.stored)
         }
 
 
@@ -246,9 +257,25 @@ def _answer(predictor: Any, result: Any, image_shape: tuple[int, ...]) -> Worker
     )
 
 
-def _load_model(ref) -> None:
-    """Load `ref` (a ``store.ModelRef``), warm it up, then serve it: at start, or to replace the model
-    served now (the swap happens only once the new model answered its warm-up)."""
+def _predictor_for(ref) -> Any:
+    """The predictor of `ref` for XRAYFM_RUNTIME: the version's stored graph without torch
+    (``onnxruntime``), or the torch model (``torch``)."""
+    if SETTINGS.runtime == "onnxruntime":
+        from xrayfm.inference.onnx_serving import load_graph_predictor
+
+        if SETTINGS.device not in ("auto", "cpu"):
+            raise XrayfmError(
+                f"XRAYFM_RUNTIME=onnxruntime runs on the CPU (XRAYFM_DEVICE={SETTINGS.device}); "
+                "use XRAYFM_RUNTIME=torch for a GPU"
+            )
+        return load_graph_predictor(
+            ref.path,
+            graphs_record(ref.path),
+            quantize=SETTINGS.quantize,
+            threads=SETTINGS.torch_threads,
+            name=ref.name,
+            version=ref.version,
+        )
     import torch
 
     from xrayfm.inference import load_served_model
@@ -256,9 +283,8 @@ def _load_model(ref) -> None:
 
     if SETTINGS.torch_threads:
         torch.set_num_threads(SETTINGS.torch_threads)
-    t0 = time.perf_counter()
     served = load_served_model(ref.path, SETTINGS.device, name=ref.name, version=ref.version)
-    predictor = make_predictor(
+    return make_predictor(
         served,
         SETTINGS.runtime,
         quantize=SETTINGS.quantize,
@@ -267,8 +293,19 @@ def _load_model(ref) -> None:
         folder=Path(ref.path),
         graphs=graphs_record(ref.path),
     )
+
+
+def _load_model(ref) -> None:
+    """Load `ref` (a ``store.ModelRef``), warm it up, then serve it: at start, or to replace the model
+    served now (the swap happens only once the new model answered its warm-up)."""
+    t0 = time.perf_counter()
+    predictor = _predictor_for(ref)
+    served = predictor.served
+    maps = bool(predictor.methods)  # a CNN on the torch-free runtime draws no maps (Grad-CAM needs torch)
     predictor.predict(
-        [_warmup_image()], explain_maps=True, method=_method_for(predictor, SETTINGS.explain_method)
+        [_warmup_image()],
+        explain_maps=maps,
+        method=_method_for(predictor, SETTINGS.explain_method) if maps else None,
     )
     batch_max = _batch_max_for(predictor)
     previous = RUNTIME.served
@@ -306,7 +343,7 @@ def _batch_max_for(predictor: Any) -> int:
     from xrayfm.inference.batching import auto_batch_max
 
     limit = min(AUTO_BATCH_LIMIT, RUNTIME.threads or AUTO_BATCH_LIMIT)
-    method = _method_for(predictor, SETTINGS.explain_method)
+    method = _method_for(predictor, SETTINGS.explain_method) if predictor.methods else None
     size, rates = auto_batch_max(predictor, limit, method=method, budget_s=SETTINGS.batch_tune_s)
     measured = ", ".join(f"{b}: {rate:.1f}" for b, rate in rates.items())
     log.info(
@@ -369,7 +406,7 @@ def _on_worker_shutdown(**_kwargs: Any) -> None:
 
 # Both prediction tasks: STARTED is stored by _parse_all, with the image read (so track_started=False); and
 # Celery formats each return value for its "succeeded" log line, silenced here (patient data), before it
-# checks whether that line is logged: 0.25 ms a request at its default of 1024 characters, so 1 (0 would
+# checks whether that line is logged, at its default of up to 1024 characters a request; so 1 (0 would
 # mean no limit).
 TASK_OPTIONS: dict[str, Any] = {"bind": True, "track_started": False, "resultrepr_maxsize": 1}
 
@@ -394,8 +431,8 @@ def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
         ON_THE_WAY.add(-1)
     try:
         answer = _judged_answer(future, image, request)
-    except XrayfmError as exc:  # e.g. an explanation method the served architecture does not support
-        return _rejected(str(exc))
+    except XrayfmError as exc:  # e.g. an explanation method the served architecture or runtime lacks
+        return _rejected(str(exc), getattr(exc, "kind", "bad_request"))
     if not isinstance(answer, WorkerAnswer):  # refused: out of the version's domain
         return answer
     metrics.REQUESTS.labels("ok").inc()
@@ -435,7 +472,7 @@ def predict_study(self, payloads: list[dict[str, Any]]) -> dict[str, Any]:
                 return answer
             answers.append(answer)
     except XrayfmError as exc:
-        return _rejected(str(exc))
+        return _rejected(str(exc), getattr(exc, "kind", "bad_request"))
     metrics.REQUESTS.labels("ok").inc(len(answers))
     study = RUNTIME.predictor.decide_study(
         [Decision(a.prediction, a.probability, a.probabilities) for a in answers]
@@ -468,7 +505,7 @@ def _require_model(task_id: str) -> None:
 
 def _parse_all(payloads: list[Any], task: Any) -> list[tuple[PredictRequest, Any]]:
     """A task's queued requests and their pixels, checked (XrayfmError when one does not follow the protocol).
-    Marks the task STARTED and reads the images of ``stored`` requests from its inputs key, in one round
+    Marks the task STARTED and reads the requests' images from its inputs key, in one round
     trip (`task`: Celery's request context). Redis lost for longer than the result backend retries, or
     back without the images: :class:`JobLost` (the gateway answers 503, for the caller to send it again),
     never a rejection of the request."""
@@ -478,10 +515,8 @@ def _parse_all(payloads: list[Any], task: Any) -> list[tuple[PredictRequest, Any
             raise XrayfmError(
                 f"unknown explanation method {request.method!r}; choose one of {EXPLAIN_METHODS}"
             )
-    count = len(requests) if any(r.stored is not None for r in requests) else 0
-    try:  # always: it stores STARTED
-        found = app.backend.start_and_read_inputs(task.id, task.hostname, count)
-        stored: list[Any] = found if count else [None] * len(requests)
+    try:
+        stored = app.backend.start_and_read_inputs(task.id, task.hostname, len(requests))
         return [(request, request.image(data)) for request, data in zip(requests, stored, strict=True)]
     except (RedisError, JobLost) as exc:
         metrics.REQUESTS.labels("lost").inc(len(requests))
@@ -502,7 +537,7 @@ def _result(future) -> tuple[Any, Any]:
         ) from None
 
 
-def _rejected(message: str) -> dict[str, Any]:
-    """The answer to a request the worker cannot use (the gateway turns it into a 422)."""
+def _rejected(message: str, kind: str = "bad_request") -> dict[str, Any]:
+    """The answer to a request the worker cannot use (the gateway turns it into a 422 of type `kind`)."""
     metrics.REQUESTS.labels("bad_request").inc()
-    return WorkerRejection(error=RejectionReason(message=message)).model_dump(mode="json")
+    return WorkerRejection(error=RejectionReason(type=kind, message=message)).model_dump(mode="json")

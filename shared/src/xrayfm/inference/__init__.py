@@ -10,8 +10,12 @@ folder takes precedence, see :mod:`xrayfm.operating_point`), ``negative_label`` 
 ``activation`` ("sigmoid" | "softmax"), ``name``/``version``, ``synthetic`` (true for models trained on
 phantoms), ``intended_use`` (the notice every answer carries; :data:`RESEARCH_USE` when absent).
 
-The :class:`Predictor` here runs the model in torch; ``xrayfm.inference.runtime`` exports it to ONNX
-(with the attention of every block, so rollout runs there too) and serves it with ONNX Runtime.
+This module is torch-free: the answers' types, the served model's facts (:class:`ServedModel`) and what
+every predictor shares (:class:`PredictorBase`: images into answers, decisions, drawing). The torch
+predictor (:class:`Predictor`, :func:`load_served_model`, :func:`pick_device`) lives in
+:mod:`xrayfm.inference.eager` and is imported from here on first use; ``xrayfm.inference.runtime``
+exports it to ONNX, and :mod:`xrayfm.inference.onnx_serving` serves a version's stored graph with ONNX
+Runtime alone (no torch).
 """
 
 from __future__ import annotations
@@ -22,31 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from xrayfm import RESEARCH_USE
-from xrayfm.data.images import RESIZE_MODES, fit_square
-from xrayfm.data.transforms import build_transform
+from xrayfm.data.images import RESIZE_MODES
 from xrayfm.domain import DeclaredDomain, DomainGate, DomainVerdict, InputFacts, input_only_verdict
-from xrayfm.domain.features import capture_features
 from xrayfm.errors import XrayfmError
-from xrayfm.evaluate.calibration import Calibration, read_calibration
-from xrayfm.explain import (
-    canonical_method,
-    explain,
-    gradcam,
-    heatmap_on_image,
-    methods_for,
-    predict_with_rollout,
-)
-from xrayfm.models.checkpoint import load_any
+from xrayfm.evaluate.calibration import Calibration
+from xrayfm.explain.methods import canonical_method
+from xrayfm.explain.overlay import heatmap_on_image
 from xrayfm.operating_point import DEFAULT_SOURCE, DEFAULT_THRESHOLD, served_threshold
-from xrayfm.registry import resolve_checkpoint_dir
-from xrayfm.utils import sha256_folder
 
 # How a study's probability is made from its images' (Predictor.decide_study); answers say so.
 STUDY_AGGREGATION = "mean of the image probabilities (as in the MURA paper)"
+_EAGER = ("Predictor", "load_served_model", "pick_device")  # torch: xrayfm.inference.eager
+
+
+def __getattr__(name: str) -> Any:
+    """The torch predictor's names, imported (with torch) on first use."""
+    if name in _EAGER:
+        from xrayfm.inference import eager
+
+        return getattr(eager, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,10 @@ class Preprocessing:
 class ServedModel:
     """A loaded model with its labels, preprocessing, decision threshold and identity."""
 
-    model: nn.Module
+    model: Any  # the torch module (None where a stored ONNX graph serves, xrayfm.inference.onnx_serving)
     labels: list[str]
     preprocessing: Preprocessing
-    device: torch.device
+    device: Any  # torch.device, or "cpu" for ONNX Runtime
     name: str
     version: str
     sha256: str
@@ -113,10 +114,21 @@ class ServedModel:
         """Take the operating point recorded in `folder` now (or the checkpoint's, when none is)."""
         self.threshold, self.threshold_source = served_threshold(folder, self.meta)
 
-    def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Logits [B, L] -> probabilities [B, L] (softmax for multi-class heads, else per-label sigmoid)."""
-        logits = torch.as_tensor(logits).detach().float().cpu()
-        probs = (torch.softmax(logits, dim=1) if self.multiclass else torch.sigmoid(logits)).numpy()
+    def probabilities(self, logits: Any) -> np.ndarray:
+        """Logits [B, L] (a numpy array or a torch tensor) -> probabilities [B, L] (softmax for multi-class
+        heads, else per-label sigmoid), in float32."""
+        if hasattr(logits, "detach"):  # a torch tensor (maybe on a GPU): torch's own, as the model computes
+            t = logits.detach().float().cpu()
+            probs = (t.softmax(dim=1) if self.multiclass else t.sigmoid()).numpy()
+        else:  # ONNX Runtime's numpy logits (no torch on that path)
+            x = np.asarray(logits, dtype=np.float32)
+            with np.errstate(over="ignore"):  # exp(-x) = inf for very negative x gives 0, as it should
+                if self.multiclass:
+                    e = np.exp(x - x.max(axis=1, keepdims=True))
+                    probs = e / e.sum(axis=1, keepdims=True)
+                else:
+                    probs = np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+            probs = probs.astype(np.float32, copy=False)
         if self.calibration is not None and probs.shape[1] == 1:
             probs = self.calibration.apply(probs).astype(np.float32)
         return probs
@@ -190,83 +202,22 @@ class PredictionResult(Decision):
     runtime: str = "torch"  # what computed the logits and the map ("onnxruntime", "onnxruntime-int8", ...)
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when present, else the CPU; otherwise the named device."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise XrayfmError(f"XRAYFM_DEVICE={requested} but no CUDA device is available")
-    return device
-
-
-def load_served_model(
-    path: str | Path, device: str = "auto", *, name: str | None = None, version: str | None = None
-) -> ServedModel:
-    """Load a checkpoint folder (full or LoRA-adapted) for inference: on `device`, eval mode, frozen.
-
-    `name`/`version` (e.g. from a model store) are used when the metadata does not carry its own.
-    """
-    path = resolve_checkpoint_dir(path)  # a shipped model's name (xrayfm/...) is its folder in the package
-    model, meta = load_any(path)
-    meta = dict(meta)
-    labels = [str(label) for label in meta.get("labels") or []]
-    if not labels:
-        raise XrayfmError(f"checkpoint {path} has no label names in its metadata")
-    target = pick_device(device)
-    model = model.to(target).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    served = ServedModel(
-        model=model,
-        labels=labels,
-        preprocessing=Preprocessing.from_meta(meta),
-        device=target,
-        name=str(meta.get("name") or name or path.name),
-        version=str(meta.get("version") or version or "local"),
-        sha256=sha256_folder(path),
-        negative_label=str(meta.get("negative_label", "Normal")),
-        multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
-        meta=meta,
-        gate=DomainGate.load(path) if path.is_dir() else None,
-        calibration=read_calibration(path) if path.is_dir() and len(labels) == 1 else None,
-    )
-    served.retune(path)
-    _check_outputs(served)
-    return served
-
-
-def _check_outputs(served: ServedModel) -> None:
-    """One dummy forward: the head must have one output per label (caught at start, not per request)."""
-    pre = served.preprocessing
-    dummy = torch.zeros(1, pre.channels, pre.size, pre.size, device=served.device)
-    with torch.no_grad():
-        out = served.model(dummy)
-    if out.ndim != 2 or out.shape[1] != len(served.labels):
-        raise XrayfmError(
-            f"model {served.name} outputs {tuple(out.shape)}, "
-            f"but its metadata lists {len(served.labels)} labels"
-        )
-
-
-class Predictor:
-    """Runs the served model on batches; thread-compatible (one batch at a time, from the batcher)."""
+class PredictorBase:
+    """What every predictor shares: images -> answers (:meth:`predict`), decisions, drawing. A subclass
+    gives :meth:`preprocess`, :meth:`run` and :attr:`methods` (:class:`Predictor`: torch;
+    :class:`~xrayfm.inference.onnx_serving.GraphPredictor`: a stored ONNX graph). Thread-compatible (one
+    batch at a time, from the batcher)."""
 
     runtime = "torch"  # the name answers carry; subclasses running another runtime override it
     runtime_reason: str | None = None  # why this runtime and graph serve (set by make_predictor)
 
     def __init__(self, served: ServedModel) -> None:
         self.served = served
-        pre = served.preprocessing
-        self.transform = build_transform(
-            train=False, size=pre.size, mean=pre.mean, std=pre.std, channels=pre.channels
-        )
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The explanation methods this model supports, its default first (ViT: rollout, grad_rollout;
-        CNN: gradcam). The others raise an XrayfmError ("rollout needs a ViT" on a CNN)."""
-        return methods_for(self.served.model)
+        """The explanation methods this predictor serves, its default first."""
+        raise NotImplementedError
 
     @property
     def default_method(self) -> str:
@@ -289,45 +240,19 @@ class Predictor:
             )
         return name
 
-    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """uint8 H x W images -> a normalised float batch [B, C, S, S] on the model's device."""
-        pre = self.served.preprocessing
-        tensors = [self.transform(torch.tensor(fit_square(img, pre.size, pre.mode))[None]) for img in images]
-        return torch.stack(tensors).to(self.served.device)
-
-    def forward(
-        self, batch: torch.Tensor, explain_maps: bool, method: str | None
-    ) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Logits [B, L] and, when asked, explanation maps [B, h, w] in [0, 1] (`method` None: the
-        model's default)."""
-        model = self.served.model
-        if not explain_maps:
-            with torch.inference_mode():
-                return model(batch), None
-        method = self.method(method)
-        if method == "rollout":
-            logits, maps = predict_with_rollout(model, batch)  # one pass gives both
-            return logits, maps.detach().cpu().numpy()
-        with torch.no_grad():
-            logits = model(batch)
-        if method == "gradcam" and len(self.served.labels) == 1 and not self.served.multiclass:
-            # One output: map the evidence for the decision shown, the label's when it is predicted,
-            # against it (the negated logit) when the answer is the negative label. The label's own map
-            # is often all zero for a negative answer (Grad-CAM keeps positive evidence only).
-            positive = self.served.probabilities(logits)[:, 0] >= self.served.threshold
-            sign = torch.where(torch.as_tensor(positive), 1.0, -1.0)
-            return logits, gradcam(model, batch, 0, sign=sign).detach().cpu().numpy()
-        return logits, explain(model, batch, method=method)  # class-specific: each image's top class
+    def preprocess(self, images: list[np.ndarray]) -> Any:
+        """uint8 H x W images -> the runtime's normalised float batch [B, C, S, S]."""
+        raise NotImplementedError
 
     def run(
-        self, batch: torch.Tensor, explain_maps: bool, method: str | None
-    ) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None, str, np.ndarray | None]:
-        """:meth:`forward` plus the name of the runtime that ran it (a subclass may fall back to torch)
-        and the features [B, D] the domain gate scores (captured from the same forward pass)."""
-        with capture_features(self.served.model) as record:
-            logits, maps = self.forward(batch, explain_maps, method)
-        features = None if record.features is None else record.features.detach().float().cpu().numpy()
-        return logits, maps, self.runtime, features
+        self, batch: Any, explain_maps: bool, method: str | None
+    ) -> tuple[Any, np.ndarray | None, str, np.ndarray | None]:
+        """Logits [B, L], the maps [B, h, w] in [0, 1] when asked (else None), the name of the runtime
+        that ran it and the features [B, D] the domain gate scores (from the same forward pass)."""
+        raise NotImplementedError
+
+    def synchronize(self, batch: Any) -> None:
+        """Wait for the device's work on `batch` to finish (timings; a GPU runs asynchronously)."""
 
     def predict(
         self,
@@ -352,8 +277,7 @@ class Predictor:
         batch = self.preprocess(images)
         t1 = time.perf_counter()
         logits, maps, runtime, features = self.run(batch, explain_maps, method)
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
+        self.synchronize(batch)
         t2 = time.perf_counter()
         probs = self.served.probabilities(logits)
         timings = {

@@ -18,21 +18,19 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.05  # sizes within 5% of the best rate count as equal; the smallest of them wins (latency)
 
 
-def throughput(predictor: Any, batch: torch.Tensor, seconds: float, method: str | None = "rollout") -> float:
+def throughput(predictor: Any, batch: Any, seconds: float, method: str | None = "rollout") -> float:
     """Images/s of ``predictor.run`` (logits and `method`'s maps, None: logits only) on a preprocessed
     `batch`: one warm-up run, then repeats for at least `seconds` and at least 2 runs."""
 
     def once() -> None:
         predictor.run(batch, method is not None, method)
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
+        predictor.synchronize(batch)
 
     once()
     runs, start = 0, time.perf_counter()
@@ -94,8 +92,9 @@ def auto_batch_max(
             if not rates:
                 raise
             log.warning("batch of %d failed while measuring (%s); batches stay below it", size, exc)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release = getattr(predictor, "release_memory", None)
+            if release is not None:
+                release()
             break
         worse = worse + 1 if rates[size] < max(rates.values()) else 0
         if worse >= 2:

@@ -14,7 +14,7 @@ not served, and the verdict says why.
 
 :func:`stored_graph` and :func:`choose_quantize` are what a worker uses: the stored file for a
 quantization when it is intact, and what ``XRAYFM_QUANTIZE=auto`` serves. This module imports torch only
-inside the functions that export or rebuild data.
+inside the functions that export or rebuild data (the torch-free worker imports it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from xrayfm.utils import sha256_file
 log = logging.getLogger(__name__)
 
 GRAPH_FILES = {"none": "model.onnx", "int8": "model.int8.onnx"}  # quantization -> file in the version folder
+EXPORT_FORMAT = 2  # bump when the exported graph's outputs change (part of the export cache's key)
 INT8_MAX_AUROC_LOSS = 0.005  # int8 is served only when it loses at most this much mean AUROC
 
 
@@ -50,7 +51,7 @@ def export_graphs(checkpoint: Path, folder: Path) -> tuple[dict[str, Any], Any]:
     """Export the checkpoint folder `checkpoint` to ``model.onnx`` and ``model.int8.onnx`` in `folder`;
     returns (the record of the files, the loaded served model)."""
     from xrayfm.inference import load_served_model
-    from xrayfm.inference.runtime import EXPORT_FORMAT, OPSET, export_onnx, quantize_int8
+    from xrayfm.inference.runtime import OPSET, export_onnx, quantize_int8
 
     served = load_served_model(checkpoint, device="cpu")
     fp32 = export_onnx(served, Path(folder) / GRAPH_FILES["none"])
@@ -151,7 +152,7 @@ def graph_probabilities(paths: dict[str, Path], view: Any, batch: int = 64) -> d
     """Sigmoid of each graph's logits over `view`'s preprocessed images, `batch` at a time: {key: [N, L]}."""
     import torch
 
-    from xrayfm.inference.runtime import ort_session
+    from xrayfm.inference.onnx_serving import ort_session
 
     sessions = {key: ort_session(path) for key, path in paths.items()}
     logits: dict[str, list[np.ndarray]] = {key: [] for key in paths}
@@ -225,8 +226,6 @@ def version_graphs(
 def stored_graph(folder: Path, record: dict[str, Any] | None, quantize: str) -> tuple[Path | None, str]:
     """The stored graph for `quantize` in the version `folder`, or None and why not (no record, a missing
     or changed file, an older export format)."""
-    from xrayfm.inference.runtime import EXPORT_FORMAT
-
     entry = ((record or {}).get("files") or {}).get(quantize)
     if not entry:
         return None, "the version has no stored ONNX graphs"

@@ -50,6 +50,8 @@ from xrayfm.explain.rollout import (
     token_relevance_to_map,
 )
 from xrayfm.inference import Predictor, ServedModel
+from xrayfm.inference.graphs import EXPORT_FORMAT
+from xrayfm.inference.onnx_serving import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ RUNTIMES = ("torch", "onnxruntime")
 QUANTIZATIONS = ("none", "int8")  # the graphs there are
 QUANTIZE_SETTINGS = (*QUANTIZATIONS, "auto")  # what a deployment asks for (auto: the version's verdict)
 OPSET = 17
-EXPORT_FORMAT = 2  # bump when the exported graph's outputs change (part of the cache key)
 
 
 class RolloutGraph(nn.Module):
@@ -203,19 +204,6 @@ def cached_onnx(served: ServedModel, cache_dir: str | Path | None = None, quanti
     target.with_suffix(".json").write_text(json.dumps(facts, indent=2))
     log.info("exported %s/%s to %s in %.1f s", served.name, served.version, target, facts["export_s"])
     return target
-
-
-def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime session with every graph optimisation, `threads` intra-op threads (0 = ORT's
-    default) and one inter-op thread (the graph is a chain; the batcher runs one batch at a time)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = max(0, int(threads))
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 class OnnxPredictor(Predictor):
