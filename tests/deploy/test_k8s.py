@@ -237,11 +237,16 @@ def test_probes_are_the_endpoints_and_checks_the_images_have(rendered):
 
 
 def test_images_are_the_compose_images_and_users_the_images_users(rendered):
-    for docs in rendered.values():
+    """The cpu overlays run compose's images; the gpu overlays also take docker-compose.gpu.yml's (the torch
+    inference image)."""
+    for overlay, docs in rendered.items():
         for workload, pod, container in containers(docs):
             if workload in COMPOSE["services"] and "build" in COMPOSE["services"][workload]:
-                assert container["image"] == COMPOSE["services"][workload]["image"].replace(
-                    "${XRAYFM_TAG:-local}", "local"
+                gpu = GPU["services"].get(workload, {}) if overlay.startswith("gpu") else {}
+                image = gpu.get("image", COMPOSE["services"][workload]["image"])
+                assert container["image"] == image.replace("${XRAYFM_TAG:-local}", "local"), (
+                    overlay,
+                    workload,
                 )
                 uid = re.search(
                     r"useradd [^\n]*--uid (\d+) xrayfm", (REPO / "services/base/Dockerfile").read_text()
@@ -268,8 +273,6 @@ def test_each_service_has_the_settings_compose_gives_it(rendered):
             compose = {k: ("" if v.startswith("${") else v) for k, v in compose.items()}  # ${KEY:-}: unset
             ours = env_of(docs, container)
             assert set(ours) == set(compose), (workload, set(ours) ^ set(compose))
-            if workload == "inference":
-                ours["XRAYFM_DEVICE"] = "auto"  # the cpu overlay pins it (compose: auto)
             assert {k: v for k, v in ours.items() if v is not None} == {
                 k: compose[k] for k, v in ours.items() if v is not None
             }

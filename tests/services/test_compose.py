@@ -22,7 +22,8 @@ BUILT = {name: svc for name, svc in SERVICES.items() if "build" in svc}
 
 
 def dockerfile(name: str) -> tuple[Path, str]:
-    build = BUILT[name]["build"]
+    """The Dockerfile compose builds `name` from; ``inference-torch``: docker-compose.gpu.yml's inference."""
+    build = GPU["services"]["inference"]["build"] if name == "inference-torch" else BUILT[name]["build"]
     path = REPO / build["context"] / build["dockerfile"]
     return path, path.read_text()
 
@@ -43,8 +44,20 @@ def exec_form(args: str) -> list[str]:
 
 
 def env_vars_read_by_the_code() -> set[str]:
-    """XRAYFM_* names the services' code reads, and those the images' entrypoint and checks read."""
-    names = set()
+    """XRAYFM_* names the services' code reads (the settings classes' variables, and names written out in
+    the code), and those the images' entrypoint and checks read."""
+    from pydantic_settings import BaseSettings
+
+    from xrayfm_stack import settings
+
+    names = {
+        name
+        for cls in vars(settings).values()
+        if isinstance(cls, type) and issubclass(cls, BaseSettings)
+        for field in cls.model_fields.values()
+        for name in getattr(field.validation_alias, "choices", [field.validation_alias])  # AliasChoices
+        if isinstance(name, str)
+    }
     for path in [*REPO.glob("services/*/xrayfm_*/**/*.py"), *REPO.glob("services/base/*")]:
         names |= set(re.findall(r"[\"{](XRAYFM_[A-Z_]+)[\"}:]", path.read_text()))
     return names
@@ -74,16 +87,22 @@ def base_stage_args(text: str) -> list[str]:
     return [args for kind, args in instructions(text) if kind == "ARG" and args.startswith("BASE_IMAGE")]
 
 
-@pytest.mark.parametrize("name", ["gateway", "inference", "training", "frontend"])
+@pytest.mark.parametrize("name", ["gateway", "inference", "inference-torch", "training", "frontend"])
 def test_dockerfiles_are_multi_stage_non_root_with_healthchecks(name):
     path, text = dockerfile(name)
-    assert (REPO / BUILT[name]["build"]["context"]).is_dir() and path.is_file()
+    context = (
+        REPO
+        / (GPU["services"]["inference"] if name == "inference-torch" else BUILT[name])["build"]["context"]
+    )
+    assert context.is_dir() and path.is_file()
     steps = instructions(text)
     kinds = [kind for kind, _ in steps]
     assert base_stage_args(text) == ["BASE_IMAGE=python:3.11-slim"] and kinds[0] == "ARG"
     assert kinds.count("FROM") >= 2  # multi-stage: what builds the venv stays out of the image
     final = [args for kind, args in steps if kind == "FROM"][-1]
-    assert final == ("${BASE_IMAGE}" if name in ("gateway", "frontend") else "worker-deps"), final
+    assert final == ("${BASE_IMAGE}" if name in ("gateway", "frontend", "inference") else "worker-deps"), (
+        final
+    )
     users = [args for kind, args in steps if kind == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert "HEALTHCHECK" in kinds and "CMD" in kinds
@@ -94,7 +113,7 @@ def test_dockerfiles_are_multi_stage_non_root_with_healthchecks(name):
     for kind, args in steps:
         if kind == "COPY" and not args.startswith("--from="):
             for source in exec_form(args)[:-1]:
-                assert (REPO / BUILT[name]["build"]["context"] / source).exists(), f"{path}: COPY {source}"
+                assert (context / source).exists(), f"{path}: COPY {source}"
                 src = source.rstrip("/")
                 assert any(src.startswith(a) or a.startswith(src + "/") for a in allowed), (
                     f"ignored: {source}"
@@ -180,18 +199,20 @@ def dependencies_of(*projects: str) -> list[str]:
     return [re.split(r"[<>=\[ ;]", line, maxsplit=1)[0].lower() for line in out.splitlines() if line.strip()]
 
 
-def test_gateway_and_frontend_images_install_no_torch_and_the_workers_share_their_layers():
+def test_gateway_frontend_and_cpu_inference_images_install_no_torch_and_the_torch_workers_share_layers():
     torch_stack = {"torch", "torchvision", "timm", "peft", "triton"}
     for name, projects in [
         ("gateway", ["shared", "services/common", "services/gateway"]),
         ("frontend", ["'shared[render]'", "services/common", "services/frontend"]),
+        ("inference", ["'shared[serve]'", "services/common", "services/inference"]),
     ]:
         _, text = dockerfile(name)
         assert "deploy/pyproject_deps.py " + " ".join(projects) in text
         assert not torch_stack & set(dependencies_of(*(p.strip("'") for p in projects))), name
-        assert not any("torch" in args.lower() for _, args in instructions(text)), name
+        installs = [args for kind, args in instructions(text) if kind == "RUN" and "install" in args]
+        assert not any(re.search(r"install[^&;]*torch", args.lower()) for args in installs), name
     stages = []
-    for name in ("inference", "training"):
+    for name in ("inference-torch", "training"):
         _, text = dockerfile(name)
         stage = re.search(
             r"^FROM \$\{TORCH_BASE_IMAGE\} AS worker-deps\n.*?(?=^FROM )", text, flags=re.S | re.M
