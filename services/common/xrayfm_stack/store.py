@@ -418,6 +418,17 @@ def graphs_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "files" in record else None
 
 
+def set_graphs(store: Path, name: str, version: str, record: dict[str, Any]) -> None:
+    """Record the ONNX graphs exported into a version after it was published (``version.json``'s
+    ``onnx``), under the store lock; the graph files are in the version folder already."""
+    folder = version_dir(store, name, version)
+    with file_lock(Path(store) / LOCK_FILE):
+        info = read_json(folder / VERSION_FILE, None)
+        if not isinstance(info, dict):
+            raise XrayfmError(f"no version {name}/{version} in the model store")
+        atomic_write_json(folder / VERSION_FILE, {**info, "onnx": record})
+
+
 def add_evaluation(store: Path, name: str, version: str, job_id: str, result: dict[str, Any]) -> None:
     """Record an evaluate job's result with the version it evaluated (one file per job)."""
     folder = version_dir(store, name, version)

@@ -36,7 +36,7 @@ from xrayfm_stack.celery import BOOTSTRAP_TASK, TRAIN_TASK, training_celery
 from xrayfm_stack.jobs import TERMINAL, BootstrapState, JobRecords
 from xrayfm_stack.settings import TrainingSettings
 from xrayfm_stack.spec import job_kind, register_runner, resolve_store_ref
-from xrayfm_training import bootstrap
+from xrayfm_training import bootstrap, graphs
 from xrayfm_training.joblog import JobLog
 from xrayfm_training.publish import publish_run
 from xrayfm_training.recovery import (
@@ -391,6 +391,22 @@ def _watch_orphans(sender=None, **_kwargs: Any) -> None:
         ),
     ]
     OrphanWatch(settings.lock_ttl_s, checks).start()
+
+
+@worker_ready.connect
+def _backfill_graphs(sender=None, **_kwargs: Any) -> None:
+    """In the background: ONNX graphs for stored versions without them (the CPU inference image serves
+    only stored graphs; xrayfm_training.graphs). Nothing to do on an empty store (the bootstrap exports)."""
+
+    def run() -> None:
+        try:
+            if not bootstrap.store_is_empty(Path(settings.model_store)):
+                for outcome in graphs.backfill(Path(settings.model_store), tuple(settings.data_dirs)):
+                    log.warning("ONNX graphs for %s: %s", outcome["version"], outcome.get("error", "exported"))
+        except Exception:  # a worker that cannot export still runs the jobs it is sent
+            log.error("could not export missing ONNX graphs:\n%s", traceback.format_exc())
+
+    threading.Thread(target=run, name="graph-backfill", daemon=True).start()
 
 
 @worker_ready.connect

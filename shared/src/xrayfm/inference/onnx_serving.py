@@ -34,9 +34,9 @@ RUNTIME = "onnxruntime"
 GRADIENT_METHODS = CLASS_SPECIFIC_METHODS  # grad_rollout, gradcam: they need torch's autograd
 CHECKPOINT_FORMATS = ("xrayfm.checkpoint", "xrayfm.adapted")
 EXPORT_HINT = (
-    "the training worker exports a version's graphs when it publishes it (a version copied into the store "
-    "by hand has none; a failed export is in the training worker's log); serve {folder} with "
-    "XRAYFM_RUNTIME=torch (the torch image of docker-compose.gpu.yml)"
+    "the training worker exports a version's graphs when it publishes it, and for versions without them "
+    "when it starts (or `python -m xrayfm_training.graphs` in its container; a failed export is in its "
+    "log); or serve {folder} with XRAYFM_RUNTIME=torch (the torch image of docker-compose.gpu.yml)"
 )
 
 
