@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 # (their wheels lie on this machine's disk; other versions would download several GB).
 CONSTRAINTS := requirements/constraints.txt
 PIN    := -c $(CONSTRAINTS)
+MYPY   := $(VENV)/bin/mypy --config-file pyproject.toml
 
-.PHONY: help install test test-fast lint format demo bench up down clean constraints \
+.PHONY: help install test test-fast lint typecheck format demo bench up down clean constraints \
         base-images images compose-test
 
 help:  ## list the targets
@@ -38,9 +39,13 @@ test: $(STAMP)  ## run the whole test suite (real-data tests skip when ../shared
 test-fast: $(STAMP)  ## the suite without tests marked slow
 	$(PY) -m pytest -m "not slow"
 
-lint: $(STAMP)  ## ruff check + format check
+lint: $(STAMP)  ## ruff check + format check + type check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(MYPY)
+
+typecheck: $(STAMP)  ## mypy alone: strict on xrayfm_stack and the gateway ([tool.mypy] in pyproject.toml)
+	$(MYPY)
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

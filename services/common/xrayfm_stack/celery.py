@@ -15,8 +15,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import IO, Any
 
+import redis
 from celery import Celery, states
 from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
@@ -42,23 +43,21 @@ class _QoS(kombu_redis.QoS):
     in Redis's unacked index and is redelivered after the visibility timeout (a prediction is answered
     twice at worst; a training job resumes from its checkpoint and publishes once)."""
 
-    def restore_unacked_once(self, stderr=None):  # noqa: D102 (kombu's)
+    def restore_unacked_once(self, stderr: IO[str] | None = None) -> None:  # noqa: D102 (kombu's)
         try:
-            return super().restore_unacked_once(stderr)
+            super().restore_unacked_once(stderr)
         except (AttributeError, RedisError, OSError) as exc:
             log.warning("could not hand unacknowledged messages back now (%s); they are redelivered "
                         "after the visibility timeout", type(exc).__name__)  # fmt: skip
-            return None
 
-    def ack(self, delivery_tag):  # noqa: D102 (kombu's)
+    def ack(self, delivery_tag: str) -> None:  # noqa: D102 (kombu's)
         try:
-            return super().ack(delivery_tag)
+            super().ack(delivery_tag)
         except AttributeError:
             if self.channel.connection is not None:
                 raise  # not the closed-channel case: a real bug, keep it loud
             log.warning("could not acknowledge a message on a channel closed by a lost connection; "
                         "it is redelivered after the visibility timeout")  # fmt: skip
-            return None
 
 
 class PublishCommands:
@@ -105,19 +104,20 @@ class _Channel(kombu_redis.Channel):
 
     QoS = _QoS
 
-    def _create_client(self, asynchronous: bool = False):  # noqa: D102 (kombu's)
+    def _create_client(self, asynchronous: bool = False) -> redis.Redis:  # noqa: D102 (kombu's)
         if asynchronous:  # BRPOP's client: kombu keeps it itself
-            return super()._create_client(asynchronous=True)
-        cached = getattr(self, "_xrayfm_client", None)
+            client: redis.Redis = super()._create_client(asynchronous=True)
+            return client
+        cached: redis.Redis | None = getattr(self, "_xrayfm_client", None)
         if cached is None or cached.connection_pool is not self.pool:
             cached = self._xrayfm_client = super()._create_client()
         return cached
 
-    def _put(self, queue, message, **kwargs):  # noqa: D102 (kombu's: LPUSH the message)
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:  # noqa: D102 (kombu's: LPUSH)
         collecting = _COLLECTING.get()
         if collecting is not None and kwargs.get("_publish_batch") is None:
             kwargs["_publish_batch"] = collecting
-        return super()._put(queue, message, **kwargs)
+        super()._put(queue, message, **kwargs)
 
 
 class RedisTransport(kombu_redis.Transport):
@@ -144,7 +144,7 @@ return 1
 """
 
 
-class ResultBackend(RedisBackend):
+class ResultBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no types: its classes are Any
     """Celery's Redis result backend, storing a task's state in one round trip instead of two.
 
     Celery reads the stored state before writing a new one (a GET, then SETEX + PUBLISH), so that a task run
@@ -153,14 +153,22 @@ class ResultBackend(RedisBackend):
     in one call, which also closes the gap Celery leaves between its read and its write. Values stay JSON
     (``result_serializer``), which the script reads with Redis's own cjson."""
 
-    def on_task_call(self, producer, task_id):
+    def on_task_call(self, producer: Any, task_id: str) -> None:
         """Nothing. Celery subscribes to every sent task's result channel here (and unsubscribes when its
         ``AsyncResult`` is collected), for callers that wait with ``AsyncResult.get()``; the gateway waits
         through its own subscriber (``xrayfm_gateway.queue.ResultListener``), so those were two Redis
         commands per request for nobody, inside ``send_task``. ``get()`` still works: it
         subscribes when called and reads the stored state."""
 
-    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):  # noqa: D102
+    def _store_result(  # noqa: D102 (Celery's)
+        self,
+        task_id: str | bytes,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         expires = self.failure_expires if state == states.FAILURE else None  # as Celery's _set_with_state
@@ -180,7 +188,8 @@ class ResultBackend(RedisBackend):
 
         Lost Redis is retried as Celery retries every store (``ensure``: ~20 s), so that a Redis restart
         is a pause, as it was with ``track_started``; then the connection error is raised."""
-        return self.ensure(self._start_and_read_inputs, (task_id, hostname, count))
+        inputs: list[bytes | None] = self.ensure(self._start_and_read_inputs, (task_id, hostname, count))
+        return inputs
 
     def _start_and_read_inputs(self, task_id: str, hostname: str, count: int) -> list[bytes | None]:
         meta = self._get_result_meta(
@@ -201,7 +210,9 @@ class ResultBackend(RedisBackend):
             replies = pipe.execute()
         return replies[1] if count else []
 
-    def _set(self, key, value, expires=None, inputs=None):  # noqa: D102 (Celery's, through ensure(): retries)
+    def _set(  # noqa: D102 (Celery's, through ensure(): retries)
+        self, key: str | bytes, value: str | bytes, expires: float | None = None, inputs: str | None = None
+    ) -> None:
         expires = self.expires if expires is None else expires
         script = self.__dict__.get("_xrayfm_store")
         if script is None:  # redis-py's Script: EVALSHA, loading the script again after a Redis restart

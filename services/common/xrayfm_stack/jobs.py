@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -50,6 +50,11 @@ redis.call('del', KEYS[1], KEYS[2], KEYS[4])
 redis.call('zrem', KEYS[5], ARGV[1])
 return {status, 1}
 """
+
+
+def as_text(value: bytes | str, errors: str = "strict") -> str:
+    """A Redis reply as text: redis-py answers bytes (its clients here do not decode), typed bytes | str."""
+    return value if isinstance(value, str) else value.decode(errors=errors)
 
 
 class JobRecords:
@@ -98,7 +103,7 @@ class JobRecords:
         raw = self.redis.hgetall(self.key(job_id))
         if not raw:
             return None
-        return {"job_id": job_id, **{k.decode(): json.loads(v) for k, v in raw.items()}}
+        return {"job_id": job_id, **{as_text(k): json.loads(v) for k, v in raw.items()}}
 
     def delete(self, job_id: str) -> tuple[str, bool] | None:
         """Delete a finished job's record, cancel flag, log and index entry, all at once; its run folder and
@@ -112,11 +117,12 @@ class JobRecords:
         status, deleted = answer
         return json.loads(status), bool(deleted)
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The latest `limit` jobs, newest first (without their full spec)."""
-        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
-        jobs = [self.get(job_id) for job_id in ids]
-        return [{k: v for k, v in job.items() if k != "spec"} for job in jobs if job is not None]
+    def latest_ids(self, limit: int | None = None) -> list[str]:
+        """The ids of the latest `limit` jobs (all when None), newest first."""
+        end = -1 if limit is None else limit - 1
+        # redis-py types every reply form of ZREVRANGE together; without withscores it is the members alone
+        members = cast(list[bytes], self.redis.zrevrange(self.index_key, 0, end))
+        return [as_text(i) for i in members]
 
     # -- the job's log (its last LOG_LINES lines) --------------------------------------------------------
     def append_log(self, job_id: str, line: str) -> None:
@@ -129,7 +135,7 @@ class JobRecords:
 
     def log_tail(self, job_id: str, lines: int = 200) -> list[str]:
         """The last `lines` lines of the job's log, oldest first."""
-        return [b.decode(errors="replace") for b in self.redis.lrange(self.log_key(job_id), -lines, -1)]
+        return [as_text(b, errors="replace") for b in self.redis.lrange(self.log_key(job_id), -lines, -1)]
 
     # -- cancel ----------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> str:
@@ -160,7 +166,7 @@ class JobRecords:
 
     def active_ids(self, limit: int = 1000) -> list[str]:
         """Ids of the latest `limit` jobs that say they are running or cancelling."""
-        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+        ids = self.latest_ids(limit)
         pipe = self.redis.pipeline()
         for job_id in ids:
             pipe.hget(self.key(job_id), "status")
@@ -170,7 +176,7 @@ class JobRecords:
     def queued_ids(self, older_than_s: float = 0.0, limit: int = 1000) -> list[str]:
         """Ids of the latest `limit` jobs that say they are queued and were last updated over `older_than_s`
         seconds ago."""
-        ids = [i.decode() for i in self.redis.zrevrange(self.index_key, 0, limit - 1)]
+        ids = self.latest_ids(limit)
         pipe = self.redis.pipeline()
         for job_id in ids:
             pipe.hmget(self.key(job_id), ["status", "updated"])
@@ -194,6 +200,12 @@ class JobRecords:
             "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
         )
         self.redis.eval(script, 1, self.lock_key(job_id), owner)
+
+    # Last in the class: below this method, `list` in an annotation would name it, not the builtin.
+    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest `limit` jobs, newest first (without their full spec)."""
+        jobs = [self.get(job_id) for job_id in self.latest_ids(limit)]
+        return [{k: v for k, v in job.items() if k != "spec"} for job in jobs if job is not None]
 
 
 # -- the first-start bootstrap's state (written by the training worker, read by the gateway's /ready) --
@@ -242,23 +254,23 @@ class BootstrapState:
 
     def get(self) -> dict[str, Any] | None:
         raw = self.redis.hgetall(self.key)
-        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
+        return {as_text(k): json.loads(v) for k, v in raw.items()} if raw else None
 
 
 def describe_bootstrap(state: dict[str, Any] | None, records: JobRecords | None = None) -> str | None:
     """A one-line account of a bootstrap in progress (or failed) for /ready; None when none or done."""
     if not state or state.get("stage") == "done":
         return None
-    stage = state.get("stage")
+    stage = str(state.get("stage"))
     if stage == "failed":
         return f"bootstrap failed: {state.get('error')} (see the training worker's log)"
     if state.get("mode") == "shipped":
-        what = {"installing": f"installing the shipped model {state.get('model')}"}.get(stage, str(stage))
+        what = {"installing": f"installing the shipped model {state.get('model')}"}.get(stage, stage)
         return f"bootstrapping: {what}"
     what = {"queued": "queued", "synthesising": "drawing the synthetic phantoms",
             "pretraining": "pre-training the demo foundation on synthetic chest images",
             "adapting": "LoRA-adapting it to synthetic bone images",
-            "promoting": "promoting the demo model"}.get(stage, str(stage))  # fmt: skip
+            "promoting": "promoting the demo model"}.get(stage, stage)  # fmt: skip
     progress = ""
     if records is not None and state.get("job_id"):
         job = records.get(state["job_id"]) or {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
@@ -49,11 +49,11 @@ MAX_MAP_SIDE = 1024  # a model map is a patch or feature grid: 14 x 14 for a ViT
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 JobKind = Literal["pretrain", "adapt", "evaluate", "tune", "calibrate"]
 DomainPolicy = Literal["refuse", "flag", "off"]
-DOMAIN_POLICIES: tuple[str, ...] = DomainPolicy.__args__
-JOB_KINDS: tuple[str, ...] = JobKind.__args__
+DOMAIN_POLICIES: tuple[str, ...] = get_args(DomainPolicy)
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 
 ExplainMethod = Literal["rollout", "grad_rollout", "gradcam"]
-assert set(ExplainMethod.__args__) == set(EXPLAIN_METHODS), "ExplainMethod must list xrayfm's methods"
+assert set(get_args(ExplainMethod)) == set(EXPLAIN_METHODS), "ExplainMethod must list xrayfm's methods"
 
 
 class ProtocolError(XrayfmError):
@@ -109,7 +109,7 @@ class PredictRequest(BaseModel):
         method: str = "rollout",
         submitted_at: float | None = None,
         facts: dict[str, Any] | None = None,
-        domain_policy: str = "refuse",
+        domain_policy: DomainPolicy = "refuse",
     ) -> tuple[PredictRequest, bytes]:
         """Pack a 2-D uint8 grey image and options: (the request, its raw pixels for the job's inputs key).
         :class:`ProtocolError` when `image` is not a non-empty 2-D uint8 array."""
@@ -365,20 +365,28 @@ class WorkerRejection(BaseModel):
     error: RejectionReason
 
 
-class StudyAnswer(BaseModel):
-    """What the inference worker answers for a study: the study's decision and each image's answer."""
+AnswerT = TypeVar("AnswerT", bound=ImageAnswer)
+
+
+class _StudyAnswers(BaseModel, Generic[AnswerT]):
+    """A study's decision and each image's answer: the worker's (:class:`StudyAnswer`, maps undrawn) or the
+    caller's (:class:`StudyPrediction`, maps drawn)."""
 
     prediction: str = Field(description="the study's decision, from its probability")
     probability: float = Field(description="the study's probability of the predicted label")
     probabilities: dict[str, float] = Field(description="per label: the mean over the study's images")
     aggregation: str = Field(description="how the study's probabilities are made from its images'")
     model: ModelInfo
-    images: list[WorkerAnswer] = Field(description="each image's own answer, in the order sent")
+    images: list[AnswerT] = Field(description="each image's own answer, in the order sent")
     timings: Timings = Field(default_factory=Timings)
     worker: str | None = None
     warning: str | None = Field(
         None, description="set when an image is outside the model's domain (XRAYFM_DOMAIN_POLICY=flag)"
     )
+
+
+class StudyAnswer(_StudyAnswers[WorkerAnswer]):
+    """What the inference worker answers for a study: the study's decision and each image's answer."""
 
 
 def parse_worker_reply(payload: Any) -> WorkerAnswer | StudyAnswer | WorkerRejection:
@@ -397,10 +405,8 @@ class Prediction(ImageAnswer):
     job_id: str
 
 
-class StudyPrediction(StudyAnswer):
+class StudyPrediction(_StudyAnswers[ImageAnswer]):
     """The answer to ``POST /predict/study`` (``images[k]`` and ``image_info[k]``: the k-th file sent)."""
-
-    images: list[ImageAnswer] = Field(description="each image's own answer, in the order sent")
 
     image_info: list[ImageInfo]
     job_id: str

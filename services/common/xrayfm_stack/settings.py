@@ -208,7 +208,7 @@ class StackSettings(BaseSettings):
         read the same."""
         token = _ENVIRON.set(env)
         try:
-            nested = {
+            nested: dict[str, Any] = {  # field -> its settings (each of its own class, hence Any)
                 name: field.annotation.from_env(env)
                 for name, field in cls.model_fields.items()
                 if isinstance(field.annotation, type) and issubclass(field.annotation, StackSettings)

@@ -50,9 +50,10 @@ from xrayfm.train.config import (
     PretrainConfig,
     TuneConfig,
     explain,
+    settings_of,
     split_source,
 )
-from xrayfm_stack.protocol import JobSpec
+from xrayfm_stack.protocol import JobKind, JobSpec
 from xrayfm_stack.store import version_dir
 
 RESERVED = ("out", "resume")
@@ -69,7 +70,7 @@ class JobKindSpec:
     those that list ``KIND:ROOT[:SPLIT]`` sources, whether it publishes a store version, its audit action,
     and its runner (registered by the training worker: the gateway never imports one)."""
 
-    kind: str
+    kind: JobKind
     config: type[JsonConfig]
     path_fields: tuple[str, ...]
     publishes: bool
@@ -89,7 +90,7 @@ KINDS: dict[str, JobKindSpec] = {}
 
 
 def register_job_kind(
-    kind: str,
+    kind: JobKind,
     config: type[JsonConfig],
     *,
     path_fields: Sequence[str],
@@ -99,7 +100,8 @@ def register_job_kind(
     audit_action: str = "train_submit",
 ) -> JobKindSpec:
     """Add a job kind (see :class:`JobKindSpec`); every field named must be one of its config's."""
-    names = set(config.__pydantic_fields__)
+    # mypy takes a class held in a variable for unhashable (type[X] against Hashable): it is hashable
+    names = set(settings_of(config))  # type: ignore[arg-type]
     unknown = sorted((set(path_fields) | set(store_fields) | set(source_fields)) - names)
     if kind in KINDS or unknown:
         raise ValueError(f"job kind {kind!r}: already registered, or unknown fields {unknown}")
@@ -137,11 +139,12 @@ CONFIGS: dict[str, type[JsonConfig]] = {kind: spec.config for kind, spec in KIND
 
 def _job_model(spec: JobKindSpec) -> type:
     """The pydantic model of one kind's job spec: ``{"kind": <kind>, "name": ..., "config": {...}}``."""
+    kind_type: Any = Literal[spec.kind]  # built at run time: a type to pydantic, a value to mypy
     return create_model(
         f"{spec.config.__name__.removesuffix('Config')}Job",
         __config__=ConfigDict(extra="forbid"),
         __doc__=f"A {spec.kind} job: its config is {spec.config.__name__}'s settings.",
-        kind=(Literal[spec.kind], Field(description="the job kind")),
+        kind=(kind_type, Field(description="the job kind")),
         name=(str | None, Field(None, description="the model name it publishes as (default: one per kind)")),
         config=(
             spec.config,
@@ -153,8 +156,8 @@ def _job_model(spec: JobKindSpec) -> type:
 # A job spec as submitted: a union of the kinds' job models, told apart by "kind" (the gateway's request
 # body: its OpenAPI schema shows each kind's config with its types, choices, ranges and help).
 JOB_MODELS = tuple(_job_model(spec) for spec in KINDS.values())
-JobSpecBody = Annotated[functools.reduce(operator.or_, JOB_MODELS), Field(discriminator="kind")]
-JOB_SPEC = TypeAdapter(JobSpecBody)
+JobSpecBody: Any = Annotated[functools.reduce(operator.or_, JOB_MODELS), Field(discriminator="kind")]
+JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpecBody)
 
 
 def check_plain(spec: Any) -> None:
@@ -225,7 +228,7 @@ def _default_name(kind: JobKindSpec, config: Any) -> str:
 
 def _confine_config(kind: JobKindSpec, config: JsonConfig, data_dirs: Sequence[Path]) -> dict[str, Any]:
     """The config's paths, resolved and checked (the job then opens exactly what was checked)."""
-    resolved = {}
+    resolved: dict[str, str | list[str]] = {}
     for field in kind.path_fields:
         value = getattr(config, field)
         if not value:

@@ -306,14 +306,16 @@ def referenced_foundations(store: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for folder in _version_folders(store):
         meta, info = read_json(folder / "meta.json", {}), read_json(folder / VERSION_FILE, {})
-        shas = set()
+        shas: set[str] = set()
         recorded = meta.get("foundation") if isinstance(meta, dict) else None
         if isinstance(recorded, dict) and isinstance(recorded.get("path"), str):
-            shas.add(stored_foundation(store, folder / recorded["path"]))
+            sha = stored_foundation(store, folder / recorded["path"])
+            if sha is not None:
+                shas.add(sha)
         lineage = (info.get("lineage") or {}).get("foundation") if isinstance(info, dict) else None
         if isinstance(lineage, dict) and isinstance(lineage.get("folder_sha256"), str):
             shas.add(lineage["folder_sha256"])
-        for sha in shas - {None}:
+        for sha in shas:
             found.setdefault(sha, []).append(f"{folder.parent.name}/{folder.name}")
     return found
 

@@ -149,17 +149,25 @@ class AdminAudit:
     @classmethod
     def of(cls, request: Request) -> AdminAudit | None:
         """The request's AdminAudit (made once, kept in ``request.state``); None for a route not audited."""
-        found = getattr(request.state, "admin_audit", None)
+        found: AdminAudit | None = getattr(request.state, "admin_audit", None)
         if found is not None:
             return found
-        action = ADMIN_ACTIONS.get((request.method, getattr(request.scope.get("route"), "path", None)))
+        route: str | None = getattr(request.scope.get("route"), "path", None)
+        action = ADMIN_ACTIONS.get((request.method, route)) if route is not None else None
         if action is None:
             return None
         who = actor(request.app.state.settings, request.headers.get(API_KEY_HEADER))
-        request.state.admin_audit = cls(request.app.state.audit, action, who, target_of(request.path_params))
-        return request.state.admin_audit
+        found = cls(request.app.state.audit, action, who, target_of(request.path_params))
+        request.state.admin_audit = found
+        return found
 
-    def update(self, action: str | None, target: str | None, model: dict | None, detail: dict | None) -> None:
+    def update(
+        self,
+        action: str | None,
+        target: str | None,
+        model: dict[str, Any] | None,
+        detail: dict[str, Any] | None,
+    ) -> None:
         """Set what the route knows better than its path (the fields given, not None)."""
         self.action = action or self.action
         self.target = target or self.target
@@ -175,8 +183,8 @@ class AdminAudit:
         ))  # fmt: skip
 
     async def requested(
-        self, *, action: str | None = None, target: str | None = None, model: dict | None = None,
-        detail: dict | None = None,
+        self, *, action: str | None = None, target: str | None = None, model: dict[str, Any] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         """Record the action before it runs; 503 ``audit_unavailable`` when that line cannot be written."""
         self.update(action, target, model, detail)
@@ -187,8 +195,8 @@ class AdminAudit:
             )  # fmt: skip
 
     async def ok(
-        self, status: int = 200, *, target: str | None = None, model: dict | None = None,
-        detail: dict | None = None,
+        self, status: int = 200, *, target: str | None = None, model: dict[str, Any] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         """Record that the action was done. A line that cannot be written now is counted and logged: the
         action has happened, and its ``requested`` line is there."""

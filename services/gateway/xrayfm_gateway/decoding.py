@@ -86,7 +86,8 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 def _read_header(stream: BinaryIO) -> dict[str, Any]:
     """A frame's JSON header (the child's side)."""
-    return json.loads(_read_exactly(stream, _LENGTH.unpack(_read_exactly(stream, 4))[0]))
+    header: dict[str, Any] = json.loads(_read_exactly(stream, _LENGTH.unpack(_read_exactly(stream, 4))[0]))
+    return header
 
 
 # -- the child -------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _decode_one(header: dict[str, Any], data: bytes, settings: GatewaySettings) -> list:
+def _decode_one(header: dict[str, Any], data: bytes, settings: GatewaySettings) -> list[bytes | memoryview]:
     """One request: the reply frame (an answer, or the refusal the gateway passes on)."""
     upload = Upload(data, f"upload{header['suffix']}" if header.get("suffix") else None, header.get("type"))
     try:
@@ -163,7 +164,7 @@ class _Child:
         await child._send(_frame(hello))
         return child
 
-    async def _send(self, parts: list) -> None:
+    async def _send(self, parts: list[bytes | memoryview]) -> None:
         assert self.process.stdin is not None
         for part in parts:
             self.process.stdin.write(part)

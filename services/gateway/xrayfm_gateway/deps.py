@@ -33,22 +33,26 @@ API_KEY_HEADER = "X-API-Key"
 
 async def get_settings(request: Request) -> GatewaySettings:
     """The app's settings (made once by ``create_app``)."""
-    return request.app.state.settings
+    settings: GatewaySettings = request.app.state.settings  # app.state holds Any
+    return settings
 
 
 async def get_queue(request: Request) -> InferenceQueue:
     """The inference queue (made at start-up)."""
-    return request.app.state.queue
+    queue: InferenceQueue = request.app.state.queue  # app.state holds Any
+    return queue
 
 
 async def get_training(request: Request) -> TrainingQueue:
     """The training queue (made at start-up)."""
-    return request.app.state.training
+    training: TrainingQueue = request.app.state.training  # app.state holds Any
+    return training
 
 
 async def get_decoders(request: Request) -> DecodePool:
     """The decoder processes uploads are decoded in (bounded in number, memory and time)."""
-    return request.app.state.decoders
+    decoders: DecodePool = request.app.state.decoders  # app.state holds Any
+    return decoders
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
@@ -58,7 +62,8 @@ TrainingDep = Annotated[TrainingQueue, Depends(get_training)]
 
 async def get_upload_buffer(request: Request) -> UploadBuffer:
     """Bounds the bytes of uploads this process holds at once."""
-    return request.app.state.upload_buffer
+    upload_buffer: UploadBuffer = request.app.state.upload_buffer  # app.state holds Any
+    return upload_buffer
 
 
 DecodersDep = Annotated[DecodePool, Depends(get_decoders)]

@@ -24,8 +24,9 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple, cast
 
 import anyio
 import redis.asyncio as aioredis
@@ -41,7 +42,7 @@ from xrayfm_stack.celery import (
     send_training_job,
     training_celery,
 )
-from xrayfm_stack.jobs import BootstrapState, JobRecords, describe_bootstrap
+from xrayfm_stack.jobs import BootstrapState, JobRecords, as_text, describe_bootstrap
 from xrayfm_stack.protocol import (
     PREDICT_STUDY_TASK,
     PREDICT_TASK,
@@ -65,6 +66,8 @@ log = logging.getLogger("xrayfm.gateway")
 # has no attribute 'writelines'") when the server closes a connection under a command, as a Redis restart
 # does; seen in the compose test (1 request in ~270 answered 500 before this).
 LOST = (RedisError, OSError, AttributeError)
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class QueueUnavailable(Exception):
@@ -116,15 +119,15 @@ class ResultListener:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self.pubsub: Any = None
-        self.waiters: dict[str, set[asyncio.Queue]] = {}
-        self.task: asyncio.Task | None = None
+        self.waiters: dict[str, set[asyncio.Queue[bytes]]] = {}
+        self.task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
-        self.unsubscribing: set[asyncio.Task] = set()
+        self.unsubscribing: set[asyncio.Task[None]] = set()
 
-    async def watch(self, channel: str) -> asyncio.Queue:
+    async def watch(self, channel: str) -> asyncio.Queue[bytes]:
         """A queue that gets every message published on `channel` from now on (subscribed before
         returning); give it back with :meth:`release`."""
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
         async with self.lock:
             if self.pubsub is None:
                 self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -143,7 +146,7 @@ class ResultListener:
                 self.task = asyncio.create_task(self._listen(), name="xrayfm-result-listener")
         return inbox
 
-    def release(self, channel: str, inbox: asyncio.Queue) -> None:
+    def release(self, channel: str, inbox: asyncio.Queue[bytes]) -> None:
         """Stop waiting on `channel` with `inbox`, at once. When nobody else waits on it, the channel is
         unsubscribed in a task of its own, which runs once the caller awaits next (a waiting request:
         once its answer is on its way) and skips a channel watched again meanwhile."""
@@ -161,7 +164,7 @@ class ResultListener:
             except LOST:  # the connection is gone: so is the subscription
                 pass
 
-    def _drop(self, channel: str, inbox: asyncio.Queue) -> bool:
+    def _drop(self, channel: str, inbox: asyncio.Queue[bytes]) -> bool:
         waiting = self.waiters.get(channel)
         if waiting is not None:
             waiting.discard(inbox)
@@ -252,7 +255,9 @@ class InferenceQueue:
             )
             if not names:
                 return []
-            raw = await self.redis.mget([self.settings.worker_info_key(n.decode()) for n in names])
+            # redis-py types every reply form of ZRANGEBYSCORE together; without withscores: the members
+            members = cast(list[bytes], names)
+            raw = await self.redis.mget([self.settings.worker_info_key(as_text(n)) for n in members])
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
         return [json.loads(item) for item in raw if item]
@@ -291,14 +296,18 @@ class InferenceQueue:
         return job_id
 
     def _send(self, job_id: str, request: PredictRequest | list[PredictRequest]) -> None:
-        study = isinstance(request, list)
+        args: tuple[Any, ...]
+        if isinstance(request, list):
+            task, args = PREDICT_STUDY_TASK, ([r.model_dump() for r in request],)
+            shown = f"<study of {len(request)} images>"
+        else:
+            task, args, shown = PREDICT_TASK, (request.model_dump(),), request.describe()
         self.celery.send_task(
-            PREDICT_STUDY_TASK if study else PREDICT_TASK,
-            args=([r.model_dump() for r in request],) if study else (request.model_dump(),),
+            task,
+            args=args,
             task_id=job_id,
             queue=self.settings.queue,
-            # pixels never appear in logs or events
-            argsrepr=f"<study of {len(request)} images>" if study else request.describe(),
+            argsrepr=shown,  # pixels never appear in logs or events
             kwargsrepr="{}",
             expires=self.settings.result_expires_s,  # a message nobody took in time is dropped, not run
             # No queue declaration on each send (kombu's check, even cached, is a large part of building a message):
@@ -319,7 +328,8 @@ class InferenceQueue:
     async def pixels(self, job_id: str) -> bytes | None:
         """The image kept by :meth:`keep_pixels`, or None."""
         try:
-            return await self.redis.get(self.settings.job_key(job_id) + ":pixels")
+            # redis-py types a reply bytes | str whatever the client; this one does not decode: bytes
+            return cast(bytes | None, await self.redis.get(self.settings.job_key(job_id) + ":pixels"))
         except LOST as exc:
             raise QueueUnavailable(f"Redis unreachable: {exc}") from None
 
@@ -341,7 +351,9 @@ class InferenceQueue:
         try:
             if check_record:
                 async with self.redis.pipeline(transaction=False) as reads:
-                    raw, recorded = await reads.get(key).exists(self.settings.job_key(job_id)).execute()
+                    reads.get(key)
+                    reads.exists(self.settings.job_key(job_id))
+                    raw, recorded = await reads.execute()
             else:
                 raw, recorded = await self.redis.get(key), True
         except LOST as exc:
@@ -414,7 +426,7 @@ class TrainingQueue:
         self.records = JobRecords(settings.redis_url, settings.queue)  # connects lazily: no I/O here
         self.bootstrap = BootstrapState(settings.redis_url, settings.queue)
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def _call(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         try:
             return await anyio.to_thread.run_sync(fn, *args)
         except (*LOST, KombuError, OperationalError) as exc:
@@ -425,10 +437,6 @@ class TrainingQueue:
         job_id = await self._call(self.records.create, spec)
         await self._call(send_training_job, self.celery, self.settings, job_id)
         return job_id
-
-    async def list(self) -> list[JobRecord]:
-        """The latest jobs, newest first (without their specs)."""
-        return [JobRecord.model_validate(job) for job in await self._call(self.records.list)]
 
     async def get(self, job_id: str) -> JobRecord | None:
         """One job's full record, or None when unknown."""
@@ -455,3 +463,8 @@ class TrainingQueue:
     async def studies(self, prefix: str, limit: int) -> list[StudyRecord]:
         """The latest studies the PACS router handled (kept under its `prefix`), newest first."""
         return await self._call(recent, self.records.redis, prefix, limit)
+
+    # Last in the class: below this method, `list` in an annotation would name it, not the builtin.
+    async def list(self) -> list[JobRecord]:
+        """The latest jobs, newest first (without their specs)."""
+        return [JobRecord.model_validate(job) for job in await self._call(self.records.list)]

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from fastapi import Request
@@ -26,6 +27,9 @@ from xrayfm.errors import ImageDecodeError, ImageTooLargeError, UnsupportedForma
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.metrics import REJECTED
 from xrayfm_stack.settings import GatewaySettings
+
+if TYPE_CHECKING:  # python-multipart declares its callbacks' TypedDict for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger("xrayfm.gateway")
 FILE_FIELD = "file"
@@ -87,7 +91,8 @@ class DecodedImage:
     format: str
     width: int  # of the original image
     height: int
-    facts: dict | None = None  # for the domain gate: colourfulness, DICOM Modality/BodyPart/View (no PHI)
+    # for the domain gate: colourfulness, DICOM Modality/BodyPart/View (no PHI)
+    facts: dict[str, Any] | None = None
 
 
 def reject(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> APIError:
@@ -110,7 +115,7 @@ class _FileParts:
         self._headers: dict[bytes, bytes] = {}
         self._field = self._value = b""
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._extend("_field", data[start:end]),
@@ -276,16 +281,17 @@ def decode_upload(upload: Upload, settings: GatewaySettings, pixel_budget: int |
     )
 
 
-def _facts(data: bytes, info: dict, settings: GatewaySettings) -> dict | None:
+def _facts(data: bytes | bytearray, info: dict[str, Any], settings: GatewaySettings) -> dict[str, Any] | None:
     """What the upload says beyond its grey pixels, for the worker's domain gate (a colour file is decoded
     once more, small: its colourfulness)."""
     try:
-        return upload_facts(data, info, settings.max_pixels).to_dict() or None
+        # upload_facts reads any bytes-like data (it hands them to image_info), though it annotates bytes
+        return upload_facts(cast(bytes, data), info, settings.max_pixels).to_dict() or None
     except ImageDecodeError:  # the pixels decoded already: a thumbnail that fails says nothing new
         return None
 
 
-def _decode_pixels(data: bytes, settings: GatewaySettings, info: dict) -> np.ndarray:
+def _decode_pixels(data: bytes | bytearray, settings: GatewaySettings, info: dict[str, Any]) -> np.ndarray:
     """The grey pixels of `data`; a decoding failure is a 400."""
     try:
         return read_image(data, max_pixels=settings.max_pixels)

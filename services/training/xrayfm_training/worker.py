@@ -402,7 +402,9 @@ def _backfill_graphs(sender=None, **_kwargs: Any) -> None:
         try:
             if not bootstrap.store_is_empty(Path(settings.model_store)):
                 for outcome in graphs.backfill(Path(settings.model_store), tuple(settings.data_dirs)):
-                    log.warning("ONNX graphs for %s: %s", outcome["version"], outcome.get("error", "exported"))
+                    log.warning(
+                        "ONNX graphs for %s: %s", outcome["version"], outcome.get("error", "exported")
+                    )
         except Exception:  # a worker that cannot export still runs the jobs it is sent
             log.error("could not export missing ONNX graphs:\n%s", traceback.format_exc())
 

@@ -157,7 +157,12 @@ def not_for_the_model(series: Sequence[Instance]) -> str | None:
 
 
 def audit_skip(
-    request: Request, series: str, reason: str, n: int, job_id: str | None = None, domain: dict | None = None
+    request: Request,
+    series: str,
+    reason: str,
+    n: int,
+    job_id: str | None = None,
+    domain: dict[str, Any] | None = None,
 ) -> None:
     """The ``series_skipped`` record: why, and the gate's verdict when it judged the series (no patient
     data: the series by :func:`series_tag`)."""
@@ -192,7 +197,9 @@ async def predict_images(
         "instances": [list(inst.sop) for inst, _ in items],
     }
 
-    async def queue_it(request: Request, deps: UploadDeps, explain: bool, method: str | None):
+    async def queue_it(
+        request: Request, deps: UploadDeps, explain: bool, method: str | None
+    ) -> tuple[str, dict[str, Any]]:
         job_id, record = await submit_images(deps, images, True, explain, method, decode_ms, dicom)
         queued.append(job_id)
         return job_id, record

@@ -27,11 +27,11 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, params
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
@@ -396,7 +396,9 @@ def grey_pixels(tensor: RequestInput, binary: memoryview, deps: UploadDeps) -> n
         raise bad_tensor(f"input 'pixels' of shape {tensor.shape} needs {height * width:,} FP32 values")
     if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 255.0:
         raise bad_tensor("input 'pixels': grey levels, finite and within 0..255")
-    return np.rint(values).astype(np.uint8).reshape(height, width)
+    # numpy's stubs type rint of an array of unknown dtype as Any
+    pixels: np.ndarray = np.rint(values).astype(np.uint8).reshape(height, width)
+    return pixels
 
 
 @dataclass
@@ -529,7 +531,8 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
             return {key: inline(value) for key, value in node.items()}
         return [inline(item) for item in node] if isinstance(node, list) else node
 
-    return inline(schema)
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 INFER_BODY: dict[str, Any] = {
@@ -543,7 +546,18 @@ INFER_BODY: dict[str, Any] = {
         },
     }
 }
-INFER = {
+
+
+class RouteOptions(TypedDict):
+    """The keyword arguments both infer routes share (``APIRouter.post``'s)."""
+
+    response_class: type[Response]
+    responses: dict[int | str, dict[str, Any]]
+    openapi_extra: dict[str, Any]
+    dependencies: list[params.Depends]
+
+
+INFER: RouteOptions = {
     "response_class": Response,
     "responses": {200: {"model": InferenceResponse, "description": "the outputs"}, **ERRORS},
     "openapi_extra": INFER_BODY,

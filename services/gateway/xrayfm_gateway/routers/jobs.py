@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
@@ -73,7 +74,7 @@ async def job_status(job_id: str, queue: QueueDep) -> JobStatus:
         return JobStatus(job_id=job_id, status="failed", error=f"{exc.code}: {exc.detail}", domain=domain)
 
 
-async def _job(job_id: str, queue: QueueDep) -> tuple[str, dict, JobState]:
+async def _job(job_id: str, queue: QueueDep) -> tuple[str, dict[str, Any], JobState]:
     """(the id as a UUID, the job's record, its state); 404 when unknown or expired, 503 without Redis."""
     try:
         job_id = str(uuid.UUID(job_id))
@@ -115,7 +116,7 @@ async def job_fhir(job_id: str, queue: QueueDep) -> Response:
     return Response(bundle, media_type=FHIR_JSON)
 
 
-def _bundle(answer: StudyPrediction, dicom: dict) -> str:
+def _bundle(answer: StudyPrediction, dicom: dict[str, Any]) -> str:
     """The FHIR JSON of a study's answer, from the UIDs the job kept."""
     sources = []
     for sop_class, sop_instance in dicom["instances"]:

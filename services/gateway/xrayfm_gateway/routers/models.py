@@ -53,7 +53,7 @@ async def list_models(store: StoreDep, settings: SettingsDep) -> ModelList:
     rates = feedback.agreement(records)
     for row in versions:
         row["feedback"] = rates.get((row["name"], row["version"]))
-    return ModelList(serving=serving, models=versions)
+    return ModelList.model_validate({"serving": serving, "models": versions})
 
 
 @router.post(
@@ -127,6 +127,7 @@ async def set_operating_point(
         saved = await anyio.to_thread.run_sync(model_store.set_operating_point, store, name, version, point)
     except XrayfmError as exc:
         raise APIError(422, "invalid_operating_point", str(exc)) from None
+    assert saved is not None, "a point given is a point written (None only clears it)"
     await audit.ok(detail={"threshold": saved.get("threshold"), "rule": saved.get("rule")})
     return OperatingPointAnswer(name=name, version=version, operating_point=saved)
 

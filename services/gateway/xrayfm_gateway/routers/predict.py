@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -254,7 +254,7 @@ async def wait_for(deps: UploadDeps, job_id: str) -> JobState:
 
 
 def prediction_from(
-    job_id: str, job: JobState, record: dict, started: float | None = None, observe: bool = True
+    job_id: str, job: JobState, record: dict[str, Any], started: float | None = None, observe: bool = True
 ) -> Prediction | StudyPrediction:
     """Turn a finished job into the API answer (one image's, or a study's), its heatmaps drawn from the
     worker's model maps, or raise the matching APIError. `started` (``perf_counter`` at the first byte
@@ -312,8 +312,12 @@ def prediction_from(
     )
 
 
+# What queues a request for answer_job: (request, deps, explain, method) -> (job id, job record).
+QueueIt = Callable[[Request, UploadDeps, bool, str | None], Awaitable[tuple[str, dict[str, Any]]]]
+
+
 async def answer_job(
-    queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None
+    queue_it: QueueIt, request: Request, deps: UploadDeps, explain: bool, method: str | None
 ) -> tuple[JobState, Prediction | StudyPrediction]:
     """Queue with `queue_it` (one image or a study), wait, and answer (timed from the first byte read);
     (the finished job, the answer). The Open Inference Protocol route (routers/inference_v2.py) takes this
@@ -328,7 +332,9 @@ async def answer_job(
             return job, await off_loop(prediction_from, job_id, job, record, started, small=not study)
 
 
-async def answer_request(queue_it, request: Request, deps: UploadDeps, explain: bool, method: str | None):
+async def answer_request(
+    queue_it: QueueIt, request: Request, deps: UploadDeps, explain: bool, method: str | None
+) -> Prediction | StudyPrediction:
     """As :func:`answer_job`, the answer only."""
     return (await answer_job(queue_it, request, deps, explain, method))[1]
 
@@ -348,7 +354,9 @@ async def predict(
 ) -> Prediction:
     """Multipart field ``file`` (.png, .jpg, .jpeg, .dcm). Answers the decision, its probability, the
     probabilities per label, the heatmap (base64 PNG), the model's identity and timings."""
-    return await answer_request(queue_upload, request, deps, explain, method)
+    answer = await answer_request(queue_upload, request, deps, explain, method)
+    assert isinstance(answer, Prediction), "one image queued: one image's answer"
+    return answer
 
 
 STUDY_BODY: dict[str, Any] = {
@@ -389,4 +397,6 @@ async def predict_study(
     """Multipart fields ``files`` (one per image, up to ``XRAYFM_MAX_STUDY_IMAGES``). Answers the study's
     decision and probability (the mean of its images' probabilities, as in the MURA paper; `aggregation`
     says so), and each image's own answer with its heatmap, computed together in one worker call."""
-    return await answer_request(queue_study, request, deps, explain, method)
+    answer = await answer_request(queue_study, request, deps, explain, method)
+    assert isinstance(answer, StudyPrediction), "a study queued: a study's answer"
+    return answer

@@ -36,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "an admin key is needed (when auth is on)"},
     503: {"model": ErrorBody, "description": "Redis unreachable, or the audit log cannot be written"},
 }
-UNKNOWN = {404: {"model": ErrorBody, "description": "unknown job"}}
+UNKNOWN: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "unknown job"}}
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
             out["discriminator"] = {"propertyName": out["discriminator"]["propertyName"]}
         return out
 
-    return walk(schema)
+    inlined: dict[str, Any] = walk(schema)
+    return inlined
 
 
 def _spec_body_schema() -> dict[str, Any]:
