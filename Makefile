@@ -4,11 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-# Every install takes the exact versions of requirements/constraints.txt, as the images do (make images),
+# Every install takes the exact versions of requirements/constraints.txt (as a hashed lock), as the images do (make images),
 # so the tests and the containers run the same packages. torch 2.14.1 / torchvision 0.29.1 are pinned there
 # (their wheels lie on this machine's disk; other versions would download several GB).
 CONSTRAINTS := requirements/constraints.txt
-PIN    := -c $(CONSTRAINTS)
+# The same versions with the sha256 of every file of each (uv pip compile --generate-hashes, by `make
+# constraints`): the venv's third-party packages are installed from it in pip's hash-checking mode.
+LOCK   := requirements/lock.txt
+# uv does not read pip's configuration: the indexes and wheel folders pip is configured with, passed on.
+UV_SOURCES := $(foreach u,$(shell pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(u)) \
+              $(foreach u,$(shell pip config get global.find-links 2>/dev/null),--find-links $(u))
 MYPY   := $(VENV)/bin/mypy --config-file pyproject.toml
 
 .PHONY: help install test test-fast lint typecheck format demo bench up down clean constraints \
@@ -24,11 +29,13 @@ $(PY):
 SERVICES := services/common services/inference services/training services/gateway services/frontend services/router \
             services/local
 
-$(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS)
-	$(PIP) install $(PIN) pip setuptools
-	$(PIP) install $(PIN) torch torchvision
-	$(PIP) install $(PIN) -e 'shared[torch,hospital,dev]'
-	$(PIP) install $(PIN) $(addprefix -e ,$(SERVICES))
+# Third-party packages from the hashed lock (no dependency resolution, every file's hash checked), then the
+# project's own packages on top without their dependencies (built with the locked setuptools), then a check
+# that every package's requirements hold.
+$(STAMP): $(PY) shared/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) $(CONSTRAINTS) $(LOCK)
+	$(PIP) install --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install --no-deps --no-build-isolation -e 'shared[torch,hospital,dev]' $(addprefix -e ,$(SERVICES))
+	$(PIP) check
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the library, services and dev tools
@@ -66,10 +73,12 @@ down:  ## stop what `make up` started
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs
 
-constraints: $(STAMP)  ## rewrite requirements/constraints.txt from .venv (after changing a dependency)
+constraints: $(STAMP)  ## rewrite requirements/constraints.txt from .venv and the hashed requirements/lock.txt from it
 	{ sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); $(VENV)/bin/pip freeze --all --exclude-editable | grep -v '^[-#]'; \
 	  cat requirements/constraints-images.txt; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	$(VENV)/bin/uv pip compile $(CONSTRAINTS) --generate-hashes --no-header --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(UV_SOURCES) -o $(LOCK)
 
 base-images:  ## offline base images (Python, Redis, Prometheus) from Debian packages: deploy/base-images.sh
 	deploy/base-images.sh
