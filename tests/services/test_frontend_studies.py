@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from svc_helpers import require_redis_server
 from test_frontend import _browser
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import studies
 from xrayfm_stack.protocol import SeriesOutcome, StudyRecord
 

@@ -13,7 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from svc_helpers import require_redis_server
-from xrayfm_stack import local as stack_lib
+from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow
 
@@ -159,13 +159,17 @@ def _show_job(at: AppTest, job_id: str) -> AppTest:
 
 def test_refresh_interval_follows_the_jobs_and_the_setting(monkeypatch):
     from xrayfm_frontend.training_page import refresh_every
+    from xrayfm_stack.protocol import JobRecord
     from xrayfm_stack.settings import FrontendSettings
 
-    finished = [{"status": "done"}, {"status": "failed"}, {"status": "cancelled"}]
+    def job(status: str) -> JobRecord:
+        return JobRecord(job_id=f"job-{status}", status=status)
+
+    finished = [job("done"), job("failed"), job("cancelled")]
     assert refresh_every(finished, 3.0) is None and refresh_every([], 3.0) is None
     for status in ("queued", "running", "cancelling"):
-        assert refresh_every([*finished, {"status": status}], 3.0) == 3.0
-        assert refresh_every([{"status": status}], 0.0) is None
+        assert refresh_every([*finished, job(status)], 3.0) == 3.0
+        assert refresh_every([job(status)], 0.0) is None
     monkeypatch.delenv("XRAYFM_FRONTEND_REFRESH_S", raising=False)
     assert FrontendSettings.from_env().refresh_s == 3.0
     monkeypatch.setenv("XRAYFM_FRONTEND_REFRESH_S", "0")

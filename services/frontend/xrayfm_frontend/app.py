@@ -159,6 +159,6 @@ with st.expander("Feedback: was this answer right?"):
     if st.button("Send feedback"):
         try:
             saved = client.feedback(answer.job_id, verdict, label, comment)
-            st.success(f"Thank you: recorded ({saved['verdict']}, {saved['label']}).")
+            st.success(f"Thank you: recorded ({saved.verdict}, {saved.label}).")
         except GatewayError as exc:
             st.error(f"Feedback not recorded: {exc}")

@@ -1,5 +1,5 @@
 """The UI's client of the gateway (httpx): readiness, predictions, the PACS router's studies, training jobs
-and the model store; errors as readable messages."""
+and the model store, each answer parsed into its protocol model; errors as readable messages."""
 
 from __future__ import annotations
 
@@ -9,10 +9,28 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from xrayfm_stack.protocol import Prediction, StudyList, StudyPrediction, StudyRecord
+from xrayfm_stack.protocol import (
+    CancelAnswer,
+    FeedbackAnswer,
+    JobList,
+    JobLogTail,
+    JobRecord,
+    JobSubmitted,
+    ModelList,
+    OperatingPointAnswer,
+    Prediction,
+    Readiness,
+    ServingAnswer,
+    StudyList,
+    StudyPrediction,
+    StudyRecord,
+)
 from xrayfm_stack.settings import FrontendSettings
 
 T = TypeVar("T", bound=BaseModel)
+
+READY_TIMEOUT_S = 5.0  # the sidebar's readiness probe
+ADMIN_TIMEOUT_S = 30.0  # the training, model and studies calls
 
 
 class GatewayError(Exception):
@@ -28,21 +46,25 @@ class GatewayError(Exception):
 class GatewayClient:
     """Calls the gateway's /ready and /predict, and (with the admin key) its training and model endpoints."""
 
-    def __init__(self, settings: FrontendSettings) -> None:
+    def __init__(self, settings: FrontendSettings, transport: httpx.BaseTransport | None = None) -> None:
+        """`transport`: httpx's (None: the network; tests pass an ``httpx.MockTransport``)."""
         self.settings = settings
         headers = {"X-API-Key": settings.api_key} if settings.api_key else {}
         self._client = httpx.Client(
-            base_url=settings.gateway_url, headers=headers, timeout=settings.timeout_s
+            base_url=settings.gateway_url, headers=headers, timeout=settings.timeout_s, transport=transport
         )
 
     def ready(self) -> tuple[bool, str]:
         """(ready?, explanation)."""
         try:
-            resp = self._client.get("/ready", timeout=5.0)
+            resp = self._client.get("/ready", timeout=READY_TIMEOUT_S)
         except httpx.HTTPError as exc:
             return False, f"the gateway at {self.settings.gateway_url} does not answer ({type(exc).__name__})"
-        body = _json(resp)
-        return resp.status_code == 200 and bool(body.get("ready")), str(body.get("detail", resp.text[:200]))
+        try:
+            readiness = Readiness.model_validate(resp.json())
+        except (ValueError, ValidationError):  # not JSON, or a refusal ({"error", "detail"})
+            return False, str(_json(resp).get("detail", resp.text[:200]))
+        return resp.status_code == 200 and readiness.ready, readiness.detail
 
     def predict(
         self, data: bytes, filename: str, explain: bool = True, method: str | None = None
@@ -57,98 +79,95 @@ class GatewayClient:
         files = [("files", (name, data)) for name, data in images]
         return self._post_upload("/predict/study", explain, method, files, StudyPrediction)
 
-    def feedback(self, job_id: str, verdict: str, label: str | None, comment: str | None) -> dict[str, Any]:
+    def feedback(self, job_id: str, verdict: str, label: str | None, comment: str | None) -> FeedbackAnswer:
         """POST /feedback (with the prediction key); the stored record or a GatewayError."""
         body = {"job_id": job_id, "verdict": verdict, "label": label, "comment": comment or None}
-        try:
-            resp = self._client.post("/feedback", json={k: v for k, v in body.items() if v is not None})
-        except httpx.HTTPError as exc:
-            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
-        answer = _json(resp)
-        if resp.status_code != 201:
-            raise GatewayError(
-                f"{answer.get('detail') or resp.text[:300]} (HTTP {resp.status_code})", resp.status_code
-            )
-        return answer
+        payload = {k: v for k, v in body.items() if v is not None}
+        return self._call("POST", "/feedback", FeedbackAnswer, json=payload)
 
     def studies(self, limit: int = 50) -> list[StudyRecord]:
         """GET /studies (with the prediction key): the latest studies the PACS router handled, newest first."""
-        try:
-            resp = self._client.get("/studies", params={"limit": limit}, timeout=30.0)
-        except httpx.HTTPError as exc:
-            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
-        return _parsed(resp, StudyList).studies
+        answer = self._call("GET", "/studies", StudyList, timeout=ADMIN_TIMEOUT_S, params={"limit": limit})
+        return answer.studies
 
     def _post_upload(self, path: str, explain: bool, method: str | None, files: Any, answer: type[T]) -> T:
         params: dict[str, Any] = {"explain": str(explain).lower()}
         if method:
             params["method"] = method
+        return self._call("POST", path, answer, params=params, files=files)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        answer: type[T],
+        *,
+        admin: bool = False,
+        timeout: float | None = None,
+        body: bytes | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """One request; its answer as `answer`, or a GatewayError with the gateway's message. `admin` sends
+        the admin key (when set); `body` is sent as JSON exactly as given (the gateway judges it)."""
+        headers = {"X-API-Key": self.settings.admin_key} if admin and self.settings.admin_key else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            kwargs["content"] = body
+        limit = self.settings.timeout_s if timeout is None else timeout
         try:
-            resp = self._client.post(path, params=params, files=files)
+            resp = self._client.request(method, path, headers=headers, timeout=limit, **kwargs)
         except httpx.TimeoutException:
-            raise GatewayError(f"no answer within {self.settings.timeout_s:g} s; try again later") from None
+            raise GatewayError(f"the gateway did not answer within {limit:g} s; try again later") from None
         except httpx.HTTPError as exc:
             raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
         return _parsed(resp, answer)
 
     # -- training jobs and models (admin key) ---------------------------------------------------------
-    def _admin(self, method: str, path: str, json_body: bool = False, **kwargs: Any) -> dict[str, Any]:
-        """One admin call; returns the JSON answer or raises GatewayError with the gateway's message."""
-        headers = {"X-API-Key": self.settings.admin_key} if self.settings.admin_key else {}
-        if json_body:
-            headers["Content-Type"] = "application/json"
-        try:
-            resp = self._client.request(method, path, headers=headers, timeout=30.0, **kwargs)
-        except httpx.TimeoutException:
-            raise GatewayError("the gateway did not answer within 30 s; try again later") from None
-        except httpx.HTTPError as exc:
-            raise GatewayError(f"cannot reach the gateway at {self.settings.gateway_url}: {exc}") from None
-        body = _json(resp)
-        if resp.status_code >= 400:
-            detail = body.get("detail") or resp.text[:300]
-            raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
-        return body
+    def _admin(self, method: str, path: str, answer: type[T], **kwargs: Any) -> T:
+        """One admin call (the admin key, 30 s); its answer as `answer`, or a GatewayError."""
+        return self._call(method, path, answer, admin=True, timeout=ADMIN_TIMEOUT_S, **kwargs)
 
-    def submit_job(self, spec_text: str) -> dict[str, Any]:
+    def submit_job(self, spec_text: str) -> JobSubmitted:
         """POST the JSON spec as typed (the gateway checks it: a bad one answers 422 with the reason)."""
-        return self._admin("POST", "/training/jobs", content=spec_text.encode(), json_body=True)
+        return self._admin("POST", "/training/jobs", JobSubmitted, body=spec_text.encode())
 
-    def list_jobs(self) -> list[dict[str, Any]]:
+    def list_jobs(self) -> list[JobRecord]:
         """The latest training jobs, newest first."""
-        return list(self._admin("GET", "/training/jobs").get("jobs", []))
+        return self._admin("GET", "/training/jobs", JobList).jobs
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> JobRecord:
         """One job's full record: status, spec, progress, result, model, error, attempts..."""
-        return self._admin("GET", f"/training/jobs/{job_id}")
+        return self._admin("GET", f"/training/jobs/{job_id}", JobRecord)
 
     def job_log(self, job_id: str, tail: int = 200) -> list[str]:
         """The last `tail` lines of a job's log, oldest first."""
-        answer = self._admin("GET", f"/training/jobs/{job_id}/log", params={"tail": tail})
-        return [str(line) for line in answer.get("lines", [])]
+        return self._admin("GET", f"/training/jobs/{job_id}/log", JobLogTail, params={"tail": tail}).lines
 
     def cancel_job(self, job_id: str) -> str:
         """Ask a job to stop; returns its new status."""
-        return str(self._admin("POST", f"/training/jobs/{job_id}/cancel").get("status"))
+        return self._admin("POST", f"/training/jobs/{job_id}/cancel", CancelAnswer).status
 
-    def list_models(self) -> dict[str, Any]:
-        """``{"serving": {...} | None, "models": [...]}`` from the model store."""
-        return self._admin("GET", "/models")
+    def list_models(self) -> ModelList:
+        """The served version (None: nothing promoted) and every version in the model store."""
+        return self._admin("GET", "/models", ModelList)
 
-    def promote(self, name: str, version: str) -> dict[str, Any]:
+    def promote(self, name: str, version: str) -> ServingAnswer:
         """Serve this version; returns the new serving reference."""
-        return self._admin("POST", f"/models/{name}/{version}/promote")
+        return self._admin("POST", f"/models/{name}/{version}/promote", ServingAnswer)
 
-    def set_operating_point(self, name: str, version: str, point: dict[str, Any] | None) -> dict[str, Any]:
+    def set_operating_point(
+        self, name: str, version: str, point: dict[str, Any] | None
+    ) -> OperatingPointAnswer:
         """Set the version's decision threshold (a threshold + source, or an evaluate job's candidate); None
         clears it. Returns the point now recorded."""
         path = f"/models/{name}/{version}/operating-point"
         if point is None:
-            return self._admin("DELETE", path)
-        return self._admin("PUT", path, content=json.dumps(point).encode(), json_body=True)
+            return self._admin("DELETE", path, OperatingPointAnswer)
+        return self._admin("PUT", path, OperatingPointAnswer, body=json.dumps(point).encode())
 
-    def rollback(self) -> dict[str, Any]:
-        """Serve the previously promoted version again."""
-        return self._admin("POST", "/models/rollback")
+    def rollback(self) -> ServingAnswer:
+        """Serve the previously promoted version again; returns the serving reference."""
+        return self._admin("POST", "/models/rollback", ServingAnswer)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -164,9 +183,10 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
 
 
 def _parsed(resp: httpx.Response, answer: type[T]) -> T:
-    """A 200 answer as its protocol model; a GatewayError saying why otherwise."""
+    """A success (2xx) as its protocol model; a GatewayError saying why otherwise (the gateway's
+    ``{"error", "detail"}``: its detail and HTTP status in the message, its error code as ``code``)."""
     body = _json(resp)
-    if resp.status_code != 200:
+    if not resp.is_success:
         detail = body.get("detail") or resp.text[:300]
         raise GatewayError(f"{detail} (HTTP {resp.status_code})", resp.status_code, body.get("error"))
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from xrayfm_frontend.client import GatewayClient, GatewayError
+from xrayfm_stack.protocol import JobRecord, ModelList, ModelVersion
 
 COMPETITION_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -62,10 +63,10 @@ SPEC, EXAMPLE, DETAILS = "training_spec", "training_example", "training_details"
 REFRESH = "training_refresh_s"  # the jobs section's timer as the last look at the jobs decided it
 
 
-def refresh_every(jobs: list[dict[str, Any]], refresh_s: float) -> float | None:
+def refresh_every(jobs: list[JobRecord], refresh_s: float) -> float | None:
     """Seconds between the jobs section's automatic re-runs: `refresh_s` while a job is active, else None
     (no polling); 0 turns it off."""
-    if refresh_s > 0 and any(job.get("status") in ACTIVE for job in jobs):
+    if refresh_s > 0 and any(job.status in ACTIVE for job in jobs):
         return refresh_s
     return None
 
@@ -82,17 +83,17 @@ def _number(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def _fraction(job: dict[str, Any]) -> float | None:
-    progress = job.get("progress") or {}
+def _fraction(job: JobRecord) -> float | None:
+    progress = job.progress or {}
     total = progress.get("total_steps")
     if not total:
         return None
     return min(max(float(progress.get("step", 0)) / float(total), 0.0), 1.0)
 
 
-def _progress_text(job: dict[str, Any]) -> str:
-    p = job.get("progress") or {}
-    parts = [f"{job.get('name')} ({job['job_id'][:8]}), {job.get('status')}"]
+def _progress_text(job: JobRecord) -> str:
+    p = job.progress or {}
+    parts = [f"{job.name} ({job.job_id[:8]}), {job.status}"]
     if p.get("total_steps"):
         parts.append(f"step {p.get('step', 0)}/{p['total_steps']}, epoch {p.get('epoch', 0)}")
     if p.get("loss") is not None:
@@ -102,54 +103,52 @@ def _progress_text(job: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _headline(job: dict[str, Any]) -> tuple[str, Any] | None:
+def _headline(job: JobRecord) -> tuple[str, Any] | None:
     """(metric name, value) of a finished job: its best validation metric, or an evaluate job's value."""
-    result = job.get("result") or {}
-    value = result.get("value") if job.get("kind") in ("evaluate", "calibrate") else result.get("best_metric")
+    result = job.result or {}
+    value = result.get("value") if job.kind in ("evaluate", "calibrate") else result.get("best_metric")
     if value is None:
         return None
     return str(result.get("metric") or "metric"), value
 
 
-def _synthetic_jobs(models: list[dict[str, Any]]) -> set[str]:
+def _synthetic_jobs(models: list[ModelVersion]) -> set[str]:
     """Ids of the jobs whose product is marked synthetic: a version trained on synthetic data, or an
     evaluation on synthetic data."""
-    found = {m["job_id"] for m in models if m.get("synthetic") and m.get("job_id")}
+    found = {m.job_id for m in models if m.synthetic and m.job_id}
     for m in models:
-        found |= {e["job_id"] for e in m.get("evaluations") or [] if e.get("synthetic") and e.get("job_id")}
+        found |= {e["job_id"] for e in m.evaluations if e.get("synthetic") and e.get("job_id")}
     return found
 
 
-def _job_rows(jobs: list[dict[str, Any]], synthetic: set[str]) -> list[dict[str, Any]]:
+def _job_rows(jobs: list[JobRecord], synthetic: set[str]) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
-        p = job.get("progress") or {}
-        model = job.get("model") or {}
+        p = job.progress or {}
         headline = _headline(job)
         rows.append({
-            "job": job["job_id"], "name": job.get("name"), "kind": job.get("kind"),
-            "status": job.get("status"),
+            "job": job.job_id, "name": job.name, "kind": job.kind, "status": job.status,
             "step": f"{p.get('step', 0)}/{p['total_steps']}" if p.get("total_steps") else "",
             "metric": f"{headline[0]}={_number(headline[1])}" if headline else "",
-            "attempts": int(job.get("attempts") or 0),
-            "synthetic": "SYNTHETIC" if job["job_id"] in synthetic else "",
+            "attempts": job.attempts,
+            "synthetic": "SYNTHETIC" if job.job_id in synthetic else "",
             "metrics": json.dumps(p.get("metrics")) if p.get("metrics") else "",
-            "model": f"{model['name']}/{model['version']}" if model else "",
-            "error": job.get("error") or "",
+            "model": f"{job.model.name}/{job.model.version}" if job.model else "",
+            "error": job.error or "",
         })  # fmt: skip
     return rows
 
 
-def _lineage(row: dict[str, Any]) -> str:
-    foundation = (row.get("lineage") or {}).get("foundation")
+def _lineage(row: ModelVersion) -> str:
+    foundation = row.lineage.get("foundation")
     if isinstance(foundation, dict) and foundation.get("name"):
         return f"{foundation['name']}/{foundation.get('version', '?')}"
     return ""
 
 
-def _latest_evaluation(row: dict[str, Any]) -> str:
+def _latest_evaluation(row: ModelVersion) -> str:
     """'metric=value on dataset/split' of the version's latest evaluation; '' when it has none."""
-    evaluations = row.get("evaluations") or []
+    evaluations = row.evaluations
     if not evaluations:
         return ""
     e = max(evaluations, key=lambda e: e.get("created") or 0)
@@ -157,21 +156,21 @@ def _latest_evaluation(row: dict[str, Any]) -> str:
     return text + (" (SYNTHETIC)" if e.get("synthetic") else "")
 
 
-def _model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _model_rows(models: list[ModelVersion]) -> list[dict[str, Any]]:
     return [
         {
-            "model": f"{m['name']}/{m['version']}",
-            "serving": bool(m.get("serving")),
-            "kind": m.get("kind") or m.get("format"),
-            "method": m.get("method") or "",
-            "synthetic": "SYNTHETIC" if m.get("synthetic") else "",
-            "metrics": json.dumps(m.get("metrics")) if m.get("metrics") else "",
+            "model": f"{m.name}/{m.version}",
+            "serving": m.serving,
+            "kind": m.kind or m.format,
+            "method": m.method or "",
+            "synthetic": "SYNTHETIC" if m.synthetic else "",
+            "metrics": json.dumps(m.metrics) if m.metrics else "",
             "evaluation": _latest_evaluation(m),
-            "threshold": _threshold_text(m.get("operating_point")),
-            "domain gate": _gate_text(m.get("domain_gate")),
-            "calibration": (m.get("calibration") or {}).get("method") or "",
+            "threshold": _threshold_text(m.operating_point),
+            "domain gate": _gate_text(m.domain_gate),
+            "calibration": (m.calibration or {}).get("method") or "",
             "foundation": _lineage(m),
-            "job": m.get("job_id") or "",
+            "job": m.job_id or "",
         }  # fmt: skip
         for m in models
     ]
@@ -197,10 +196,10 @@ def _threshold_text(point: dict[str, Any] | None) -> str:
     return f"{point['threshold']:.3f} ({point['source']})"
 
 
-def candidate_points(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def candidate_points(model: ModelVersion) -> dict[str, dict[str, Any]]:
     """The operating points the version's evaluations offer, by a readable name -> the PUT body."""
     found = {}
-    for e in model.get("evaluations") or []:
+    for e in model.evaluations:
         for label, levels in (e.get("operating_points") or {}).items():
             for level, options in levels.items():
                 for o in options:
@@ -211,13 +210,13 @@ def candidate_points(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _operating_point_form(client: GatewayClient, models: list[dict[str, Any]]) -> None:
+def _operating_point_form(client: GatewayClient, models: list[ModelVersion]) -> None:
     """Choose a version's decision threshold: a candidate of one of its evaluations, or typed in."""
     with st.expander("Operating point (decision threshold) of a version"):
-        names = [f"{m['name']}/{m['version']}" for m in models]
+        names = [f"{m.name}/{m.version}" for m in models]
         chosen = st.selectbox("Version", names, key="op_version")
         model = models[names.index(chosen)]
-        st.caption(f"Now: {_threshold_text(model.get('operating_point'))}")
+        st.caption(f"Now: {_threshold_text(model.operating_point)}")
         candidates = candidate_points(model)
         if candidates:
             pick = st.selectbox("From an evaluation of this version", list(candidates), key="op_candidate")
@@ -239,7 +238,7 @@ def _operating_point_form(client: GatewayClient, models: list[dict[str, Any]]) -
 def _set_point(client: GatewayClient, chosen: str, point: dict[str, Any] | None) -> None:
     name, version = chosen.rsplit("/", 1)
     try:
-        saved = client.set_operating_point(name, version, point)["operating_point"]
+        saved = client.set_operating_point(name, version, point).operating_point
         _flash("success", f"{chosen}: threshold {_threshold_text(saved)}")
     except GatewayError as exc:
         _flash("error", f"Cannot set the operating point of {chosen}: {exc}")
@@ -274,67 +273,68 @@ def _submit_form(client: GatewayClient) -> None:
             except GatewayError as exc:
                 st.session_state[FLASH] = ("error", f"Job refused: {exc}")
             else:
-                st.session_state[FLASH] = ("success", f"Job {answer.get('job_id')} queued")
+                st.session_state[FLASH] = ("success", f"Job {answer.job_id} queued")
             st.rerun()
 
 
-def _job_details(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: set[str]) -> None:
+def _job_details(client: GatewayClient, jobs: list[JobRecord], synthetic: set[str]) -> None:
     """The chosen job: status, attempts, error, metrics, model, spec and the last lines of its log."""
     # no status in the labels: options that change under a refresh would make Streamlit reset the choice
-    labels = {j["job_id"]: f"{j.get('name')} ({j['job_id'][:8]}), {j.get('kind')}" for j in jobs}
-    chosen = st.selectbox("Job details", list(labels), format_func=labels.get, key=DETAILS)
+    labels = {j.job_id: f"{j.name} ({j.job_id[:8]}), {j.kind}" for j in jobs}
+    chosen = st.selectbox(
+        "Job details", list(labels), format_func=lambda job_id: labels.get(job_id, job_id), key=DETAILS
+    )
     try:
         job = client.get_job(chosen)
         lines = client.job_log(chosen, LOG_TAIL)
     except GatewayError as exc:
         st.error(f"Cannot read job {chosen}: {exc}")
         return
-    status = job.get("status")
-    st.markdown(f"**{job.get('name')}** ({job.get('kind')}): **{status}**")
+    status = job.status
+    st.markdown(f"**{job.name}** ({job.kind}): **{status}**")
     attempts, resumed, requeued = st.columns(3)
-    attempts.metric("Attempts", int(job.get("attempts") or 0))
-    resumed.metric("Resumed from a checkpoint", "yes" if job.get("resumed") else "no")
-    requeued.metric("Re-queued (worker lost)", int(job.get("requeued") or 0))
+    attempts.metric("Attempts", job.attempts)
+    resumed.metric("Resumed from a checkpoint", "yes" if job.resumed else "no")
+    requeued.metric("Re-queued (worker lost)", job.requeued or 0)
     if chosen in synthetic:
         st.warning("Built from SYNTHETIC data (phantoms, not medical images).")
-    if job.get("error"):
-        st.error(f"Job failed: {job['error']}")
-    result = job.get("result") or {}
+    if job.error:
+        st.error(f"Job failed: {job.error}")
+    result = job.result or {}
     headline = _headline(job)
     if headline:
         st.metric(
-            f"Best {headline[0]}" if job.get("kind") not in ("evaluate", "calibrate") else headline[0],
+            f"Best {headline[0]}" if job.kind not in ("evaluate", "calibrate") else headline[0],
             _number(headline[1]),
         )
-    metrics = result.get("metrics") if status == "done" else (job.get("progress") or {}).get("metrics")
+    metrics = result.get("metrics") if status == "done" else (job.progress or {}).get("metrics")
     rows = _metric_rows(metrics) if isinstance(metrics, dict) else []
     if rows:
         st.caption("Metrics of the published model" if status == "done" else "Last validation metrics")
         st.dataframe(rows, hide_index=True)
-    model = job.get("model") or {}
-    if model:
-        what = "Evaluated" if job.get("kind") == "evaluate" else "Published"
-        st.caption(f"{what} model: {model.get('name')}/{model.get('version')}")
+    if job.model:
+        what = "Evaluated" if job.kind == "evaluate" else "Published"
+        st.caption(f"{what} model: {job.model.name}/{job.model.version}")
     if isinstance(result.get("report"), dict):
         with st.expander("Report"):
             st.json(result["report"], expanded=False)
-    if job.get("spec"):
+    if job.spec:
         with st.expander("Spec"):
-            st.json(job["spec"], expanded=False)
+            st.json(job.spec.model_dump(mode="json"), expanded=False)
     st.caption(f"Log (its last {LOG_TAIL} lines at most)" if lines else "Log: no lines yet")
     if lines:
         st.code("\n".join(lines), language=None)
 
 
-def _jobs_section(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: set[str]) -> None:
+def _jobs_section(client: GatewayClient, jobs: list[JobRecord], synthetic: set[str]) -> None:
     if not jobs:
         st.info("No training jobs yet.")
         return
     for job in jobs:
-        if job.get("status") in ACTIVE:
+        if job.status in ACTIVE:
             st.progress(_fraction(job) or 0.0, text=_progress_text(job))
     st.dataframe(_job_rows(jobs, synthetic), hide_index=True)
-    active = [j["job_id"] for j in jobs if j.get("status") in ACTIVE]
+    active = [j.job_id for j in jobs if j.status in ACTIVE]
     if active:
         left, right = st.columns([3, 1])
         chosen = left.selectbox("Job to cancel", active)
@@ -346,16 +346,16 @@ def _jobs_section(client: GatewayClient, jobs: list[dict[str, Any]], synthetic: 
     _job_details(client, jobs, synthetic)
 
 
-def _models_section(client: GatewayClient, answer: dict[str, Any]) -> None:
-    serving = answer.get("serving")
-    st.caption(f"Serving: {serving['name']}/{serving['version']}" if serving else "Serving: nothing promoted")
-    models = answer.get("models") or []
+def _models_section(client: GatewayClient, answer: ModelList) -> None:
+    serving = answer.serving
+    st.caption(f"Serving: {serving.name}/{serving.version}" if serving else "Serving: nothing promoted")
+    models = answer.models
     if not models:
         st.info("No model in the store yet.")
         return
     st.dataframe(_model_rows(models), hide_index=True)
     left, mid, right = st.columns([3, 1, 1])
-    chosen = left.selectbox("Version to promote", [f"{m['name']}/{m['version']}" for m in models])
+    chosen = left.selectbox("Version to promote", [f"{m.name}/{m.version}" for m in models])
     if mid.button("Promote"):
         name, version = chosen.rsplit("/", 1)
         try:
@@ -365,8 +365,8 @@ def _models_section(client: GatewayClient, answer: dict[str, Any]) -> None:
             _flash("error", f"Cannot promote {chosen}: {exc}")
     if right.button("Roll back"):
         try:
-            back = client.rollback()["serving"]
-            _flash("success", f"Rolled back: now serving {back['name']}/{back['version']}")
+            back = client.rollback().serving
+            _flash("success", f"Rolled back: now serving {back.name}/{back.version}")
         except GatewayError as exc:
             _flash("error", f"Cannot roll back: {exc}")
     _operating_point_form(client, models)
@@ -384,14 +384,14 @@ def _live(client: GatewayClient, interval: float | None) -> None:
     try:
         models, models_error = client.list_models(), None
     except GatewayError as exc:
-        models, models_error = {}, exc
+        models, models_error = ModelList(serving=None, models=[]), exc
     wanted = refresh_every(jobs, client.settings.refresh_s)
     if wanted != interval:  # a job became active, or none is any more: register the timer anew
         st.session_state[REFRESH] = wanted
         st.rerun()
     if interval:
         st.caption(f"Refreshing every {interval:g} s while a job is active.")
-    synthetic = _synthetic_jobs(models.get("models") or [])
+    synthetic = _synthetic_jobs(models.models)
     if jobs_error is not None:
         st.error(f"Cannot list the jobs: {jobs_error}")
     else:
