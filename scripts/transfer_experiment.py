@@ -40,6 +40,7 @@ from xrayfm.evaluate.reports import study_level
 from xrayfm.models.backbones import create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_checkpoint
 from xrayfm.train import AdaptConfig, PretrainConfig, label_efficiency, pretrain
+from xrayfm.train.adaptation import METHOD_LR
 
 ARMS = {  # arm -> (foundation, method)
     "mae-lora": ("mae", "lora"),
@@ -49,7 +50,8 @@ ARMS = {  # arm -> (foundation, method)
     "mae-linear": ("mae", "linear"),
 }
 # Fixed before any result was seen (never tuned on the reported splits): short budgets favour larger steps.
-LR = {"lora": 2e-3, "linear": 2e-3, "scratch": 5e-4, "full": 1e-4}
+# The library's per-method rates (what `adapt --method auto` gives each candidate).
+LR = METHOD_LR
 MIN_POSITIVES = 10
 
 

@@ -135,7 +135,7 @@ def test_the_openapi_document_shows_each_kinds_config(tmp_path: Path) -> None:
     by_kind = {member["properties"]["kind"]["const"]: member for member in body["oneOf"]}
     assert set(by_kind) == set(CONFIGS)
     adapt = by_kind["adapt"]["properties"]["config"]["properties"]
-    assert adapt["method"]["enum"] == ["lora", "full", "linear", "scratch"]
+    assert adapt["method"]["enum"] == ["lora", "full", "linear", "scratch", "auto"]
     assert adapt["lora_rank"]["minimum"] == 1 and adapt["lora_rank"]["maximum"] == 1024
     assert adapt["lr"]["exclusiveMinimum"] == 0 and "peak learning rate" in adapt["lr"]["description"]
     assert by_kind["calibrate"]["properties"]["config"]["additionalProperties"] is False

@@ -1,6 +1,7 @@
 """Adapting a foundation checkpoint to a new task: LoRA, full fine-tuning, linear probe, or from scratch.
 
-All four methods use the same data, loop and budget, so they compare fairly:
+All four methods use the same data, loop and budget, so they compare fairly (``auto`` chooses among the
+first three: :mod:`xrayfm.train.auto`):
 
 - ``lora``: PEFT LoRA on the chosen attention/MLP layers (ViT) or block convolutions / MLPs (CNNs: see
   :mod:`xrayfm.models.lora`) + a new trainable head; the rest is frozen.
@@ -36,6 +37,11 @@ from xrayfm.train.data import describe_views, load_task_data, subsample
 from xrayfm.train.distributed import barrier, setup, teardown
 from xrayfm.train.evaluation import evaluate_view
 from xrayfm.train.loop import fit, use_bf16
+
+# Each method's peak learning rate at short budgets (fixed before any result was seen, never tuned on a
+# reported split; docs/foundation.md): what ``--method auto`` gives each candidate, and what
+# scripts/transfer_experiment.py uses.
+METHOD_LR: dict[str, float] = {"lora": 2e-3, "linear": 2e-3, "scratch": 5e-4, "full": 1e-4}
 
 
 def build_adapted_model(
@@ -75,9 +81,30 @@ def adapt(
     """Adapt ``config.foundation`` to the configured dataset with ``config.method``; returns the summary.
 
     ``label_fraction`` / ``max_studies`` keep a seeded share of training studies (or patients, by
-    ``subsample_by``); the validation split is never subsampled.
+    ``subsample_by``); the validation split is never subsampled. ``auto`` tries lora, full and linear
+    and keeps the best (:func:`xrayfm.train.auto.adapt_auto`).
     """
+    if config.method == "auto":
+        from xrayfm.train.auto import adapt_auto  # it runs this module's run_adaptation
+
+        return adapt_auto(config, progress, should_cancel)
+    return run_adaptation(config, progress, should_cancel)
+
+
+def run_adaptation(
+    config: AdaptConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    *,
+    extra_meta: dict[str, Any] | None = None,
+    gate: bool = True,
+) -> dict[str, Any]:
+    """One adaptation with a fixed ``config.method`` (:func:`adapt`'s work). ``extra_meta`` joins the
+    checkpoint's meta (e.g. ``auto``'s choice); ``gate=False`` fits no domain gate (a candidate run that
+    is never published)."""
     config.validate()
+    if config.method == "auto":
+        raise XrayfmError("run_adaptation trains one method: call adapt for --method auto")
     # A shipped foundation (xrayfm/<name>) is its folder inside the package from here on (lineage, meta).
     config = dataclasses.replace(config, foundation=str(resolve_checkpoint_dir(config.foundation)))
     env, device = setup(config.device)
@@ -118,6 +145,7 @@ def adapt(
             "manifest_sha256": data_info["manifest_sha256"],
             "trainable": params,
             "training": config.to_dict(),
+            **(extra_meta or {}),
         }
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +228,7 @@ def adapt(
         )
         if env.is_main:
             result["report"] = {k: v for k, v in evaluation.items() if k != "report"}
+        if env.is_main and gate:
             # the version's domain gate, from the best weights (what is published)
             gated = evaluated if config.report_on == "best" else load_any(best_dir)[0]
             result["domain_gate"] = save_run_gate(
@@ -215,4 +244,4 @@ def adapt(
         teardown()
 
 
-__all__ = ["adapt", "build_adapted_model"]
+__all__ = ["METHOD_LR", "adapt", "build_adapted_model", "run_adaptation"]

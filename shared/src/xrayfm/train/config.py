@@ -50,7 +50,8 @@ from xrayfm.registry import is_registry_name, list_pretrained
 Metric = Literal["mean_auroc", "val_loss"]
 Loss = Literal["bce", "focal"]
 Precision = Literal["auto", "fp32", "bf16"]
-Method = Literal["lora", "full", "linear", "scratch"]
+Method = Literal["lora", "full", "linear", "scratch"]  # one adaptation method (METHODS)
+MethodChoice = Literal[Method, "auto"]  # what --method takes: auto chooses among lora, full and linear
 Objective = Literal["supervised", "mae"]
 Verify = Literal["stat", "size", "exists", "none"]
 ResizeMode = Literal["pad", "crop", "stretch"]
@@ -568,7 +569,12 @@ class AdaptConfig(TrainConfig):
     """Adapting a foundation checkpoint to a new task (LoRA, full fine-tuning, linear probe or scratch)."""
 
     foundation: StrictStr | None = _f(None, "foundation checkpoint folder (e.g. a pre-training run's best/)")
-    method: Method = _f("lora", "lora, full (all weights), linear (head only, frozen backbone) or scratch")
+    method: MethodChoice = _f(
+        "lora",
+        "lora, full (all weights), linear (head only, frozen backbone), scratch, or auto: train lora, full "
+        "and linear at the same budget, each at its own learning rate (--lr is not used), on a patient "
+        "split of the training data (--val-fraction, --split-seed), then retrain the best as the run",
+    )
     lora_rank: StrictInt = _f(8, "LoRA rank", ge=1, le=1024)
     lora_alpha: StrictInt = _f(16, "LoRA alpha (scale = alpha / rank)", ge=1, le=4096)
     lora_dropout: StrictFloat = _f(0.1, "dropout on the LoRA branch", ge=0, lt=1)
@@ -609,6 +615,12 @@ class AdaptConfig(TrainConfig):
             problems.append(
                 f"foundation {self.foundation!r} is not a shipped model (have: {', '.join(list_pretrained())})"
             )
+        if self.method == "auto" and (self.folds is not None or self.fold is not None):
+            problems.append(
+                "--method auto chooses on a patient split of the training data: drop --folds/--fold"
+            )
+        if self.method == "auto" and self.val_fraction <= 0:
+            problems.append("--method auto needs --val-fraction > 0 (the share of patients it chooses on)")
         self._raise(problems)
 
     def adapt_config(self) -> AdaptConfig:
@@ -701,6 +713,11 @@ class TuneConfig(AdaptConfig):
             )
         if self.folds is not None or self.fold is not None:
             problems.append("tune does not run folds: drop --folds/--fold")
+        if self.method == "auto":
+            problems.append(
+                "tune searches the settings of one method: --method auto would run three adaptations per "
+                "trial and ignore the learning rates searched; tune each method, or adapt with --method auto"
+            )
         self._raise(problems)
 
     @field_validator("space")

@@ -1,0 +1,163 @@
+"""``adapt --method auto``: three candidates on a patient split of the training data, the best retrained as
+the run, the choice recorded in the summary and the checkpoint; an interrupted choice resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train_helpers import QUIET
+from xrayfm.cli import main
+from xrayfm.data.torch_dataset import CachedDataset
+from xrayfm.errors import XrayfmError
+from xrayfm.train import AdaptConfig, adapt
+from xrayfm.train.adaptation import METHOD_LR
+from xrayfm.train.auto import CANDIDATES, candidate_dir, choose
+from xrayfm.train.config import TuneConfig
+
+
+def _config(out: Path, foundation: Path, caches: tuple[Path, Path], **overrides) -> AdaptConfig:
+    train, valid = caches
+    settings = dict(
+        out=str(out),
+        foundation=str(foundation),
+        cache=str(train),
+        val_cache=str(valid),
+        method="auto",
+        val_fraction=0.3,
+        epochs=1,
+        batch_size=8,
+        augment=False,
+        n_bootstrap=0,
+    )
+    return AdaptConfig(**{**settings, **QUIET, **overrides})
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_auto_trains_each_candidate_and_retrains_the_best(foundation, bone_caches, tmp_path):
+    out = tmp_path / "auto"
+    summary = adapt(_config(out, foundation, bone_caches))
+    auto = summary["auto"]
+    assert set(auto["scores"]) == set(CANDIDATES) and auto["metric"] == "mean_auroc"
+
+    # each candidate: its method at its own learning rate, validated on a patient split of the training
+    # data (never on the user's val_cache), scored by its best epoch's metric
+    train_cache = CachedDataset(bone_caches[0])
+    for method in CANDIDATES:
+        run = candidate_dir(out, method)
+        meta = _read(run / "best" / "meta.json")
+        assert meta["method"] == method and meta["training"]["lr"] == METHOD_LR[method]
+        assert meta["data"]["validation"] == "patient split"
+        assert meta["data"]["train_cache"]["cache"] == str(bone_caches[0].resolve())
+        assert auto["scores"][method] == _read(run / "summary.json")["best_metric"]
+        assert not (run / "best" / "domain_gate.json").exists()  # never published: no gate fitted
+
+    # the chosen one is the argmax (ties: the first of lora, full, linear)
+    scores = {m: s for m, s in auto["scores"].items() if s is not None}
+    top = max(scores.values())
+    assert auto["chosen"] == next(m for m in CANDIDATES if scores.get(m) == top)
+
+    # the choice split: every training patient on exactly one side, every training image used
+    split = auto["split"]
+    assert split["validation"] == "patient split" and split["val_fraction"] == 0.3
+    assert split["train"]["patients"] + split["val"]["patients"] == train_cache.csv["patient_id"].nunique()
+    assert split["train"]["images"] + split["val"]["images"] == len(train_cache)
+    assert split["val"]["patients"] >= 1
+
+    # the result: a normal run of the chosen method on the user's split, carrying the choice
+    meta = _read(out / "best" / "meta.json")
+    assert summary["method"] == meta["method"] == auto["chosen"]
+    assert meta["training"]["lr"] == METHOD_LR[auto["chosen"]]
+    assert meta["data"]["validation"] == "separate"
+    assert meta["data"]["train"]["images"] == len(train_cache)  # retrained on all training images
+    assert meta["auto"] == auto == _read(out / "summary.json")["auto"]
+    assert _read(out / "auto" / "choice.json") == auto
+    assert (out / "report" / "report.json").is_file()
+
+
+def test_an_interrupted_auto_run_resumes_without_retraining(foundation, bone_caches, tmp_path):
+    out = tmp_path / "auto"
+    config = _config(out, foundation, bone_caches, epochs=2)
+    seen: list[tuple[str, str, int]] = []
+    stop = {"flag": False}
+
+    def progress(info: dict) -> None:
+        seen.append((info["auto"]["phase"], info["auto"]["method"], info["step"]))
+        if info["auto"]["method"] == "full" and info["step"] >= 2:
+            stop["flag"] = True
+
+    first = adapt(config, progress=progress, should_cancel=lambda: stop["flag"])
+    assert first["status"] == "cancelled" and first["auto"]["running"] == "full"
+    assert set(first["auto"]["scores"]) == {"lora"}
+    lora = candidate_dir(out, "lora")
+    lora_summary = (lora / "summary.json").read_bytes()
+    lora_weights = (lora / "best" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert not (out / "best").exists()
+
+    seen.clear()
+    stop["flag"] = False
+    second = adapt(
+        config, progress=lambda info: seen.append((info["auto"]["phase"], info["auto"]["method"], 0))
+    )
+    assert second["status"] == "completed"
+    trained = {method for phase, method, _ in seen if phase == "candidate"}
+    assert trained == {"full", "linear"}  # lora was finished: reused, not retrained
+    assert (lora / "summary.json").read_bytes() == lora_summary
+    assert (lora / "best" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == lora_weights
+    full = _read(candidate_dir(out, "full") / "summary.json")
+    assert full["resumed_from_step"] == 2 and full["status"] == "completed"  # continued where it stopped
+    assert second["auto"]["scores"]["lora"] == first["auto"]["scores"]["lora"]
+    assert {phase for phase, _, _ in seen} == {"candidate", "final"}
+
+
+def test_changed_settings_retrain_a_finished_candidate(foundation, bone_caches, tmp_path):
+    out = tmp_path / "auto"
+    adapt(_config(out, foundation, bone_caches, max_steps=2))
+    seen: list[str] = []
+    adapt(
+        _config(out, foundation, bone_caches, max_steps=3),
+        progress=lambda info: seen.append(info["auto"]["method"]),
+    )
+    assert set(seen) == set(CANDIDATES)
+    for method in CANDIDATES:
+        assert _read(candidate_dir(out, method) / "summary.json")["step"] == 3
+
+
+def test_choose_picks_the_best_defined_score() -> None:
+    assert choose({"lora": 0.7, "full": 0.8, "linear": None}, "mean_auroc") == "full"
+    assert choose({"lora": 0.8, "full": 0.8, "linear": 0.5}, "mean_auroc") == "lora"  # a tie: the first
+    assert choose({"lora": 0.3, "full": 0.2, "linear": 0.4}, "val_loss") == "full"
+    assert choose({"lora": float("nan"), "full": None, "linear": 0.1}, "mean_auroc") == "linear"
+    with pytest.raises(XrayfmError, match="no candidate has a mean_auroc"):
+        choose({"lora": None, "full": None, "linear": None}, "mean_auroc")
+
+
+def test_auto_refuses_what_it_cannot_choose_on(foundation, bone_caches, tmp_path):
+    with pytest.raises(XrayfmError, match="drop --folds/--fold"):
+        _config(tmp_path, foundation, bone_caches, val_cache=None, folds=3, fold=0).validate()
+    with pytest.raises(XrayfmError, match="needs --val-fraction > 0"):
+        _config(tmp_path, foundation, bone_caches, val_fraction=0.0).validate()
+    for method in ("lora", "auto"):  # a plain method and auto are both valid settings
+        _config(tmp_path, foundation, bone_caches, method=method).validate()
+    with pytest.raises(XrayfmError, match="tune searches the settings of one method"):
+        TuneConfig(
+            kind="mura",
+            root=str(tmp_path),
+            out=str(tmp_path / "t"),
+            foundation=str(foundation),
+            method="auto",
+        ).validate()
+
+
+def test_cli_offers_auto(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one of lora, full, linear, scratch, auto)" in text
+    assert "auto: train lora, full and linear" in text
