@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,12 +14,41 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("XRAYFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The tests' one tiny model: a 2-block ViT of width 48 (2 heads) on 32 px images with 8 px patches (16
+# tokens, ~60k parameters), as `create_model` arguments. Tests that need another size or head override
+# fields of it (tiny_spec(img_size=64)); none defines a tiny model of its own.
+TINY_VIT: dict[str, Any] = {
+    "name": "vit_tiny_patch16_224",
+    "num_classes": 3,
+    "img_size": 32,
+    "patch_size": 8,
+    "depth": 2,
+    "embed_dim": 48,
+    "num_heads": 2,
+}
+
+
+def tiny_spec(**overrides: Any) -> dict[str, Any]:
+    """The tiny ViT's `create_model` arguments with `overrides` (a fresh dict)."""
+    return {**TINY_VIT, **overrides}
+
+
+def tiny_vit(seed: int = 0, **overrides: Any) -> Any:
+    """A seeded random-init tiny ViT in eval mode (:data:`TINY_VIT` with `overrides`)."""
+    import torch
+
+    from xrayfm.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(**tiny_spec(**overrides)).eval()
+
+
 def make_tiny_checkpoint(folder: Path, labels: list[str], size: int = 64, **meta_extra) -> Path:
-    """A random-init 2-block ViT-Tiny checkpoint in the library's format, fast enough for CPU tests."""
+    """A random-init tiny ViT checkpoint in the library's format (:data:`TINY_VIT` at `size` px)."""
     from xrayfm.models.backbones import create_model
     from xrayfm.models.checkpoint import save_checkpoint
 
-    spec = {"name": "vit_tiny_patch16_224", "num_classes": len(labels), "img_size": size, "depth": 2}
+    spec = tiny_spec(num_classes=len(labels), img_size=size)
     meta = {
         "model": spec,
         "labels": labels,

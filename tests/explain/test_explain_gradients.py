@@ -10,7 +10,8 @@ import timm
 import torch
 from peft import LoraConfig, get_peft_model
 
-from vit_reference import reference_grad_rollout, tiny_vit
+from helpers import tiny_vit
+from vit_reference import reference_grad_rollout
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import gradcam, gradient_rollout
 
@@ -24,8 +25,9 @@ def _images(b: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     [({}, 1, True), ({"class_token": False, "global_pool": "avg", "reg_tokens": 4}, 4, False)],
 )
 def test_grad_rollout_matches_reference(kwargs: dict, prefix: int, use_cls: bool) -> None:
-    torch.manual_seed(0)
-    vit, x = tiny_vit(**kwargs), _images()
+    # Wider than the tiny default: the library accumulates relevance in float32 and the read-out rescales
+    # each map to [0, 1], so the gradients must stand well above float32 rounding for a 1e-4 comparison.
+    vit, x = tiny_vit(embed_dim=192, num_heads=3, **kwargs), _images()
     for target in (0, 2):
         expected = reference_grad_rollout(vit, x, target, prefix, use_cls, (4, 4))
         got = gradient_rollout(vit, x, target)

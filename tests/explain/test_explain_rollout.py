@@ -10,7 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from timm.layers import Attention
 
-from vit_reference import manual_forward, reference_rollout, tiny_vit
+from helpers import TINY_VIT, tiny_vit
+from vit_reference import manual_forward, reference_rollout
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import attention_rollout, capture_attention, predict_with_rollout, rollout_matrix
 
@@ -36,7 +37,8 @@ def test_rollout_invariants_rows_sum_to_one() -> None:
     vit, x = tiny_vit(depth=3), _images(2)
     with capture_attention(vit) as rec, torch.no_grad():
         vit(x)
-    assert len(rec.attentions) == 3 and rec.attentions[0].shape == (2, 3, 17, 17)
+    heads = TINY_VIT["num_heads"]
+    assert len(rec.attentions) == 3 and rec.attentions[0].shape == (2, heads, 17, 17)
     for discard in (0.0, 0.5):
         r = rollout_matrix(rec.attentions, discard_ratio=discard)
         assert r.shape == (2, 17, 17)

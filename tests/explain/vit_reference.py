@@ -4,16 +4,8 @@ papers' rollout formulas in float64 numpy (no hooks, no xrayfm code)."""
 from __future__ import annotations
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
-
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    """A tiny random-init ViT (eval mode) for fast tests."""
-    args = dict(pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=3)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
 
 
 def manual_forward(vit, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 from xrayfm.models import create_model
 
-TINY_VIT: dict[str, Any] = dict(
-    name="vit_tiny_patch16_224", num_classes=3, img_size=32, depth=2, embed_dim=48, num_heads=2
-)
+# tests/helpers.py's tiny ViT with 16 px patches (2 x 2 tokens): the exact parameter counts of the model
+# tests are written for it.
+TINY_VIT: dict[str, Any] = helpers.tiny_spec(patch_size=16)
 
 
 @pytest.fixture

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-SIZE = 32
-# A 2-block ViT of width 48 on 32 px images with 8 px patches: 16 tokens, ~60k parameters.
+from helpers import TINY_VIT
+
+SIZE = TINY_VIT["img_size"]
+# tests/helpers.py's tiny ViT as training-config fields.
 TINY_MODEL: dict[str, Any] = {
-    "model": "vit_tiny_patch16_224",
-    "model_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2},
+    "model": TINY_VIT["name"],
+    "model_kwargs": {k: TINY_VIT[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")},
     "size": SIZE,
 }
 CHEST_LABELS = ["Cardiomegaly", "Lung Opacity", "Pleural Effusion"]
