@@ -44,12 +44,12 @@ from PIL import Image
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests/services")]  # the tests' builders of hostile files
+sys.path[:0] = [str(REPO)]  # the tests' builders of hostile files (the tests package)
 
 from openjpeg.utils import encode_array  # noqa: E402
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit  # noqa: E402
+from tests.hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size  # noqa: E402
 
-from hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size  # noqa: E402
 from xrayfm.registry import pretrained_dir  # noqa: E402
 from xrayfm_local import launcher as stack_lib  # noqa: E402
 from xrayfm_stack.settings import GatewaySettings  # noqa: E402
@@ -318,7 +318,7 @@ def spec_cases() -> list[tuple[str, dict]]:
 def fuzzed_dicoms(count: int, seed: int = 0) -> list[tuple[str, dict]]:
     """Encapsulated DICOMs (each kind of frame, valid and claiming other sizes than its header) mutated by
     the fuzz target's structure-aware mutator, its choices drawn from a seeded generator."""
-    from upload_fuzz import ENCAPSULATED, mutate_encapsulated
+    from tests.services.upload_fuzz import ENCAPSULATED, mutate_encapsulated
 
     rng = random.Random(seed)
 

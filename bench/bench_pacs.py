@@ -49,9 +49,10 @@ import pydicom
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests")]  # the tests' study builder (tests/dicom_studies.py)
+sys.path[:0] = [str(REPO)]  # the tests' study builder (tests/dicom_studies.py, the tests package)
 
-from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu  # noqa: E402
+from tests.dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu  # noqa: E402
+
 from xrayfm.hospital.result import MANUFACTURER  # noqa: E402
 from xrayfm.registry import pretrained_dir  # noqa: E402
 from xrayfm_local import launcher as stack_lib  # noqa: E402

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the team's real data folder (skipped when absent)."""
+"""Shared test fixtures (the team's real data folder, skipped when absent), and the slow mark on every test
+that uses a fixture marked with :func:`tests.helpers.starts_processes`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import shared_data_dir
+from tests.helpers import shared_data_dir
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,11 @@ def shared_data() -> Path:
     if not (path / "README.md").exists():
         pytest.skip(f"real data not found at {path} (set XRAYFM_SHARED_DATA)")
     return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # the fixtures the test uses, with those they use
+        definitions = info.name2fixturedefs.values() if info is not None else ()
+        if any(getattr(d.func, "starts_processes", False) for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.slow)

@@ -1,8 +1,9 @@
-"""Helpers shared by test folders (import as `from helpers import ...`; tests/ is on sys.path)."""
+"""Helpers shared by test folders (`from tests.helpers import ...`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,11 @@ def make_tiny_checkpoint(folder: Path, labels: list[str], size: int = 64, **meta
         **meta_extra,
     }
     return save_checkpoint(folder, create_model(**spec), meta)
+
+
+def starts_processes(fixture_function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a fixture that starts real processes (Redis, Celery workers, uvicorn, Streamlit, Orthanc,
+    containers): every test that uses it, directly or through other fixtures, is marked slow
+    (tests/conftest.py), so `make test-fast` runs none of them. Put it under ``@pytest.fixture``."""
+    fixture_function.starts_processes = True  # type: ignore[attr-defined]
+    return fixture_function

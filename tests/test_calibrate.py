@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.errors import XrayfmError
 
 MODEL = "xrayfm/cxr-vit-tiny-mae-pneumonia-lora"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from tests.helpers import REPO
 
 SOURCE = REPO / "shared" / "src"
 PACKAGE = SOURCE / "xrayfm"

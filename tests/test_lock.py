@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import REPO
+from tests.helpers import REPO
 
 PIN = re.compile(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s;\\]+)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.errors import XrayfmError
 from xrayfm.inference import Predictor, load_served_model
 from xrayfm.operating_point import (

@@ -4,11 +4,12 @@ start posts a radiograph that the repository ships, with its licence."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 
-from helpers import REPO
+from tests.helpers import REPO
 
 
 def test_readme_command_reference_is_current():
@@ -19,8 +20,9 @@ def test_readme_command_reference_is_current():
 
 
 def test_readme_reference_names_every_command():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import readme_cli
+    spec = importlib.util.spec_from_file_location("readme_cli", REPO / "scripts" / "readme_cli.py")
+    readme_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_cli)
 
     from xrayfm.cli import build_parser
 

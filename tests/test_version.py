@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from tests.helpers import REPO
 
 LITERAL = re.compile(r"""^__version__\s*(:[^=]*)?=\s*["']""", re.MULTILINE)
 

@@ -38,7 +38,8 @@ import httpx
 import pydicom
 import pytest
 
-from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu
+from tests.dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu
+from tests.helpers import starts_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(3600)]
 
@@ -191,6 +192,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def stack():
     reason = _why_not()
     if reason:

@@ -21,7 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
+from tests.hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
 from xrayfm.data.images import colour_thumbnail, image_info, read_image, read_image_resized
 from xrayfm.errors import ImageDecodeError, ImageTooLargeError
 

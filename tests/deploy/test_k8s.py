@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from test_compose import COMPOSE, GPU, default_of, env_vars_read_by_the_code
+from tests.services.test_compose import COMPOSE, GPU, default_of, env_vars_read_by_the_code
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.data.images import read_image
 from xrayfm.data.synth.nonradiographs import KINDS, non_radiograph
 from xrayfm.domain import DeclaredDomain, DomainGate, InputFacts, input_reasons

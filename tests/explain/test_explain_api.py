@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from helpers import tiny_vit
+from tests.helpers import tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import attention_rollout, explain, gradcam, gradient_rollout
 

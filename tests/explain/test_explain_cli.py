@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.cli import main
 from xrayfm.data.labels import CHEXPERT_LABELS
 from xrayfm.data.synth import synth_bone, synth_chest

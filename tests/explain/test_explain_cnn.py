@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_vit
+from tests.helpers import tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import default_method, explain, gradcam, methods_for
 from xrayfm.explain.gradients import default_cam_layer

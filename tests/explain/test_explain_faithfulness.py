@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import tiny_vit
+from tests.helpers import tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import deletion_insertion, pointing_game, randomization_check, reinitialize, topk_iou
 

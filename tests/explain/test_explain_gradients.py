@@ -10,8 +10,8 @@ import timm
 import torch
 from peft import LoraConfig, get_peft_model
 
-from helpers import tiny_vit
-from vit_reference import reference_grad_rollout
+from tests.explain.vit_reference import reference_grad_rollout
+from tests.helpers import tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import gradcam, gradient_rollout
 

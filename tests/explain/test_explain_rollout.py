@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from timm.layers import Attention
 
-from helpers import TINY_VIT, tiny_vit
-from vit_reference import manual_forward, reference_rollout
+from tests.explain.vit_reference import manual_forward, reference_rollout
+from tests.helpers import TINY_VIT, tiny_vit
 from xrayfm.errors import XrayfmError
 from xrayfm.explain import attention_rollout, capture_attention, predict_with_rollout, rollout_matrix
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import helpers
+from tests import helpers
 from xrayfm.models import create_model
 
 # tests/helpers.py's tiny ViT with 16 px patches (2 x 2 tokens): the exact parameter counts of the model

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.models.shipping import export_foundation, portable_meta
 from xrayfm.registry import WEIGHTS_DIR
 

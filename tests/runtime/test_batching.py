@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.inference import Predictor, batching, load_served_model
 
 

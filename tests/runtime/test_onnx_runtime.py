@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

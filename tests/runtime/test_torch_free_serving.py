@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO
+from tests.helpers import REPO
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from train_helpers import CHEST_LABELS, QUIET, SIZE, TINY_MODEL  # noqa: E402
+from tests.train.train_helpers import CHEST_LABELS, QUIET, SIZE, TINY_MODEL  # noqa: E402
 from xrayfm.inference import Predictor, load_served_model  # noqa: E402
 from xrayfm.inference.graphs import (  # noqa: E402
     GRAPH_FILES,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import helpers  # tests/helpers.py (tests/ is on pytest's pythonpath)
-from svc_helpers import RunningStack, start_stack
+from tests import helpers
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import RunningStack, start_stack
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,6 +61,7 @@ def records():
 
 
 @pytest.fixture(scope="session")
+@starts_processes
 def live_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """The session's shared stack (real Redis, Celery worker, uvicorn gateway)."""
     running = start_stack(tmp_path_factory.mktemp("stack"), tiny_model)
@@ -71,16 +73,3 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
 def client(live_stack: RunningStack):
     with live_stack.client() as http:
         yield http
-
-
-# Fixtures that start real processes (Redis, Celery workers, uvicorn, Streamlit): every test using one is
-# marked slow, so `make test-fast` (-m "not slow") runs none of them. Tests that start processes
-# themselves carry the mark explicitly.
-PROCESS_FIXTURES = frozenset({"live_stack", "client", "auth_gateway", "private_stack", "admin_stack",
-                              "training_stack", "lifecycle_stack", "store_stack", "metrics_gateway"})  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)

@@ -7,7 +7,7 @@ the job to poll). Every training job must finish and publish once. It prints the
 p50/p99 latency, gateway and worker memory at start and end. test_soak.py runs it for a minute in CI; by
 hand, for ten minutes:
 
-    PYTHONPATH=tests:tests/services .venv/bin/python tests/services/soak.py --seconds 600 [--json]
+    .venv/bin/python -m tests.services.soak --seconds 600 [--json]
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class Outcome:
 def inputs(per_kind: int = 4) -> list[tuple[str, bytes, bool]]:
     """(name, bytes, is_image) for the clients: real files from ../shared/data when present, images made
     here, and junk (random bytes, truncated images, a decompression bomb)."""
-    from helpers import shared_data_dir
-    from svc_helpers import dicom_bytes, jpeg_bytes, phantom, png_bytes, png_with_header_size
+    from tests.helpers import shared_data_dir
+    from tests.services.svc_helpers import dicom_bytes, jpeg_bytes, phantom, png_bytes, png_with_header_size
 
     shared = shared_data_dir()
     real = []
@@ -102,8 +102,8 @@ def rss_mb(pid: int) -> float:
 
 def run(seconds: float, clients: int, home: Path, say=print) -> dict[str, Any]:
     """Start a stack under `home`, soak it for `seconds`, stop it; returns the figures."""
-    from helpers import make_tiny_checkpoint
-    from svc_helpers import require_redis_server, stack_env
+    from tests.helpers import make_tiny_checkpoint
+    from tests.services.svc_helpers import require_redis_server, stack_env
     from xrayfm.data.synth import synth_chest
 
     require_redis_server()

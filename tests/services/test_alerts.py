@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import REPO
+from tests.helpers import REPO
 
 RULES = REPO / "deploy" / "alerts.yml"
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway_fakes import MODEL, FakeQueue
-from svc_helpers import dicom_bytes, phantom, png_bytes
+from tests.services.gateway_fakes import MODEL, FakeQueue
+from tests.services.svc_helpers import dicom_bytes, phantom, png_bytes
 from xrayfm import audit
 from xrayfm.cli import main
 from xrayfm.utils import sha256_folder
@@ -246,7 +246,7 @@ def test_the_audit_log_is_a_setting_and_compose_keeps_it_on_a_volume_of_its_writ
     same file; no other service mounts it."""
     import yaml
 
-    from helpers import REPO
+    from tests.helpers import REPO
 
     assert GatewaySettings.from_env({}).audit_log == Path("runs/audit/audit.jsonl")
     assert GatewaySettings.from_env({"XRAYFM_AUDIT_LOG": "/audit/a.jsonl"}).audit_log == Path(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from svc_helpers import logs_text, phantom, png_bytes
+from tests.services.svc_helpers import logs_text, phantom, png_bytes
 from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_tiny_checkpoint
+from tests.helpers import make_tiny_checkpoint
 from xrayfm.errors import XrayfmError
 from xrayfm_stack import store as model_store
 from xrayfm_stack.spec import validate_spec

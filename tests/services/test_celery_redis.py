@@ -329,7 +329,7 @@ def test_starting_a_task_waits_out_a_redis_restart(tmp_path) -> None:
     Redis is down returns once Redis is back (here ~1.5 s later) instead of failing the task."""
     import threading
 
-    from svc_helpers import require_redis_server
+    from tests.services.svc_helpers import require_redis_server
     from xrayfm_local import launcher as stack_lib
 
     require_redis_server()

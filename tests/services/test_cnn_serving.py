@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from svc_helpers import decode_map, phantom, png_bytes, start_stack
+from tests.services.svc_helpers import decode_map, phantom, png_bytes, start_stack
 
 pytestmark = pytest.mark.slow
 

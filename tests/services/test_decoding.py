@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway_fakes import FakeQueue, FakeTraining, gateway_client
-from svc_helpers import jpeg_bytes, phantom
+from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import jpeg_bytes, phantom
 from xrayfm_gateway.decoding import DecodePool
 from xrayfm_gateway.errors import APIError
 from xrayfm_gateway.uploads import Upload, UploadBuffer

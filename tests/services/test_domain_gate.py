@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from svc_helpers import png_bytes, start_stack
+from tests.services.svc_helpers import png_bytes, start_stack
 from xrayfm.data.synth.nonradiographs import non_radiograph
 from xrayfm_training.bootstrap import install_shipped
 

@@ -10,8 +10,9 @@ import uuid
 import httpx
 import pytest
 
-from svc_helpers import require_redis_server
-from test_training import _pretrain_spec, _wait
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import require_redis_server
+from tests.services.test_training import _pretrain_spec, _wait
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 
@@ -20,6 +21,7 @@ DONE = ("done", "failed", "cancelled")
 
 
 @pytest.fixture()
+@starts_processes
 def durable_stack(tmp_path):
     require_redis_server()
     from xrayfm.data.synth import synth_chest

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tritonclient.http import InferenceServerClient, InferInput
 
-from gateway_fakes import FakeQueue, FakeTraining, gateway_client
-from svc_helpers import phantom, png_bytes
+from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import phantom, png_bytes
 from xrayfm_gateway.queue import QueueUnavailable
 
 PNG = png_bytes(phantom(96, 80))

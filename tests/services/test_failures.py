@@ -14,7 +14,8 @@ import httpx
 import pytest
 import redis
 
-from svc_helpers import phantom, png_bytes, stack_env
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import phantom, png_bytes, stack_env
 from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,7 @@ def test_worker_killed_mid_request_loses_nothing(live_stack):
 
 
 @pytest.fixture()
+@starts_processes
 def private_stack(tmp_path: Path, tiny_model: Path):
     """Its own redis-server and gateway (workers started by the test), stopped afterwards."""
     redis_port, gateway_port = stack_lib.free_port(), stack_lib.free_port()

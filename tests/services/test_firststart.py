@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
+from tests.services.svc_helpers import free_port, phantom, png_bytes, require_redis_server, stack_env
 from xrayfm.errors import XrayfmError
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from svc_helpers import free_port, phantom, png_bytes
+from tests.services.svc_helpers import free_port, phantom, png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import pytest
 import redis
 from streamlit.testing.v1 import AppTest
 
-from svc_helpers import require_redis_server
-from test_frontend import _browser
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import require_redis_server
+from tests.services.test_frontend import _browser
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import studies
 from xrayfm_stack.protocol import SeriesOutcome, StudyRecord
@@ -28,6 +29,7 @@ SKIPPED = "77e1f0aa-12345678-9abcdef0-0fedcba9-87654321"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def studies_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis + the gateway (API key on) and two studies in the router's list; yields the gateway's URL."""
     require_redis_server()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from svc_helpers import require_redis_server
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import require_redis_server
 from xrayfm_local import launcher as stack_lib
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,7 @@ ADMIN_KEY = "admin-key-for-the-ui"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def admin_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis + the gateway (admin auth on) over a model store holding two versions; yields (url, store, env)."""
     require_redis_server()

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svc_helpers import png_with_header_size
-from upload_fuzz import (
+from tests.services.svc_helpers import png_with_header_size
+from tests.services.upload_fuzz import (
     ENCAPSULATED,
     KEEPS_THE_BOMB,
     MUTATIONS,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from svc_helpers import (
+from tests.services.svc_helpers import (
     PATIENT_ID,
     PATIENT_NAME,
     decode_map,

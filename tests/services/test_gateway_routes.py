@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
-from svc_helpers import decode_map, phantom, png_bytes
+from tests.services.gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import decode_map, phantom, png_bytes
 from xrayfm_gateway.queue import JobState, QueueUnavailable
 from xrayfm_stack import store as model_store
 from xrayfm_stack.protocol import (
@@ -392,7 +392,7 @@ def test_admin_routes_need_an_admin_key(fakes, tmp_path):
 
 # -- models ----------------------------------------------------------------------------------------------
 def test_models_list_promote_rollback(http, tmp_path):
-    from helpers import make_tiny_checkpoint
+    from tests.helpers import make_tiny_checkpoint
 
     store = tmp_path / "store"
     assert http.get("/models").json() == {"serving": None, "models": []}
@@ -465,7 +465,7 @@ def test_specs_outside_the_data_folders_are_refused_at_submission(fakes, tmp_pat
 
 
 def test_operating_point_set_from_a_threshold_or_an_evaluation_and_cleared(http, tmp_path):
-    from helpers import make_tiny_checkpoint
+    from tests.helpers import make_tiny_checkpoint
 
     store = tmp_path / "store"
     model_store.add_version(store, "m", make_tiny_checkpoint(tmp_path / "ckpt", ["Abnormal"], size=32), {})

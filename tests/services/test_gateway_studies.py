@@ -11,8 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from gateway_fakes import FakeQueue, gateway_client
-from svc_helpers import free_port
+from tests.services.gateway_fakes import FakeQueue, gateway_client
+from tests.services.svc_helpers import free_port
 from xrayfm_gateway.queue import TrainingQueue
 from xrayfm_stack import studies
 from xrayfm_stack.protocol import SeriesOutcome, StudyRecord

@@ -19,9 +19,9 @@ import pytest
 from openjpeg.utils import encode_array
 from pydicom.uid import JPEG2000Lossless
 
-from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
-from hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
-from svc_helpers import jpeg_bytes, phantom
+from tests.hostile_files import cut_with_eoi, dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
+from tests.services.gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import jpeg_bytes, phantom
 from xrayfm_gateway.queue import TrainingQueue
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack.settings import GatewaySettings, TrainingSettings

@@ -11,9 +11,9 @@ import pytest
 from openjpeg.utils import encode_array
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
-from gateway_fakes import FakeQueue, FakeTraining, gateway_client
-from hostile_files import dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
-from svc_helpers import jpeg_bytes, phantom
+from tests.hostile_files import dicom, j2k_with_siz_size, scan_zeroed, with_sof_size
+from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import jpeg_bytes, phantom
 
 
 @pytest.fixture()

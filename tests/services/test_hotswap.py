@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from svc_helpers import phantom, png_bytes, start_stack
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import phantom, png_bytes, start_stack
 from xrayfm_stack import store as model_store
 
 CLIENTS = 4
@@ -20,6 +21,7 @@ NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def store_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """A stack whose worker serves `tiny/1` from a fresh store (versions 1 and 2: the same weights)."""
     home = tmp_path_factory.mktemp("hotswap")

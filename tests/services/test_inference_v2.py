@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput, InferResult
 
-from gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
-from svc_helpers import phantom, png_bytes
+from tests.services.gateway_fakes import MODEL, READY_WORKER, FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import phantom, png_bytes
 from xrayfm_gateway.queue import JobState
 from xrayfm_stack.protocol import DomainInfo, DomainReason, RejectionReason, WorkerRejection
 

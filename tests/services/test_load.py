@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from svc_helpers import jpeg_bytes, phantom, png_bytes
+from tests.services.svc_helpers import jpeg_bytes, phantom, png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from svc_helpers import phantom, png_bytes, start_stack
+from tests.services.svc_helpers import phantom, png_bytes, start_stack
 from xrayfm_stack import store as model_store
 from xrayfm_training.publish import publish_run
 

@@ -32,8 +32,9 @@ from dicomweb_client import DICOMwebClient
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu, uncompressed
-from svc_helpers import RunningStack, free_port, jpeg_bytes, phantom, start_stack
+from tests.dicom_studies import TIBIA, dciodvfy, kermany_images, make_study, storescu, uncompressed
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import RunningStack, free_port, jpeg_bytes, phantom, start_stack
 from xrayfm.hospital.result import MANUFACTURER
 from xrayfm_local import launcher as stack_lib
 from xrayfm_training.bootstrap import install_shipped
@@ -98,6 +99,7 @@ class Pacs:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def pacs(tmp_path_factory) -> Pacs:
     home = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port, password = free_port(), free_port(), secrets.token_hex(8)
@@ -108,6 +110,7 @@ def pacs(tmp_path_factory) -> Pacs:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def stack(tmp_path_factory, store: Path, pacs: Pacs) -> RunningStack:
     home = tmp_path_factory.mktemp("pacs-stack")
     running = start_stack(home, Path(""), XRAYFM_MODEL_PATH="", XRAYFM_MODEL_STORE=str(store),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from svc_helpers import decode_map
+from tests.services.svc_helpers import decode_map
 from xrayfm.data.images import image_info
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]

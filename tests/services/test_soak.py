@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from soak import run
+from tests.services.soak import run
 
 pytestmark = pytest.mark.slow
 SECONDS = float(os.environ.get("XRAYFM_SOAK_SECONDS", "60"))

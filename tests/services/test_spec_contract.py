@@ -110,7 +110,7 @@ def test_the_cli_refuses_the_same_values(capsys: pytest.CaptureFixture[str]) -> 
     ids=["resize_mode", "verify", "kind"],
 )
 def test_the_gateway_answers_422_naming_the_setting(config: dict[str, Any], tmp_path: Path) -> None:
-    from gateway_fakes import FakeQueue, FakeTraining, gateway_client
+    from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
 
     training = FakeTraining()
     settings = {"insecure_no_auth": True, "data_dirs": (Path("/x"),), "model_store": tmp_path / "store"}
@@ -126,7 +126,7 @@ def test_the_gateway_answers_422_naming_the_setting(config: dict[str, Any], tmp_
 
 def test_the_openapi_document_shows_each_kinds_config(tmp_path: Path) -> None:
     """POST /training/jobs documents one object per kind, with its config's choices, ranges and help."""
-    from gateway_fakes import FakeQueue, FakeTraining, gateway_client
+    from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
 
     with gateway_client(FakeQueue(), FakeTraining(), insecure_no_auth=True, model_store=tmp_path) as http:
         schema = http.get("/openapi.json").json()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import helpers
+from tests import helpers
 from xrayfm import audit
 from xrayfm.errors import XrayfmError
 from xrayfm.models.checkpoint import load_any

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from svc_helpers import require_redis_server
+from tests.helpers import starts_processes
+from tests.services.svc_helpers import require_redis_server
 from xrayfm.errors import XrayfmError
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
@@ -93,6 +94,7 @@ def test_admin_key_is_not_the_prediction_key(tmp_path: Path) -> None:
 
 # -- through the stack -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+@starts_processes
 def training_stack(tmp_path_factory: pytest.TempPathFactory):
     """Private Redis + one training worker + the gateway; yields (client, store, data roots, stack)."""
     require_redis_server()

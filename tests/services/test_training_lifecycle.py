@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import shared_data_dir
-from svc_helpers import require_redis_server, stack_env
-from test_training import QUIET, _pretrain_spec, _wait
+from tests.helpers import shared_data_dir, starts_processes
+from tests.services.svc_helpers import require_redis_server, stack_env
+from tests.services.test_training import QUIET, _pretrain_spec, _wait
 from xrayfm_local import launcher as stack_lib
 from xrayfm_stack import store as model_store
 
@@ -85,6 +85,7 @@ def test_store_publishes_one_version_per_job(tmp_path: Path) -> None:
 
 # -- through the stack --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+@starts_processes
 def lifecycle_stack(tmp_path_factory: pytest.TempPathFactory):
     """Redis, a training worker, an inference worker serving from the store, the gateway."""
     require_redis_server()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from svc_helpers import phantom
+from tests.services.svc_helpers import phantom
 from xrayfm.errors import XrayfmError
 from xrayfm_gateway.uploads import fit_within
 from xrayfm_inference.batcher import MicroBatcher
@@ -209,7 +209,7 @@ def test_model_map_travels_exactly_and_a_worker_answer_carries_no_drawn_map(tiny
 
 
 def test_label_count_mismatch_is_refused_at_load(tmp_path):
-    from helpers import make_tiny_checkpoint
+    from tests.helpers import make_tiny_checkpoint
     from xrayfm.inference import load_served_model
 
     folder = make_tiny_checkpoint(tmp_path / "m", labels=["A", "B"])

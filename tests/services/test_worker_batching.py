@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from svc_helpers import logs_text, phantom, png_bytes, start_stack
+from tests.services.svc_helpers import logs_text, phantom, png_bytes, start_stack
 from xrayfm_stack import store as model_store
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ pixels than Rows x Columns, up to 15000 x 15000 in a 64 x 96 header. test_fuzz.p
 search in CI; run this file for a longer, coverage-guided search with atheris, which prints the figure
 (inputs tried, outcomes by code):
 
-    PYTHONPATH=tests:tests/services nice .venv/bin/python tests/services/upload_fuzz.py --seconds 600 \
+    nice .venv/bin/python -m tests.services.upload_fuzz --seconds 600 \
         [--target upload|body|dicom|encapsulated|spec]
 
 `--target encapsulated` mutates the structure of encapsulated DICOMs (`mutate_encapsulated`: the frame's
@@ -55,8 +55,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from gateway_fakes import FakeQueue, FakeTraining, gateway_client
-from svc_helpers import dicom_bytes, jpeg_bytes, phantom, png_bytes, png_with_header_size
+from tests.services.gateway_fakes import FakeQueue, FakeTraining, gateway_client
+from tests.services.svc_helpers import dicom_bytes, jpeg_bytes, phantom, png_bytes, png_with_header_size
 from xrayfm.data.images import image_info, read_image
 from xrayfm.errors import ImageDecodeError
 from xrayfm_stack.settings import GatewaySettings

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import CHEST_LABELS, QUIET, SIZE, TINY_MODEL
+from tests.train.train_helpers import CHEST_LABELS, QUIET, SIZE, TINY_MODEL
 from xrayfm.data import open_dataset
 from xrayfm.data.cache import prepare_cache
 from xrayfm.data.synth import synth_bone, synth_chest

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.models.backbones import create_model
 from xrayfm.models.lora import LoraSettings, apply_lora

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.cli import main
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import XrayfmError
@@ -144,14 +144,9 @@ def test_auto_refuses_what_it_cannot_choose_on(foundation, bone_caches, tmp_path
         _config(tmp_path, foundation, bone_caches, val_fraction=0.0).validate()
     for method in ("lora", "auto"):  # a plain method and auto are both valid settings
         _config(tmp_path, foundation, bone_caches, method=method).validate()
-    with pytest.raises(XrayfmError, match="tune searches the settings of one method"):
-        TuneConfig(
-            kind="mura",
-            root=str(tmp_path),
-            out=str(tmp_path / "t"),
-            foundation=str(foundation),
-            method="auto",
-        ).validate()
+    tune = {"kind": "mura", "root": str(tmp_path), "out": str(tmp_path / "t"), "foundation": str(foundation)}
+    with pytest.raises(XrayfmError, match=r"method 'auto' \(choose one of lora, full, linear, scratch\)"):
+        TuneConfig.from_dict({**tune, "method": "auto"})
 
 
 def test_cli_offers_auto(capsys):

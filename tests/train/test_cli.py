@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from train_helpers import CHEST_LABELS, TINY_MODEL
+from tests.train.train_helpers import CHEST_LABELS, TINY_MODEL
 from xrayfm.cli import main
 from xrayfm.errors import XrayfmError
 from xrayfm.train.config import (

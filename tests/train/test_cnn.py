@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from train_helpers import CHEST_LABELS, QUIET, SIZE
+from tests.train.train_helpers import CHEST_LABELS, QUIET, SIZE
 from xrayfm.errors import XrayfmError
 from xrayfm.train import AdaptConfig, PretrainConfig, adapt, pretrain
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import xrayfm.train.cv as cv
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.data.splits import kfold_by_patient
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import DataError, XrayfmError

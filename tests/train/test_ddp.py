@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import xrayfm
-from train_helpers import CHEST_LABELS, TINY_MODEL
+from tests.train.train_helpers import CHEST_LABELS, TINY_MODEL
 from xrayfm.models.backbones import create_model
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import xrayfm.train.experiment as experiment
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.errors import XrayfmError
 from xrayfm.train import AdaptConfig, label_efficiency
 

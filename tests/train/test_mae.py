@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import xrayfm
 import xrayfm.registry
-from train_helpers import QUIET, SIZE, TINY_MODEL
+from tests.train.train_helpers import QUIET, SIZE, TINY_MODEL
 from xrayfm.data import open_dataset
 from xrayfm.errors import DataError, XrayfmError
 from xrayfm.models.backbones import create_model

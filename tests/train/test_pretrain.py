@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from train_helpers import CHEST_LABELS, QUIET, TINY_MODEL
+from tests.train.train_helpers import CHEST_LABELS, QUIET, TINY_MODEL
 from xrayfm.errors import XrayfmError
 from xrayfm.models.checkpoint import load_checkpoint, load_training_state
 from xrayfm.train import PretrainConfig, pretrain

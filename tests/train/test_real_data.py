@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.train import AdaptConfig, adapt
 
 

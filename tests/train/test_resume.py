@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import CHEST_LABELS, QUIET, TINY_MODEL
+from tests.train.train_helpers import CHEST_LABELS, QUIET, TINY_MODEL
 from xrayfm.errors import XrayfmError
 from xrayfm.train import PretrainConfig, pretrain
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import xrayfm.train.tune as tuning
-from train_helpers import QUIET
+from tests.train.train_helpers import QUIET
 from xrayfm.errors import XrayfmError
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import TuneConfig, settings_of

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from helpers import TINY_VIT
+from tests.helpers import TINY_VIT
 
 SIZE = TINY_VIT["img_size"]
 # tests/helpers.py's tiny ViT as training-config fields.

@@ -682,6 +682,11 @@ class TuneConfig(AdaptConfig):
     ``split`` (``val_fraction``, ``split_seed``): never on a separate (reported) split.
     """
 
+    method: Method = _f(
+        "lora",
+        "the method whose settings are searched: lora, full, linear or scratch (not auto, which runs three "
+        "adaptations per trial: tune each method, or adapt with --method auto)",
+    )
     trials: StrictInt = _f(
         20, "number of finished trials (complete or pruned) the study should hold", ge=1, le=10_000
     )
@@ -713,11 +718,6 @@ class TuneConfig(AdaptConfig):
             )
         if self.folds is not None or self.fold is not None:
             problems.append("tune does not run folds: drop --folds/--fold")
-        if self.method == "auto":
-            problems.append(
-                "tune searches the settings of one method: --method auto would run three adaptations per "
-                "trial and ignore the learning rates searched; tune each method, or adapt with --method auto"
-            )
         self._raise(problems)
 
     @field_validator("space")
