@@ -40,7 +40,7 @@ from xrayfm.evaluate.reports import study_level
 from xrayfm.models.backbones import create_model
 from xrayfm.models.checkpoint import load_checkpoint, save_checkpoint
 from xrayfm.train import AdaptConfig, PretrainConfig, label_efficiency, pretrain
-from xrayfm.train.adaptation import METHOD_LR
+from xrayfm.train.config import METHOD_LR
 
 ARMS = {  # arm -> (foundation, method)
     "mae-lora": ("mae", "lora"),

@@ -95,3 +95,6 @@ def test_quick_start_posts_the_shipped_sample_with_its_licence():
     assert sample.read_bytes()[:3] == b"\xff\xd8\xff", "the sample is a JPEG"
     attribution = (sample.parent / "ATTRIBUTION.md").read_text()
     assert sample.name in attribution and "CC BY 4.0" in attribution and "Kermany" in attribution
+    from xrayfm_local.launcher import SAMPLE as launcher_sample  # make up's closing hint posts it too
+
+    assert launcher_sample == sample

@@ -80,3 +80,4 @@ def test_training_worker_runs_an_auto_adapt_job(data: Path, records, tmp_path: P
     assert meta["method"] == choice["chosen"] and meta["auto"] == choice  # the version carries the choice
     version = json.loads((store / "models" / "auto-m" / "1" / "version.json").read_text())
     assert version["method"] == choice["chosen"]
+    assert version["lineage"]["auto"] == choice  # and its lineage: what /models shows

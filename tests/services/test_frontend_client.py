@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from xrayfm_frontend.client import GatewayClient, GatewayError
-from xrayfm_stack.protocol import FeedbackAnswer, JobRecord, ModelList, OperatingPointAnswer
+from xrayfm_frontend.training_page import _model_rows
+from xrayfm_stack.protocol import FeedbackAnswer, JobRecord, ModelList, ModelVersion, OperatingPointAnswer
 from xrayfm_stack.settings import FrontendSettings
 
 ADMIN_KEY, API_KEY = "admin-key", "staff-key"
@@ -140,3 +141,24 @@ def test_readiness_from_the_answer_or_the_refusal() -> None:
     for status, body in answers.items():
         client = client_for(lambda request, status=status, body=body: httpx.Response(status, json=body))
         assert client.ready() == (status == 200, body["detail"])
+
+
+@pytest.mark.parametrize(
+    "lineage, cell",
+    [
+        ({"foundation": {"form": "version", "name": "fm", "version": "3"}}, "fm/3"),
+        (
+            {"foundation": {"form": "blob", "folder_sha256": "ab" * 32, "name": "xrayfm/cxr-vit-tiny-mae"}},
+            f"xrayfm/cxr-vit-tiny-mae (sha256 {'ab' * 6})",
+        ),
+        (
+            {"foundation": {"form": "blob", "folder_sha256": "cd" * 32, "name": None}},
+            f"foundation (sha256 {'cd' * 6})",
+        ),
+        ({}, ""),
+    ],
+    ids=["store-version", "stored-by-content", "stored-without-a-name", "none"],
+)
+def test_the_models_table_names_each_form_of_foundation(lineage: dict, cell: str) -> None:
+    (row,) = _model_rows([ModelVersion(name="m", version="1", lineage=lineage)])
+    assert row["foundation"] == cell

@@ -13,9 +13,8 @@ from xrayfm.cli import main
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import XrayfmError
 from xrayfm.train import AdaptConfig, adapt
-from xrayfm.train.adaptation import METHOD_LR
 from xrayfm.train.auto import CANDIDATES, candidate_dir, choose
-from xrayfm.train.config import TuneConfig
+from xrayfm.train.config import METHOD_LR, TuneConfig
 
 
 def _config(out: Path, foundation: Path, caches: tuple[Path, Path], **overrides) -> AdaptConfig:

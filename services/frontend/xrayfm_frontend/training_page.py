@@ -140,8 +140,15 @@ def _job_rows(jobs: list[JobRecord], synthetic: set[str]) -> list[dict[str, Any]
 
 
 def _lineage(row: ModelVersion) -> str:
+    """The version's foundation: a store version as name/version, a stored foundation by its name (when it
+    has one) and the start of its folder's sha256; '' for a model without one."""
     foundation = row.lineage.get("foundation")
-    if isinstance(foundation, dict) and foundation.get("name"):
+    if not isinstance(foundation, dict):
+        return ""
+    if foundation.get("form") == "blob":
+        digest = str(foundation.get("folder_sha256") or "")[:12]
+        return f"{foundation.get('name') or 'foundation'} (sha256 {digest})"
+    if foundation.get("name"):
         return f"{foundation['name']}/{foundation.get('version', '?')}"
     return ""
 

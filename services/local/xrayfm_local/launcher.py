@@ -333,6 +333,7 @@ def wait_until(check, timeout: float, what: str, proc: Proc | None = None, inter
 
 
 # -- make up / make down ----------------------------------------------------------------------------------
+SAMPLE = REPO / "docs" / "samples" / "paediatric-chest-pneumonia.jpeg"  # the quick start's radiograph
 STACK_HOME = REPO / "runs" / "stack"
 DEFAULT_STORE = REPO / "runs" / "model-store"
 PORT = {"ge": 1, "le": 65535}
@@ -458,8 +459,8 @@ def up() -> int:
     del gateway
     print(f"gateway   http://127.0.0.1:{gateway_port}  (docs: /docs, metrics: /metrics)")
     print(f"frontend  http://127.0.0.1:{frontend_port}")
-    print(
-        f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@radiograph.png" (a radiograph of yours)'
+    print(  # the shipped sample, relative to the repository root (where make up runs)
+        f'try: curl -X POST "http://127.0.0.1:{gateway_port}/predict" -F "file=@{SAMPLE.relative_to(REPO)}"'
     )
     if not settings.admin_keys:
         opened = settings.insecure_no_auth

@@ -59,7 +59,7 @@ def _foundation_ref(
         return entry, f"../../{ref['name']}/{ref['version']}", None
     staged = stage_foundation(store, folder)
     entry = {"form": "blob", "folder_sha256": staged.sha256, "sha256": lineage.get("sha256"),
-             "source": str(folder.resolve())}  # fmt: skip
+             "name": lineage.get("name"), "source": str(folder.resolve())}  # fmt: skip
     return entry, staged.relative_path, staged
 
 
@@ -92,6 +92,8 @@ def publish_run(
     checkpoint came from); `data_dirs`: where a shipped model's validation data may be."""
     meta = json.loads((best / "meta.json").read_text())
     lineage = dict(lineage or {})
+    if isinstance(meta.get("auto"), dict):  # adapt --method auto: the choice and the candidates' scores
+        lineage["auto"] = meta["auto"]
     Path(store).mkdir(parents=True, exist_ok=True)  # staged in the store: `best` may be read-only (shipped)
     with tempfile.TemporaryDirectory(dir=store, prefix=".publish-") as tmp:
         staged = Path(tmp) / "v"

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from xrayfm.commands.output import print_json
 from xrayfm.errors import XrayfmError
 from xrayfm.train.config import (
+    METHOD_LR,
     METHODS,
     AdaptConfig,
     CVConfig,
@@ -348,8 +349,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method-lr",
         action="append",
         metavar="METHOD=LR",
-        help="learning rate of one method (repeatable); defaults: lora 1e-3, linear 1e-3, full 1e-4, "
-        "scratch 3e-4",
+        help="learning rate of one method (repeatable); defaults: "
+        + ", ".join(f"{method} {lr:g}" for method, lr in METHOD_LR.items()),
     )
     e.add_argument(
         "--report-weights",

@@ -38,11 +38,6 @@ from xrayfm.train.distributed import barrier, setup, teardown
 from xrayfm.train.evaluation import evaluate_view
 from xrayfm.train.loop import fit, use_bf16
 
-# Each method's peak learning rate at short budgets (fixed before any result was seen, never tuned on a
-# reported split; docs/foundation.md): what ``--method auto`` gives each candidate, and what
-# scripts/transfer_experiment.py uses.
-METHOD_LR: dict[str, float] = {"lora": 2e-3, "linear": 2e-3, "scratch": 5e-4, "full": 1e-4}
-
 
 def build_adapted_model(
     foundation: nn.Module, foundation_meta: dict[str, Any], config: AdaptConfig, num_classes: int
@@ -244,4 +239,4 @@ def run_adaptation(
         teardown()
 
 
-__all__ = ["METHOD_LR", "adapt", "build_adapted_model", "run_adaptation"]
+__all__ = ["adapt", "build_adapted_model", "run_adaptation"]

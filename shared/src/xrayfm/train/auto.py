@@ -5,7 +5,7 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
 
 1. **Candidates.** lora, full and linear each run as a normal adaptation in ``OUT/auto/<method>/``, with
    the run's settings (epochs, max_steps, batch size, seed, label subsampling...) and each method's own
-   learning rate (:data:`~xrayfm.train.adaptation.METHOD_LR`; ``--lr`` is not used). All three validate
+   learning rate (:data:`~xrayfm.train.config.METHOD_LR`; ``--lr`` is not used). All three validate
    on the same **patient split of the training data** (``val_fraction``, ``split_seed``: no patient on
    both sides), never on the user's own validation split (``val_split`` / ``val_cache``), which therefore
    stays an honest check of the result. They share one training cache and fit no domain gate (they are
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from xrayfm.errors import XrayfmError
-from xrayfm.train.adaptation import METHOD_LR, run_adaptation
-from xrayfm.train.config import AdaptConfig
+from xrayfm.train.adaptation import run_adaptation
+from xrayfm.train.config import METHOD_LR, AdaptConfig
 from xrayfm.train.distributed import env_from_environ
 from xrayfm.utils import atomic_write_json, read_json, to_jsonable
 

@@ -66,6 +66,10 @@ METRICS: tuple[str, ...] = typing.get_args(Metric)
 LOSSES: tuple[str, ...] = typing.get_args(Loss)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 METHODS: tuple[str, ...] = typing.get_args(Method)
+# Each method's peak learning rate at short budgets (fixed before any result was seen, never tuned on a
+# reported split; docs/foundation.md): what ``--method auto`` gives each candidate, ``xrayfm experiment``'s
+# default, and what scripts/transfer_experiment.py uses.
+METHOD_LR: dict[str, float] = {"lora": 2e-3, "linear": 2e-3, "scratch": 5e-4, "full": 1e-4}
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 PRUNERS: tuple[str, ...] = typing.get_args(Pruner)
 CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
@@ -900,6 +904,7 @@ __all__ = [
     "JsonConfig",
     "LOSSES",
     "METHODS",
+    "METHOD_LR",
     "METRICS",
     "OBJECTIVES",
     "OPERATING_RULES",

@@ -21,12 +21,9 @@ import pandas as pd
 from xrayfm.errors import XrayfmError
 from xrayfm.evaluate import plot_label_efficiency, summarise_label_efficiency
 from xrayfm.train.adaptation import adapt
-from xrayfm.train.config import METHODS, AdaptConfig
+from xrayfm.train.config import METHOD_LR, METHODS, AdaptConfig
 from xrayfm.train.evaluation import headline
 from xrayfm.utils import to_jsonable
-
-# Learning rates per method when none is given: full fine-tuning needs a smaller one than a head/adapter.
-DEFAULT_LR = {"lora": 1e-3, "linear": 1e-3, "full": 1e-4, "scratch": 3e-4}
 
 
 def _run_dir(out: Path, method: str, fraction: float, seed: int) -> Path:
@@ -75,7 +72,7 @@ def label_efficiency(
         raise XrayfmError("give at least one seed")
     base.validate()
     out = Path(base.out)
-    lrs = {**DEFAULT_LR, **(lrs or {})}
+    lrs = {**METHOD_LR, **(lrs or {})}
     # One cache per split for every run.
     shared = {"cache": base.cache or str(out / "cache" / base.split)}
     if base.val_split or base.val_cache:
@@ -149,4 +146,4 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str) -> dict[str
     }
 
 
-__all__ = ["DEFAULT_LR", "label_efficiency", "write_results"]
+__all__ = ["label_efficiency", "write_results"]
