@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ REFERENCES = {  # arm -> (foundation, method); the learning rate is transfer_exp
     "scratch": ("random", "scratch"),
     "full": ("mae", "full"),
     "linear": ("mae", "linear"),
+    "auto": ("mae", "auto"),  # adapt --method auto: each candidate at its own learning rate
 }
 # What "most informative" means for the order: distance from these values, one point per setting.
 CORE = {"targets": ("qkv+proj", "all-linear"), "rank": (8, 16), "lr": (1e-3, 3e-3), "dropout": (0.1,)}
@@ -64,6 +66,17 @@ class Arm:
         if self.method != "lora":
             return self.method
         return f"lora-{self.targets}-r{self.rank}-a{self.alpha}-d{self.dropout:g}-lr{self.lr:g}"
+
+    def adapt_settings(self) -> dict[str, Any]:
+        """The arm's LoRA settings of `xrayfm adapt` (none for a reference arm)."""
+        if self.method != "lora":
+            return {}
+        return {
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "lora_targets": TARGET_SETS[self.targets],
+        }
 
     def priority(self) -> tuple[int, ...]:
         """Sort key: settings off the core first count, then the core's own order."""
@@ -97,9 +110,21 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def parse_arm(name: str) -> Arm:
+    """The LoRA arm of a config name ``lora-<targets>-r<rank>-a<alpha>-d<dropout>-lr<lr>``."""
+    match = re.fullmatch(r"lora-(.+)-r(\d+)-a(\d+)-d([\d.e-]+)-lr([\d.e-]+)", name)
+    if match is None or match[1] not in TARGET_SETS:
+        raise SystemExit(f"not a LoRA config name: {name!r} (lora-<{'|'.join(TARGET_SETS)}>-rR-aA-dD-lrLR)")
+    return Arm("lora", match[1], int(match[2]), int(match[3]), float(match[4]), float(match[5]))
+
+
 def grid(args: argparse.Namespace, default: Arm) -> list[Arm]:
-    """The arms in running order: references, the library's default LoRA, then the grid by priority."""
+    """The arms in running order: references, the library's default LoRA, then the grid by priority (or,
+    with --configs, the named configs in their order)."""
     arms = [Arm(m) for m in args.references.split(",") if m]
+    if args.configs:
+        named = [parse_arm(n) for n in args.configs.split(",") if n]
+        return arms + [default] + [a for a in named if a != default]
     lora = []
     for targets, rank, dropout, lr in itertools.product(
         args.targets.split(","), [int(r) for r in floats(args.ranks)], floats(args.dropouts), floats(args.lrs)
@@ -131,15 +156,11 @@ def trainable_share(foundation: str, arm: Arm) -> float:
     from xrayfm.train.adaptation import build_adapted_model
     from xrayfm.train.config import AdaptConfig
 
+    if arm.method == "auto":  # its share is the chosen method's, known only after the run
+        return float("nan")
     model, meta = load_checkpoint(foundation)
     settings = {"method": arm.method}
-    if arm.method == "lora":
-        settings |= {
-            "lora_rank": arm.rank,
-            "lora_alpha": arm.alpha,
-            "lora_dropout": arm.dropout,
-            "lora_targets": TARGET_SETS[arm.targets],
-        }
+    settings |= arm.adapt_settings()
     built, _ = build_adapted_model(model, meta, AdaptConfig(**settings), 1)
     return trainable_summary(built)["fraction"]
 
@@ -156,7 +177,7 @@ def run_config(args: argparse.Namespace, task: str, arm: Arm, seed: int, foundat
         "val_cache": str(out / "cache" / task / settings["val_split"]),
         "foundation": foundation,
         "method": arm.method,
-        "lr": arm.lr if arm.method == "lora" else te.LR[arm.method],
+        "lr": arm.lr if arm.method == "lora" else te.LR.get(arm.method, te.LR["lora"]),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "seed": seed,
@@ -167,13 +188,7 @@ def run_config(args: argparse.Namespace, task: str, arm: Arm, seed: int, foundat
         "progress_bar": False,
         "tensorboard": False,
     }
-    if arm.method == "lora":
-        config |= {
-            "lora_rank": arm.rank,
-            "lora_alpha": arm.alpha,
-            "lora_dropout": arm.dropout,
-            "lora_targets": TARGET_SETS[arm.targets],
-        }
+    config |= arm.adapt_settings()
     return config
 
 
@@ -401,6 +416,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--targets", default=",".join(TARGET_SETS), help=f"LoRA target sets: {list(TARGET_SETS)}"
+    )
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="finalists: comma-separated LoRA config names (lora-all-linear-r8-a16-d0.1-lr0.003) run "
+        "instead of the grid, after the references and the library's default",
     )
     parser.add_argument("--ranks", default="4,8,16,32", help="LoRA ranks (alpha = 2 x rank)")
     parser.add_argument("--dropouts", default="0,0.1", help="LoRA dropouts")

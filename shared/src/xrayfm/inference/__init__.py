@@ -110,6 +110,42 @@ class ServedModel:
             return input_only_verdict(image, facts, self.domain)
         return self.gate.judge(image, features, facts)
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        folder: Path,
+        meta: dict[str, Any],
+        model: Any,
+        device: Any,
+        name: str | None,
+        version: str | None,
+    ) -> ServedModel:
+        """A checkpoint folder's facts (labels, preprocessing, activation, identity, domain gate, site
+        calibration, operating point) around `model` on `device`; `name`/`version` (e.g. from a model
+        store) are used when the metadata does not carry its own."""
+        from xrayfm.evaluate.calibration import read_calibration
+        from xrayfm.utils import sha256_folder
+
+        labels = [str(label) for label in meta.get("labels") or []]
+        if not labels:
+            raise XrayfmError(f"checkpoint {folder} has no label names in its metadata")
+        served = cls(
+            model=model,
+            labels=labels,
+            preprocessing=Preprocessing.from_meta(meta),
+            device=device,
+            name=str(meta.get("name") or name or folder.name),
+            version=str(meta.get("version") or version or "local"),
+            sha256=sha256_folder(folder),
+            negative_label=str(meta.get("negative_label", "Normal")),
+            multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
+            meta=meta,
+            gate=DomainGate.load(folder) if folder.is_dir() else None,
+            calibration=read_calibration(folder) if folder.is_dir() and len(labels) == 1 else None,
+        )
+        served.retune(folder)
+        return served
+
     def retune(self, folder: str | Path | None) -> None:
         """Take the operating point recorded in `folder` now (or the checkpoint's, when none is)."""
         self.threshold, self.threshold_source = served_threshold(folder, self.meta)

@@ -11,15 +11,12 @@ import torch
 
 from xrayfm.data.images import fit_square
 from xrayfm.data.transforms import build_transform
-from xrayfm.domain import DomainGate
 from xrayfm.domain.features import capture_features
 from xrayfm.errors import XrayfmError
-from xrayfm.evaluate.calibration import read_calibration
 from xrayfm.explain import explain, gradcam, methods_for, predict_with_rollout
-from xrayfm.inference import PredictorBase, Preprocessing, ServedModel
+from xrayfm.inference import PredictorBase, ServedModel
 from xrayfm.models.checkpoint import load_any
 from xrayfm.registry import resolve_checkpoint_dir
-from xrayfm.utils import sha256_folder
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -41,29 +38,11 @@ def load_served_model(
     """
     path = resolve_checkpoint_dir(path)  # a shipped model's name (xrayfm/...) is its folder in the package
     model, meta = load_any(path)
-    meta = dict(meta)
-    labels = [str(label) for label in meta.get("labels") or []]
-    if not labels:
-        raise XrayfmError(f"checkpoint {path} has no label names in its metadata")
     target = pick_device(device)
     model = model.to(target).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    served = ServedModel(
-        model=model,
-        labels=labels,
-        preprocessing=Preprocessing.from_meta(meta),
-        device=target,
-        name=str(meta.get("name") or name or path.name),
-        version=str(meta.get("version") or version or "local"),
-        sha256=sha256_folder(path),
-        negative_label=str(meta.get("negative_label", "Normal")),
-        multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
-        meta=meta,
-        gate=DomainGate.load(path) if path.is_dir() else None,
-        calibration=read_calibration(path) if path.is_dir() and len(labels) == 1 else None,
-    )
-    served.retune(path)
+    served = ServedModel.from_checkpoint(path, dict(meta), model, target, name, version)
     _check_outputs(served)
     return served
 

@@ -21,14 +21,11 @@ from typing import Any
 import numpy as np
 
 from xrayfm.data.images import fit_square
-from xrayfm.domain import DomainGate
 from xrayfm.errors import XrayfmError
-from xrayfm.evaluate.calibration import read_calibration
 from xrayfm.explain.methods import CLASS_SPECIFIC_METHODS, canonical_method
 from xrayfm.inference import PredictorBase, Preprocessing, ServedModel
 from xrayfm.inference.graphs import GRAPH_FILES, choose_quantize, stored_graph
 from xrayfm.registry import resolve_checkpoint_dir
-from xrayfm.utils import sha256_folder
 
 RUNTIME = "onnxruntime"
 GRADIENT_METHODS = CLASS_SPECIFIC_METHODS  # grad_rollout, gradcam: they need torch's autograd
@@ -81,26 +78,7 @@ def read_served(path: str | Path, *, name: str | None = None, version: str | Non
     CPU): labels, preprocessing, activation, operating point, calibration and domain gate, read as
     :func:`~xrayfm.inference.eager.load_served_model` reads them."""
     folder = resolve_checkpoint_dir(path)
-    meta = read_meta(folder)
-    labels = [str(label) for label in meta.get("labels") or []]
-    if not labels:
-        raise XrayfmError(f"checkpoint {folder} has no label names in its metadata")
-    served = ServedModel(
-        model=None,
-        labels=labels,
-        preprocessing=Preprocessing.from_meta(meta),
-        device="cpu",
-        name=str(meta.get("name") or name or folder.name),
-        version=str(meta.get("version") or version or "local"),
-        sha256=sha256_folder(folder),
-        negative_label=str(meta.get("negative_label", "Normal")),
-        multiclass=str(meta.get("activation", "sigmoid")) == "softmax",
-        meta=meta,
-        gate=DomainGate.load(folder),
-        calibration=read_calibration(folder) if len(labels) == 1 else None,
-    )
-    served.retune(folder)
-    return served
+    return ServedModel.from_checkpoint(folder, read_meta(folder), None, "cpu", name, version)
 
 
 def normalization(pre: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
