@@ -27,7 +27,7 @@ from xrayfm.models.shipping import export_adapter, export_foundation, training_k
 from xrayfm.train import AdaptConfig, PretrainConfig, adapt, pretrain
 from xrayfm.train.distributed import DistEnv
 from xrayfm.train.mae import MaskedAutoencoder, MaskedView, patchify, split_by_noise
-from xrayfm.train.pool import build_pool, check_no_leak
+from xrayfm.train.pool import build_pool, check_no_leak, draw_weights
 from xrayfm.train.sampler import RawImage
 
 MAE = {"objective": "mae", "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
@@ -166,6 +166,56 @@ def test_pool_drops_excluded_patients_and_duplicates_and_counts_them(chest_root,
     assert set(data.images.csv["path"]) == {str(f) for f in files if f not in (files[2], files[3])}
     item = data.images[0]
     assert item["image"].dtype == torch.uint8 and item["labels"].numel() == 0
+
+
+def test_pool_weights_give_each_source_its_share_of_the_draws(chest_root, tmp_path):
+    files = sorted((chest_root / "train").rglob("*.jpg"))[:12]
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    for name, part in (("big", files[:10]), ("small", files[10:])):
+        frame = {"path": [str(f) for f in part], "patient_id": [f"{name}{i}" for i in range(len(part))]}
+        pd.DataFrame(frame).to_csv(folder / f"{name}.csv", index=False)
+    images = {"kind": "images", "patient_column": "patient_id"}
+    sources = [{**images, "root": str(folder / "big.csv")}, {**images, "root": str(folder / "small.csv")}]
+    plain = PretrainConfig(
+        out=str(tmp_path / "a"), pool={"sources": sources}, size=SIZE, objective="mae", **QUIET
+    )
+    data = build_pool(plain, DistEnv())
+    assert data.info["sampling"] == "each image once an epoch"
+    assert [s["share"] for s in data.info["sources"]] == [10 / 12, 2 / 12]
+    assert draw_weights(data.images, data.info, np.arange(12)) is None
+
+    weighted = {"sources": [{**sources[0], "weight": 1}, {**sources[1], "weight": 1}]}
+    config = PretrainConfig(out=str(tmp_path / "b"), pool=weighted, size=SIZE, objective="mae", **QUIET)
+    data = build_pool(config, DistEnv())
+    assert data.info["sampling"] == "weighted by source"
+    assert [s["share"] for s in data.info["sources"]] == [0.5, 0.5]
+    rows = np.arange(1, 12)  # one image of the big source is in the validation split
+    weights = draw_weights(data.images, data.info, rows)
+    source = data.images.part[rows]
+    assert weights.sum() == pytest.approx(1)
+    assert weights[source == 0].sum() == pytest.approx(0.5) and weights[source == 1].sum() == pytest.approx(
+        0.5
+    )
+    assert weights[source == 1][0] == pytest.approx(0.25) and weights[source == 0][0] == pytest.approx(
+        0.5 / 9
+    )
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1, None], "give every source a weight, or none"),
+        ([0, 1], "pool source 0: weight 0 must be a positive number"),
+        ([1, "2"], "pool source 1: weight '2' must be a positive number"),
+        ([-1.5, 1], "pool source 0: weight -1.5 must be a positive number"),
+        ([float("inf"), 1], "pool: only finite numbers are allowed"),
+    ],
+)
+def test_pool_weights_are_checked_when_the_spec_is_read(weights, message, tmp_path):
+    sources = [{"cache": f"/c{i}", **({} if w is None else {"weight": w})} for i, w in enumerate(weights)]
+    with pytest.raises(XrayfmError, match=message):
+        PretrainConfig.from_dict({"out": str(tmp_path), "objective": "mae", "pool": {"sources": sources}})
 
 
 def test_pool_keeps_held_out_splits_out_by_default(chest_root, tmp_path):

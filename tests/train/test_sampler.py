@@ -42,6 +42,25 @@ def test_start_batch_skips_without_changing_the_rest():
     assert _indices(tail) == full[3:]
 
 
+def test_weighted_draws_follow_the_weights_and_stay_deterministic_and_split_across_ranks():
+    weights = np.where(np.arange(100) < 10, 0.5 / 10, 0.5 / 90)  # 10 images get half of the draws
+    draws = np.array(_indices(EpochBatches(100, 10, epoch=0, seed=5, weights=weights))).ravel()
+    assert len(draws) == 100 and len(set(draws.tolist())) < 100  # with replacement
+    shares = [
+        np.mean(np.array(_indices(EpochBatches(100, 10, epoch=e, seed=5, weights=weights))) < 10)
+        for e in range(40)
+    ]
+    assert abs(np.mean(shares) - 0.5) < 0.05  # unweighted, the first 10 would get 0.1
+    again = _indices(EpochBatches(100, 10, epoch=0, seed=5, weights=weights))
+    assert again == _indices(EpochBatches(100, 10, epoch=0, seed=5, weights=weights))
+    ranks = [
+        _indices(EpochBatches(100, 5, epoch=0, seed=5, rank=r, world_size=2, weights=weights)) for r in (0, 1)
+    ]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == again
+    with pytest.raises(DataError, match="3 draw weights for 100 training images"):
+        EpochBatches(100, 10, epoch=0, weights=np.ones(3))
+
+
 def test_too_few_images_for_one_global_batch():
     with pytest.raises(DataError, match="cannot fill one global batch"):
         EpochBatches(7, 4, epoch=0, world_size=2)

@@ -532,8 +532,9 @@ class PretrainConfig(TrainConfig):
     pool: JsonObject = _f(
         {},
         'mae: unlabelled corpus as JSON {"sources": [{"kind", "root", "split"} or {"cache"}, ...], '
-        '"exclude": [{"kind", "root", "split"}, ...]}; patients of excluded splits never enter '
-        "(default: the one --kind/--root/--split or --cache)",
+        '"exclude": [{"kind", "root", "split"}, ...]}; patients of excluded splits never enter; a source\'s '
+        '"weight" (all or none) is its share of the training draws, e.g. to keep one large source from '
+        "dominating (default: the one --kind/--root/--split or --cache; each image drawn once an epoch)",
     )
     mask_ratio: StrictFloat = _f(0.75, "mae: share of the patches hidden from the encoder", gt=0, lt=1)
     decoder_dim: StrictInt = _f(128, "mae: width of the (discarded) decoder", ge=1, le=8192)
@@ -892,6 +893,12 @@ def _pool_problems(pool: dict[str, Any]) -> list[str]:
                 problems.append(f"pool source {i}: needs kind and root, or a cache")
             elif what == "exclude" and not (item.get("kind") and item.get("root")):
                 problems.append(f"pool exclude {i}: needs kind and root (and a split)")
+    weights = [item.get("weight") for item in sources if isinstance(item, dict)]
+    for i, w in enumerate(weights):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf):
+            problems.append(f"pool source {i}: weight {w!r} must be a positive number")
+    if any(w is not None for w in weights) and any(w is None for w in weights):
+        problems.append("pool: give every source a weight, or none (each image then counts once)")
     return problems
 
 

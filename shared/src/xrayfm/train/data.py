@@ -36,6 +36,7 @@ class TaskData:
     val: SeededView
     names: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    draw_weights: np.ndarray | None = None  # per training image; None: each image once an epoch
 
 
 def reader_options(config: TrainConfig) -> dict[str, Any]:

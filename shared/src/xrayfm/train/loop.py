@@ -280,6 +280,7 @@ def fit(
                 env.rank,
                 env.world_size,
                 start_batch=step - epoch * steps_per_epoch,
+                weights=data.draw_weights,
             )
             # Its own generator: the loader must not draw from the global RNG (dropout's), or a resumed
             # run would see another dropout stream than an uninterrupted one.

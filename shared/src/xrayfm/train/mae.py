@@ -43,7 +43,7 @@ from xrayfm.train.config import PretrainConfig
 from xrayfm.train.data import TaskData, describe_views
 from xrayfm.train.distributed import DistEnv, all_reduce_sum, setup, teardown
 from xrayfm.train.loop import fit, use_bf16
-from xrayfm.train.pool import build_pool
+from xrayfm.train.pool import build_pool, draw_weights
 from xrayfm.train.sampler import SeededView, mix_seed, shard_batches
 
 MASK_STREAM = 0x4D4145  # "MAE": keeps the mask noise apart from the augmentation stream of a sample
@@ -279,6 +279,7 @@ def pretrain_mae(
             MaskedView(pool.images, val_tf, config.seed, val_rows, n),
             [],
             info,
+            draw_weights(pool.images, pool.info, train_rows),
         )
         data_info = describe_views(data)
         recipe = {

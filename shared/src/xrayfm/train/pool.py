@@ -17,7 +17,13 @@ Every count is recorded per source (``PooledData.info``), for the checkpoint's m
 Source keys: ``kind`` (chexpert, mura, nih, folder, csv, or ``images``: unlabelled files listed by a
 CSV or found under a folder), ``root``, ``split``, ``cache`` (a prepared cache, or where to prepare
 one), ``name``, reader options (``body_parts``, ``frontal_only``; for ``images``: ``path_column``,
-``patient_column``), ``held_out_ok``.
+``patient_column``), ``held_out_ok``, ``weight``.
+
+Sampling: without weights every pooled image is drawn once an epoch, so a source's share of training is
+its share of the images. With a ``weight`` on every source, a source's share of the draws is its weight
+over the sum (drawn with replacement, an epoch being as many draws as the pool has training images): a
+large source cannot dominate a small one. :func:`draw_weights` turns the shares into per-image weights;
+``PooledData.info["sampling"]`` records the shares, for the checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from xrayfm.train.sampler import RawImage
 
 # The official evaluation split of each labelled layout: never pooled unless asked, excluded by default.
 HELD_OUT = {"chexpert": "valid", "mura": "valid", "nih": "test"}
-SOURCE_KEYS = {"kind", "root", "split", "cache", "name", "held_out_ok"}
+SOURCE_KEYS = {"kind", "root", "split", "cache", "name", "held_out_ok", "weight"}
 READER_OPTIONS = {"body_parts", "frontal_only", "path_column", "patient_column"}
 _EMPTY = torch.zeros(0)
 
@@ -99,6 +105,7 @@ class Source:
     name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     held_out_ok: bool = False
+    weight: float | None = None  # the source's share of the training draws (relative to the others)
 
     @classmethod
     def parse(cls, item: dict[str, Any], where: str) -> Source:
@@ -116,6 +123,7 @@ class Source:
             item.get("name"),
             options,
             bool(item.get("held_out_ok", False)),
+            None if item.get("weight") is None else float(item["weight"]),
         )
 
     def open(self) -> XrayDataset:
@@ -304,7 +312,12 @@ def build_pool(config: PretrainConfig, env: DistEnv) -> PooledData:
             }
         )
     pooled = PooledImages(parts, picks, names)
+    weights = [s.weight for s in sources]
+    shares = None if None in weights else [w / sum(weights) for w in weights]  # type: ignore[operator]
+    for entry, share in zip(per_source, shares or [None] * len(per_source), strict=True):
+        entry["share"] = share if share is not None else entry["images"] / len(pooled)
     info = {
+        "sampling": "weighted by source" if shares else "each image once an epoch",
         "sources": per_source,
         "exclude": exclusions,
         "images": len(pooled),
@@ -312,6 +325,19 @@ def build_pool(config: PretrainConfig, env: DistEnv) -> PooledData:
         "synthetic": any(is_synthetic(p.manifest) for p in parts),
     }
     return PooledData(pooled, info)
+
+
+def draw_weights(pooled: PooledImages, info: dict[str, Any], rows: np.ndarray) -> np.ndarray | None:
+    """Per-image draw weights of the pooled images at `rows` (the training split) that give each source its
+    share of ``info`` (weights sum to 1); None when the pool is not weighted by source. A source with no
+    image among `rows` gives its share to the others."""
+    if info.get("sampling") != "weighted by source":
+        return None
+    part = pooled.part[rows]
+    shares = np.array([s["share"] for s in info["sources"]], dtype=np.float64)
+    counts = np.bincount(part, minlength=len(shares))  # every source present in `rows` counts >= 1
+    weights = shares[part] / counts[part]
+    return weights / weights.sum()
 
 
 def check_no_leak(pooled: PooledImages, readers: list[XrayDataset]) -> list[str]:
@@ -335,6 +361,7 @@ __all__ = [
     "Source",
     "UnlabelledImages",
     "build_pool",
+    "draw_weights",
     "check_no_leak",
     "default_exclusions",
     "pool_sources",

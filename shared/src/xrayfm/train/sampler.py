@@ -3,7 +3,9 @@
 - :class:`EpochBatches` draws one permutation per epoch from a generator seeded by (seed, epoch), cuts it
   into global batches of ``batch_size x world_size`` and gives rank ``r`` its slice of each: the union of
   the ranks' slices is exactly the single-process batch of the same global size. ``start_batch`` skips
-  batches already trained on (resume) without loading them.
+  batches already trained on (resume) without loading them. With ``weights`` an epoch is ``n`` draws with
+  replacement, each index drawn with its weight (a pool weighted by source, :mod:`xrayfm.train.pool`),
+  from the same (seed, epoch) generator.
 - :class:`SeededView` applies the transform under an RNG seeded by (seed, epoch, sample), so a sample's
   augmentation does not depend on which process, worker or resumed run draws it. The sampler hands out
   ``(index, epoch)`` keys, so this holds with DataLoader workers too (no shared mutable epoch).
@@ -41,8 +43,12 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         shuffle: bool = True,
         start_batch: int = 0,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.n, self.batch_size, self.epoch, self.seed = n, batch_size, epoch, seed
+        if weights is not None and len(weights) != n:
+            raise DataError(f"{len(weights)} draw weights for {n} training images")
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.rank, self.world_size, self.shuffle, self.start_batch = rank, world_size, shuffle, start_batch
         if n // (batch_size * world_size) < 1:
             raise DataError(
@@ -58,6 +64,8 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         if not self.shuffle:
             return torch.arange(self.n)
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
         return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
