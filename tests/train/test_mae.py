@@ -27,7 +27,7 @@ from xrayfm.models.shipping import export_adapter, export_foundation, training_k
 from xrayfm.train import AdaptConfig, PretrainConfig, adapt, pretrain
 from xrayfm.train.distributed import DistEnv
 from xrayfm.train.mae import MaskedAutoencoder, MaskedView, patchify, split_by_noise
-from xrayfm.train.pool import build_pool, check_no_leak, draw_weights
+from xrayfm.train.pool import UnlabelledImages, build_pool, check_no_leak, draw_weights
 from xrayfm.train.sampler import RawImage
 
 MAE = {"objective": "mae", "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
@@ -200,6 +200,40 @@ def test_pool_weights_give_each_source_its_share_of_the_draws(chest_root, tmp_pa
     assert weights[source == 1][0] == pytest.approx(0.25) and weights[source == 0][0] == pytest.approx(
         0.5 / 9
     )
+
+
+def test_an_image_list_can_name_its_files_by_a_template_that_stays_in_its_folder(chest_root, tmp_path):
+    folder = tmp_path / "listed"
+    (folder / "png").mkdir(parents=True)
+    files = sorted((chest_root / "train").rglob("*.jpg"))[:4]
+    for i, f in enumerate(files):
+        shutil.copyfile(f, folder / "png" / f"id{i}.jpg")
+    rows = {"image_id": [f"id{i}" for i in range(4)], "patient_id": ["a", "a", "b", "c"]}
+    pd.DataFrame(rows).to_csv(folder / "data.csv", index=False)
+    reader = UnlabelledImages(
+        folder / "data.csv", path_template="png/{image_id}.jpg", patient_column="patient_id"
+    )
+    assert list(reader.csv["relpath"]) == [f"png/id{i}.jpg" for i in range(4)]
+    assert reader.csv["patient_id"].nunique() == 3 and all(Path(p).is_file() for p in reader.csv["path"])
+    with pytest.raises(DataError, match="leads outside its folder"):
+        UnlabelledImages(folder / "data.csv", path_template="../{image_id}.jpg")
+    for template in (
+        "png/{missing}.jpg",
+        "png/{image_id.__class__}.jpg",
+        "png/{image_id!r}.jpg",
+        "png/x.jpg",
+    ):
+        with pytest.raises(DataError, match="cannot be filled from its columns"):
+            UnlabelledImages(folder / "data.csv", path_template=template)
+
+
+@pytest.mark.real_data
+def test_the_mhh_adult_chests_pool_by_patient(shared_data, tmp_path):
+    """The CC BY 3.0 MHH COVID-19 radiographs (243 images of 71 patients) enter a pool through their
+    data.csv, so that a patient's images stay on one side of the pool's validation split."""
+    root = shared_data / "mhh-covid19-cxr" / "data.csv"
+    reader = UnlabelledImages(root, path_template="png/{image_id}.png", patient_column="patient_id")
+    assert len(reader) == 243 and reader.csv["patient_id"].nunique() == 71
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ Every count is recorded per source (``PooledData.info``), for the checkpoint's m
 
 Source keys: ``kind`` (chexpert, mura, nih, folder, csv, or ``images``: unlabelled files listed by a
 CSV or found under a folder), ``root``, ``split``, ``cache`` (a prepared cache, or where to prepare
-one), ``name``, reader options (``body_parts``, ``frontal_only``; for ``images``: ``path_column``,
-``patient_column``), ``held_out_ok``, ``weight``.
+one), ``name``, reader options (``body_parts``, ``frontal_only``; for ``images``: ``path_column`` or
+``path_template``, ``patient_column``), ``held_out_ok``, ``weight``.
 
 Sampling: without weights every pooled image is drawn once an epoch, so a source's share of training is
 its share of the images. With a ``weight`` on every source, a source's share of the draws is its weight
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,16 @@ from xrayfm.train.sampler import RawImage
 # The official evaluation split of each labelled layout: never pooled unless asked, excluded by default.
 HELD_OUT = {"chexpert": "valid", "mura": "valid", "nih": "test"}
 SOURCE_KEYS = {"kind", "root", "split", "cache", "name", "held_out_ok", "weight"}
-READER_OPTIONS = {"body_parts", "frontal_only", "path_column", "patient_column"}
+READER_OPTIONS = {"body_parts", "frontal_only", "path_column", "path_template", "patient_column"}
 _EMPTY = torch.zeros(0)
 
 
 class UnlabelledImages(XrayDataset):
     """Images without labels: the rows of a CSV (``root`` is the CSV file) or every image under a folder.
 
-    A CSV gives paths relative to its folder (``path_column``) and, optionally, patient ids
-    (``patient_column``); a folder knows no patients, so each image is its own.
+    A CSV gives paths relative to its folder (``path_column``, or ``path_template``: a ``str.format``
+    pattern over the row's columns, e.g. ``"png/{image_id}.png"``, that must stay inside that folder) and,
+    optionally, patient ids (``patient_column``); a folder knows no patients, so each image is its own.
     """
 
     kind = "images"
@@ -72,13 +74,15 @@ class UnlabelledImages(XrayDataset):
         split: str = "all",
         path_column: str = "path",
         patient_column: str | None = None,
+        path_template: str | None = None,
     ) -> None:
         root = Path(root).expanduser().resolve()
         super().__init__(root.parent if root.is_file() else root, split)
         if root.is_file():
             df = read_csv_strict(root)
-            require_columns(df, [path_column] + ([patient_column] if patient_column else []), root)
-            rel = df[path_column].str.strip()
+            needed = [] if path_template else [path_column]
+            require_columns(df, needed + ([patient_column] if patient_column else []), root)
+            rel = df[path_column].str.strip() if not path_template else _templated(df, path_template, root)
             patients = df[patient_column].str.strip() if patient_column else rel
         elif root.is_dir():
             files = sorted(
@@ -92,6 +96,26 @@ class UnlabelledImages(XrayDataset):
         self.csv = pd.DataFrame({"path": paths, "relpath": rel, "patient_id": patients, "study_id": patients})
         self.raw_labels = np.zeros((len(self.csv), 0), dtype=np.float32)
         self._finish()
+
+
+def _templated(df: pd.DataFrame, template: str, csv_file: Path) -> pd.Series:
+    """``template`` filled from each row of ``df``; a path that would leave the CSV's folder is refused."""
+    folder = csv_file.parent
+    try:  # plain column names only: no attribute or index lookups, conversions or format specs
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise DataError(f"{csv_file}: path_template {template!r} is not a format pattern: {exc}") from exc
+    bad = [f for f, spec, conv in fields if f not in df.columns or spec or conv]
+    if bad or not fields:
+        raise DataError(
+            f"{csv_file}: path_template {template!r} cannot be filled from its columns "
+            f"({', '.join(map(repr, bad)) or 'it names none'}; columns: {', '.join(df.columns)})"
+        )
+    rel = pd.Series([template.format(**row) for row in df.to_dict("records")], dtype=str)
+    outside = [p for p in rel if not (folder / p).resolve().is_relative_to(folder)]
+    if outside:
+        raise DataError(f"{csv_file}: path_template {template!r} leads outside its folder ({outside[0]!r})")
+    return rel
 
 
 @dataclass
