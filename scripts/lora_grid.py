@@ -142,11 +142,12 @@ def grid(args: argparse.Namespace, default: Arm) -> list[Arm]:
 def library_default() -> Arm:
     """The LoRA settings `xrayfm adapt` uses when given none (read from AdaptConfig, not restated)."""
     from xrayfm.train import AdaptConfig
+    from xrayfm.train.config import METHOD_LR
 
     c = AdaptConfig()
     names = {tuple(v): k for k, v in TARGET_SETS.items()}
     targets = names.get(tuple(c.lora_targets), ",".join(c.lora_targets))
-    return Arm("lora", targets, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lr)
+    return Arm("lora", targets, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lr or METHOD_LR["lora"])
 
 
 def trainable_share(foundation: str, arm: Arm) -> float:
@@ -339,12 +340,19 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
     table.index.name = "config"
     table.to_csv(out / "table.csv")
     default = library_default().name
-    shown = table.rename(index=lambda n: f"{n} (default)" if n == default else n)
+    spread = frame.pivot_table(index="config", columns="task", values="value", aggfunc="std")
+    shown = table.astype(object)
+    for t in tasks:  # "mean ± sd over seeds" where a cell has more than one seed
+        for config in shown.index:
+            sd = spread.at[config, t] if config in spread.index and t in spread.columns else float("nan")
+            if not pd.isna(table.at[config, t]) and not pd.isna(sd):
+                shown.at[config, t] = f"{table.at[config, t]:.3f} ± {sd:.3f}"
+    shown = shown.rename(index=lambda n: f"{n} (default)" if n == default else n)
     text = markdown(shown)
     header = (
         f"{len(rows)} runs at {args.fraction:g} of the labels, "
-        f"seeds {','.join(str(s) for s in sorted(frame['seed'].unique()))}; "
-        "mean over tasks only where every task finished\n\n"
+        f"seeds {','.join(str(s) for s in sorted(frame['seed'].unique()))}; a cell is the mean over seeds "
+        "± their standard deviation; mean over tasks only where every task finished\n\n"
     )
     (out / "table.md").write_text(header + text + "\n")
     print(header + text)

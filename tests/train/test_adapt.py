@@ -16,6 +16,7 @@ from xrayfm.models.backbones import create_model
 from xrayfm.models.lora import LoraSettings, apply_lora
 from xrayfm.train import AdaptConfig, adapt
 from xrayfm.train.artifacts import load_any
+from xrayfm.train.config import METHOD_LR
 from xrayfm.train.data import subsample
 from xrayfm.train.sampler import RawImage, SeededView
 
@@ -47,6 +48,7 @@ def test_each_method_trains_saves_and_reports(method, foundation, bone_caches, t
     assert summary["labels"] == ["Abnormal"]
     meta = json.loads((run / "best" / "meta.json").read_text())
     assert meta["method"] == method and meta["task"] == "binary"
+    assert meta["training"]["lr"] == METHOD_LR[method]  # no --lr: the method's own
     assert (
         meta["foundation"]["sha256"]
         == json.loads((foundation / "meta.json").read_text())["weights"]["sha256"]

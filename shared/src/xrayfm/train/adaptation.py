@@ -32,7 +32,7 @@ from xrayfm.models.checkpoint import load_checkpoint, save_adapted, save_checkpo
 from xrayfm.models.lora import LoraSettings, apply_lora, merge, resolve_lora_targets, trainable_summary
 from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.train.artifacts import load_any
-from xrayfm.train.config import AdaptConfig
+from xrayfm.train.config import METHOD_LR, AdaptConfig
 from xrayfm.train.data import describe_views, load_task_data, subsample
 from xrayfm.train.distributed import barrier, setup, teardown
 from xrayfm.train.evaluation import evaluate_view
@@ -100,8 +100,13 @@ def run_adaptation(
     config.validate()
     if config.method == "auto":
         raise XrayfmError("run_adaptation trains one method: call adapt for --method auto")
-    # A shipped foundation (xrayfm/<name>) is its folder inside the package from here on (lineage, meta).
-    config = dataclasses.replace(config, foundation=str(resolve_checkpoint_dir(config.foundation)))
+    # A shipped foundation (xrayfm/<name>) is its folder inside the package from here on (lineage, meta);
+    # no --lr: the method's own.
+    config = dataclasses.replace(
+        config,
+        foundation=str(resolve_checkpoint_dir(config.foundation)),
+        lr=METHOD_LR[config.method] if config.lr is None else config.lr,
+    )
     env, device = setup(config.device)
     try:
         foundation, fmeta = load_checkpoint(config.foundation)

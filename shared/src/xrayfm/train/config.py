@@ -604,8 +604,13 @@ class AdaptConfig(TrainConfig):
     # Different defaults for adaptation: size/model come from the foundation, shorter schedule.
     size: StrictInt | None = _f(None, "image side (default: the foundation's)", ge=16, le=4096)
     epochs: StrictInt = _f(5, "number of epochs", ge=1, le=10_000)
-    lr: StrictFloat = _f(
-        1e-3, "peak learning rate (AdamW); lower it (e.g. 1e-4) for --method full", gt=0, le=10
+    lr: StrictFloat | None = _f(
+        None,
+        "peak learning rate (AdamW); default: the method's own ("
+        + ", ".join(f"{method} {lr:g}" for method, lr in METHOD_LR.items())
+        + ")",
+        gt=0,
+        le=10,
     )
     drop_path_rate: StrictFloat = _f(0.0, "stochastic depth rate", ge=0, lt=1)
 
