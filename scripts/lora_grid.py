@@ -231,6 +231,18 @@ def score(task: str, run: Path) -> dict[str, Any]:
     }
 
 
+def cell_ci(
+    out: Path, task: str, config: str, fraction: float, seeds: list[int], n: int
+) -> tuple[float, float] | None:
+    """95 % bootstrap CI of a cell's seed-mean metric from its runs' predictions; None unless every seed
+    finished (or with --n-bootstrap 0)."""
+    runs = [out / "runs" / task / config / f"fraction-{fraction:g}" / f"seed-{s}" for s in seeds]
+    if n <= 0 or not all((r / "report" / "predictions.csv").is_file() for r in runs):
+        return None
+    tables, names = zip(*(te.seed_scores(task, r) for r in runs), strict=True)
+    return te.bootstrap_ci(task, list(tables), names[0], n, seed=0)
+
+
 def load_results(out: Path) -> list[dict[str, Any]]:
     """Every finished run's JSON line."""
     path = out / "results.jsonl"
@@ -340,19 +352,19 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
     table.index.name = "config"
     table.to_csv(out / "table.csv")
     default = library_default().name
-    spread = frame.pivot_table(index="config", columns="task", values="value", aggfunc="std")
     shown = table.astype(object)
-    for t in tasks:  # "mean ± sd over seeds" where a cell has more than one seed
+    for t in tasks:  # "mean [95 % CI]" where a cell has every seed's predictions
         for config in shown.index:
-            sd = spread.at[config, t] if config in spread.index and t in spread.columns else float("nan")
-            if not pd.isna(table.at[config, t]) and not pd.isna(sd):
-                shown.at[config, t] = f"{table.at[config, t]:.3f} ± {sd:.3f}"
+            ci = cell_ci(out, t, config, args.fraction, sorted(frame["seed"].unique()), args.n_bootstrap)
+            if ci is not None and not pd.isna(table.at[config, t]):
+                shown.at[config, t] = f"{table.at[config, t]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     shown = shown.rename(index=lambda n: f"{n} (default)" if n == default else n)
     text = markdown(shown)
     header = (
         f"{len(rows)} runs at {args.fraction:g} of the labels, "
         f"seeds {','.join(str(s) for s in sorted(frame['seed'].unique()))}; a cell is the mean over seeds "
-        "± their standard deviation; mean over tasks only where every task finished\n\n"
+        "[95 % bootstrap CI of that mean, evaluation studies or patients resampled: "
+        "transfer_experiment.bootstrap_ci]; mean over tasks only where every task finished\n\n"
     )
     (out / "table.md").write_text(header + text + "\n")
     print(header + text)
@@ -444,6 +456,9 @@ def main() -> None:
     parser.add_argument("--max-runs", type=int, help="run at most this many unfinished runs")
     parser.add_argument("--retries", type=int, default=2, help="retries of a failed run")
     parser.add_argument("--retry-wait", type=float, default=180, help="seconds before a retry")
+    parser.add_argument(
+        "--n-bootstrap", type=int, default=1000, help="--report: bootstrap draws of each cell's CI (0: none)"
+    )
     parser.add_argument("--plan", action="store_true", help="train nothing: print the ordered grid")
     parser.add_argument("--report", action="store_true", help="train nothing: table.md/.csv and grid.png")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Does the MAE foundation transfer with few labels? Five arms side by side, equal adaptation budgets.
+"""Does the MAE foundation transfer with few labels? Six arms side by side, equal adaptation budgets.
 
 Arms (every one the same architecture, data, epochs and batch size; only weights and method change):
 
@@ -7,7 +7,8 @@ Arms (every one the same architecture, data, epochs and batch size; only weights
                    labelled Kermany train split, NORMAL/PNEUMONIA) + LoRA;
 - ``random-lora``: the same architecture at random init + LoRA;
 - ``scratch``:     the same architecture trained from random init, every weight;
-- ``mae-linear``:  a linear probe on the frozen MAE encoder.
+- ``mae-linear``:  a linear probe on the frozen MAE encoder;
+- ``mae-full``:    full fine-tuning from the MAE foundation (every weight, its own learning rate).
 
 Tasks: ``mura`` (MURA humerus, study AUROC and Cohen's kappa at 0.5 on its valid split), ``nih`` (NIH-1000,
 mean AUROC over the labels with >= 10 positives in its test split), ``pneumoniamnist`` (the balanced
@@ -48,6 +49,7 @@ ARMS = {  # arm -> (foundation, method)
     "random-lora": ("random", "lora"),
     "scratch": ("random", "scratch"),  # the weights are not used: the foundation fixes the architecture
     "mae-linear": ("mae", "linear"),
+    "mae-full": ("mae", "full"),  # full fine-tuning from the foundation: every weight, the foundation's start
 }
 # Fixed before any result was seen (never tuned on the reported splits): short budgets favour larger steps.
 # The library's per-method rates (what `adapt --method auto` gives each candidate).
