@@ -517,3 +517,24 @@ def test_the_shipped_foundation_loads_by_name_with_no_network(monkeypatch):
         features = encoder(torch.randn(2, 3, 64, 64))
     assert features.shape == (2, encoder.embed_dim) and torch.isfinite(features).all()
     AdaptConfig(foundation=SHIPPED, cache="any").validate()
+
+
+@pytest.mark.real_data
+def test_the_foundation_v2_pool_balances_its_sources_and_keeps_held_out_patients_out(shared_data, tmp_path):
+    """scripts/foundation_v2.py's pool, built as pre-training builds it: every source read, NIH's test
+    patients excluded, the draws weighted by source."""
+    out = subprocess.run(
+        [sys.executable, "scripts/foundation_v2.py", "--out", str(tmp_path), "--data", str(shared_data), "--print-pool"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    pool = json.loads(out.stdout)
+    config = PretrainConfig(out=str(tmp_path / "run"), pool=pool, size=SIZE, objective="mae", **QUIET)
+    data = build_pool(config, DistEnv())
+    by_name = {s["name"]: s for s in data.info["sources"]}
+    assert {n: s["images"] for n, s in by_name.items()} == {
+        "kermany-train": 5200, "nih-1000-train_val": 779, "mhh-covid19": 243,
+    }  # fmt: skip
+    assert data.info["exclude"][0]["patients"] == 59 and data.info["sampling"] == "weighted by source"
+    weights = draw_weights(data.images, data.info, np.arange(len(data.images)))
+    kermany = data.images.part == list(by_name).index("kermany-train")
+    assert weights[kermany].sum() == pytest.approx(0.5)  # 84 % of the images, half of the draws
