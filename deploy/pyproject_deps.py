@@ -2,6 +2,7 @@
 
     python deploy/pyproject_deps.py 'shared[torch]' services/common services/inference
     python deploy/pyproject_deps.py --check-pinned requirements/constraints.txt
+    python deploy/pyproject_deps.py --locked requirements/lock.txt REPORT.json
 
 
 Each argument is a project folder (with a pyproject.toml) and optional extras. A requirement naming one of
@@ -9,6 +10,10 @@ the given projects (``xrayfm[render]``, ``xrayfm-stack``) is expanded into that 
 (with those extras) instead of being printed. The Dockerfiles use this to install the dependencies in a
 layer of their own, before the code is copied, so that a code change rebuilds only the code's layer. Only
 the standard library: it runs in a bare image.
+
+``--locked`` turns what pip would install (``pip install --dry-run --report REPORT.json -c constraints -r
+requirements.txt``) into the hashed lock's entries of those packages, for ``pip install --require-hashes
+--no-deps -r``: every file an image installs is then checked against the lock's sha256 hashes.
 """
 
 from __future__ import annotations
@@ -57,9 +62,49 @@ def check_pinned(constraints: Path) -> int:
     return 0
 
 
+def lock_entries(lock: Path) -> dict[str, tuple[str, list[str]]]:
+    """canonical name -> (version, ``--hash=...`` options) of a ``uv pip compile --generate-hashes`` file."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    hashes: list[str] | None = None
+    for line in lock.read_text().splitlines():
+        text = line.strip().removesuffix("\\").strip()
+        if not text or text.startswith("#"):
+            continue
+        if not line[0].isspace():
+            name, _, rest = text.partition("==")
+            hashes = []
+            entries[canonical(name)] = (rest.split(";")[0].strip(), hashes)
+        elif text.startswith("--hash=") and hashes is not None:
+            hashes.append(text)
+    return entries
+
+
+def locked(lock: Path, report: Path) -> int:
+    """Print the lock's entry (name==version and its hashes) of every package in pip's install report;
+    a package the lock does not hold, or holds at another version, is an error."""
+    import json
+
+    entries = lock_entries(lock)
+    lines, wrong = [], []
+    for item in json.loads(report.read_text()).get("install", []):
+        name, version = canonical(item["metadata"]["name"]), item["metadata"]["version"]
+        held = entries.get(name)
+        if held is None or held[0] != version or not held[1]:
+            wrong.append(f"{name}=={version} (lock: {held[0] if held else 'nothing'})")
+            continue
+        lines.append(" ".join([f"{name}=={version}", *held[1]]))
+    if wrong:
+        print(f"not in the hashed lock {lock}: " + ", ".join(sorted(wrong)), file=sys.stderr)
+        return 1
+    print("\n".join(sorted(lines)))
+    return 0
+
+
 def main(args: list[str]) -> int:
     if args[:1] == ["--check-pinned"]:
         return check_pinned(Path(args[1]))
+    if args[:1] == ["--locked"]:
+        return locked(Path(args[1]), Path(args[2]))
     projects: dict[str, dict] = {}
     wanted: list[tuple[str, set[str]]] = []
     for arg in args:

@@ -4,6 +4,7 @@ hash-checking mode."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from tests.helpers import REPO
@@ -35,3 +36,60 @@ def test_make_install_takes_third_party_packages_from_the_lock_in_hash_checking_
     project = [line for line in recipe.splitlines() if "-e " in line]
     assert project and all("--no-deps" in line for line in project)  # nothing resolved past the lock
     assert "pip check" in recipe.replace("$(PIP)", "pip")
+
+
+def _pyproject_deps():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pyproject_deps", REPO / "deploy/pyproject_deps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_image_installs_what_pip_resolved_only_from_the_locks_hashed_entries(tmp_path, capsys) -> None:
+    deps = _pyproject_deps()
+    lock = REPO / "requirements/lock.txt"
+    held = deps.lock_entries(lock)
+    redis = held["redis"][0]
+    report = tmp_path / "resolved.json"
+    install = [
+        {"metadata": {"name": "Redis", "version": redis}},
+        {"metadata": {"name": "async_timeout", "version": held["async-timeout"][0]}},
+    ]
+    report.write_text(json.dumps({"install": install}))
+    assert deps.locked(lock, report) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        f"async-timeout=={held['async-timeout'][0]}",
+        f"redis=={redis}",
+    ]
+    assert all(part.startswith("--hash=sha256:") for line in lines for part in line.split()[1:])
+    assert lines[1].split()[1:] == held["redis"][1]
+
+    install += [
+        {"metadata": {"name": "redis", "version": "0.0.1"}},
+        {"metadata": {"name": "left-pad", "version": "1.0"}},
+    ]
+    report.write_text(json.dumps({"install": install}))
+    assert deps.locked(lock, report) == 1
+    error = capsys.readouterr().err
+    assert "left-pad==1.0 (lock: nothing)" in error and f"redis==0.0.1 (lock: {redis})" in error
+
+
+def test_every_image_installs_its_third_party_packages_in_hash_checking_mode() -> None:
+    dockerfiles = sorted(REPO.glob("services/*/Dockerfile*"))
+    dockerfiles = [d for d in dockerfiles if not d.name.endswith(".dockerignore") and d.parent.name != "base"]
+    assert len(dockerfiles) == 6, dockerfiles
+    assert "!requirements/lock.txt" in (REPO / ".dockerignore").read_text()  # the legacy builder's
+    for dockerfile in dockerfiles:
+        text = dockerfile.read_text()
+        assert (
+            "--locked requirements/lock.txt" in text
+            and "--require-hashes --no-deps -r requirements.locked" in text
+        ), dockerfile
+        assert "-c requirements/constraints.txt -r requirements.txt\n" not in text, (
+            dockerfile
+        )  # no unhashed install
+        ignore = (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text()
+        assert "!requirements/lock.txt" in ignore, dockerfile
