@@ -23,7 +23,7 @@ Sampling: without weights every pooled image is drawn once an epoch, so a source
 its share of the images. With a ``weight`` on every source, a source's share of the draws is its weight
 over the sum (drawn with replacement, an epoch being as many draws as the pool has training images): a
 large source cannot dominate a small one. :func:`draw_weights` turns the shares into per-image weights;
-``PooledData.info["sampling"]`` records the shares, for the checkpoint's metadata.
+``PooledData.info`` records the sampling and each source's ``share``, for the checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -336,12 +336,12 @@ def build_pool(config: PretrainConfig, env: DistEnv) -> PooledData:
             }
         )
     pooled = PooledImages(parts, picks, names)
-    weights = [s.weight for s in sources]
-    shares = None if None in weights else [w / sum(weights) for w in weights]  # type: ignore[operator]
-    for entry, share in zip(per_source, shares or [None] * len(per_source), strict=True):
-        entry["share"] = share if share is not None else entry["images"] / len(pooled)
+    weighted = all(s.weight is not None for s in sources)  # all or none: checked with the config
+    total = sum(s.weight or 0.0 for s in sources)
+    for entry, s in zip(per_source, sources, strict=True):
+        entry["share"] = (s.weight or 0.0) / total if weighted else entry["images"] / len(pooled)
     info = {
-        "sampling": "weighted by source" if shares else "each image once an epoch",
+        "sampling": "weighted by source" if weighted else "each image once an epoch",
         "sources": per_source,
         "exclude": exclusions,
         "images": len(pooled),
