@@ -3,6 +3,10 @@
 # against the budgets (docs/ops.md). Exit status: 3 when the images were built but a budget is exceeded
 # (or the workers do not share the torch layer); another non-zero status when a build failed.
 #
+#   room          Docker's data folder needs about XRAYFM_BUILD_ROOM_GB (default 25) GB free for a cold build
+#                 (the torch base alone: its wheelhouse sent as build context, the unpacked venv); with less,
+#                 dangling images left by earlier xrayfm builds (labelled xrayfm.stage or xrayfm.image) are
+#                 removed first, and a warning says how much is free.
 #   base images   python:3.11-slim, redis:7-alpine, prom/prometheus:latest from the registry when it
 #                 answers; else, or with OFFLINE=1, the stand-ins of deploy/base-images.sh (built when
 #                 missing), also tagged under those names when the names are free, so that
@@ -13,6 +17,9 @@
 #                 uses (inference: the torch-free CPU worker, services/inference/Dockerfile.cpu), the torch
 #                 inference worker of docker-compose.gpu.yml, xrayfm/inference-torch (services/inference/Dockerfile),
 #                 and the PACS of the `pacs` profile, xrayfm/orthanc (Debian's Orthanc on the Python base).
+#   cleanup       images of earlier builds that this one replaced or no longer uses (untagged, labelled
+#                 xrayfm.stage or xrayfm.image, not in this run's build log build/images.log) are removed,
+#                 so that repeated builds do not fill the disk; a container still using one keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DOCKER_CLI_HINTS=false
@@ -26,6 +33,40 @@ label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/
 standin() { [[ "$(label "$1" org.opencontainers.image.description)" == *"stand-in built from Debian"* ]]; }
 
 docker info >/dev/null 2>&1 || { say "no Docker engine answers (docs/ops.md: start dockerd)"; exit 2; }
+
+mkdir -p build
+LOG=build/images.log  # every docker build of this run, in full: the image IDs it used decide the cleanup
+: >"$LOG"
+dbuild() {  # docker build ARGS..., its output appended to $LOG; on failure its tail is shown
+  if ! docker build "$@" >>"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    say "docker build failed (the whole output: $LOG)"
+    exit 1
+  fi
+}
+stale() {  # dangling images of earlier xrayfm builds that this run's builds did not use
+  { docker images -q --no-trunc --filter dangling=true --filter label=xrayfm.stage
+    docker images -q --no-trunc --filter dangling=true --filter label=xrayfm.image; } | cut -d: -f2 | cut -c1-12 |
+    sort -u | comm -23 - <(grep -oE '^ ---> [0-9a-f]{12}$' "$LOG" | cut -c7- | sort -u)
+}
+remove_stale() {  # removes stale images (children before parents, hence passes); prints how many went
+  local removed=0 ids pass
+  for pass in 1 2 3; do
+    ids=$(stale)
+    [ -n "$ids" ] || break
+    for id in $ids; do docker rmi "$id" >/dev/null 2>&1 && removed=$((removed + 1)); done
+  done
+  echo "$removed"
+}
+# Room to build. Docker's data folder may be on another host (DOCKER_HOST): then it is not checked.
+ROOM_GB=${XRAYFM_BUILD_ROOM_GB:-25}
+free_gb() { df -P -BG "$1" 2>/dev/null | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
+docker_root=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || true)
+free=$(free_gb "$docker_root")
+if [ -n "$free" ] && [ "$free" -lt "$ROOM_GB" ]; then
+  say "$free GB free under $docker_root, a cold build needs about $ROOM_GB GB: removing dangling images of earlier xrayfm builds"
+  say "removed $(remove_stale) images; now $(free_gb "$docker_root") GB free (\`docker system df\` shows what else holds space)"
+fi
 
 # 1. Base images: official ones when the registry answers, else the offline stand-ins.
 OFFICIAL_PYTHON=python:3.11-slim OFFICIAL_REDIS=${XRAYFM_REDIS_IMAGE:-redis:7-alpine}
@@ -58,23 +99,36 @@ fi
 BASE_IMAGE=${XRAYFM_BASE_IMAGE:-$OFFICIAL_PYTHON}
 say "Python base: $BASE_IMAGE$(standin "$BASE_IMAGE" && echo ' (offline stand-in)')"
 
-# 2. The torch base, from the wheelhouse.
-TORCH_VERSION=$(sed -nE 's/^torch==([^ ]+)$/\1/p' requirements/constraints.txt)
+# 2. The torch base. Up to date, with no wheelhouse needed, when an image exists built from this Dockerfile
+# on this Python base with wheels at pins requirements/constraints.txt still holds (its xrayfm.pins label);
+# else built from the wheelhouse (deploy/wheelhouse.sh).
+CONSTRAINTS=requirements/constraints.txt
+TORCH_VERSION=$(sed -nE 's/^torch==([^ ]+)$/\1/p' "$CONSTRAINTS")
 TORCH_BASE=xrayfm/torch-base:$TORCH_VERSION
 WHEELHOUSE=build/wheelhouse/torch
 base_id=$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")
-key_of() { cat services/base/Dockerfile "$1" | sha256sum | cut -c1-16; }
+dockerfile_key=$(sha256sum <services/base/Dockerfile | cut -c1-16)
+torch_base_current() {
+  exists "$TORCH_BASE" && [ "$(label "$TORCH_BASE" xrayfm.base-id)" = "$base_id" ] &&
+    [ "$(label "$TORCH_BASE" xrayfm.dockerfile)" = "$dockerfile_key" ] || return 1
+  local pins pin
+  pins=$(label "$TORCH_BASE" xrayfm.pins)
+  [ -n "$pins" ] || return 1
+  for pin in $pins; do grep -qxF "$pin" "$CONSTRAINTS" || return 1; done
+}
 timer=$SECONDS
-if exists "$TORCH_BASE" && [ "$(label "$TORCH_BASE" xrayfm.base-id)" = "$base_id" ] &&
-  [ -f "$WHEELHOUSE/constraints.txt" ] && [ "$(label "$TORCH_BASE" xrayfm.key)" = "$(key_of "$WHEELHOUSE/constraints.txt")" ] &&
-  deploy/wheelhouse.sh && [ "$(label "$TORCH_BASE" xrayfm.key)" = "$(key_of "$WHEELHOUSE/constraints.txt")" ]; then
-  say "$TORCH_BASE is up to date (same Dockerfile, pins and Python base)"
+if torch_base_current; then
+  say "$TORCH_BASE is up to date (same Dockerfile and Python base, its pins still in $CONSTRAINTS)"
 else
   deploy/wheelhouse.sh
   say "building $TORCH_BASE from $WHEELHOUSE ($(du -sh "$WHEELHOUSE" | cut -f1) of wheels)"
-  docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" \
-    --label xrayfm.key="$(key_of "$WHEELHOUSE/constraints.txt")" --label xrayfm.base-id="$base_id" \
-    -f services/base/Dockerfile -t "$TORCH_BASE" "$WHEELHOUSE" >/dev/null
+  dbuild --build-arg BASE_IMAGE="$BASE_IMAGE" --label xrayfm.image=torch-base \
+    --label xrayfm.dockerfile="$dockerfile_key" --label xrayfm.base-id="$base_id" \
+    --label xrayfm.pins="$(tr '\n' ' ' <"$WHEELHOUSE/constraints.txt")" \
+    -f services/base/Dockerfile -t "$TORCH_BASE" "$WHEELHOUSE"
+  # Its build stage (the wheels and the unpacked venv, ~9 GB) is no cache worth keeping: a build with the
+  # same pins is skipped above.
+  docker image prune -f --filter 'label=xrayfm.stage=torch-base build' >/dev/null
 fi
 say "torch base: $((SECONDS - timer)) s"
 
@@ -83,12 +137,13 @@ say "torch base: $((SECONDS - timer)) s"
 for build in gateway:gateway/Dockerfile frontend:frontend/Dockerfile router:router/Dockerfile \
   inference:inference/Dockerfile.cpu inference-torch:inference/Dockerfile training:training/Dockerfile; do
   image=${build%%:*} timer=$SECONDS
-  docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_BASE_IMAGE="$TORCH_BASE" \
-    -f "services/${build#*:}" -t "xrayfm/$image:$TAG" . >/dev/null
+  dbuild --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg TORCH_BASE_IMAGE="$TORCH_BASE" \
+    --label xrayfm.image="$image" -f "services/${build#*:}" -t "xrayfm/$image:$TAG" .
   say "xrayfm/$image:$TAG: $((SECONDS - timer)) s"
 done
 timer=$SECONDS
-docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -f deploy/orthanc/Dockerfile -t "xrayfm/orthanc:$TAG" deploy/orthanc >/dev/null
+dbuild --build-arg BASE_IMAGE="$BASE_IMAGE" --label xrayfm.image=orthanc -f deploy/orthanc/Dockerfile \
+  -t "xrayfm/orthanc:$TAG" deploy/orthanc
 say "xrayfm/orthanc:$TAG: $((SECONDS - timer)) s"
 
 # 4. Sizes against the budgets. A worker's own budget counts what it adds to the torch base image it
@@ -125,4 +180,7 @@ else
   echo "  the workers do NOT share the torch layer"
   status=3
 fi
+
+# 5. Cleanup: images of earlier builds that this one replaced or did not use.
+say "removed $(remove_stale) images of earlier builds that this one replaced or did not use"
 exit $status

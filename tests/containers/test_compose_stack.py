@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(3600)
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "xrayfm-compose-test"
+_EMPTY_TAR = bytes(1024)  # a tar archive with no member: two zero blocks
 PREDICT_KEY, ADMIN_KEY = "compose-test-predict-key", "compose-test-admin-key"
 SHIPPED = "cxr-vit-tiny-mae-pneumonia-lora"  # the model the default first start serves
 SAMPLE = int(os.environ.get("XRAYFM_COMPOSE_SAMPLE", "0"))
@@ -199,6 +201,11 @@ def stack():
         pytest.skip(reason)
     s = Stack()
     s.run("down", "-v", "--remove-orphans", check=False)
+    # An untagged image labelled as a build stage of an earlier build: the build must remove it.
+    s.stale_probe = subprocess.run(
+        ["docker", "import", "--change", 'LABEL xrayfm.stage="compose-test probe"', "-"],
+        input=_EMPTY_TAR, capture_output=True, check=True,
+    ).stdout.decode().strip()  # fmt: skip
     started = time.monotonic()
     build = subprocess.run(
         [str(REPO / "deploy/images.sh")], cwd=REPO, env=s.env, capture_output=True, text=True, timeout=3600
@@ -228,6 +235,28 @@ def test_images_are_within_their_budgets(stack: Stack) -> None:
     assert stack.build.returncode == 0, f"over budget (deploy/images.sh):\n{stack.build.stdout}"
     assert "the workers share the torch layer" in stack.build.stdout
     assert "torch-free (ONNX Runtime, CPU)" in stack.build.stdout  # the CPU inference image's own budget
+
+
+def test_a_build_leaves_no_stale_images_behind(stack: Stack) -> None:
+    """deploy/images.sh removes the untagged images of earlier builds that it did not use (the probe made
+    before it ran) and the torch base's build stage, so that rebuilds do not fill the disk."""
+    gone = subprocess.run(["docker", "image", "inspect", stack.stale_probe], capture_output=True)
+    assert gone.returncode != 0, f"the stale probe image {stack.stale_probe} is still there"
+    used = set(re.findall(r"^ ---> ([0-9a-f]{12})$", (REPO / "build/images.log").read_text(), flags=re.M))
+    left = {
+        image[len("sha256:") :][:12]
+        for label in ("xrayfm.stage", "xrayfm.image")
+        for image in subprocess.run(
+            ["docker", "images", "-q", "--no-trunc", "--filter", "dangling=true", "--filter", f"label={label}"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+    }  # fmt: skip
+    assert left <= used, f"untagged images of earlier builds left behind: {sorted(left - used)}"
+    stage = subprocess.run(
+        ["docker", "images", "-qa", "--filter", "label=xrayfm.stage=torch-base build"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert not stage.stdout.split(), "the torch base's build stage (~9 GB) was kept"
 
 
 def test_the_inference_image_has_no_torch_and_refuses_gradient_methods_with_422(stack: Stack) -> None:
