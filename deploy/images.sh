@@ -3,16 +3,15 @@
 # against the budgets (docs/ops.md). Exit status: 3 when the images were built but a budget is exceeded
 # (or the workers do not share the torch layer); another non-zero status when a build failed.
 #
-#   room          Docker's data folder needs about XRAYFM_BUILD_ROOM_GB (default 25) GB free for a cold build
-#                 (the torch base alone: its wheelhouse sent as build context, the unpacked venv); with less,
-#                 dangling images left by earlier xrayfm builds (labelled xrayfm.stage or xrayfm.image) are
-#                 removed first, and a warning says how much is free.
 #   base images   python:3.11-slim, redis:7-alpine, prom/prometheus:latest from the registry when it
 #                 answers; else, or with OFFLINE=1, the stand-ins of deploy/base-images.sh (built when
 #                 missing), also tagged under those names when the names are free, so that
 #                 docker-compose.yml runs unchanged. XRAYFM_BASE_IMAGE overrides the Python base.
-#   torch base    xrayfm/torch-base:<torch version>, from the wheelhouse (deploy/wheelhouse.sh); skipped
-#                 when an image built from the same Dockerfile, pins and Python base exists.
+#   torch base    xrayfm/torch-base:<torch version>, from the wheelhouse (deploy/wheelhouse.sh); skipped,
+#                 with no wheelhouse, when an image built from the same Dockerfile, pins and Python base exists.
+#                 Building it needs about XRAYFM_BUILD_ROOM_GB (25) GB free under Docker's data folder (the
+#                 wheelhouse sent as build context, then unpacked); the services alone about 5 GB. With less,
+#                 the untagged images of earlier xrayfm builds are removed first, saying how much is free.
 #   services      xrayfm/{gateway,frontend,inference,training,router}:${XRAYFM_TAG:-local}, the names compose
 #                 uses (inference: the torch-free CPU worker, services/inference/Dockerfile.cpu), the torch
 #                 inference worker of docker-compose.gpu.yml, xrayfm/inference-torch (services/inference/Dockerfile),
@@ -58,15 +57,18 @@ remove_stale() {  # removes stale images (children before parents, hence passes)
   done
   echo "$removed"
 }
-# Room to build. Docker's data folder may be on another host (DOCKER_HOST): then it is not checked.
-ROOM_GB=${XRAYFM_BUILD_ROOM_GB:-25}
+# Room to build: with less free space under Docker's data folder than a build needs, the untagged images
+# of earlier xrayfm builds go first. Not checked when that folder is on another host (DOCKER_HOST).
 free_gb() { df -P -BG "$1" 2>/dev/null | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
-docker_root=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || true)
-free=$(free_gb "$docker_root")
-if [ -n "$free" ] && [ "$free" -lt "$ROOM_GB" ]; then
-  say "$free GB free under $docker_root, a cold build needs about $ROOM_GB GB: removing dangling images of earlier xrayfm builds"
-  say "removed $(remove_stale) images; now $(free_gb "$docker_root") GB free (\`docker system df\` shows what else holds space)"
-fi
+make_room() {  # NEED_GB WHAT
+  local root free
+  root=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || true)
+  free=$(free_gb "$root")
+  if [ -n "$free" ] && [ "$free" -lt "$1" ]; then
+    say "$free GB free under $root, $2 needs about $1 GB: removing the untagged images of earlier xrayfm builds"
+    say "removed $(remove_stale) images; now $(free_gb "$root") GB free (\`docker system df\` shows what holds the rest)"
+  fi
+}
 
 # 1. Base images: official ones when the registry answers, else the offline stand-ins.
 OFFICIAL_PYTHON=python:3.11-slim OFFICIAL_REDIS=${XRAYFM_REDIS_IMAGE:-redis:7-alpine}
@@ -119,7 +121,9 @@ torch_base_current() {
 timer=$SECONDS
 if torch_base_current; then
   say "$TORCH_BASE is up to date (same Dockerfile and Python base, its pins still in $CONSTRAINTS)"
+  make_room 5 "building the services"
 else
+  make_room "${XRAYFM_BUILD_ROOM_GB:-25}" "building the torch base"
   deploy/wheelhouse.sh
   say "building $TORCH_BASE from $WHEELHOUSE ($(du -sh "$WHEELHOUSE" | cut -f1) of wheels)"
   dbuild --build-arg BASE_IMAGE="$BASE_IMAGE" --label xrayfm.image=torch-base \
