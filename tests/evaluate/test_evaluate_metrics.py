@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from xrayfm.errors import DataError
 from xrayfm.evaluate import auroc_with_ci, expected_calibration_error, roc_curves, threshold_metrics
-from xrayfm.evaluate.metrics import _weighted_auroc
+from xrayfm.evaluate.metrics import _weighted_auroc, paired_auroc_difference
 
 
 def _scored(n: int, seed: int, signal: float = 1.0, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -165,3 +165,17 @@ def test_ece_masks_nan_and_rejects_logits() -> None:
     assert res["n"] == 2
     with pytest.raises(DataError, match="outside"):
         expected_calibration_error([1, 0], [2.3, -1.0])
+
+
+def test_paired_auroc_difference_is_paired_and_skips_one_class_labels():
+    rng = np.random.default_rng(1)
+    y = np.column_stack([rng.integers(0, 2, 300), np.zeros(300)]).astype(float)  # label 2: one class
+    a = y + rng.normal(0, 0.5, y.shape)
+    same = paired_auroc_difference(y, a, a, n_bootstrap=200)
+    assert same["difference"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0  # paired: no spread
+    better = paired_auroc_difference(y, a, y + rng.normal(0, 3.0, y.shape), n_bootstrap=200)
+    assert better["difference"] > 0.1 and 0 < better["ci_low"] < better["difference"] < better["ci_high"]
+    none = paired_auroc_difference(np.zeros((5, 1)), np.zeros((5, 1)), np.zeros((5, 1)))
+    assert none["difference"] is None and none["ci_low"] is None
+    with pytest.raises(DataError, match=r"must be \[N, L\] alike"):
+        paired_auroc_difference(y, a[:, :1], a)

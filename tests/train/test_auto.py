@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from tests.train.train_helpers import QUIET
@@ -13,7 +15,7 @@ from xrayfm.cli import main
 from xrayfm.data.torch_dataset import CachedDataset
 from xrayfm.errors import XrayfmError
 from xrayfm.train import AdaptConfig, adapt
-from xrayfm.train.auto import CANDIDATES, candidate_dir, choose
+from xrayfm.train.auto import CANDIDATES, DEFAULT, candidate_dir, choose, decide, lead
 from xrayfm.train.config import METHOD_LR, TuneConfig
 
 
@@ -56,10 +58,12 @@ def test_auto_trains_each_candidate_and_retrains_the_best(foundation, bone_cache
         assert auto["scores"][method] == _read(run / "summary.json")["best_metric"]
         assert not (run / "best" / "domain_gate.json").exists()  # never published: no gate fitted
 
-    # the chosen one is the argmax (ties: the first of lora, full, linear)
+    # the chosen one is the argmax (ties: the first of lora, full, linear); with n_bootstrap 0 its lead is
+    # not measured, so it is never replaced by the default
     scores = {m: s for m, s in auto["scores"].items() if s is not None}
     top = max(scores.values())
-    assert auto["chosen"] == next(m for m in CANDIDATES if scores.get(m) == top)
+    assert auto["chosen"] == auto["best"] == next(m for m in CANDIDATES if scores.get(m) == top)
+    assert auto["lead"] is None and auto["kept_default"] is False
 
     # the choice split: every training patient on exactly one side, every training image used
     split = auto["split"]
@@ -134,6 +138,57 @@ def test_choose_picks_the_best_defined_score() -> None:
     assert choose({"lora": float("nan"), "full": None, "linear": 0.1}, "mean_auroc") == "linear"
     with pytest.raises(XrayfmError, match="no candidate has a mean_auroc"):
         choose({"lora": None, "full": None, "linear": None}, "mean_auroc")
+
+
+def _predictions(out: Path, method: str, y: np.ndarray, p: np.ndarray, patients: np.ndarray) -> None:
+    report = candidate_dir(out, method) / "report"
+    report.mkdir(parents=True)
+    frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(len(y))], "patient_id": patients})
+    frame["label/abnormal"], frame["prob/abnormal"] = y, p
+    frame.to_csv(report / "predictions.csv", index=False)
+
+
+@pytest.mark.parametrize("patients", [8, 200])
+def test_a_lead_within_the_choice_splits_noise_keeps_the_default(tmp_path, patients):
+    """full scores above lora by its best epoch. Drawn alike (full's predictions better than lora's), on 8
+    patients of 3 images the lead is within the paired bootstrap's noise and lora is kept; on 200 it is not."""
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(patients), 3)
+    y = np.repeat(rng.permutation(np.arange(patients) % 2), 3).astype(float)
+    good = y + rng.normal(0, 0.8, len(y))  # full: AUROC about 0.8
+    weak = y + rng.normal(0, 2.0, len(y))  # lora: about 0.6
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    _predictions(tmp_path, "full", y, sigmoid(good), ids)
+    _predictions(tmp_path, "lora", y, sigmoid(weak), ids)
+    config = AdaptConfig(out=str(tmp_path), method="auto", n_bootstrap=500)
+    scores = {"lora": 0.6, "full": 0.8, "linear": 0.5}
+    chosen, best, margin = decide(tmp_path, scores, config)
+    assert best == "full" and margin is not None and margin["of"] == "full" and margin["over"] == DEFAULT
+    assert margin["ci_low"] <= margin["difference"] <= margin["ci_high"]
+    if patients == 8:
+        assert margin["ci_low"] <= 0 and chosen == DEFAULT
+    else:
+        assert margin["difference"] > 0 and margin["ci_low"] > 0 and chosen == "full"
+    # no bootstrap, or the default itself best: the argmax, unmeasured
+    assert decide(tmp_path, scores, AdaptConfig(out=str(tmp_path), method="auto", n_bootstrap=0)) == (
+        "full",
+        "full",
+        None,
+    )
+    assert decide(tmp_path, {**scores, "lora": 0.9}, config) == ("lora", "lora", None)
+
+
+def test_a_lead_is_measured_on_studies_when_the_rows_have_them(tmp_path):
+    ids = np.repeat(np.arange(40), 2)  # 40 studies of 2 images, one study per patient
+    y = np.repeat(np.arange(40) % 2, 2).astype(float)
+    for method, p in (("full", 0.2 + 0.6 * y), ("lora", np.full(len(y), 0.5))):
+        _predictions(tmp_path, method, y, p, ids)
+        file = candidate_dir(tmp_path, method) / "report" / "predictions.csv"
+        pd.read_csv(file).assign(study_id=ids).to_csv(file, index=False)
+    margin = lead(tmp_path, "full", "lora", n_bootstrap=200, seed=0)
+    assert margin is not None and margin["level"] == "study"
+    assert margin["difference"] == pytest.approx(0.5)  # 1.0 against a constant's 0.5
+    assert lead(tmp_path, "full", "linear", n_bootstrap=200, seed=0) is None  # linear has no predictions
 
 
 def test_auto_refuses_what_it_cannot_choose_on(foundation, bone_caches, tmp_path):

@@ -192,6 +192,39 @@ def auroc_with_ci(
     return {"auroc": point, **summarise_bootstrap(point, boot, alpha), **base, "alpha": alpha}
 
 
+def paired_auroc_difference(
+    y_true: Any,
+    score_a: Any,
+    score_b: Any,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Sequence | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Mean AUROC over labels of ``score_a`` minus that of ``score_b`` on the same rows [N, L] (NaN label =
+    masked; labels with one class are left out of both means), with a paired percentile-bootstrap (1 - alpha)
+    CI: each resample of rows, or of ``clusters``, scores both. ``difference`` is None when no label has
+    both classes."""
+    y = np.asarray(y_true, dtype=np.float64)
+    a, b = (np.asarray(s, dtype=np.float64) for s in (score_a, score_b))
+    if not (y.shape == a.shape == b.shape) or y.ndim != 2:
+        raise DataError(f"labels {y.shape} and scores {a.shape}, {b.shape} must be [N, L] alike")
+    defined = [j for j in range(y.shape[1]) if point_auroc(y[:, j], a[:, j])[0] is not None]
+    if not defined:
+        return {"difference": None, **summarise_bootstrap(None, np.empty(0), alpha)}
+    point = float(
+        np.mean([point_auroc(y[:, j], a[:, j])[0] for j in defined])
+        - np.mean([point_auroc(y[:, j], b[:, j])[0] for j in defined])
+    )
+    y, a, b = y[:, defined], a[:, defined], b[:, defined]
+    boot = bootstrap_aurocs(np.hstack([y, y]), np.hstack([a, b]), n_bootstrap, seed, clusters)
+    n = len(defined)
+    complete = ~np.isnan(boot).any(axis=1)  # a resample that lost a label's class is skipped
+    diff = np.full(len(boot), np.nan)
+    diff[complete] = boot[complete, :n].mean(axis=1) - boot[complete, n:].mean(axis=1)
+    return {"difference": point, **summarise_bootstrap(point, diff, alpha)}
+
+
 def roc_curves(y_true: Any, y_prob: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """ROC points per label column ({name: {"fpr", "tpr", "auroc"}}) for plotting; undefined labels omitted.
 

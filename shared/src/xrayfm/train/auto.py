@@ -12,7 +12,13 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    never published).
 2. **Choice.** The candidate with the best ``metric`` (mean AUROC, or the lowest val_loss) at its best
    epoch wins; a tie goes to the first of lora, full, linear. A candidate whose metric is undefined
-   cannot win.
+   cannot win. A choice split of a few patients cannot tell the candidates apart, and a choice made on
+   its noise does worse than the default on average (docs/foundation.md, "Choosing the LoRA defaults"),
+   so when another candidate beats lora, its **lead** is measured: the difference of the two candidates'
+   AUROC on the choice split (study AUROC for one label with studies, else mean AUROC; their best
+   weights), with a 95 % paired bootstrap CI over patients (``n_bootstrap`` resamples). When the CI
+   reaches 0 the lead is within the split's noise, and lora, the default, is kept; ``"kept_default"``
+   says so. ``n_bootstrap 0`` or ``metric val_loss`` turn this off.
 3. **Result.** The winner is **retrained** in ``OUT`` exactly as ``adapt --method <winner>`` would run
    it, at its learning rate. That is simple and honest: ``OUT/best``, ``report/``, the domain gate and
    ``merged/`` are a normal run's; with a separate validation split the result trains on all of the
@@ -21,7 +27,7 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    candidate's run (same data, seed and settings): one extra run, kept so that a single code path
    makes what is published.
 
-The choice, ``{"chosen", "metric", "scores", "lr", "split", "runs"}``, is written to
+The choice, ``{"chosen", "best", "lead", "kept_default", "metric", "scores", "lr", "split", "runs"}``, is written to
 ``OUT/auto/choice.json`` and recorded under ``"auto"`` in the returned summary, ``OUT/summary.json`` and
 the checkpoint's ``meta.json`` (so a store version published from ``best/`` carries it).
 
@@ -35,17 +41,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from xrayfm.errors import XrayfmError
+from xrayfm.evaluate.metrics import paired_auroc_difference
+from xrayfm.evaluate.reports import study_level
 from xrayfm.train.adaptation import run_adaptation
 from xrayfm.train.config import METHOD_LR, AdaptConfig
 from xrayfm.train.distributed import env_from_environ
 from xrayfm.utils import atomic_write_json, read_json, to_jsonable
 
 CANDIDATES = ("lora", "full", "linear")
+DEFAULT = "lora"  # kept unless another candidate's lead is outside the choice split's noise
 AUTO_DIR = "auto"
 RECORD = "candidate.json"
 CHOICE = "choice.json"
@@ -73,6 +86,7 @@ def candidate_config(config: AdaptConfig, method: str) -> AdaptConfig:
         cache=config.cache or str(out / "cache" / config.split),
         val_split=None,
         val_cache=None,
+        report_on="best",
         merge=False,
         resume=False,
     )
@@ -104,6 +118,62 @@ def choose(scores: dict[str, float | None], metric: str) -> str:
     sign = -1.0 if metric == "val_loss" else 1.0
     order = {m: i for i, m in enumerate(CANDIDATES)}
     return max(defined, key=lambda m: (sign * defined[m], -order.get(m, len(order))))
+
+
+def lead(out: str | Path, winner: str, other: str, n_bootstrap: int, seed: int) -> dict[str, Any] | None:
+    """``winner``'s lead over ``other`` on the choice split, from their reports' predictions: the AUROC
+    difference with its paired bootstrap CI (:func:`~xrayfm.evaluate.metrics.paired_auroc_difference`),
+    at study level for one label with studies. None when either candidate has no predictions on the
+    same rows."""
+    files = [candidate_dir(out, m) / "report" / "predictions.csv" for m in (winner, other)]
+    if not all(f.is_file() for f in files):
+        return None
+    a, b = (pd.read_csv(f) for f in files)
+    if "path" not in a or not a["path"].equals(b["path"]):
+        return None
+    names = [c.removeprefix("label/") for c in a.columns if c.startswith("label/")]
+    y = a[[f"label/{n}" for n in names]].to_numpy(np.float64)
+    pa, pb = (f[[f"prob/{n}" for n in names]].to_numpy(np.float64) for f in (a, b))
+    clusters = a["patient_id"].astype(str).to_numpy() if "patient_id" in a else None
+    level = "image"
+    if len(names) == 1 and "study_id" in a and not np.isnan(y).any():
+        studies = a["study_id"].astype(str).to_numpy()
+        ids, ys, qa = study_level(y[:, 0], pa[:, 0], studies)
+        qb = study_level(y[:, 0], pb[:, 0], studies)[2]
+        if clusters is not None:  # the patient of each study, in study_level's order
+            clusters = pd.Series(clusters, index=studies).groupby(level=0).first().reindex(ids).to_numpy()
+        y, pa, pb, level = ys[:, None], qa[:, None], qb[:, None], "study"
+    result = paired_auroc_difference(y, pa, pb, n_bootstrap=n_bootstrap, seed=seed, clusters=clusters)
+    return {"of": winner, "over": other, "level": level, **to_jsonable(result)}
+
+
+def decide(
+    out: Path, scores: dict[str, float | None], config: AdaptConfig
+) -> tuple[str, str, dict[str, Any] | None]:
+    """(chosen, best by score, the best's lead over the default or None): the default is kept when the
+    best's lead CI reaches 0."""
+    best = choose(scores, config.metric)
+    if (
+        best == DEFAULT
+        or config.metric == "val_loss"
+        or config.n_bootstrap <= 0
+        or scores.get(DEFAULT) is None
+    ):
+        return best, best, None
+    margin = lead(out, best, DEFAULT, config.n_bootstrap, config.seed)
+    within_noise = margin is not None and (margin["ci_low"] is None or margin["ci_low"] <= 0)
+    return (DEFAULT if within_noise else best), best, margin
+
+
+def _agreed_choice(out: Path, scores: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """On a rank other than the main one: the choice the main rank wrote for these scores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        choice = read_json(out / AUTO_DIR / CHOICE, {})
+        if choice.get("scores") == to_jsonable(scores):
+            return choice
+        time.sleep(0.5)
+    raise XrayfmError(f"--method auto: the main rank wrote no choice in {out / AUTO_DIR / CHOICE}")
 
 
 def _tagged(progress: Progress | None, tag: dict[str, Any]) -> Progress | None:
@@ -167,20 +237,26 @@ def adapt_auto(
             atomic_write_json(run / RECORD, records[method])
 
     scores = {m: records[m]["score"] for m in CANDIDATES}
-    chosen = choose(scores, config.metric)
-    choice = to_jsonable(
-        {
-            "chosen": chosen,
-            "metric": config.metric,
-            "scores": scores,
-            "lr": {m: METHOD_LR[m] for m in CANDIDATES},
-            "split": records[chosen]["split"],
-            "runs": {m: records[m]["run"] for m in CANDIDATES},
-            "result": "retrained",
-        }
-    )
-    if is_main:
+    if is_main:  # the lead is read from the main rank's reports; the other ranks take its choice
+        chosen, best, margin = decide(out, scores, config)
+        choice = to_jsonable(
+            {
+                "chosen": chosen,
+                "best": best,
+                "lead": margin,
+                "kept_default": chosen != best,
+                "metric": config.metric,
+                "scores": scores,
+                "lr": {m: METHOD_LR[m] for m in CANDIDATES},
+                "split": records[chosen]["split"],
+                "runs": {m: records[m]["run"] for m in CANDIDATES},
+                "result": "retrained",
+            }
+        )
         atomic_write_json(out / AUTO_DIR / CHOICE, choice)
+    else:
+        choice = _agreed_choice(out, scores)
+        chosen = choice["chosen"]
     final = dataclasses.replace(config, method=chosen, lr=METHOD_LR[chosen])
     tag = {"phase": "final", "method": chosen}
     result = run_adaptation(final, _tagged(progress, tag), should_cancel, extra_meta={"auto": choice})
@@ -191,4 +267,13 @@ def adapt_auto(
     return result
 
 
-__all__ = ["AUTO_DIR", "CANDIDATES", "adapt_auto", "candidate_config", "candidate_dir", "choose"]
+__all__ = [
+    "AUTO_DIR",
+    "CANDIDATES",
+    "DEFAULT",
+    "adapt_auto",
+    "candidate_config",
+    "candidate_dir",
+    "choose",
+    "lead",
+]
