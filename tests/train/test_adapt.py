@@ -17,7 +17,8 @@ from xrayfm.models.lora import LoraSettings, apply_lora
 from xrayfm.train import AdaptConfig, adapt
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import METHOD_LR
-from xrayfm.train.data import subsample
+from xrayfm.train.data import load_task_data, subsample, subsample_labelled
+from xrayfm.train.distributed import env_from_environ
 from xrayfm.train.sampler import RawImage, SeededView
 
 
@@ -117,6 +118,28 @@ def test_label_fraction_keeps_whole_studies(bone_caches, foundation, tmp_path):
     summary = adapt(_config(tmp_path / "run", foundation, bone_caches, label_fraction=0.5, max_steps=1))
     assert summary["data"]["train"]["studies"] == len(kept)
     assert summary["data"]["val"]["images"] == len(CachedDataset(bone_caches[1]))
+
+
+def test_a_validation_split_of_the_training_data_comes_from_the_labelled_share(
+    bone_caches, foundation, tmp_path
+):
+    """With few labels (label_fraction) and no separate validation set, the patient split is drawn from
+    the kept studies only: both sides together hold the share a run is told it has, none beyond it."""
+    base = CachedDataset(bone_caches[0], transform=RawImage())
+    config = _config(tmp_path / "run", foundation, bone_caches, val_cache=None, val_fraction=0.3)
+    data = load_task_data(config, env_from_environ(), [0.5], [0.25])
+    few = subsample_labelled(data, 0.5, None, "study_id", seed=3)
+    studies = base.csv["study_id"].to_numpy()
+    pool = SeededView(base, RawImage(), rows=np.concatenate([data.train.rows, data.val.rows]))
+    kept = set(subsample(pool, 0.5, None, "study_id", seed=3).csv["study_id"])
+    train, val = set(studies[few.train.rows]), set(studies[few.val.rows])
+    assert train | val == kept and not train & val and val  # the share, split between the two sides
+    assert set(few.val.rows) <= set(data.val.rows) and set(few.train.rows) <= set(data.train.rows)
+    # a separate validation set stays whole
+    separate = load_task_data(
+        _config(tmp_path / "sep", foundation, bone_caches), env_from_environ(), [0.5], [0.25]
+    )
+    assert len(subsample_labelled(separate, 0.5, None, "study_id", seed=3).val) == len(separate.val)
 
 
 def test_predictions_file_lines_up_with_the_report(foundation, bone_caches, tmp_path):

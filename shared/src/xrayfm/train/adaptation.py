@@ -33,7 +33,7 @@ from xrayfm.models.lora import LoraSettings, apply_lora, merge, resolve_lora_tar
 from xrayfm.registry import resolve_checkpoint_dir
 from xrayfm.train.artifacts import load_any
 from xrayfm.train.config import METHOD_LR, AdaptConfig
-from xrayfm.train.data import describe_views, load_task_data, subsample
+from xrayfm.train.data import describe_views, load_task_data, subsample_labelled
 from xrayfm.train.distributed import barrier, setup, teardown
 from xrayfm.train.evaluation import evaluate_view
 from xrayfm.train.loop import fit, use_bf16
@@ -76,7 +76,8 @@ def adapt(
     """Adapt ``config.foundation`` to the configured dataset with ``config.method``; returns the summary.
 
     ``label_fraction`` / ``max_studies`` keep a seeded share of training studies (or patients, by
-    ``subsample_by``); the validation split is never subsampled. ``auto`` tries lora, full and linear
+    ``subsample_by``); a separate validation split is never subsampled, one drawn from the training data
+    comes from that share (:func:`xrayfm.train.data.subsample_labelled`). ``auto`` tries lora, full and linear
     and keeps the best (:func:`xrayfm.train.auto.adapt_auto`).
     """
     if config.method == "auto":
@@ -126,8 +127,8 @@ def run_adaptation(
             config = dataclasses.replace(config, lora_targets=list(targets))
         out = Path(config.out)
         data = load_task_data(config, env, prep["mean"], prep["std"])
-        data.train = subsample(
-            data.train, config.label_fraction, config.max_studies, config.subsample_by, config.seed
+        data = subsample_labelled(
+            data, config.label_fraction, config.max_studies, config.subsample_by, config.seed
         )
         torch.manual_seed(config.seed)
         model, spec = build_adapted_model(foundation, fmeta, config, len(data.names))

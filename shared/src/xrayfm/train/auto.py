@@ -8,8 +8,9 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    learning rate (:data:`~xrayfm.train.config.METHOD_LR`; ``--lr`` is not used). All three validate
    on the same **patient split of the training data** (``val_fraction``, ``split_seed``: no patient on
    both sides), never on the user's own validation split (``val_split`` / ``val_cache``), which therefore
-   stays an honest check of the result. They share one training cache and fit no domain gate (they are
-   never published).
+   stays an honest check of the result. With ``label_fraction`` / ``max_studies`` the choice split comes
+   from that share of the labels, like the candidates' training side (no label beyond it is used). They
+   share one training cache and fit no domain gate (they are never published).
 2. **Choice.** The candidate with the best ``metric`` (mean AUROC, or the lowest val_loss) at its best
    epoch wins; a tie goes to the first of lora, full, linear. A candidate whose metric is undefined
    cannot win. A choice split of a few patients cannot tell the candidates apart, and a choice made on

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,29 @@ def subsample(
     return SeededView(view.base, view.transform, view.seed, view.rows[kept], view.columns)
 
 
+def subsample_labelled(
+    data: TaskData, fraction: float | None, max_groups: int | None, by: str, seed: int
+) -> TaskData:
+    """``data`` with only a seeded share of its labelled groups (``subsample``). A separate validation set
+    is kept whole. A validation split drawn from the training data (patient split, k-fold) comes from the
+    same share: the groups are drawn from both sides together and each side keeps its own, so that a
+    run told to use few labels validates on none beyond them."""
+    if data.info.get("validation") == "separate" or (fraction is None and max_groups is None):
+        return replace(data, train=subsample(data.train, fraction, max_groups, by, seed))
+    train, val = data.train, data.val
+    pool = SeededView(
+        train.base, train.transform, train.seed, np.concatenate([train.rows, val.rows]), train.columns
+    )
+    kept = subsample(pool, fraction, max_groups, by, seed).rows
+
+    def keep(view: SeededView) -> SeededView:
+        return SeededView(
+            view.base, view.transform, view.seed, view.rows[np.isin(view.rows, kept)], view.columns
+        )
+
+    return replace(data, train=keep(train), val=keep(val))
+
+
 def describe_views(data: TaskData) -> dict[str, Any]:
     """Counts of images/patients/studies per side, plus the manifest hash of the training data."""
     sides = {}
@@ -261,4 +284,5 @@ __all__ = [
     "load_task_data",
     "stratify_labels",
     "subsample",
+    "subsample_labelled",
 ]
