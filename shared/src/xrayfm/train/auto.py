@@ -17,9 +17,10 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    its noise does worse than the default on average (docs/foundation.md, "Choosing the LoRA defaults"),
    so when another candidate beats lora, its **lead** is measured: the difference of the two candidates'
    AUROC on the choice split (study AUROC for one label with studies, else mean AUROC; their best
-   weights), with a 95 % paired bootstrap CI over patients (``n_bootstrap`` resamples). When the CI
-   reaches 0 the lead is within the split's noise, and lora, the default, is kept; ``"kept_default"``
-   says so. ``n_bootstrap 0`` or ``metric val_loss`` turn this off.
+   weights), with a 95 % paired bootstrap CI over patients. When the CI reaches 0 the lead is within
+   the split's noise, and lora, the default, is kept; so it is when the split has fewer than 10 patients
+   (the bootstrap of a handful says nothing). ``"kept_default"`` says so, and the lead its ``reason``.
+   With ``metric val_loss`` the argmax stands.
 3. **Result.** The winner is **retrained** in ``OUT`` exactly as ``adapt --method <winner>`` would run
    it, at its learning rate. That is simple and honest: ``OUT/best``, ``report/``, the domain gate and
    ``merged/`` are a normal run's; with a separate validation split the result trains on all of the
@@ -60,6 +61,8 @@ from xrayfm.utils import atomic_write_json, read_json, to_jsonable
 
 CANDIDATES = ("lora", "full", "linear")
 DEFAULT = "lora"  # kept unless another candidate's lead is outside the choice split's noise
+LEAD_BOOTSTRAP = 2000  # resamples of the lead's CI (a small split: cheap)
+MIN_UNITS = 10  # patients (else studies, else images) the choice split needs before a lead can count
 AUTO_DIR = "auto"
 RECORD = "candidate.json"
 CHOICE = "choice.json"
@@ -145,25 +148,29 @@ def lead(out: str | Path, winner: str, other: str, n_bootstrap: int, seed: int) 
             clusters = pd.Series(clusters, index=studies).groupby(level=0).first().reindex(ids).to_numpy()
         y, pa, pb, level = ys[:, None], qa[:, None], qb[:, None], "study"
     result = paired_auroc_difference(y, pa, pb, n_bootstrap=n_bootstrap, seed=seed, clusters=clusters)
-    return {"of": winner, "over": other, "level": level, **to_jsonable(result)}
+    units = len(np.unique(clusters)) if clusters is not None else len(y)
+    return {"of": winner, "over": other, "level": level, "units": units, **to_jsonable(result)}
 
 
 def decide(
     out: Path, scores: dict[str, float | None], config: AdaptConfig
 ) -> tuple[str, str, dict[str, Any] | None]:
-    """(chosen, best by score, the best's lead over the default or None): the default is kept when the
-    best's lead CI reaches 0."""
+    """(chosen, best by score, the best's lead over the default or None). The default is kept when the
+    lead's CI reaches 0, or when the choice split has fewer than :data:`MIN_UNITS` patients (a bootstrap
+    over a handful of patients says nothing); the lead then carries the ``reason``."""
     best = choose(scores, config.metric)
-    if (
-        best == DEFAULT
-        or config.metric == "val_loss"
-        or config.n_bootstrap <= 0
-        or scores.get(DEFAULT) is None
-    ):
+    if best == DEFAULT or config.metric == "val_loss" or scores.get(DEFAULT) is None:
         return best, best, None
-    margin = lead(out, best, DEFAULT, config.n_bootstrap, config.seed)
-    within_noise = margin is not None and (margin["ci_low"] is None or margin["ci_low"] <= 0)
-    return (DEFAULT if within_noise else best), best, margin
+    margin = lead(out, best, DEFAULT, LEAD_BOOTSTRAP, config.seed)
+    if margin is None:
+        return best, best, None
+    if margin["units"] < MIN_UNITS:
+        reason = f"the choice split has {margin['units']} patients, fewer than {MIN_UNITS}: too few to judge"
+    elif margin["ci_low"] is None or margin["ci_low"] <= 0:
+        reason = "the lead's 95 % CI reaches 0: within the choice split's noise"
+    else:
+        return best, best, {**margin, "reason": "the lead's 95 % CI is above 0"}
+    return DEFAULT, best, {**margin, "reason": reason}
 
 
 def _agreed_choice(out: Path, scores: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
@@ -272,6 +279,7 @@ __all__ = [
     "AUTO_DIR",
     "CANDIDATES",
     "DEFAULT",
+    "MIN_UNITS",
     "adapt_auto",
     "candidate_config",
     "candidate_dir",
