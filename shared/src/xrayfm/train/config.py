@@ -579,7 +579,7 @@ class AdaptConfig(TrainConfig):
         "lora, full (all weights), linear (head only, frozen backbone), scratch, or auto: train lora, full "
         "and linear at the same budget, each at its own learning rate (--lr is not used), on a patient "
         "split of the training data (--val-fraction, --split-seed), then retrain the best as the run (lora "
-        "when the best one's lead over it is within that split's bootstrap noise)",
+        "when that split cannot tell the best one's lead over it from noise)",
     )
     lora_rank: StrictInt = _f(8, "LoRA rank", ge=1, le=1024)
     lora_alpha: StrictInt = _f(16, "LoRA alpha (scale = alpha / rank)", ge=1, le=4096)
