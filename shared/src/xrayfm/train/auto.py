@@ -29,8 +29,8 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    candidate's run (same data, seed and settings): one extra run, kept so that a single code path
    makes what is published.
 
-The choice, ``{"chosen", "best", "lead", "kept_default", "metric", "scores", "lr", "split", "runs"}``, is written to
-``OUT/auto/choice.json`` and recorded under ``"auto"`` in the returned summary, ``OUT/summary.json`` and
+The choice, ``{"chosen", "best", "lead", "kept_default", "metric", "scores", "lr", "split", "runs"}``,
+is written to ``OUT/auto/choice.json`` and recorded under ``"auto"`` in the returned summary, ``OUT/summary.json`` and
 the checkpoint's ``meta.json`` (so a store version published from ``best/`` carries it).
 
 Resume: each candidate folder holds ``candidate.json`` (its settings and, once finished, its score) next
