@@ -30,8 +30,9 @@ sometimes loses to full fine-tuning), so ``auto`` measures it:
    makes what is published.
 
 The choice, ``{"chosen", "best", "lead", "kept_default", "metric", "scores", "lr", "split", "runs"}``,
-is written to ``OUT/auto/choice.json`` and recorded under ``"auto"`` in the returned summary, ``OUT/summary.json`` and
-the checkpoint's ``meta.json`` (so a store version published from ``best/`` carries it).
+is written to ``OUT/auto/choice.json`` and recorded under ``"auto"`` in the returned summary,
+``OUT/summary.json`` and the checkpoint's ``meta.json`` (so a store version published from ``best/``
+carries it).
 
 Resume: each candidate folder holds ``candidate.json`` (its settings and, once finished, its score) next
 to its ``best/`` and ``summary.json``. A rerun skips a finished candidate whose settings are unchanged,
