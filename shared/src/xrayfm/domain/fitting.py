@@ -124,7 +124,7 @@ def save_run_gate(
     )
     if len(train) > MAX_REFERENCE:  # moments of 20,000 images are as good as of all of them
         rows = np.sort(np.random.default_rng(seed).choice(len(train), MAX_REFERENCE, replace=False))
-        train = SeededView(train.base, train.transform, train.seed, train.rows[rows], train.columns)
+        train = train.with_rows(train.rows[rows])
     domain = declared_domain(data.info | {"train": {"images": len(data.train)}})
     try:
         gate = fit_gate_for_run(

@@ -225,7 +225,7 @@ def subsample(
     if by not in view.csv:
         raise DataError(f"cannot subsample by {by!r}: the cache has no such column")
     kept = subsample_groups(view, fraction=fraction, max_groups=max_groups, by=by, seed=seed)
-    return SeededView(view.base, view.transform, view.seed, view.rows[kept], view.columns)
+    return view.with_rows(view.rows[kept])
 
 
 def subsample_labelled(
@@ -238,17 +238,14 @@ def subsample_labelled(
     if data.info.get("validation") == "separate" or (fraction is None and max_groups is None):
         return replace(data, train=subsample(data.train, fraction, max_groups, by, seed))
     train, val = data.train, data.val
-    pool = SeededView(
-        train.base, train.transform, train.seed, np.concatenate([train.rows, val.rows]), train.columns
+    kept = subsample(
+        train.with_rows(np.concatenate([train.rows, val.rows])), fraction, max_groups, by, seed
+    ).rows
+    return replace(
+        data,
+        train=train.with_rows(train.rows[np.isin(train.rows, kept)]),
+        val=val.with_rows(val.rows[np.isin(val.rows, kept)]),
     )
-    kept = subsample(pool, fraction, max_groups, by, seed).rows
-
-    def keep(view: SeededView) -> SeededView:
-        return SeededView(
-            view.base, view.transform, view.seed, view.rows[np.isin(view.rows, kept)], view.columns
-        )
-
-    return replace(data, train=keep(train), val=keep(val))
 
 
 def describe_views(data: TaskData) -> dict[str, Any]:

@@ -107,6 +107,10 @@ class SeededView(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def with_rows(self, rows: Sequence[int] | np.ndarray) -> SeededView:
+        """The same base, transform, seed and label columns over other rows of the base."""
+        return SeededView(self.base, self.transform, self.seed, rows, self.columns)
+
     @property
     def labels(self) -> np.ndarray:
         """Targets [N, L] of this view: 1, 0, NaN = masked."""
