@@ -209,13 +209,12 @@ def paired_auroc_difference(
     a, b = (np.asarray(s, dtype=np.float64) for s in (score_a, score_b))
     if not (y.shape == a.shape == b.shape) or y.ndim != 2:
         raise DataError(f"labels {y.shape} and scores {a.shape}, {b.shape} must be [N, L] alike")
-    defined = [j for j in range(y.shape[1]) if point_auroc(y[:, j], a[:, j])[0] is not None]
+    of_a = [point_auroc(y[:, j], a[:, j])[0] for j in range(y.shape[1])]
+    defined = [j for j, auroc in enumerate(of_a) if auroc is not None]
     if not defined:
         return {"difference": None, **summarise_bootstrap(None, np.empty(0), alpha)}
-    point = float(
-        np.mean([point_auroc(y[:, j], a[:, j])[0] for j in defined])
-        - np.mean([point_auroc(y[:, j], b[:, j])[0] for j in defined])
-    )
+    of_b = [point_auroc(y[:, j], b[:, j])[0] for j in defined]
+    point = float(np.mean([of_a[j] for j in defined]) - np.mean(of_b))
     y, a, b = y[:, defined], a[:, defined], b[:, defined]
     boot = bootstrap_aurocs(np.hstack([y, y]), np.hstack([a, b]), n_bootstrap, seed, clusters)
     n = len(defined)
